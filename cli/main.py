@@ -1,0 +1,37 @@
+"""The `aimv2` command group. Each subcommand lives in its own module and is imported only when
+it is run, so `aimv2 --help` stays fast (torch and DALI are heavy imports)."""
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# name -> "module:attribute" of a click.Command. Add a line here to add a command.
+COMMANDS: dict[str, str] = {
+    "doctor": "cli.doctor:doctor",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="aimv2")
+def main():
+    """aimv2: from URL lists to a trained AIMv2 vision encoder.
+
+    fetch -> shard -> caption attach -> tokenizer train -> train -> export / probe / embed.
+    """
+
+
+if __name__ == "__main__":
+    main()
