@@ -9,6 +9,18 @@ import click
 # name -> "module:attribute" of a click.Command. Add a line here to add a command.
 COMMANDS: dict[str, str] = {
     "doctor": "cli.doctor:doctor",
+    "fetch": "cli.fetch:fetch",
+    "demo": "cli.demo:demo",
+    "tokenizer": "cli.tokenizer:tokenizer",
+    "train": "cli.train:train",
+    "plot": "cli.plot:plot",
+    "embed": "cli.embed:embed",
+    "shard": "cli.shard:shard",
+    "caption": "cli.caption:caption",
+    "stats": "cli.stats:stats",
+    "bench": "cli.bench:bench",
+    "probe": "cli.probe:probe",
+    "export": "cli.export:export",
 }
 
 

@@ -1,0 +1,526 @@
+"""`aimv2 shard`: webdataset tars -> MANIFEST/{samples,rejects}/part-*.parquet -> _manifest.json.
+
+Work is per tar. Each tar becomes one samples part and one rejects part (plus a DALI .idx), written
+atomically, then a small `_parts/<part>.json` that marks the tar done; a rerun skips done tars, so a
+killed run resumes where it stopped. `part=(i, n)` processes tars i, i+n, i+2n, ... of the sorted input
+list, so any scheduler can run the slices in parallel; the merge (automatic once every tar is done, or
+`merge_manifest`) sums the per-tar summaries into `_manifest.json` and `shards.parquet`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from aimv2data.buckets import AREAS, make_table
+from aimv2data.manifest.probe import DEFAULT_MAX_PIXELS, VERIFY_LEVELS, Rejected, probe
+from aimv2data.manifest.schema import (REJECT_SCHEMA, SAMPLE_SCHEMA, SCHEMA_VERSION, SYN_PREFIX, SYN_TYPE,
+                                       read_json, write_json_atomic, write_parquet_atomic)
+from aimv2data.manifest.tarindex import IMAGE_EXTS, TarUnreadable, index_tar, split_name, write_dali_index
+
+IDX_MODES = ("beside", "manifest", "none")
+
+
+class ManifestBuildError(RuntimeError):
+    """Bad inputs or an inconsistent manifest directory; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    patch_size: int = 14
+    verify: str = "header"                 # header | draft | decode (aimv2data.manifest.probe)
+    max_pixels: int = DEFAULT_MAX_PIXELS   # larger images are rejected as decompression bombs
+    min_side: int = 1                      # shorter display side -> too_small
+    max_aspect: float = 8.0                # max(w/h, h/w) above this -> extreme_aspect
+    num_buckets: int = 33
+    bucket_max_aspect: float = 4.0
+    absolute_paths: bool = False           # `shard` column absolute instead of relative to the manifest
+    source: str | None = None              # source name when the json has none (default: input's name)
+    idx: str = "beside"                    # where DALI .idx files go: beside the tar | manifest | none
+
+    def validate(self) -> None:
+        if self.verify not in VERIFY_LEVELS:
+            raise ManifestBuildError(f"--verify must be one of {', '.join(VERIFY_LEVELS)}, got {self.verify!r}")
+        if self.idx not in IDX_MODES:
+            raise ManifestBuildError(f"--idx must be one of {', '.join(IDX_MODES)}, got {self.idx!r}")
+        if self.patch_size < 1 or self.min_side < 1 or self.max_pixels < 1:
+            raise ManifestBuildError("--patch-size, --min-side and --max-pixels must be positive")
+        if self.max_aspect < 1:
+            raise ManifestBuildError(f"--max-aspect is max(w/h, h/w), so >= 1; got {self.max_aspect}")
+        make_table(self.num_buckets, self.bucket_max_aspect)   # raises ValueError on a bad table
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the rows of a part: a done tar built with other options is
+        rebuilt, not mixed in."""
+        d = dataclasses.asdict(self)
+        for k in ("patch_size", "idx"):
+            d.pop(k)
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class TarJob:
+    path: str          # absolute
+    source: str        # default source name (the input folder's name)
+    part: str          # part id: <stem>-<hash of the path>, unique across inputs
+
+
+# --- inputs ----------------------------------------------------------------------------------------
+
+def resolve_inputs(inputs: list[str]) -> list[TarJob]:
+    """Folders (their *.tar), tar files, or glob patterns, in the order given (sorted within each)."""
+    if not inputs:
+        raise ManifestBuildError("no INPUT given: pass fetched shard folders, .tar files or glob patterns")
+    jobs, seen = [], set()
+    for inp in inputs:
+        p = Path(inp)
+        if p.is_dir():
+            tars = sorted(str(t) for t in p.glob("*.tar"))
+            if not tars:
+                raise ManifestBuildError(f"{inp}: a folder without *.tar files; pass a folder of webdataset "
+                                         "shards (what `aimv2 fetch` writes) or the .tar files themselves")
+            source = p.resolve().name
+        elif p.is_file():
+            tars, source = [str(p)], p.resolve().parent.name
+        else:
+            tars = sorted(t for t in glob.glob(inp, recursive=True) if os.path.isfile(t))
+            if not tars:
+                raise ManifestBuildError(f"{inp}: no such file or folder, and no file matches it as a pattern")
+            source = Path(tars[0]).resolve().parent.name
+        for t in tars:
+            real = os.path.realpath(t)
+            if real in seen:
+                continue
+            seen.add(real)
+            stem = Path(real).name.split(".")[0] or "tar"
+            jobs.append(TarJob(real, source, f"{stem}-{hashlib.sha1(real.encode()).hexdigest()[:8]}"))
+    return jobs
+
+
+def parse_part(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    if spec is None or isinstance(spec, tuple):
+        return spec
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ManifestBuildError(f"--part {spec!r}: expected i/N with integers, e.g. 0/8") from None
+    if n < 1 or not 0 <= i < n:
+        raise ManifestBuildError(f"--part {spec}: need 0 <= i < N (parts are numbered from 0)")
+    return i, n
+
+
+# --- one tar ---------------------------------------------------------------------------------------
+
+def _paths(output: Path, part: str) -> dict[str, Path]:
+    return {"samples": output / "samples" / f"part-{part}.parquet",
+            "rejects": output / "rejects" / f"part-{part}.parquet",
+            "done": output / "_parts" / f"{part}.json"}
+
+
+def _decode_caption(raw: bytes, counts: Counter) -> str | None:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        counts["caption_non_utf8"] += 1
+    text = text.strip()
+    if not text:
+        counts["caption_empty"] += 1
+        return None
+    return text
+
+
+def _as_int(v) -> int | None:
+    try:
+        return int(v) if v is not None and not isinstance(v, bool) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _read_meta(s, read, counts: Counter) -> dict:
+    if "json" not in s.members:
+        return {}
+    try:
+        meta = json.loads(read(s.members["json"]))
+    except Exception:   # not JSON, not UTF-8, absurdly nested: the sample is still usable without it
+        counts["json_errors"] += 1
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _probe(data: bytes, opts: ShardOptions):
+    try:
+        p = probe(data, opts.verify, opts.max_pixels)
+    except Rejected:
+        raise
+    except Exception as e:  # a decoder bug on hostile bytes must cost one sample, not the run
+        raise Rejected("corrupt", f"unexpected {type(e).__name__}: {e}") from None
+    if min(p.width, p.height) < opts.min_side:
+        raise Rejected("too_small", f"{p.width}x{p.height} < --min-side {opts.min_side}")
+    if max(p.width / p.height, p.height / p.width) > opts.max_aspect:
+        raise Rejected("extreme_aspect", f"{p.width}x{p.height} beyond --max-aspect {opts.max_aspect}")
+    return p
+
+
+def _str(v) -> str | None:
+    return v if isinstance(v, str) and v else None
+
+
+def process_tar(job: TarJob, output: str, opts: ShardOptions) -> dict:
+    """Index, probe and bucket one tar; write its parts; return its summary (also saved as _parts/*.json)."""
+    t0 = time.perf_counter()
+    output = Path(output)
+    paths = _paths(output, job.part)
+    table = make_table(opts.num_buckets, opts.bucket_max_aspect)
+    shard = job.path if opts.absolute_paths else os.path.relpath(job.path, output)
+    st = os.stat(job.path)
+    rows, rejects, kept_samples = [], [], []
+    counts: Counter = Counter()
+    default_source = opts.source or job.source
+
+    def reject(reason, detail, key=None, member=None, meta=None, source=default_source):
+        meta = meta or {}
+        rejects.append({"key": key, "source": source, "url": _str(meta.get("url")), "uid": _uid(meta),
+                        "shard": shard, "member": member.name if member else None,
+                        "offset": member.offset if member else None, "size": member.size if member else None,
+                        "reason": reason, "detail": detail})
+
+    try:
+        index = index_tar(job.path)
+    except TarUnreadable as e:
+        index = None
+        reject("tar_unreadable", str(e))
+    if index is not None:
+        truncated_keys = set()
+        for m in index.truncated:
+            key, ext = split_name(m.name)
+            if ext.lower() in IMAGE_EXTS:
+                truncated_keys.add(key)
+                reject("tar_truncated", f"member data ends at byte {m.offset + m.size}, the tar has "
+                       f"{index.file_size} bytes", key=key, member=m)
+            else:
+                counts["members_truncated"] += 1
+        if index.tail_problem:
+            reject("tar_tail", index.tail_problem)
+        counts["members_ignored"] += index.ignored
+
+        with open(job.path, "rb") as f:
+            def read(m):
+                f.seek(m.offset)
+                return f.read(m.size)
+
+            for s in index.samples:
+                meta = _read_meta(s, read, counts)
+                source = str(meta.get("source") or default_source)
+                for m in s.extra:
+                    if split_name(m.name)[1].lower() in IMAGE_EXTS:
+                        reject("duplicate_member", f"{s.key} already has an image member", s.key, m, meta, source)
+                    else:
+                        counts["members_ignored"] += 1
+                _, img = s.image()
+                if img is None:
+                    if s.key not in truncated_keys:   # else its image was cut off: already a tar_truncated
+                        first = next(iter(s.members.values()))
+                        reject("missing_image", f"members {sorted(s.members)} but no {'/'.join(IMAGE_EXTS)}",
+                               s.key, first, meta, source)
+                    continue
+                data = read(img)
+                try:
+                    p = _probe(data, opts)
+                except Rejected as e:
+                    reject(e.reason, e.detail, s.key, img, meta, source)
+                    continue
+                counts["exif_errors"] += p.exif_error
+                caption = None
+                if "txt" in s.members:
+                    caption = _decode_caption(read(s.members["txt"]), counts)
+                elif _str(meta.get("caption")):
+                    caption = _decode_caption(meta["caption"].encode("utf-8", "replace"), counts)
+                rows.append({
+                    "key": s.key, "source": source, "uid": _uid(meta), "url": _str(meta.get("url")),
+                    "sha256": _str(meta.get("sha256")) or hashlib.sha256(data).hexdigest(),
+                    "shard": shard, "member": img.name, "offset": img.offset, "size": img.size,
+                    "format": p.format, "width": p.width, "height": p.height, "orientation": p.orientation,
+                    "mode": p.mode, "alpha": p.alpha, "bit_depth": p.bit_depth,
+                    "original_width": _as_int(meta.get("original_width")),
+                    "original_height": _as_int(meta.get("original_height")),
+                    "bucket": table.bucket_of(p.width, p.height), "caption": caption,
+                })
+                kept_samples.append(s)
+
+    write_parquet_atomic(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), paths["samples"])
+    write_parquet_atomic(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), paths["rejects"])
+    idx_path = _write_idx(job, output, opts, kept_samples)
+
+    summary = {
+        "tar": job.path, "shard": shard, "part": job.part, "tar_size": st.st_size, "tar_mtime_ns": st.st_mtime_ns,
+        "fingerprint": opts.fingerprint(), "options": dataclasses.asdict(opts),
+        "samples": len(rows), "rejects": len(rejects), "idx": idx_path,
+        "per_reason": dict(Counter(r["reason"] for r in rejects)),
+        "per_bucket": {str(k): v for k, v in sorted(Counter(r["bucket"] for r in rows).items())},
+        "per_source": dict(Counter(r["source"] for r in rows)),
+        "per_format": dict(Counter(r["format"] for r in rows)),
+        "captions": sum(r["caption"] is not None for r in rows),
+        "counters": dict(counts),
+        "bytes_read": sum(r["size"] for r in rows), "seconds": round(time.perf_counter() - t0, 3),
+    }
+    write_json_atomic(summary, paths["done"])   # last: its presence means the tar is done
+    return summary
+
+
+def _uid(meta: dict) -> str | None:
+    for k in ("uid", "id"):
+        v = meta.get(k)
+        if v is not None and v != "":
+            return str(v)
+    return None
+
+
+def _write_idx(job: TarJob, output: Path, opts: ShardOptions, kept) -> str | None:
+    """DALI .idx of the KEPT samples only, so DALI's webdataset reader never meets a rejected image.
+    Beside the tar (DALI's naming: 00001.tar -> 00001.idx) unless that folder is read-only or already
+    holds an .idx this manifest did not write; then MANIFEST/idx/<part>.idx."""
+    if opts.idx == "none" or not kept:
+        return None
+    if opts.idx == "beside":
+        tar = Path(job.path)
+        beside = tar.with_name(tar.name.split(".")[0] + ".idx")
+        done = _paths(output, job.part)["done"]
+        ours = done.is_file() and read_json(done).get("idx") == str(beside)
+        if (ours or not beside.exists()) and os.access(tar.parent, os.W_OK):
+            try:
+                write_dali_index(str(beside), kept)
+                return str(beside)
+            except OSError:
+                pass
+    target = output / "idx" / f"{job.part}.idx"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_dali_index(str(target), kept)
+    return str(target.resolve())
+
+
+def _process_star(args):
+    job, output, opts = args
+    try:
+        return job, process_tar(job, output, opts), None
+    except Exception as e:   # I/O errors etc.: report this tar, keep the others going
+        return job, None, f"{type(e).__name__}: {e}"
+
+
+def _done_summary(job: TarJob, output: Path, opts: ShardOptions) -> dict | None:
+    p = _paths(output, job.part)
+    if not (p["done"].is_file() and p["samples"].is_file() and p["rejects"].is_file()):
+        return None
+    try:
+        s = read_json(p["done"])
+        st = os.stat(job.path)
+    except (OSError, ValueError):
+        return None
+    same = (s.get("fingerprint") == opts.fingerprint() and s.get("tar_size") == st.st_size
+            and s.get("tar_mtime_ns") == st.st_mtime_ns)
+    return s if same else None
+
+
+# --- the whole build -------------------------------------------------------------------------------
+
+def build_manifest(inputs: list[str], output: str | Path, *, workers: int = 1, part=None, merge: bool = True,
+                   progress: bool = True, argv: list[str] | None = None, **options) -> dict:
+    """Build (or resume) the manifest of `inputs` in `output`. Returns a report dict: tars processed /
+    skipped / failed, samples, rejects by reason, seconds, and whether _manifest.json was written."""
+    opts = ShardOptions(**options)
+    opts.validate()
+    part = parse_part(part)
+    output = Path(output)
+    jobs = resolve_inputs(list(inputs))
+    mine = jobs[part[0]::part[1]] if part else jobs
+    output.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    summaries, todo = [], []
+    for j in mine:
+        s = _done_summary(j, output, opts)
+        (summaries.append(s) if s else todo.append(j))
+    skipped = len(summaries)
+    failed: list[tuple[str, str]] = []
+    done_now: list[dict] = []
+
+    from tqdm import tqdm
+    bar = tqdm(total=len(todo), unit="tar", desc="shard", disable=not progress or not todo, dynamic_ncols=True)
+    tasks = [(j, str(output), opts) for j in todo]
+    if workers > 1 and len(todo) > 1:
+        import multiprocessing as mp
+        # spawn, not fork: the parent may hold polars/arrow thread pools, which do not survive a fork
+        with mp.get_context("spawn").Pool(min(workers, len(todo))) as pool:
+            results = pool.imap_unordered(_process_star, tasks)
+            _collect(results, bar, done_now, failed)
+    else:
+        _collect(map(_process_star, tasks), bar, done_now, failed)
+    bar.close()
+    summaries += done_now
+    seconds = time.perf_counter() - t0
+
+    report = {
+        "tars": len(jobs), "tars_in_part": len(mine), "processed": len(done_now), "skipped": skipped,
+        "failed": failed, "samples": sum(s["samples"] for s in summaries),
+        "rejects": sum(s["rejects"] for s in summaries),
+        "per_reason": dict(sum((Counter(s["per_reason"]) for s in summaries), Counter())),
+        "samples_processed": sum(s["samples"] + s["rejects"] for s in done_now),
+        "seconds": round(seconds, 3), "merged": False, "missing": None, "output": str(output),
+        "idx": Counter("none" if not s["idx"] else ("manifest" if s["idx"].startswith(str(output.resolve()))
+                                                   else "beside") for s in summaries),
+    }
+    if merge and not failed:
+        missing = [j for j in jobs if _done_summary(j, output, opts) is None]
+        report["missing"] = len(missing)
+        if not missing:
+            merge_manifest(output, list(inputs), opts=opts, argv=argv)
+            report["merged"] = True
+    return report
+
+
+def _collect(results, bar, done_now, failed):
+    for job, summary, err in results:
+        if err:
+            failed.append((job.path, err))
+        else:
+            done_now.append(summary)
+        bar.update(1)
+        bar.set_postfix(kept=sum(s["samples"] for s in done_now), rejected=sum(s["rejects"] for s in done_now))
+
+
+# --- merge -----------------------------------------------------------------------------------------
+
+def merge_manifest(output: str | Path, inputs: list[str] | None = None, *, opts: ShardOptions | None = None,
+                   argv: list[str] | None = None) -> dict:
+    """Write _manifest.json and shards.parquet from the per-tar summaries. With `inputs`, every tar they
+    resolve to must be done; without, the tars recorded under _parts/ are the manifest."""
+    output = Path(output)
+    if inputs:
+        jobs = resolve_inputs(list(inputs))
+        summaries, missing = [], []
+        for j in jobs:
+            p = _paths(output, j.part)
+            if p["done"].is_file() and p["samples"].is_file() and p["rejects"].is_file():
+                summaries.append(read_json(p["done"]))
+            else:
+                missing.append(j.path)
+        if missing:
+            raise ManifestBuildError(
+                f"{len(missing)} of {len(jobs)} tars are not sharded yet (e.g. {missing[0]}); run "
+                "`aimv2 shard` for the missing parts first (it skips finished tars)")
+    else:
+        summaries = [read_json(p) for p in sorted((output / "_parts").glob("*.json"))]
+        if not summaries:
+            raise ManifestBuildError(f"{output}: nothing to merge (no _parts/*.json); run `aimv2 shard` first")
+    fps = {s["fingerprint"] for s in summaries}
+    if len(fps) > 1:
+        raise ManifestBuildError(f"{output}: parts were built with different options ({len(fps)} variants); "
+                                 "rerun `aimv2 shard` with one set of options, it rebuilds the odd parts")
+    opts = opts or ShardOptions(**summaries[0]["options"])
+    _check_no_strangers(output, {s["part"] for s in summaries})
+
+    old = read_json(output / "_manifest.json") if (output / "_manifest.json").is_file() else {}
+    caption_sets = old.get("caption_sets", {})
+    uncovered = _align_caption_columns(output, summaries, caption_sets)
+
+    table = make_table(opts.num_buckets, opts.bucket_max_aspect)
+    per_bucket = Counter({str(b): 0 for b in range(len(table))})
+    tot = {k: Counter() for k in ("per_source", "per_format", "per_reason", "counters")}
+    for s in summaries:
+        per_bucket.update(s["per_bucket"])
+        for k in tot:
+            tot[k].update(s[k])
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    write_parquet_atomic(pa.Table.from_pylist([
+        {"shard": s["shard"], "part": s["part"], "tar_size": s["tar_size"], "samples": s["samples"],
+         "rejects": s["rejects"], "idx": s["idx"], "seconds": s["seconds"]} for s in summaries],
+        schema=pa.schema([("shard", pa.string()), ("part", pa.string()), ("tar_size", pa.int64()),
+                          ("samples", pa.int64()), ("rejects", pa.int64()), ("idx", pa.string()),
+                          ("seconds", pa.float64())])), output / "shards.parquet")
+    try:
+        from importlib.metadata import version
+        ver = version("aimv2")
+    except Exception:
+        ver = None
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "generator": {"name": "aimv2 shard", "version": ver},
+        "created": old.get("created", now),
+        "updated": now,
+        "patch_size": opts.patch_size,
+        "areas": list(AREAS),
+        "bucket_spec": table.spec(),
+        "buckets": table.to_json(AREAS),
+        "files": {"samples": "samples/*.parquet", "rejects": "rejects/*.parquet", "shards": "shards.parquet"},
+        "paths": "absolute" if opts.absolute_paths else "relative",
+        "counts": {
+            "shards": len(summaries),
+            "samples": sum(s["samples"] for s in summaries),
+            "rejects": sum(s["rejects"] for s in summaries),
+            "captions": sum(s["captions"] for s in summaries),
+            "per_bucket": dict(sorted(per_bucket.items(), key=lambda kv: int(kv[0]))),
+            "per_source": dict(tot["per_source"].most_common()),
+            "per_format": dict(tot["per_format"].most_common()),
+            "per_reason": dict(tot["per_reason"].most_common()),
+            "counters": dict(tot["counters"]),
+        },
+        "inputs": [os.path.abspath(i) for i in inputs] if inputs else old.get("inputs", []),
+        "args": {**dataclasses.asdict(opts), "argv": argv if argv is not None else old.get("args", {}).get("argv")},
+        "caption_sets": caption_sets,
+    }
+    if uncovered:
+        manifest["caption_sets_incomplete"] = uncovered
+    write_json_atomic(manifest, output / "_manifest.json")
+    _remove_stale_temps(output)
+    return manifest
+
+
+def _check_no_strangers(output: Path, parts: set[str]) -> None:
+    """A part file of a tar that is no longer among the inputs would still be read by every
+    `samples/*.parquet` glob: refuse to write a manifest that disagrees with its own files."""
+    strangers = [f for d in ("samples", "rejects") for f in sorted((output / d).glob("part-*.parquet"))
+                 if f.name[len("part-"):-len(".parquet")] not in parts]
+    if strangers:
+        raise ManifestBuildError(
+            f"{output}: {len(strangers)} part files belong to tars that are not among the inputs (e.g. "
+            f"{strangers[0]}); pass those tars as INPUT too, or delete the stray parts (and their _parts/*.json)")
+
+
+def _align_caption_columns(output: Path, summaries: list[dict], caption_sets: dict) -> dict:
+    """Sample parts written after `aimv2 caption attach` lack its syn_* columns; add them as nulls so every
+    part has the same schema (a plain glob must read them all). Returns {set: parts not covered}."""
+    uncovered = {}
+    cols = [cs["column"] for cs in caption_sets.values()]
+    if not cols:
+        return uncovered
+    for s in summaries:
+        path = _paths(output, s["part"])["samples"]
+        t = pq.read_table(path)
+        missing = [c for c in cols if c not in t.column_names]
+        for c in missing:
+            t = t.append_column(pa.field(c, SYN_TYPE), pa.nulls(t.num_rows, SYN_TYPE))
+            name = c[len(SYN_PREFIX):]
+            uncovered.setdefault(name, []).append(s["part"])
+        if missing:
+            write_parquet_atomic(t, path)
+    return {k: len(v) for k, v in uncovered.items()}
+
+
+def _remove_stale_temps(output: Path) -> None:
+    # Left by killed writers; only removed at merge time, when every tar is done and nobody writes.
+    for d in ("samples", "rejects", "_parts", "idx", "."):
+        for f in (output / d).glob(".*.tmp"):
+            try:
+                f.unlink()
+            except OSError:
+                pass

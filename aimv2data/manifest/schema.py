@@ -1,0 +1,94 @@
+"""The manifest's columns (manifests/SPEC.md is the public description) and atomic file writers.
+
+Every file of a manifest is written to a temp name in the same directory and renamed into place, so a
+reader (or a killed writer) never sees half a file: a part either exists complete or not at all.
+Temp names start with '.' and end in '.tmp', so `samples/*.parquet` globs never match them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = "1.0"
+
+SAMPLE_SCHEMA = pa.schema([
+    ("key", pa.string()),           # webdataset key (member path up to the first dot)
+    ("source", pa.string()),        # data source: json `source`, else --source, else the input's name
+    ("uid", pa.string()),           # json `uid` (DataComp), else json `id` (COYO), as a string
+    ("url", pa.string()),
+    ("sha256", pa.string()),        # json `sha256` (of the downloaded bytes), else of the stored member
+    ("shard", pa.string()),         # tar path, relative to the manifest dir (or absolute)
+    ("member", pa.string()),        # image member name inside the tar
+    ("offset", pa.int64()),         # byte offset of the image member's DATA in the tar
+    ("size", pa.int64()),           # bytes
+    ("format", pa.string()),        # jpeg | png | webp (from the bytes, not the extension)
+    ("width", pa.int32()),          # DISPLAY size: EXIF orientation applied
+    ("height", pa.int32()),
+    ("orientation", pa.int8()),     # EXIF 1..8 (1 when absent or unreadable)
+    ("mode", pa.string()),          # PIL mode of the stored image (RGB, L, CMYK, P, RGBA, LA, I;16, 1, ...)
+    ("alpha", pa.bool_()),          # has transparency
+    ("bit_depth", pa.int8()),       # bits per sample (PNG may be 1, 2, 4, 16)
+    ("original_width", pa.int32()), # img2dataset's size before its resize, when the json has it
+    ("original_height", pa.int32()),
+    ("bucket", pa.int16()),         # aspect bucket id, see _manifest.json `buckets`
+    ("caption", pa.string()),       # alt-text (.txt, else json `caption`); null when empty
+])
+
+REJECT_SCHEMA = pa.schema([
+    ("key", pa.string()),           # null for problems of the tar itself
+    ("source", pa.string()),
+    ("url", pa.string()),
+    ("uid", pa.string()),
+    ("shard", pa.string()),
+    ("member", pa.string()),
+    ("offset", pa.int64()),
+    ("size", pa.int64()),
+    ("reason", pa.string()),        # stable vocabulary, manifests/SPEC.md
+    ("detail", pa.string()),        # human-readable specifics
+])
+
+REASONS = (
+    "tar_unreadable", "tar_truncated", "tar_tail", "missing_image", "duplicate_member",
+    "empty_file", "not_an_image", "unsupported_format", "truncated", "corrupt", "decompression_bomb",
+    "animated", "too_small", "extreme_aspect",
+)
+
+SYN_PREFIX = "syn_"
+SYN_TYPE = pa.list_(pa.string())
+
+
+def tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_json(path: Path):
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,227 @@
+"""Where every member's bytes are inside a webdataset tar, grouped into samples; and DALI's .idx.
+
+The headers are read directly (POSIX ustar, GNU long names, pax records: what tarfile, GNU tar and
+webdataset's TarWriter write), one 512-byte block per member, never the data: about 10x faster than
+iterating `tarfile`, which matters because indexing is a third of a header-level manifest build. The
+tests check every offset against `tarfile.extractfile`. The offset of a member is where its DATA starts,
+so `open(tar).seek(offset).read(size)` is the member.
+
+A truncated tar is indexed as far as it is complete: members whose data runs past the end of the file,
+and unreadable bytes after the last good header, are reported as problems instead of raising.
+
+Samples follow the webdataset/DALI convention: the key is the member path up to the first dot of its
+basename, the extension is the rest (`a/b.seg.png` -> key `a/b`, ext `seg.png`).
+"""
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+BLOCK = 512
+_ZERO = bytes(BLOCK)
+_REGULAR = (b"0", b"\0", b"7")     # regular file, old-style regular file, contiguous file
+
+
+class TarUnreadable(Exception):
+    """The file is not an uncompressed tar that can be indexed at all."""
+
+
+@dataclass
+class Member:
+    name: str
+    offset: int      # byte offset of the data (after the header blocks)
+    size: int
+
+
+@dataclass
+class Sample:
+    key: str
+    members: dict[str, Member] = field(default_factory=dict)   # ext (lower case) -> first member
+    extra: list[Member] = field(default_factory=list)          # later members with an ext already seen
+
+    def image(self) -> tuple[str, Member] | tuple[None, None]:
+        for ext in IMAGE_EXTS:
+            if ext in self.members:
+                return ext, self.members[ext]
+        return None, None
+
+
+@dataclass
+class TarIndex:
+    path: str
+    file_size: int
+    samples: list[Sample]
+    truncated: list[Member]          # members whose data runs past the end of the file
+    tail_problem: str | None         # why bytes after the last member could not be read, if any
+    ignored: int                     # non-file entries and hidden files (no key)
+
+
+def split_name(name: str) -> tuple[str, str]:
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1:]
+
+
+class _BadHeader(ValueError):
+    pass
+
+
+def _number(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:              # GNU base-256 for sizes >= 8 GiB
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise _BadHeader(f"non-octal number {field!r}") from None
+
+
+def _check_header(hdr: bytes) -> None:
+    stored = _number(hdr[148:156])
+    unsigned = 256 + sum(hdr[:148]) + sum(hdr[156:])
+    if stored != unsigned:
+        signed = 256 + sum(struct.unpack_from("148b8x356b", hdr))
+        if stored != signed:
+            raise _BadHeader("header checksum mismatch")
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    out, pos = {}, 0
+    while pos < len(data):
+        sp = data.find(b" ", pos)
+        if sp < 0:
+            break
+        try:
+            n = int(data[pos:sp])
+        except ValueError:
+            raise _BadHeader("malformed pax record") from None
+        if n <= 0:
+            break
+        key, _, value = data[sp + 1:pos + n - 1].partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        pos += n
+    return out
+
+
+def index_tar(path: str) -> TarIndex:
+    file_size = os.path.getsize(path)
+    samples: dict[str, Sample] = {}
+    truncated: list[Member] = []
+    ignored, tail_problem, end = 0, None, None
+    with open(path, "rb") as f:
+        pos, long_name, pax = 0, None, {}
+        while True:
+            f.seek(pos)
+            hdr = f.read(BLOCK)
+            if not hdr:                         # end of file without end-of-archive blocks: fine
+                if pos == 0:
+                    raise TarUnreadable(_unreadable_reason(path, file_size, "empty"))
+                break
+            if len(hdr) < BLOCK:
+                if pos == 0:
+                    raise TarUnreadable(_unreadable_reason(path, file_size, "shorter than one tar block"))
+                if pos < file_size:
+                    tail_problem = f"tar header at byte {pos} is cut off: truncated or damaged tar"
+                break
+            if hdr == _ZERO:
+                end = pos
+                break
+            try:
+                _check_header(hdr)
+                size = _number(hdr[124:136])
+            except _BadHeader as e:
+                if pos == 0:
+                    raise TarUnreadable(_unreadable_reason(path, file_size, str(e))) from None
+                tail_problem = f"tar header at byte {pos} is unreadable ({e}): truncated or damaged tar"
+                break
+            kind = hdr[156:157]
+            data = pos + BLOCK
+            if kind in (b"x", b"g", b"L", b"K"):  # pax / global pax / GNU long name / GNU long link
+                if data + size > file_size:
+                    tail_problem = f"tar ends inside the extended header at byte {pos}: truncated tar"
+                    break
+                payload = f.read(size)
+                if kind == b"x":
+                    try:
+                        pax = _pax_records(payload)
+                    except _BadHeader as e:
+                        tail_problem = f"pax header at byte {pos}: {e}"
+                        break
+                elif kind == b"L":
+                    long_name = payload.rstrip(b"\0").decode("utf-8", "replace")
+                pos = data + (size + BLOCK - 1) // BLOCK * BLOCK
+                continue
+            name = pax.get("path") or long_name
+            if name is None:
+                name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+                prefix = hdr[345:500].split(b"\0", 1)[0] if hdr[257:263] == b"ustar\0" else b""
+                if prefix:
+                    name = prefix.decode("utf-8", "replace") + "/" + name
+            if "size" in pax:
+                size = int(pax["size"])
+            pax, long_name = {}, None
+            pos = data + (size + BLOCK - 1) // BLOCK * BLOCK
+            key, ext = split_name(name)
+            base = name[name.rfind("/") + 1:]
+            if kind not in _REGULAR or not key or base.startswith("."):
+                ignored += 1
+                continue
+            member = Member(name, data, size)
+            if data + size > file_size:
+                truncated.append(member)
+                break
+            s = samples.setdefault(key, Sample(key))
+            ext = ext.lower()
+            if ext in s.members:
+                s.extra.append(member)
+            else:
+                s.members[ext] = member
+    if end is not None and end < file_size:
+        tail_problem = _tail_problem(path, end, file_size)
+    return TarIndex(path, file_size, list(samples.values()), truncated, tail_problem, ignored)
+
+
+def _unreadable_reason(path: str, size: int, why: str) -> str:
+    if size == 0:
+        return "empty file (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head == b"\xfd7zX" or head == b"\x28\xb5\x2f\xfd":
+        return "compressed tar: byte offsets need an uncompressed .tar (decompress it first)"
+    return f"not a tar file ({why})"
+
+
+def _tail_problem(path: str, start: int, file_size: int) -> str | None:
+    """Bytes after the last readable member are fine if they are the zero blocks that end an archive;
+    anything else is a header that could not be parsed (a truncated or damaged tar)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        while True:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                return None
+            if chunk.count(0) != len(chunk):
+                return (f"{file_size - start} bytes after byte {start} are not a readable tar header: "
+                        "truncated or damaged tar")
+
+
+def write_dali_index(path: str, samples: list[Sample]) -> None:
+    """DALI's webdataset index (what its `wds2idx` tool writes, format v1.2): a line `v1.2 N`, then one line
+    per sample: `ext offset size filename` for each of its members. Offsets are data offsets. Member names
+    with whitespace cannot be written in v1.2, so such an index is written as v1.1 (no filenames).
+    Written to a temp file and renamed into place."""
+    if not samples:
+        raise ValueError("DALI rejects an index with 0 samples; write none for an empty tar")
+    rows = [sorted(s.members.items(), key=lambda kv: kv[1].offset) for s in samples]
+    v12 = not any(any(c.isspace() for c in m.name) for row in rows for _, m in row)
+    lines = [f"{'v1.2' if v12 else 'v1.1'} {len(rows)}"]
+    for row in rows:
+        lines.append(" ".join(f"{ext} {m.offset} {m.size}" + (f" {m.name}" if v12 else "") for ext, m in row))
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,227 @@
+"""Training checkpoints: one file per checkpoint, written atomically, newest = the one to resume.
+
+    RUN/checkpoints/step_00000100.pt       torch.save'd dict, readable with torch.load(weights_only=True):
+        config        ModelConfig.to_dict()        (what interop.load_encoder needs)
+        model         full model state dict        (fp32, no DDP/compile prefixes)
+        optimizer     optimiser state dict         (absent when sharded: see .dcp)
+        step          optimiser steps done
+        train         the run's TrainConfig, hparams, schedule, world size, parallel mode
+        ranks         per rank: loader state and RNG states (torch, cuda, python, numpy, prefix generator)
+        tokenizer     the sentencepiece model bytes (as a uint8 tensor), so a run directory is self-contained
+    RUN/checkpoints/step_00000100.dcp/     FSDP2 only: model + optimiser shards (torch.distributed.checkpoint)
+
+A file appears under its final name only complete (torch.save to a hidden temp file, then os.replace),
+and the .dcp directory is renamed into place before its .pt is written, so whatever kills a save leaves
+the previous checkpoint as the newest complete one. Older checkpoints beyond `keep` are removed after
+a new one is in place.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+_NAME = re.compile(r"^step_(\d{8})\.pt$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}.pt"
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints in `directory`, oldest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    out = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(out)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def plain(obj):
+    """numpy values -> Python/torch so the file loads with weights_only=True."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model under DDP (`.module`) and torch.compile (`._orig_mod`)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+# ---------------------------------------------------------------------------------------------- RNG
+
+def rng_state(generator: torch.Generator | None = None) -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "generator": generator.get_state() if generator is not None else None,
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if generator is not None and state.get("generator") is not None:
+        generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------- save / load
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _gather(obj) -> list:
+    rank, world = _world()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save_checkpoint(directory: str | os.PathLike, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, *, model_config: dict, train: dict,
+                    rank_state: dict, tokenizer_bytes: bytes | None = None, sharded: bool = False,
+                    keep: int = 2) -> Path:
+    """Write checkpoint `step` (collective: every rank calls it). Returns the .pt path."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_state_dict)
+
+    rank, world = _world()
+    d = Path(directory)
+    path = d / checkpoint_name(step)
+    if rank == 0:
+        d.mkdir(parents=True, exist_ok=True)
+    ranks = _gather(plain(rank_state))
+    payload = None
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp_tmp, dcp_dir = d / f".{path.stem}.dcp.tmp", d / f"{path.stem}.dcp"
+        if rank == 0 and dcp_tmp.exists():
+            shutil.rmtree(dcp_tmp)
+        _barrier()
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(dcp_tmp))
+        _barrier()
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            if dcp_dir.exists():
+                shutil.rmtree(dcp_dir)
+            os.replace(dcp_tmp, dcp_dir)
+            payload = {"model": full}
+    elif rank == 0:
+        bare = unwrap(model)
+        payload = {"model": {k: v.detach().cpu() for k, v in bare.state_dict().items()},
+                   "optimizer": optimizer.state_dict()}
+    if rank == 0:
+        payload.update(config=model_config, step=step, train=plain(train), ranks=ranks)
+        if tokenizer_bytes is not None:
+            payload["tokenizer"] = torch.frombuffer(bytearray(tokenizer_bytes), dtype=torch.uint8)
+        atomic_torch_save(payload, path)
+        prune(d, keep)
+    _barrier()
+    return path
+
+
+def prune(directory: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (0: all); drop older ones and leftovers of killed saves."""
+    ckpts = list_checkpoints(directory)
+    live = {p.stem for _, p in ckpts}
+    for p in directory.iterdir():
+        if p.name.startswith(".") and ".tmp" in p.name:  # a save that died; ours run only on rank 0
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        elif p.suffix == ".dcp" and p.stem not in live:  # renamed into place, but its .pt never came
+            shutil.rmtree(p, ignore_errors=True)
+    if keep > 0:
+        for _, p in ckpts[:-keep]:
+            p.unlink(missing_ok=True)
+            shutil.rmtree(p.with_suffix(".dcp"), ignore_errors=True)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which and why
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> tuple[Path, dict] | None:
+    """The newest checkpoint that reads back (an unreadable newer one is reported and skipped)."""
+    for step, p in reversed(list_checkpoints(directory)):
+        try:
+            return p, read_checkpoint(p)
+        except ValueError as e:
+            warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
+    return None
+
+
+def load_training_state(ckpt_path: Path, ckpt: dict, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer, sharded: bool) -> None:
+    """Model and optimiser state from a checkpoint written by `save_checkpoint` (collective if sharded)."""
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        dcp_dir = ckpt_path.with_suffix(".dcp")
+        if not dcp_dir.is_dir():
+            raise FileNotFoundError(f"{ckpt_path} was written without FSDP sharded state ({dcp_dir} missing): "
+                                    f"resume it with the parallel mode it was trained with "
+                                    f"({ckpt['train'].get('parallel')})")
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=str(dcp_dir))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        return
+    if "optimizer" not in ckpt:
+        raise ValueError(f"{ckpt_path} holds sharded (FSDP) optimiser state; resume with --parallel fsdp")
+    unwrap(model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])

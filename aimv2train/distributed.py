@@ -1,0 +1,120 @@
+"""Data parallelism through torchrun: DDP (replicated weights) or FSDP2 (`fully_shard`, each block's
+parameters, gradients and optimiser state sharded across ranks). The backend is NCCL on CUDA and gloo
+on CPU, so the same code path runs on a laptop (`torchrun --nproc_per_node 2 -m cli.main train ...`).
+
+Each rank reads its own slice of every global batch (the loader is built with rank / world size), so
+the global batch is world_size x the per-rank batch; gradients are averaged across ranks.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group torchrun describes (env://); a plain `python` run is rank 0 of 1."""
+    if not launched_by_torchrun():
+        return DistInfo()
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if world == 1:
+        return DistInfo(0, 1, local)
+    global _OWNED
+    if not dist.is_initialized():  # a caller that set up its own process group keeps it
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": torch.device("cuda", local)} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, **kwargs)
+        _OWNED = True
+    return DistInfo(rank, world, local)
+
+
+_OWNED = False  # whether init_distributed created the process group (then shutdown destroys it)
+
+
+def shutdown() -> None:
+    global _OWNED
+    if _OWNED and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWNED = False
+
+
+def pick_device(requested: str | None, info: DistInfo | None = None) -> torch.device:
+    """`--device` if given (cuda means this rank's local GPU), else the local GPU when there is one."""
+    local = info.local_rank if info is not None else int(os.environ.get("LOCAL_RANK", 0))
+    if requested in (None, "auto"):
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+        if device.index is None:
+            device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    return device
+
+
+def wrap_model(loss_module: nn.Module, mode: str, info: DistInfo, device: torch.device,
+               param_dtype: torch.dtype | None = None) -> nn.Module:
+    """DDP or FSDP2 around the trainer's loss module (a no-op on one process).
+
+    DDP wraps the loss module itself: its gradient hooks are armed by `forward`, which computes the loss.
+    FSDP2 shards every transformer block of `loss_module.model`, then that model as the root (embeddings,
+    heads, norms); with `param_dtype` (bf16) it gathers and computes in that dtype and reduces gradients
+    in fp32. Parameters become DTensors: build the optimiser after this."""
+    if not info.enabled:
+        return loss_module
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"--parallel must be one of {PARALLEL_MODES}, got {mode!r}")
+    if mode == "ddp":
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(loss_module, device_ids=ids)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = loss_module.model
+    mesh = init_device_mesh(device.type, (info.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else \
+        MixedPrecisionPolicy()
+    for stack in (model.encoder.blocks, model.decoder.blocks):
+        for block in stack:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return loss_module
+
+
+def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Mean over ranks of a small tensor of logged scalars (each rank's own loss otherwise)."""
+    if info.enabled:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= info.world_size
+    return values
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()

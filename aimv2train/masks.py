@@ -1,0 +1,35 @@
+"""Prefix attention for the encoder (paper §2.2, after AIM v1).
+
+Indices are 0-based. A sample with prefix length M (1 <= M <= I-1) lets query i attend key j iff
+j < M (the prefix is seen by everyone, bidirectionally) or j <= i (causal after the prefix). Position i
+of the decoder predicts patch i+1; patch t counts in the pixel loss iff t >= M, i.e. the paper's
+1-based {x_i | i > M}: the prefix patches 1..M-1 are visible to the position that would predict them.
+At inference the encoder runs with no mask (fully bidirectional).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def sample_prefix_lengths(batch: int, num_patches: int, generator: torch.Generator | None = None,
+                          device: torch.device | str | None = None) -> torch.Tensor:
+    """M ~ U{1, ..., I-1} per sample, drawn on the generator's device (CPU by default), then moved."""
+    if num_patches < 2:
+        raise ValueError(f"prefix attention needs at least 2 patches per image, got {num_patches}")
+    gen_device = generator.device if generator is not None else "cpu"
+    m = torch.randint(1, num_patches, (batch,), generator=generator, device=gen_device)
+    return m.to(device) if device is not None else m
+
+
+def prefix_causal_mask(prefix_len: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """(B, 1, I, I) boolean SDPA mask, True where query i may attend key j."""
+    idx = torch.arange(num_patches, device=prefix_len.device)
+    causal = idx[None, :] <= idx[:, None]  # (I, I): j <= i
+    prefix = idx[None, None, :] < prefix_len[:, None, None]  # (B, 1, I): j < M
+    return (causal[None] | prefix)[:, None]
+
+
+def target_mask(prefix_len: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """(B, I-1) boolean: True where prediction i (of patch i+1) counts in the pixel loss (i+1 >= M)."""
+    targets = torch.arange(1, num_patches, device=prefix_len.device)
+    return targets[None, :] >= prefix_len[:, None]

@@ -1,0 +1,108 @@
+"""Per-step metrics (RUN/metrics.jsonl), throughput and MFU.
+
+MFU = model FLOPs per second / the peak the same device reaches on one large matmul in the same dtype,
+measured once at start (`matmul_peak`). Measuring instead of quoting a datasheet keeps the figure
+honest on CPUs (whose peak depends on cores, AVX width and clocks) and on shared or power-capped GPUs.
+Model FLOPs come from `flops.step_flops` (matmuls only, backward = 2x forward), so MFU is what the
+model needs, not what the implementation happened to execute (no recompute, no masked-out savings).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, n: int | None = None,
+                min_time: float = 0.3) -> float:
+    """Best FLOP/s of an n x n @ n x n matmul on `device` in `dtype` (n: 2048 on CPU, 8192 on GPU)."""
+    device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.matmul(a, b)  # warm-up: thread pools, cuBLAS handles, clocks
+    _sync(device)
+    best, spent, reps = 0.0, 0.0, 0
+    while spent < min_time or reps < 3:
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        _sync(device)
+        dt = time.perf_counter() - t0
+        best, spent, reps = max(best, 2 * n ** 3 / dt), spent + dt, reps + 1
+    return best
+
+
+class MetricsLog:
+    """RUN/metrics.jsonl: one JSON object per optimiser step, flushed as written.
+
+    `resume_step` (steps already done by the checkpoint resumed from) drops the lines after it (a run
+    interrupted after its last checkpoint logged steps it will now redo), so the file always reads as
+    one uninterrupted run."""
+
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        self._f = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, self.path)
+        self._f = open(self.path, "a")
+
+    def write(self, record: dict) -> None:
+        if self._f is not None:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "metrics.jsonl"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found: is this a run directory written by `aimv2 train --out`?")
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def is_finite(*values: float) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+def summarize(records: list[dict], first: int = 10) -> dict:
+    """Loss at the start (mean of the first `first` steps) and at the end (mean of the last `first`);
+    throughput and MFU as totals over time (work done / time taken) for the steps after the first, which
+    pays for warm-up and compilation."""
+    if not records:
+        return {}
+    k = min(first, len(records))
+    steady = records[1:] or records
+    mean = lambda key, rs: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+    t = sum(r["step_time"] for r in steady)
+    done = lambda key: sum(r[key] * r["step_time"] for r in steady)  # noqa: E731  rate x time = amount
+    return {
+        "loss_window": k, "loss_start": mean("loss", records[:k]), "loss_end": mean("loss", records[-k:]),
+        "loss_img_end": mean("loss_img", records[-k:]), "loss_text_end": mean("loss_text", records[-k:]),
+        "images_per_s": done("images_per_s") / t, "patches_per_s": done("patches_per_s") / t,
+        "steps_per_s": len(steady) / t, "mfu": done("mfu") / t, "train_seconds": sum(r["step_time"] for r in records),
+    }

@@ -1,0 +1,78 @@
+"""Training curves from RUN/metrics.jsonl as PNGs (matplotlib, Agg: no display needed).
+
+One figure per quantity, every run given drawn on the same axes: loss.png (total, image and text
+losses), lr.png, grad_norm.png and throughput.png (images/s and MFU).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .metrics import read_metrics
+
+FIGURES = {
+    "loss": [("loss", "total"), ("loss_img", "image (MSE)"), ("loss_text", "text (CE)")],
+    "lr": [("lr", "learning rate")],
+    "grad_norm": [("grad_norm", "gradient norm (before clipping)")],
+    "throughput": [("images_per_s", "images/s"), ("mfu", "MFU")],
+}
+
+
+def ema(values: list[float], beta: float) -> list[float]:
+    """Debiased exponential moving average (beta = 0: the raw values)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta ** i) if beta > 0 else v)
+    return out
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike | None = None,
+              smooth: float = 0.0) -> list[Path]:
+    """Write the PNGs to `out` (default: the first run's directory); return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not 0 <= smooth < 1:
+        raise ValueError(f"--smooth must be in [0, 1), got {smooth}")
+    data = {str(r): read_metrics(r) for r in runs}
+    empty = [r for r, recs in data.items() if not recs]
+    if empty:
+        raise ValueError(f"no steps logged yet in {', '.join(empty)}")
+    out = Path(out) if out is not None else Path(runs[0])
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, series in FIGURES.items():
+        fig, axes = plt.subplots(1, 2 if name == "throughput" else 1, figsize=(11 if name == "throughput" else 7, 4),
+                                 squeeze=False)
+        for run, recs in data.items():
+            label_run = Path(run).name if len(data) > 1 else ""
+            steps = [r["step"] for r in recs]
+            for i, (key, label) in enumerate(series):
+                ax = axes[0][i if name == "throughput" else 0]
+                if key not in recs[0]:
+                    continue
+                ys = ema([float(r[key]) for r in recs], 0.0 if name == "lr" else smooth)
+                ax.plot(steps, ys, label=" ".join(x for x in (label_run, label) if x), linewidth=1.2)
+                ax.set_xlabel("step")
+                ax.set_ylabel(label if name != "loss" else "loss")
+                if name == "grad_norm" or (name == "loss" and min(ys) > 0):
+                    ax.set_yscale("log")
+                ax.grid(alpha=0.3)
+        for ax in axes[0]:
+            if ax.lines:
+                ax.legend(fontsize=8)
+        fig.suptitle(f"{name}" + (f" (EMA {smooth})" if smooth and name != "lr" else ""))
+        path = out / f"{name}.png"
+        _save(fig, path)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,62 @@
+import json
+
+import click
+
+
+@click.group()
+def bench():
+    """Measure pipeline stages on this machine."""
+
+
+@bench.command("loader")
+@click.argument("manifest", type=click.Path(exists=True, file_okay=False))
+@click.option("--native-res", is_flag=True,
+              help="Native-resolution batches: area A = 2^n (n from a truncated normal on 7..12), B = C / A.")
+@click.option("--batch-patches", "-C", type=int, default=2**16, show_default=True,
+              help="C: patches per step per rank in --native-res mode (a power of two >= 4096).")
+@click.option("--batch-rule", type=click.Choice(["area", "grid"]), default="area", show_default=True,
+              help="--native-res batch size: area = C / A (exact, the issue's rule); grid = C // (h*w), which "
+              "fills the budget when a bucket's grid h*w is below A.")
+@click.option("--resolution", "-R", type=int, default=224, show_default=True,
+              help="Fixed-resolution RandomResizedCrop size in pixels (224; 336/448 for high-res).")
+@click.option("--batch-size", "-B", type=int, default=256, show_default=True,
+              help="Images per step in fixed-resolution mode.")
+@click.option("--decoder", type=click.Choice(["pil", "dali"]), default="pil", show_default=True,
+              help="pil: Pillow(-SIMD) in worker processes; dali: a DALI pipeline (GPU if present, else CPU).")
+@click.option("--workers", "-j", type=int, default=0, show_default=True,
+              help="pil: worker processes (0 = decode in this process); dali: pipeline threads (0 = 1).")
+@click.option("--steps", "-s", type=int, default=50, show_default=True, help="Timed steps.")
+@click.option("--warmup", type=int, default=2, show_default=True, help="Untimed steps first (worker start-up).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed.")
+@click.option("--no-draft", is_flag=True, help="pil: decode JPEGs at full size (no reduced-scale draft).")
+@click.option("--steps-log", type=click.Path(dir_okay=False),
+              help="Write one JSON line per step (step, area, grid_h, grid_w, batch_size, padding, ...).")
+@click.option("--json", "as_json", is_flag=True, help="End stdout with one JSON object of the figures.")
+def loader(manifest, native_res, batch_patches, batch_rule, resolution, batch_size, decoder, workers, steps, warmup, seed,
+           no_draft, steps_log, as_json):
+    """Stream STEPS batches from MANIFEST and report images/s, patches/s, budget use and padding."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from aimv2data.loader.bench import run_bench
+    from aimv2data.loader.samples import ManifestError
+
+    try:
+        r = run_bench(manifest, native_res=native_res, batch_patches=batch_patches, resolution=resolution,
+                      batch_size=batch_size, decoder=decoder, workers=workers, steps=steps, warmup=warmup,
+                      seed=seed, draft=not no_draft, batch_rule=batch_rule, steps_log=steps_log)
+    except (ManifestError, ValueError) as e:
+        raise click.ClickException(str(e))
+    t = Table(title=f"aimv2 bench loader: {r['mode']}, {r['decoder']} ({r['device']}), workers={r['workers']}",
+              show_header=False)
+    t.add_row("steps (timed)", f"{r['steps']} after {r['warmup']} warm-up, {r['elapsed_s']:.2f} s")
+    t.add_row("images/s", f"{r['images_per_s']:.1f} (per CPU-second: {r['images_per_cpu_s']:.1f})")
+    t.add_row("patches/s", f"{r['patches_per_s']:.0f}")
+    t.add_row("budget use", f"{100 * r['budget_use']:.2f} % of C = {r['batch_patches']} patches/step")
+    t.add_row("padding", f"{100 * r['padding']:.2f} %")
+    t.add_row("areas", ", ".join(f"{a}: {n}" for a, n in r["areas"].items()))
+    t.add_row("replaced samples", str(r["replaced"]))
+    t.add_row("cpu", f"{r['cpu']} ({r['cpus']} cpus)")
+    Console(stderr=as_json).print(t)
+    if as_json:
+        click.echo(json.dumps(r))

@@ -1,0 +1,72 @@
+import click
+
+from aimv2data.manifest.captions import JOIN_KEYS
+
+
+@click.group()
+def caption():
+    """Synthetic caption sets: attach one to a manifest, or generate one with a local model."""
+
+
+@caption.command()
+@click.argument("manifest", type=click.Path(exists=True, file_okay=False))
+@click.option("--captions", "captions_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Caption set: .parquet or .jsonl with a key column and a caption column (str or list[str]).")
+@click.option("--on", type=click.Choice(JOIN_KEYS), required=True,
+              help="Manifest column to join on (uid for DataComp/DataCompDR, url or sha256 for Recap-DataComp).")
+@click.option("--column", required=True, help="Caption column in the set, e.g. re_caption.")
+@click.option("--name", help="Set name; the manifest column becomes syn_<name>. Default: --column.")
+@click.option("--key-column", help="Key column in the set when it is not named like --on.")
+def attach(manifest, captions_file, on, column, name, key_column):
+    """Join a caption set into MANIFEST as syn_<name> (list[str]); several captions per sample allowed.
+
+    Rewrites each samples part atomically; re-attaching a name replaces it. Reports matched and unmatched
+    rows and records the set in _manifest.json.
+    """
+    from aimv2data.manifest.captions import CaptionError
+    from aimv2data.manifest.captions import attach as do_attach
+
+    try:
+        r = do_attach(manifest, captions_file, on=on, column=column, name=name, key_column=key_column)
+    except CaptionError as e:
+        raise click.ClickException(str(e)) from None
+    total = r["matched_rows"] + r["unmatched_rows"]
+    pct = 100 * r["matched_rows"] / total if total else 0.0
+    click.echo(f"{r['column']}: {r['matched_rows']} of {total} samples matched on {on} ({pct:.1f}%), "
+               f"{r['unmatched_rows']} unmatched; {r['captions']} captions attached; "
+               f"{r['unused_keys']} of {r['keys']} caption-set keys matched no sample")
+
+
+@caption.command()
+@click.argument("manifest", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Local HF image-to-text model folder (save_pretrained: config, weights, image processor, "
+              "tokenizer), e.g. a BLIP, GIT or VisionEncoderDecoder captioner. Nothing is downloaded.")
+@click.option("--output", type=click.Path(dir_okay=False),
+              help="Caption set to write (.parquet or .jsonl). Default: MANIFEST/captions/<model>.parquet.")
+@click.option("--name", default="caption", show_default=True, help="Caption column name in the output set.")
+@click.option("--batch-size", default=16, show_default=True, help="Images per generate() call.")
+@click.option("--max-new-tokens", default=30, show_default=True, help="Caption length limit in tokens.")
+@click.option("--num-beams", default=1, show_default=True, help="Beam search width (1 = greedy).")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+@click.option("--limit", type=int, help="Caption only the first N samples (for a quick look).")
+def generate(manifest, model, output, name, batch_size, max_new_tokens, num_beams, device, limit):
+    """Caption MANIFEST's images with a local model; writes a caption set that `attach` takes.
+
+    Images are read by offset from the tars. Interrupted runs resume (work is kept per samples part in
+    OUTPUT.parts/ until the set is complete).
+    """
+    from aimv2data.manifest.captions import CaptionError
+    from aimv2data.manifest.captions import generate as do_generate
+
+    try:
+        r = do_generate(manifest, model, output=output, name=name, batch_size=batch_size,
+                        max_new_tokens=max_new_tokens, num_beams=num_beams, device=device, limit=limit)
+    except CaptionError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{r['captioned']} captions by {r['model']} on {r['device']} -> {r['output']}"
+               + (f"; {r['failed']} images could not be read" if r["failed"] else ""))
+    for f in r["failures"]:
+        click.echo(f"  skipped {f}", err=True)
+    click.echo(f"next: aimv2 caption attach {manifest} --captions {r['output']} --on sha256 --column {name} "
+               f"--name <set name>")

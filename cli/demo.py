@@ -1,0 +1,159 @@
+"""`aimv2 demo`: the main job end to end on the embedded demo corpus, offline.
+
+The demo is a list of steps; each knows whether it is already done (so a rerun skips it) and how
+to run. Add a step by appending to STEPS. Steps that need the corpus on the web ask the context
+for the loopback server, which starts on first use and stops when the demo ends.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import click
+
+
+class DemoContext:
+    def __init__(self, out: Path, console):
+        self.out, self.console = out, console
+        self.corpus_dir = out / "corpus"
+        self._server = None
+        self._lists: dict[str, Path] | None = None
+
+    def url_lists(self) -> dict[str, Path]:
+        """Serve corpus/images on loopback and (re)write the url lists for its address. The port of
+        the last run is tried first so a resumed fetch sees the same urls; when it is taken, the
+        lists change and fetch outputs left incomplete by the earlier run are started over."""
+        if self._lists is not None:
+            return self._lists
+        from aimv2data.demo import write_url_lists
+        from aimv2data.serve import LoopbackServer
+
+        state_path = self.out / "demo_state.json"
+        state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        srv = None
+        for port in ([state["port"]] if state.get("port") else []) + [0]:
+            try:
+                srv = LoopbackServer(directory=self.corpus_dir / "images", port=port).start()
+                break
+            except OSError:
+                continue
+        self._server = srv
+        if state.get("base_url") != srv.base_url:
+            for step in STEPS:
+                d = self.out / step.output
+                if step.name.startswith("fetch") and d.is_dir() and not step.done(self):
+                    shutil.rmtree(d)  # an incomplete fetch of the old urls: the demo owns it
+        self._lists = write_url_lists(self.corpus_dir, srv.base_url)
+        state_path.write_text(json.dumps({"port": srv.port, "base_url": srv.base_url}))
+        self.console.print(f"serving {self.corpus_dir / 'images'} at {srv.base_url}")
+        return self._lists
+
+    def close(self):
+        if self._server is not None:
+            self._server.stop()
+
+
+@dataclasses.dataclass
+class Step:
+    name: str
+    output: str                                  # under --out
+    done: Callable[[DemoContext], bool]
+    run: Callable[[DemoContext], str]            # returns a one-line result
+
+
+# -- corpus ------------------------------------------------------------------------------------
+def _corpus_done(ctx: DemoContext) -> bool:
+    return (ctx.corpus_dir / "corpus.json").is_file()
+
+
+def _corpus_run(ctx: DemoContext) -> str:
+    from aimv2data.demo import corpus, write_corpus
+
+    write_corpus(ctx.corpus_dir)
+    images = corpus()
+    return f"{len(images)} images ({sum(len(i.data) for i in images) / 1e6:.1f} MB), captions in corpus.json"
+
+
+# -- fetch -------------------------------------------------------------------------------------
+def _summary(d: Path) -> dict | None:
+    try:
+        return json.loads((d / "fetch_summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _fetch_step(name: str, source: str) -> Step:
+    output = f"fetch_{source}"
+
+    def done(ctx):
+        s = _summary(ctx.out / output)
+        return bool(s and s.get("complete"))
+
+    def run(ctx):
+        from aimv2data.fetch import FetchOptions, fetch
+
+        lists = ctx.url_lists()
+        opts = FetchOptions(source=source, output=str(ctx.out / output), processes=2, threads=16, shard_size=32,
+                            url_lists=[str(lists["coyo" if source == "coyo" else "dfn_pool"])],
+                            dfn_index=str(lists["dfn_index"]) if source == "dfn" else None, timeout=5)
+        s = fetch(opts, console=ctx.console)
+        return _fetch_line(s)
+
+    return Step(name, output, done, run)
+
+
+def _fetch_line(s: dict) -> str:
+    fails = ", ".join(f"{k} {v}" for k, v in s["failures_by_reason"].items()) or "none"
+    return f"{s['samples']['success']}/{s['samples']['attempted']} images in {s['shards']['done']} shards; failures: {fails}"
+
+
+STEPS: list[Step] = [
+    Step("corpus", "corpus", _corpus_done, _corpus_run),
+    _fetch_step("fetch-coyo", "coyo"),
+    _fetch_step("fetch-dfn", "dfn"),
+]
+
+
+@click.command()
+@click.option("--out", default="demo_out", show_default=True, metavar="DIR",
+              help="Where the demo writes everything. Rerunning with the same DIR skips finished steps.")
+def demo(out):
+    """Run the pipeline end to end on the embedded demo corpus (real scikit-image photos plus generated
+    images), served by a loopback HTTP server: corpus -> fetch (COYO-style list) -> fetch (DFN-style pool +
+    uid index). Offline; a rerun skips steps that are done."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from aimv2data.fetch import FetchError, FetchIncomplete
+
+    console = Console()
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    ctx = DemoContext(root, console)
+    rows = []
+    try:
+        for step in STEPS:
+            if step.done(ctx):
+                detail = _fetch_line(_summary(root / step.output)) if step.name.startswith("fetch") else ""
+                rows.append((step.name, "[dim]already done[/]", root / step.output, detail))
+                continue
+            console.rule(f"[bold]{step.name}")
+            t0 = time.perf_counter()
+            try:
+                detail = step.run(ctx)
+            except (FetchError, FetchIncomplete) as e:
+                raise click.ClickException(f"demo step {step.name} failed: {e}; rerun `aimv2 demo --out {out}` "
+                                           "to resume") from e
+            rows.append((step.name, f"[green]done[/] in {time.perf_counter() - t0:.1f} s", root / step.output, detail))
+    finally:
+        ctx.close()
+    t = Table(title=f"aimv2 demo: everything is under {root.resolve()}", title_justify="left")
+    for col in ("step", "status", "output", "result"):
+        t.add_column(col)
+    for name, status, path, detail in rows:
+        t.add_row(name, status, str(path), detail)
+    console.print(t)

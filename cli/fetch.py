@@ -1,0 +1,65 @@
+import os
+
+import click
+
+
+@click.command()
+@click.option("--source", type=click.Choice(["coyo", "dfn", "parquet"]), required=True,
+              help="coyo: COYO-700M parquet (id, url, text, width, height). dfn: DataComp pool parquet (uid, url, "
+                   "text, original_width, original_height, sha256) filtered by --dfn-index. parquet: any parquet, "
+                   "columns named by --url-col/--caption-col.")
+@click.option("--url-list", "url_lists", multiple=True, required=True, metavar="PATH",
+              help="A url list parquet, or a directory of them (*.parquet, in name order). Repeatable.")
+@click.option("--output", required=True, metavar="DIR",
+              help="Output directory: new, empty, or an earlier fetch of the same lists with the same flags (resumes).")
+@click.option("--dfn-index", metavar="FILE.npy",
+              help="dfn: the DFN uid index, a sorted .npy of dtype u8,u8 (uid high half, low half). Only pool "
+                   "rows whose uid is in it are fetched; the rest are never requested.")
+@click.option("--url-col", default="url", show_default=True, help="parquet: the column holding image urls.")
+@click.option("--caption-col", default="caption", show_default=True,
+              help="parquet: the column holding captions; '' for none (no KEY.txt).")
+@click.option("--processes", type=click.IntRange(min=1), default=max(1, os.cpu_count() or 1), show_default="CPU count",
+              help="img2dataset download processes (each works on one shard at a time).")
+@click.option("--threads", type=click.IntRange(min=1), default=64, show_default=True, help="Download threads per process.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=10_000, show_default=True, help="Samples per tar shard.")
+@click.option("--limit", type=click.IntRange(min=1), help="Fetch only the first N rows left after filtering (a quick trial).")
+@click.option("--max-side", type=click.IntRange(min=0), default=2048, show_default=True,
+              help="Downscale images whose long side is larger to this, aspect kept; smaller images keep their "
+                   "native size (never upscaled). 0: never resize.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=178_956_970, show_default=True,
+              help="Refuse images with more pixels than this, from their header, before decoding "
+                   "(decompression-bomb guard; the default is Pillow's own limit).")
+@click.option("--distributor", type=click.Choice(["multiprocessing", "pyspark", "ray"]), default="multiprocessing",
+              show_default=True, help="img2dataset's distributor; pyspark/ray spread shards over a cluster you run.")
+@click.option("--timeout", type=click.IntRange(min=1), default=10, show_default=True, help="Seconds before a download gives up.")
+@click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True, help="Extra attempts per failed download.")
+@click.option("--verify-hash/--no-verify-hash", default=None,
+              help="dfn: drop images whose sha256 differs from the pool's (the image changed since DataComp "
+                   "indexed it). Default: on for dfn when the pool has a sha256 column.")
+@click.option("--keep-progressive", is_flag=True,
+              help="Keep progressive JPEGs as they are instead of re-encoding them to baseline "
+                   "(nvJPEG's hardware decoder takes baseline only).")
+@click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True,
+              help="JPEG quality for images that must be re-encoded (PNG, WebP, progressive, downscaled).")
+def fetch(**kw):
+    """Download url lists into webdataset shards (DIR/NNNNN.tar) with img2dataset, at native resolution.
+
+    Baseline JPEGs no larger than --max-side are stored byte for byte; everything else is re-encoded to
+    baseline JPEG. Failures are counted by reason, never fatal. Rerunning the same command resumes: finished
+    shards are kept as they are, partial ones are redone. Ends with a summary, also in DIR/fetch_summary.json.
+    """
+    from rich.console import Console
+
+    from aimv2data.fetch import FetchError, FetchIncomplete, FetchOptions, fetch as run
+
+    kw["url_lists"] = list(kw["url_lists"])
+    kw["caption_col"] = kw["caption_col"] or None
+    try:
+        run(FetchOptions(**kw), console=Console())
+    except FetchError as e:
+        if e.param:
+            raise click.BadParameter(str(e), param_hint=f"--{e.param}") from e
+        raise click.ClickException(str(e)) from e
+    except FetchIncomplete as e:
+        click.echo(f"Error: {e}", err=True)
+        raise SystemExit(e.exit_code) from e

@@ -1,0 +1,41 @@
+"""A real manifest and tokenizer for the trainer tests: the embedded demo corpus (80 photos and
+generated scenes with captions) written as one img2dataset-style webdataset tar (webdataset's TarWriter),
+indexed by `aimv2 shard`'s build_manifest, a synthetic caption set attached as `syn_demo`, and a
+sentencepiece tokenizer trained on it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+
+EXT = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+
+
+def build(root: Path) -> tuple[Path, Path]:
+    """root/manifest and root/tok.model (built once per root)."""
+    manifest, tok = root / "manifest", root / "tok.model"
+    if (manifest / "_manifest.json").exists() and tok.exists():
+        return manifest, tok
+    import webdataset as wds
+
+    from aimv2data.demo import corpus
+    from aimv2data.manifest.build import build_manifest
+    from aimv2train.tokenizer import train_tokenizer
+
+    shards = root / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(shards / "00000.tar")) as w:
+        for i, im in enumerate(corpus()):
+            key = f"{i:09d}"
+            w.write({"__key__": key, EXT[im.format]: im.data, "txt": im.caption,
+                     "json": json.dumps({"key": key, "status": "success", "url": f"http://demo/{im.name}",
+                                         "width": im.width, "height": im.height, "source": "demo"})})
+    build_manifest([str(shards / "00000.tar")], manifest, progress=False)
+    # a synthetic caption set, as `aimv2 caption attach` adds one: list[str] per sample
+    for f in sorted((manifest / "samples").glob("*.parquet")):
+        df = pl.read_parquet(f)
+        syn = [[f"an image: {c}"] if c else None for c in df["caption"].to_list()]
+        df.with_columns(pl.Series("syn_demo", syn, dtype=pl.List(pl.String))).write_parquet(f)
+    train_tokenizer(manifest, tok, vocab_size=256, soft_limit=True)
+    return manifest, tok

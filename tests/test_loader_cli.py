@@ -1,0 +1,60 @@
+"""`aimv2 bench loader`: the JSON summary and the per-step log a user scripts against."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from _loader_fixtures import build_manifest
+from cli.main import main
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return build_manifest(tmp_path_factory.mktemp("bench"), n=300, seed=5, patch_size=4,
+                          aspects=[0.5, 1.0, 2.0], corrupt=(11,))
+
+
+def _run(args):
+    res = CliRunner().invoke(main, ["bench", "loader", *args])
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def test_native_bench_json_and_steps_log(manifest, tmp_path):
+    log = tmp_path / "steps.jsonl"
+    res = _run([str(manifest), "--native-res", "--batch-patches", "4096", "--decoder", "pil", "--workers", "0",
+                "--steps", "12", "--warmup", "1", "--steps-log", str(log), "--json"])
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert r["steps"] == 12 and r["batch_patches"] == 4096 and r["mode"] == "native"
+    assert r["images_per_s"] > 0 and r["patches_per_s"] > r["images_per_s"]
+    assert r["padding"] == 0.0 and 0.95 <= r["budget_use"] <= 1.0
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert len(lines) == 13                                     # warm-up step logged too, marked untimed
+    assert [x["timed"] for x in lines].count(False) == 1
+    for x in lines:
+        assert x["batch_size"] * x["area"] == 4096 and x["grid_h"] * x["grid_w"] <= x["area"]
+        assert x["padding"] == 0.0
+    timed = [x for x in lines if x["timed"]]
+    assert r["patches"] == sum(x["batch_size"] * x["grid_h"] * x["grid_w"] for x in timed)
+    assert r["budget_use"] == pytest.approx(r["patches"] / (12 * 4096), abs=1e-6)
+    assert r["images"] == sum(x["batch_size"] for x in timed)
+
+
+def test_fixed_bench_runs_past_the_end_of_an_epoch_with_dali(manifest):
+    # 300 samples / 64 = 4 steps an epoch: 10 steps need 3 epochs
+    res = _run([str(manifest), "--resolution", "32", "--batch-size", "64", "--decoder", "dali", "--steps", "10",
+                "--json"])
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert r["steps"] == 10 and r["images"] == 640 and r["budget_use"] == 1.0 and r["device"] == "cpu"
+
+
+def test_bad_options_are_clear_errors(manifest):
+    res = CliRunner().invoke(main, ["bench", "loader", str(manifest), "--native-res", "--batch-patches", "5000"])
+    assert res.exit_code != 0 and "power of two" in res.output
+    res = CliRunner().invoke(main, ["bench", "loader", str(manifest), "--resolution", "30"])
+    assert res.exit_code != 0 and "multiple of the patch size" in res.output
+    res = CliRunner().invoke(main, ["bench", "loader", "--help"])
+    assert res.exit_code == 0 and "--steps-log" in res.output and "--batch-patches" in res.output
