@@ -283,3 +283,37 @@ def write_url_lists(out_dir: str | Path, base_url: str, seed: int = SEED, hostil
     np.save(buf, index)
     _atomic_write(paths["dfn_index"], buf.getvalue())
     return paths
+
+
+# -- synthetic captions ------------------------------------------------------------------------
+def synthetic_captions(seed: int = SEED) -> list[dict]:
+    """A synthetic caption set for the corpus, keyed by the sha256 of each original image, as public
+    re-caption sets are (e.g. Recap-DataComp-1B's `re_caption`): two longer, descriptive captions per
+    image, in the style of a captioner's output rather than alt-text."""
+    rows = []
+    for im in corpus(seed):
+        w, h = im.display_size
+        shape = "square" if abs(w - h) <= 0.05 * max(w, h) else ("wide" if w > h else "tall")
+        if im.kind == "generated":
+            body = im.caption.removeprefix("a photo-like picture of ")
+            things, _, background = body.partition(" over ")
+            first = (f"A {shape} synthetic picture showing {things}, set against {background}; "
+                     f"a red square marks its top-left corner.")
+        else:
+            first = f"A {shape} photograph: {im.caption}."
+        second = f"{im.caption[0].upper()}{im.caption[1:]}, {w} by {h} pixels."
+        rows.append({"sha256": im.sha256, "re_caption": [first, second]})
+    return rows
+
+
+def write_synthetic_captions(out_dir: str | Path, seed: int = SEED) -> Path:
+    """Write the synthetic caption set as `synthetic_captions.parquet` (columns sha256, re_caption)."""
+    import polars as pl
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "synthetic_captions.parquet"
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pl.DataFrame(synthetic_captions(seed)).write_parquet(tmp)
+    os.replace(tmp, path)
+    return path

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .atomic import atomic_torch_save
+
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 
@@ -43,15 +45,6 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     out = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
     return sorted(out)
 
-
-def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def plain(obj):

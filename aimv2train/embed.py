@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .atomic import atomic_write
 from .encoder import Encoder
 from .preprocess import fixed_resolution, load_rgb, native_resolution
 
@@ -86,18 +86,6 @@ def embed_images(encoder: Encoder, paths, *, resolution: int | None = None, max_
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 def write_embeddings(emb: Embeddings, output: str | os.PathLike, meta: dict) -> tuple[Path, Path, tuple]:
     """FILE.npy: pooled (n, D), or with tokens (n, h*w, D) when every image has the same grid.
@@ -116,15 +104,15 @@ def write_embeddings(emb: Embeddings, output: str | os.PathLike, meta: dict) -> 
             array = np.stack(emb.tokens).astype(np.float32)
         else:
             array = pooled
-        _atomic_write(output, lambda t: np.save(t, array))
+        atomic_write(output, lambda t: np.save(t, array))
         shape = array.shape
     else:
         arrays = {"pooled": pooled, "grids": np.asarray(emb.grids, dtype=np.int32)}
         arrays.update({f"tokens_{i:05d}": t.astype(np.float32) for i, t in enumerate(emb.tokens)})
-        _atomic_write(output, lambda t: np.savez(t, **arrays))
+        atomic_write(output, lambda t: np.savez(t, **arrays))
         shape = pooled.shape
     sidecar = output.with_suffix(".json")
     doc = {**meta, "rows": emb.rows, "grids": [list(g) for g in emb.grids],
            "skipped": [{"path": p, "reason": r} for p, r in emb.skipped], "array_shape": list(shape)}
-    _atomic_write(sidecar, lambda t: Path(t).write_text(json.dumps(doc, indent=1) + "\n"))
+    atomic_write(sidecar, lambda t: Path(t).write_text(json.dumps(doc, indent=1) + "\n"))
     return output, sidecar, shape

@@ -81,10 +81,8 @@ def load_weights(path: Path, heads: int | None = None):
         return load_encoder(path, heads=heads)
     except (ValueError, FileNotFoundError) as e:
         raise ExportError(f"cannot load the encoder from {path}: {e}") from None
-    except KeyError as e:  # e.g. Apple's remote-code hub folders (model_type "aimv2", ml-aim keys)
-        hint = (f"; if it is a remote-code folder (apple/aimv2-* on the hub), pass its model.safetensors file"
-                if Path(path).is_dir() else "")
-        raise ExportError(f"cannot load the encoder from {path}: missing {e}{hint}") from None
+    except KeyError as e:
+        raise ExportError(f"cannot load the encoder from {path}: tensor or config field {e} is missing") from None
 
 
 def _read_json(path: Path) -> dict | None:

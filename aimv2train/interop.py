@@ -23,11 +23,11 @@ It must load with torch.load(weights_only=True): plain containers, numbers, stri
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -36,6 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_write
 from .config import EncoderConfig
 from .encoder import Encoder
 
@@ -182,12 +183,17 @@ def load_hf(folder: str | os.PathLike) -> Encoder:
     """A transformers Aimv2VisionModel folder (config.json + model.safetensors, possibly sharded)."""
     folder = Path(folder)
     cfg_json = json.loads((folder / "config.json").read_text())
-    if cfg_json.get("model_type") == "aimv2":  # a full Aimv2Model (LiT): take its vision tower
+    # Apple's original hub folders (trust_remote_code): model_type "aimv2" with the encoder's fields at the
+    # top level and ml-aim key names (preprocessor.patchifier.*, trunk.blocks.*) in the safetensors.
+    remote_code = cfg_json.get("model_type") == "aimv2" and "vision_config" not in cfg_json
+    if cfg_json.get("model_type") == "aimv2" and not remote_code:  # a full Aimv2Model (LiT): its vision tower
         cfg_json, prefix = cfg_json["vision_config"], "vision_model."
     else:
         prefix = ""
-    if cfg_json.get("model_type", "aimv2_vision_model") != "aimv2_vision_model":
+    if not remote_code and cfg_json.get("model_type", "aimv2_vision_model") != "aimv2_vision_model":
         raise ValueError(f"{folder}/config.json: model_type {cfg_json.get('model_type')!r} is not an AIMv2 model")
+    if cfg_json.get("use_bias"):
+        raise ValueError(f"{folder}/config.json: use_bias=true is not supported: the AIMv2 encoder is bias-free")
     cfg = _hf_config_to_ours(cfg_json)
     index = folder / "model.safetensors.index.json"
     if index.exists():
@@ -201,6 +207,8 @@ def load_hf(folder: str | os.PathLike) -> Encoder:
         raise FileNotFoundError(f"{folder}: no model.safetensors(.index.json); save the model with "
                                 f"safe_serialization=True (pytorch_model.bin is not read)")
     sd = _strip(sd, prefix) if prefix else sd
+    if remote_code or "preprocessor.patchifier.proj.weight" in sd:
+        return _from_state_dict(sd, dataclasses.asdict(cfg), None, str(folder))
     try:
         ours = from_hf_state_dict(sd, cfg.depth)
     except KeyError as e:
@@ -310,19 +318,6 @@ def load_encoder(path: str | os.PathLike, heads: int | None = None) -> Encoder:
 
 # ---------------------------------------------------------------- saving (atomic: temp file + os.replace)
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _cpu_state(encoder: Encoder) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
 
@@ -356,9 +351,9 @@ def save_hf(encoder: Encoder, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     sd = to_hf_state_dict(_cpu_state(encoder), encoder.cfg.depth)
     dtype = next(iter(sd.values())).dtype
-    _atomic(folder / "model.safetensors", lambda t: save_file(sd, t, metadata={"format": "pt"}))
+    atomic_write(folder / "model.safetensors", lambda t: save_file(sd, t, metadata={"format": "pt"}))
     text = json.dumps(hf_config(encoder.cfg, dtype), indent=2) + "\n"
-    _atomic(folder / "config.json", lambda t: Path(t).write_text(text))
+    atomic_write(folder / "config.json", lambda t: Path(t).write_text(text))
     return folder
 
 
@@ -367,7 +362,7 @@ def save_aim(encoder: Encoder, path: str | os.PathLike) -> Path:
     path = Path(path)
     sd = to_aim_state_dict(_cpu_state(encoder), encoder.cfg.depth)
     meta = {"format": "pt", "aimv2.encoder_config": json.dumps(asdict(encoder.cfg))}
-    _atomic(path, lambda t: save_file(sd, t, metadata=meta))
+    atomic_write(path, lambda t: save_file(sd, t, metadata=meta))
     return path
 
 
@@ -376,5 +371,5 @@ def save_encoder(encoder: Encoder, path: str | os.PathLike) -> Path:
     path = Path(path)
     payload = {"config": {"encoder": asdict(encoder.cfg)},
                "model": {f"encoder.{k}": v for k, v in _cpu_state(encoder).items()}}
-    _atomic(path, lambda t: torch.save(payload, t))
+    atomic_write(path, lambda t: torch.save(payload, t))
     return path

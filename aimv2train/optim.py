@@ -1,4 +1,4 @@
-"""Fully decoupled AdamW (the paper's optimiser, Table B1, after Loshchilov & Hutter [76]) and the
+"""Fully decoupled AdamW (the paper's optimiser, Table A1, after Loshchilov & Hutter [76]) and the
 parameter groups it runs on.
 
 PyTorch's AdamW shrinks weights by lr_t * wd per step, so changing the peak learning rate also changes

@@ -1,6 +1,6 @@
 """Pre-training hyper-parameters as data, and how a short run scales them down.
 
-PAPER is Table B1 of the AIMv2 appendix ("Pre-training hyperparameters"; Table A1 in some versions of
+PAPER is Table A1 of the AIMv2 paper ("Pre-training hyperparameters"; numbered B1 in some versions of
 the paper): fully decoupled AdamW, b = (0.9, 0.95), peak lr L/H/1B/3B = 1e-3/8e-4/8e-4/4e-4, min lr
 1e-5, weight decay 1e-4, batch 8192, patch 14, gradient clipping 1.0, 12.5k warmup iterations, 1.5M
 iterations, cosine decay; RandomResizedCrop 224 px, scale [0.4, 1.0], ratio [0.75, 1.33], bicubic,
@@ -37,7 +37,7 @@ class OptimPreset:
     warmup: int = 12_500
     total_steps: int = 1_500_000
     batch_size: int = 8192
-    source: str = "Table B1"
+    source: str = "Table A1"
 
 
 PAPER: dict[str, OptimPreset] = {
@@ -45,12 +45,12 @@ PAPER: dict[str, OptimPreset] = {
     "H": OptimPreset(peak_lr=8e-4),
     "1B": OptimPreset(peak_lr=8e-4),
     "3B": OptimPreset(peak_lr=4e-4),
-    # not in Table B1: the smaller sizes take L's rate
+    # not in Table A1: the smaller sizes take L's rate
     "B": OptimPreset(peak_lr=1e-3, source="ours (L's values)"),
     "tiny": OptimPreset(peak_lr=1e-3, source="ours (L's values)"),
 }
 
-# Table B1 augmentations for the fixed-resolution stages (passed to the loader)
+# Table A1 augmentations for the fixed-resolution stages (passed to the loader)
 RRC_SCALE = (0.4, 1.0)
 RRC_RATIO = (0.75, 1.33)
 HFLIP = 0.5

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .atomic import atomic_torch_save
 from .schedule import WarmupCosine
 
 # Table A2 (appendix; "Table B2" in the arXiv v2 appendix): the attentive-probe hyperparameters.
@@ -169,15 +170,6 @@ class SweepResult:
     resumed_from_epoch: int = 0
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
 
 def train_sweep(kind: str, make_head, norm: nn.Module, data: SweepData, cfg: ProbeConfig, *, device="cpu",
                 state_path: Path | None = None, save_every_s: float = 60.0, progress: bool = True) -> SweepResult:
@@ -249,7 +241,7 @@ def train_sweep(kind: str, make_head, norm: nn.Module, data: SweepData, cfg: Pro
             bar.update(1)
         last_loss = [s / n if not d else math.nan for s, d in zip(sums, diverged)]
         if state_path is not None and epoch + 1 < cfg.epochs and time.perf_counter() - last_save >= save_every_s:
-            _atomic_save({"heads": heads.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1,
+            atomic_torch_save({"heads": heads.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1,
                           "diverged": diverged, "last_loss": last_loss}, state_path)
             last_save = time.perf_counter()
     bar.close()

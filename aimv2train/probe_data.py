@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .atomic import atomic_write
 from .embed import IMAGE_SUFFIXES
 from .encoder import Encoder
 from .preprocess import fixed_resolution, load_rgb, native_resolution
@@ -217,27 +217,15 @@ def encoder_hash(encoder: Encoder) -> str:
     return h.hexdigest()
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
     def write(tmp):
         with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a bare temp name
             np.save(f, array)
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def _save_json(path: Path, obj) -> None:
-    _atomic(path, lambda t: Path(t).write_text(json.dumps(obj) + "\n"))
+    atomic_write(path, lambda t: Path(t).write_text(json.dumps(obj) + "\n"))
 
 
 @dataclass

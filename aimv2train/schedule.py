@@ -1,4 +1,4 @@
-"""Learning rate: linear warmup to the peak, then cosine decay to the minimum (Table B1; cosine decay
+"""Learning rate: linear warmup to the peak, then cosine decay to the minimum (Table A1; cosine decay
 after Loshchilov & Hutter's SGDR [75]).
 
 `lr(step)` is the rate used by optimiser step `step` (0-based):

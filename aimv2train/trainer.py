@@ -58,7 +58,7 @@ class TrainConfig:
     native_res: bool = False
     batch_patches: int = 65536  # per rank, native resolution (32 ranks x 65536 / 256 = 8192 images at 224 px)
     resolution: int | None = None  # fixed resolution; None: the stage's (224 / 336)
-    batch_size: int = 256  # per rank, fixed resolution (32 ranks x 256 = Table B1's 8192)
+    batch_size: int = 256  # per rank, fixed resolution (32 ranks x 256 = Table A1's 8192)
     init: str | None = None
     resume: bool = False
     stop_at: int | None = None

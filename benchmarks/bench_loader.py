@@ -1,7 +1,7 @@
 """Loader figures, each measured on one core (taskset -c 0), ours against a baseline in the same run.
 
     .venv/bin/python benchmarks/bench_loader.py                 # generate corpora (cached), measure, print
-    .venv/bin/python benchmarks/bench_loader.py --write         # ... and write benchmarks/RESULTS-loader.md
+    .venv/bin/python benchmarks/bench_loader.py --write         # ... and write benchmarks/loader-latest.md
 
 1. Fixed-res 224 throughput: the `pil` loader (Pillow-SIMD, JPEG draft decoding, reads by manifest
    offset) vs an open_clip-style baseline over the SAME tars: a webdataset 0.2 pipeline
@@ -164,7 +164,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10, help="Timed steps per fixed-res run.")
     ap.add_argument("--budget-steps", type=int, default=200, help="Native-res steps per budget figure.")
-    ap.add_argument("--write", action="store_true", help="Write benchmarks/RESULTS-loader.md.")
+    ap.add_argument("--write", action="store_true", help="Also write the report to benchmarks/loader-latest.md (paste it into the Loader section of benchmarks/RESULTS.md).")
     ap.add_argument("--baseline-only", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.baseline_only:
@@ -281,7 +281,7 @@ def main():
     text = "\n".join(lines) + "\n"
     print(text)
     if a.write:
-        out = ROOT / "benchmarks" / "RESULTS-loader.md"
+        out = ROOT / "benchmarks" / "loader-latest.md"
         tmp = out.with_suffix(".md.tmp")
         tmp.write_text(text)
         os.replace(tmp, out)

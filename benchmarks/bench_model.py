@@ -2,7 +2,7 @@
 in the same run (ratio = ours / HF, lower is better), plus FLOPs per training step by formula, checked
 against torch's FlopCounterMode.
 
-    .venv/bin/python benchmarks/bench_model.py                  # the figures in RESULTS-model.md
+    .venv/bin/python benchmarks/bench_model.py                  # the figures in benchmarks/RESULTS.md (Model section)
     .venv/bin/python benchmarks/bench_model.py --quick          # one small case, for a smoke test
 
 Runs on CPU (no GPU here). The machine is shared, so repeats are interleaved (ours, HF, ours, HF, ...)

@@ -7,7 +7,7 @@
 Images are photos from scikit-image's bundled samples, resized to a random size in [min, max] px on the
 long side with a random aspect, plus sensor-like noise so that file sizes look like web JPEGs (~1-2
 bits per pixel at quality 90). Each level is run --repeat times (interleaved) into a fresh manifest; the
-best CPU time and best wall time count. Prints a markdown table for benchmarks/RESULTS-shard.md.
+best CPU time and best wall time count. Prints a markdown table for the Manifest build section of benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ Baselines measured in the same run:
   - MFU's denominator: the best FLOP/s of one large matmul on the same device and dtype (metrics.matmul_peak),
     measured before the run and again after each model's steps, the best kept;
   - the optimiser: our DecoupledAdamW step against torch.optim.AdamW(foreach=True) on the same model (ratio).
-Prints a markdown table (paste into benchmarks/RESULTS-train.md) and, with --json, one JSON object per row.
+Prints a markdown table (paste into the Trainer section of benchmarks/RESULTS.md) and, with --json, one JSON object per row.
 """
 from __future__ import annotations
 

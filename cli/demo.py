@@ -111,10 +111,103 @@ def _fetch_line(s: dict) -> str:
     return f"{s['samples']['success']}/{s['samples']['attempted']} images in {s['shards']['done']} shards; failures: {fails}"
 
 
+# -- shard, captions, tokenizer -----------------------------------------------------------------
+def _manifest_json(ctx: DemoContext) -> dict | None:
+    try:
+        return json.loads((ctx.out / "manifest" / "_manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _shard_run(ctx: DemoContext) -> str:
+    from aimv2data.manifest.build import build_manifest
+
+    r = build_manifest([str(ctx.out / "fetch_coyo"), str(ctx.out / "fetch_dfn")], ctx.out / "manifest", workers=2)
+    m = _manifest_json(ctx)
+    return (f"{m['counts']['samples']} samples in {len(m['counts']['per_bucket'])} aspect buckets, "
+            f"{m['counts']['rejects']} rejects; {r['seconds']:.1f} s")
+
+
+def _captions_done(ctx: DemoContext) -> bool:
+    m = _manifest_json(ctx)
+    return bool(m and "synthetic" in m.get("caption_sets", {}))
+
+
+def _captions_run(ctx: DemoContext) -> str:
+    from aimv2data.demo import write_synthetic_captions
+    from aimv2data.manifest.captions import attach
+
+    path = write_synthetic_captions(ctx.corpus_dir)
+    r = attach(ctx.out / "manifest", path, on="sha256", column="re_caption", name="synthetic")
+    return (f"syn_synthetic: {r['matched_rows']} of {r['matched_rows'] + r['unmatched_rows']} samples matched "
+            f"on sha256, {r['captions']} captions ({path.name})")
+
+
+def _tokenizer_run(ctx: DemoContext) -> str:
+    from aimv2train.tokenizer import train_tokenizer
+
+    r = train_tokenizer(ctx.out / "manifest", ctx.out / "tok.model", vocab_size=512, soft_limit=True)
+    return f"sentencepiece, {r.vocab_size} pieces from {r.sentences} captions"
+
+
+# -- training ----------------------------------------------------------------------------------
+def _run_done(name: str) -> Callable[[DemoContext], bool]:
+    def done(ctx):
+        try:
+            return json.loads((ctx.out / name / "summary.json").read_text()).get("status") == "done"
+        except (OSError, ValueError):
+            return False
+    return done
+
+
+def _train_step(name: str, init_run: str | None = None, **kw) -> Step:
+    def run(ctx):
+        from aimv2train.plot import plot_runs
+        from aimv2train.trainer import TrainConfig, train
+
+        cfg = TrainConfig(manifest=str(ctx.out / "manifest"), tokenizer=str(ctx.out / "tok.model"),
+                          out=str(ctx.out / name), model="tiny", workers=1, seed=0,
+                          resume=(ctx.out / name / "checkpoints").is_dir(),
+                          init=str(ctx.out / init_run) if init_run else None, **kw)
+        s = train(cfg)
+        plot_runs([ctx.out / name])
+        return (f"{s['step']} steps, loss {s['loss_start']:.3f} -> {s['loss_end']:.3f} "
+                f"(img {s['loss_img_end']:.3f}, text {s['loss_text_end']:.3f}); plots in {name}/")
+    return Step(name, name, _run_done(name), run)
+
+
+def _export_run(ctx: DemoContext) -> str:
+    from aimv2train.export import export
+
+    r = export(ctx.out / "train_native", "hf", ctx.out / "export_hf", overwrite=True)
+    return f"transformers Aimv2VisionModel folder (step {r['step']})"
+
+
+def _summary_line(ctx: DemoContext, step: Step) -> str:
+    """What a finished step reports when a rerun skips it."""
+    if step.name.startswith("fetch"):
+        return _fetch_line(_summary(ctx.out / step.output))
+    if step.name.startswith("train"):
+        try:
+            s = json.loads((ctx.out / step.output / "summary.json").read_text())
+            return f"{s['step']} steps, loss {s['loss_start']:.3f} -> {s['loss_end']:.3f}"
+        except (OSError, ValueError, KeyError):
+            return ""
+    return ""
+
+
 STEPS: list[Step] = [
     Step("corpus", "corpus", _corpus_done, _corpus_run),
     _fetch_step("fetch-coyo", "coyo"),
     _fetch_step("fetch-dfn", "dfn"),
+    Step("shard", "manifest", lambda ctx: _manifest_json(ctx) is not None, _shard_run),
+    Step("captions", "manifest", _captions_done, _captions_run),
+    Step("tokenizer", "tok.model", lambda ctx: (ctx.out / "tok.model").is_file(), _tokenizer_run),
+    # Stage 1 (Table A1, scaled to a 2-core CPU): fixed resolution, RandomResizedCrop, learned positions.
+    _train_step("train_fixed", steps=300, resolution=84, batch_size=16),
+    # Native resolution (paper §2.4): area-sampled constant-patch batches, sin-cos positions.
+    _train_step("train_native", steps=40, native_res=True, batch_patches=4096, init_run="train_fixed"),
+    Step("export", "export_hf", lambda ctx: (ctx.out / "export_hf" / "config.json").is_file(), _export_run),
 ]
 
 
@@ -124,11 +217,17 @@ STEPS: list[Step] = [
 def demo(out):
     """Run the pipeline end to end on the embedded demo corpus (real scikit-image photos plus generated
     images), served by a loopback HTTP server: corpus -> fetch (COYO-style list) -> fetch (DFN-style pool +
-    uid index). Offline; a rerun skips steps that are done."""
+    uid index) -> shard -> attach synthetic captions -> sentencepiece tokenizer -> train a tiny AIMv2 at
+    84 px -> continue at native resolution -> export a transformers folder. Offline, a few minutes on
+    2 cores; a rerun skips steps that are done."""
     from rich.console import Console
     from rich.table import Table
 
     from aimv2data.fetch import FetchError, FetchIncomplete
+    from aimv2data.manifest.build import ManifestBuildError
+    from aimv2data.manifest.captions import CaptionError
+    from aimv2train.export import ExportError
+    from aimv2train.trainer import TrainError
 
     console = Console()
     root = Path(out)
@@ -138,14 +237,14 @@ def demo(out):
     try:
         for step in STEPS:
             if step.done(ctx):
-                detail = _fetch_line(_summary(root / step.output)) if step.name.startswith("fetch") else ""
+                detail = _summary_line(ctx, step)
                 rows.append((step.name, "[dim]already done[/]", root / step.output, detail))
                 continue
             console.rule(f"[bold]{step.name}")
             t0 = time.perf_counter()
             try:
                 detail = step.run(ctx)
-            except (FetchError, FetchIncomplete) as e:
+            except (FetchError, FetchIncomplete, ManifestBuildError, CaptionError, TrainError, ExportError) as e:
                 raise click.ClickException(f"demo step {step.name} failed: {e}; rerun `aimv2 demo --out {out}` "
                                            "to resume") from e
             rows.append((step.name, f"[green]done[/] in {time.perf_counter() - t0:.1f} s", root / step.output, detail))

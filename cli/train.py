@@ -21,7 +21,7 @@ import click
 @click.option("--resolution", type=int, default=None,
               help="Fixed resolution in pixels (RandomResizedCrop); default 224, or 336 for --stage highres.")
 @click.option("--batch-size", default=256, show_default=True,
-              help="Images per rank per step at fixed resolution (Table B1: 8192 in total).")
+              help="Images per rank per step at fixed resolution (Table A1: 8192 in total).")
 @click.option("--init", type=click.Path(exists=True),
               help="Start from these weights: a run directory or checkpoint .pt (whole model), or a "
                    "transformers / ml-aim encoder. A learned position table is resampled (bicubic) or dropped (sin-cos).")
@@ -40,7 +40,7 @@ import click
               help="bf16 autocast or fp32 (default: bf16 on CUDA, fp32 on CPU).")
 @click.option("--parallel", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
               help="Under torchrun: DDP (replicated) or FSDP2 (fully_shard, sharded state, DCP checkpoints).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate (default: Table B1 for the size).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default: Table A1 for the size).")
 @click.option("--min-lr", type=float, default=None, help="Final learning rate of the cosine (default 1e-5).")
 @click.option("--warmup", type=int, default=None, help="Warmup steps (default: min(12500, 5% of --steps)).")
 @click.option("--weight-decay", type=float, default=None,

@@ -13,6 +13,7 @@ from collections import Counter
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from _fetch_fixtures import decode, snapshot
 from click.testing import CliRunner
 from PIL import Image, ImageOps
@@ -172,8 +173,25 @@ def test_demo_runs_end_to_end_and_a_rerun_skips_every_step(tmp_path):
     assert coyo["complete"] and coyo["samples"]["success"] == 80
     assert coyo["failures_by_reason"] == {r: 1 for _, r in demo.hostile_rows()}
     assert dfn["complete"] and dfn["samples"]["success"] == 54 and dfn["failures_by_reason"] == {}
+    # shard + synthetic captions: every fetched image is a manifest row with its synthetic captions
+    rows = pl.read_parquet(out / "manifest" / "samples" / "*.parquet")
+    assert rows.height == 80 + 54
+    assert rows["syn_synthetic"].list.len().min() == 2
+    assert (out / "tok.model").is_file()
+    # training: the loss falls clearly at fixed resolution; native resolution gives finite losses
+    fixed = json.loads((out / "train_fixed" / "summary.json").read_text())
+    native = json.loads((out / "train_native" / "summary.json").read_text())
+    assert fixed["status"] == "done" and fixed["loss_end"] < 0.5 * fixed["loss_start"]
+    assert native["status"] == "done" and native["stage"] == "native"
+    assert np.isfinite(native["loss_img_end"]) and np.isfinite(native["loss_text_end"])
+    # export: the transformers folder holds the native run's encoder
+    from aimv2train.interop import load_encoder
+
+    exported, trained = load_encoder(out / "export_hf"), load_encoder(out / "train_native")
+    assert exported.cfg.pos_embed == "sincos"
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in exported.state_dict().items())
     before = snapshot(out)
     res = CliRunner().invoke(main, ["demo", "--out", str(out)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    assert res.output.count("already done") == 3
+    assert res.output.count("already done") == 9
     assert snapshot(out) == before

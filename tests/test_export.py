@@ -213,9 +213,9 @@ def test_exported_weights_initialise_training(run, tmp_path, fmt):
     assert all(torch.equal(model.encoder.state_dict()[k], v) for k, v in want.items())
 
 
-def test_apple_remote_code_folder_goes_through_its_weights_file(tmp_path):
-    """Apple's hub folders are remote-code (`model_type: aimv2`) with ml-aim keyed weights: the folder is
-    refused with a pointer to its model.safetensors, which exports (and so initialises training)."""
+def test_apple_remote_code_folder_loads_and_exports(tmp_path):
+    """Apple's original hub folders are remote-code (`model_type: aimv2`, the encoder's fields at the top
+    level) with ml-aim keyed weights: the folder itself loads, exports and so initialises training."""
     from safetensors.torch import load_file, save_file
 
     from aimv2train.interop import save_aim
@@ -225,10 +225,13 @@ def test_apple_remote_code_folder_goes_through_its_weights_file(tmp_path):
     hub = tmp_path / "aimv2-tiny-patch14-224"
     save_aim(enc, hub / "model.safetensors")
     save_file(load_file(hub / "model.safetensors"), hub / "model.safetensors", metadata={"format": "pt"})  # no config
-    (hub / "config.json").write_text(json.dumps({"architectures": ["AIMv2Model"], "model_type": "aimv2",
-                                                 "hidden_size": 64, "num_hidden_layers": 2, "patch_size": 14}))
+    c = enc.cfg
+    (hub / "config.json").write_text(json.dumps({
+        "architectures": ["AIMv2Model"], "model_type": "aimv2", "auto_map": {"AutoModel": "modeling_aimv2.AIMv2Model"},
+        "hidden_size": c.dim, "num_hidden_layers": c.depth, "num_attention_heads": c.heads,
+        "intermediate_size": c.mlp_hidden, "patch_size": c.patch_size, "image_size": c.img_size,
+        "rms_norm_eps": c.eps, "num_channels": 3, "qkv_bias": False, "use_bias": False}))
+    assert encoder_hash(load_encoder(hub)) == encoder_hash(enc)
     res = _export(hub, "--format", "hf", "-o", tmp_path / "out")
-    assert res.exit_code != 0 and "pass its model.safetensors file" in res.output
-    res = _export(hub / "model.safetensors", "--format", "hf", "--heads", "2", "-o", tmp_path / "out")
     assert res.exit_code == 0, res.output
     assert encoder_hash(load_encoder(tmp_path / "out")) == encoder_hash(enc)

@@ -191,16 +191,21 @@ def test_each_bad_body_is_skipped_counted_and_named(coyo_run, route, status, mes
 def test_decompression_bomb_is_refused_before_decoding():
     """In a fresh process: refusing the 20000x20000 PNG adds nothing near its 1.2 GB of pixels to the
     peak memory (peak after the call minus resident size before it)."""
+    # VmHWM is the peak of this process's own address space; ru_maxrss is not: Linux carries it over
+    # fork+exec from the parent (pytest, several hundred MB after the model tests), which hid the peak.
     code = (
-        "import io, os, resource\n"
+        "import io, os\n"
+        "def mb(field):\n"
+        "    line = next(l for l in open('/proc/self/status') if l.startswith(field))\n"
+        "    return int(line.split()[1]) // 1024\n"
         "from aimv2data.serve import bomb_png\n"
         "from aimv2data.fetch_resize import NativeResizer\n"
         "r = NativeResizer(image_size=2048, resize_mode='keep_ratio_largest', resize_only_if_bigger=True,"
         " encode_format='jpg', skip_reencode=True, max_image_area=178956970)\n"
         "data = bomb_png()\n"
-        "rss = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') // 2**20\n"
+        "rss = mb('VmRSS:')\n"
         "out = r(io.BytesIO(data))\n"
-        "print(out[5]); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024 - rss)\n"
+        "print(out[5]); print(mb('VmHWM:') - rss)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})

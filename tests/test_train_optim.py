@@ -1,4 +1,4 @@
-"""Fully decoupled AdamW, its parameter groups, the warmup-cosine schedule and the Table B1 presets."""
+"""Fully decoupled AdamW, its parameter groups, the warmup-cosine schedule and the Table A1 presets."""
 import math
 
 import pytest

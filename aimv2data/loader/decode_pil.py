@@ -23,7 +23,9 @@ from PIL import Image, ImageOps
 from ..batch import normalize_
 from .geometry import Crop, draft_scale
 
-Image.MAX_IMAGE_PIXELS = None   # the manifest builder already decided what is too large to keep
+# Pillow's decompression-bomb limit stays as it is: the manifest builder's default cap is the same 2x
+# MAX_IMAGE_PIXELS, so nothing it kept is refused here, and a process that imports the loader keeps
+# its protection elsewhere.
 
 # EXIF orientation -> the transpose that displays it (the table of ImageOps.exif_transpose).
 TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
