@@ -21,9 +21,12 @@ fi
 #    would pull a multi-GB CUDA build.
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
-$PIP install -q --upgrade pip setuptools wheel
-$PIP install -q torch==2.13.0
-$PIP install -q -e ".[test]"
+# pip's output minus the "Location ... is ignored" lines some machines' pip configs print by the hundred;
+# with pipefail the status is still pip's.
+quiet() { "$@" 2>&1 | { grep -v "is ignored" || true; }; }
+quiet $PIP install -q --upgrade pip setuptools wheel
+quiet $PIP install -q torch==2.13.0
+quiet $PIP install -q -e ".[test]"
 
 # 3. Pillow-SIMD: pillow and pillow-simd share PIL/, the last installed wins. Dependencies
 #    (matplotlib, scikit-image, ...) pull plain pillow, so swap it out after every install.
@@ -32,8 +35,10 @@ if $PIP show pillow >/dev/null 2>&1 || ! $PIP show pillow-simd >/dev/null 2>&1; 
   grep -q avx2 /proc/cpuinfo && CC_FLAGS="cc -mavx2"
   echo "[install] building Pillow-SIMD with CC='$CC_FLAGS' (about 20 s)"
   $PIP uninstall -y -q pillow pillow-simd >/dev/null 2>&1 || true
-  CC="$CC_FLAGS" $PIP install -q --no-cache-dir --no-binary pillow-simd "pillow-simd>=9.5" \
-    2>&1 | grep -v "is ignored" || true
+  if ! CC="$CC_FLAGS" quiet $PIP install -q --no-cache-dir --no-binary pillow-simd "pillow-simd>=9.5"; then
+    echo "[install] WARNING: Pillow-SIMD did not build (see above); falling back to plain Pillow (aimv2 doctor says which is live)"
+    quiet $PIP install -q pillow
+  fi
 fi
 "$VENV/bin/python" - <<'PY'
 import PIL.features as f, importlib.metadata as md
