@@ -230,6 +230,8 @@ def demo(out):
     from aimv2train.trainer import TrainError
 
     console = Console()
+    if not console.is_terminal:  # logs and CI: room for the summary table instead of 80 columns
+        console = Console(width=140)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     ctx = DemoContext(root, console)
