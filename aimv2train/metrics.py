@@ -90,12 +90,13 @@ def is_finite(*values: float) -> bool:
 
 
 def summarize(records: list[dict], first: int = 10) -> dict:
-    """Loss at the start (mean of the first `first` steps) and at the end (mean of the last `first`);
+    """Loss at the start (mean of the first `first` steps) and at the end (mean of the last `first`; at
+    most half the steps each, so the two windows never overlap);
     throughput and MFU as totals over time (work done / time taken) for the steps after the first, which
     pays for warm-up and compilation."""
     if not records:
         return {}
-    k = min(first, len(records))
+    k = max(1, min(first, len(records) // 2))  # a short run still compares its start with its end
     steady = records[1:] or records
     mean = lambda key, rs: sum(r[key] for r in rs) / len(rs)  # noqa: E731
     t = sum(r["step_time"] for r in steady)

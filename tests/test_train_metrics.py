@@ -39,6 +39,9 @@ def test_summary_numbers():
     assert s["steps_per_s"] == pytest.approx(29 / 18.5)
     assert s["images_per_s"] == pytest.approx((28 * 5 + 4.5) / 18.5)
     assert s["mfu"] == pytest.approx(0.1 * 14 / 18.5)
+    # a short run: the start and end windows are its halves, not the same steps
+    short = summarize(recs[:6], first=10)
+    assert short["loss_start"] == pytest.approx(2.0) and short["loss_end"] == pytest.approx(5.0)
 
 
 def test_matmul_peak_is_a_plausible_rate():
