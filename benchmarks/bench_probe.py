@@ -30,13 +30,7 @@ class SdpaHead(AttentionPoolingHead):
     """The textbook form: k = W_k x, v = W_v x for every token, then SDPA with the learned query."""
 
     def pool(self, x, mask=None):
-        B, N, D = x.shape
-        H, Q = self.heads, self.queries
-        q = self.query.expand(B, -1, -1).view(B, Q, H, D // H).transpose(1, 2)
-        k = self.k(x).view(B, N, H, D // H).transpose(1, 2)
-        v = self.v(x).view(B, N, H, D // H).transpose(1, 2)
-        m = None if mask is None else mask[:, None, None, :]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=m).transpose(1, 2).reshape(B, Q, D).mean(1)
+        return self.pool_sdpa(x, mask)
 
 
 def step_time(cls, D, N, B, heads, sweep, classes, repeats):

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
@@ -46,13 +45,7 @@ def random_trunk(tmp_path_factory):
 
 def _reference_pool(head: AttentionPoolingHead, x, mask):
     """The textbook form: project every token to k and v, one query per head, torch SDPA."""
-    B, N, D = x.shape
-    H, Q = head.heads, head.queries
-    q = head.query.expand(B, -1, -1).view(B, Q, H, D // H).transpose(1, 2)
-    k = head.k(x).view(B, N, H, D // H).transpose(1, 2)
-    v = head.v(x).view(B, N, H, D // H).transpose(1, 2)
-    m = None if mask is None else mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=m).transpose(1, 2).reshape(B, Q, D).mean(1)
+    return head.pool_sdpa(x, mask)
 
 
 @pytest.mark.parametrize("queries", [1, 3])
