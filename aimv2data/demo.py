@@ -13,6 +13,12 @@ from 1:4 to 4:1 and long sides from 64 to 1600 px. Formats: baseline JPEG, progr
 so that applying the orientation gives the intended picture. Every generated image has a pure red
 block in the top-left corner of its *displayed* picture, so a consumer can check it applied EXIF
 orientation right. The DFN index selects a known 2/3 of the pool (`DemoImage.in_dfn`).
+
+Patterns (optional, `n_patterns`; the demo uses N_PATTERNS): small pictures of one of four textures
+(horizontal, vertical or diagonal stripes, a checkerboard) in two random colours, with the short
+alt-text that names them ("vertical stripes"). They are the part of the corpus a tiny CPU-trained trunk
+can learn something general from, and `write_probe_set` draws a labelled set of the same family from
+fresh seeds, so `aimv2 probe` can show that the trained trunk beats a random one (see docs/eval.md).
 """
 from __future__ import annotations
 
@@ -154,6 +160,37 @@ def _scene(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, str]:
     return out, f"{listing} over {article} {c0} to {c1} gradient"
 
 
+# -- patterns ----------------------------------------------------------------------------------
+PATTERNS = {"horizontal": "horizontal stripes", "vertical": "vertical stripes", "diagonal": "diagonal stripes",
+            "checker": "a checkerboard"}
+N_PATTERNS = 320
+PATTERN_SIZE = 56
+
+
+def pattern_image(kind: str, rng: np.random.Generator, size: int = PATTERN_SIZE) -> np.ndarray:
+    """A size x size texture of class `kind`: period 9-20 % of the side, random phase, two random
+    colours far enough apart to see it, a little noise. The mean colour says nothing about the class:
+    only the orientation structure does."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    period = size * rng.uniform(0.09, 0.2)
+    phase = rng.uniform(0, period)
+    if kind == "horizontal":
+        m = ((yy + phase) % period) < period / 2
+    elif kind == "vertical":
+        m = ((xx + phase) % period) < period / 2
+    elif kind == "diagonal":
+        m = ((xx + yy + phase) % period) < period / 2
+    elif kind == "checker":
+        m = (((xx + phase) % period) < period / 2) ^ (((yy + phase) % period) < period / 2)
+    else:
+        raise ValueError(f"unknown pattern {kind!r}; one of {list(PATTERNS)}")
+    fg, bg = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    while np.abs(fg - bg).sum() < 120:
+        bg = rng.uniform(0, 255, 3)
+    img = np.where(m[..., None], fg, bg) + rng.normal(0, 8, (size, size, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
 def _encode(arr: np.ndarray, fmt: str, progressive: bool, orientation: int) -> tuple[bytes, str, int, int]:
     from PIL import Image
 
@@ -206,6 +243,51 @@ def corpus(seed: int = SEED) -> tuple[DemoImage, ...]:
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=4)
+def patterns(n: int = N_PATTERNS, seed: int = SEED) -> tuple[DemoImage, ...]:
+    """`n` pattern images (classes cycled), stored as baseline JPEG at quality 95 without chroma
+    subsampling (so fetch keeps their bytes and the colour edges survive), ids after the corpus'."""
+    from PIL import Image
+
+    rng = np.random.default_rng([seed, 7])
+    kinds = list(PATTERNS)
+    out = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        buf = io.BytesIO()
+        Image.fromarray(pattern_image(kind, rng)).save(buf, "JPEG", quality=95, subsampling=0)
+        uid = hashlib.sha256(f"aimv2-demo-pattern-{seed}-{i}".encode()).hexdigest()[:32]
+        out.append(DemoImage(name=f"pattern_{i:03d}.jpg", data=buf.getvalue(), format="jpeg", progressive=False,
+                             mode="RGB", width=PATTERN_SIZE, height=PATTERN_SIZE, orientation=1,
+                             caption=PATTERNS[kind], kind="pattern", id=3_000_000 + i, uid=uid, in_dfn=i % 3 != 2))
+    return tuple(out)
+
+
+def all_images(seed: int = SEED, n_patterns: int = 0) -> tuple[DemoImage, ...]:
+    """The corpus plus `n_patterns` pattern images."""
+    return corpus(seed) + (patterns(n_patterns, seed) if n_patterns else ())
+
+
+def write_probe_set(root: str | Path, n_train: int = 20, n_val: int = 25, seed: int = SEED) -> tuple[Path, Path]:
+    """A labelled image-folder set of the pattern family, from seeds the corpus never uses:
+    root/train/<class>/*.png and root/val/<class>/*.png. Idempotent (same bytes, files left alone)."""
+    from PIL import Image
+
+    root = Path(root)
+    for split, n, sub in (("train", n_train, 1), ("val", n_val, 2)):
+        rng = np.random.default_rng([seed, 1000 + sub])
+        for kind in PATTERNS:
+            d = root / split / kind
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                buf = io.BytesIO()
+                Image.fromarray(pattern_image(kind, rng)).save(buf, "PNG")
+                p = d / f"{i:04d}.png"
+                if not (p.is_file() and p.read_bytes() == buf.getvalue()):
+                    _atomic_write(p, buf.getvalue())
+    return root / "train", root / "val"
+
+
 # -- writing -----------------------------------------------------------------------------------
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -213,12 +295,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_corpus(out_dir: str | Path, seed: int = SEED) -> Path:
+def write_corpus(out_dir: str | Path, seed: int = SEED, n_patterns: int = 0) -> Path:
     """Write images/ and corpus.json (the per-image facts tests check against). Idempotent: files
     whose bytes already match are left alone (same mtimes). Returns corpus.json's path."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    images = corpus(seed)
+    images = all_images(seed, n_patterns)
     for im in images:
         p = out / "images" / im.name
         if not (p.is_file() and p.read_bytes() == im.data):
@@ -238,7 +320,8 @@ def hostile_rows() -> list[tuple[str, str]]:
     return [(p, r) for p, r in HOSTILE.items() if p != "/hostile/slow.jpg"]
 
 
-def write_url_lists(out_dir: str | Path, base_url: str, seed: int = SEED, hostile: bool = True) -> dict[str, Path]:
+def write_url_lists(out_dir: str | Path, base_url: str, seed: int = SEED, hostile: bool = True,
+                    n_patterns: int = 0) -> dict[str, Path]:
     """Write coyo.parquet (COYO-700M columns), dfn_pool.parquet (DataComp pool columns) and
     dfn_index.npy (sorted u8,u8 uid halves of the in_dfn images) pointing at `base_url`."""
     import polars as pl
@@ -247,7 +330,7 @@ def write_url_lists(out_dir: str | Path, base_url: str, seed: int = SEED, hostil
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    images = corpus(seed)
+    images = all_images(seed, n_patterns)
     base = base_url.rstrip("/")
     coyo = {
         "id": [im.id for im in images], "url": [f"{base}/{im.name}" for im in images],
@@ -286,14 +369,17 @@ def write_url_lists(out_dir: str | Path, base_url: str, seed: int = SEED, hostil
 
 
 # -- synthetic captions ------------------------------------------------------------------------
-def synthetic_captions(seed: int = SEED) -> list[dict]:
+def synthetic_captions(seed: int = SEED, n_patterns: int = 0) -> list[dict]:
     """A synthetic caption set for the corpus, keyed by the sha256 of each original image, as public
     re-caption sets are (e.g. Recap-DataComp-1B's `re_caption`): two longer, descriptive captions per
     image, in the style of a captioner's output rather than alt-text."""
     rows = []
-    for im in corpus(seed):
+    for im in all_images(seed, n_patterns):
         w, h = im.display_size
         shape = "square" if abs(w - h) <= 0.05 * max(w, h) else ("wide" if w > h else "tall")
+        if im.kind == "pattern":  # a captioner says little more than the alt-text about a plain texture
+            rows.append({"sha256": im.sha256, "re_caption": [f"{im.caption} in two colours", im.caption]})
+            continue
         if im.kind == "generated":
             body = im.caption.removeprefix("a photo-like picture of ")
             things, _, background = body.partition(" over ")
@@ -306,7 +392,7 @@ def synthetic_captions(seed: int = SEED) -> list[dict]:
     return rows
 
 
-def write_synthetic_captions(out_dir: str | Path, seed: int = SEED) -> Path:
+def write_synthetic_captions(out_dir: str | Path, seed: int = SEED, n_patterns: int = 0) -> Path:
     """Write the synthetic caption set as `synthetic_captions.parquet` (columns sha256, re_caption)."""
     import polars as pl
 
@@ -314,6 +400,6 @@ def write_synthetic_captions(out_dir: str | Path, seed: int = SEED) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "synthetic_captions.parquet"
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pl.DataFrame(synthetic_captions(seed)).write_parquet(tmp)
+    pl.DataFrame(synthetic_captions(seed, n_patterns)).write_parquet(tmp)
     os.replace(tmp, path)
     return path

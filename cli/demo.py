@@ -29,7 +29,7 @@ class DemoContext:
         lists change and fetch outputs left incomplete by the earlier run are started over."""
         if self._lists is not None:
             return self._lists
-        from aimv2data.demo import write_url_lists
+        from aimv2data.demo import N_PATTERNS, write_url_lists
         from aimv2data.serve import LoopbackServer
 
         state_path = self.out / "demo_state.json"
@@ -47,7 +47,7 @@ class DemoContext:
                 d = self.out / step.output
                 if step.name.startswith("fetch") and d.is_dir() and not step.done(self):
                     shutil.rmtree(d)  # an incomplete fetch of the old urls: the demo owns it
-        self._lists = write_url_lists(self.corpus_dir, srv.base_url)
+        self._lists = write_url_lists(self.corpus_dir, srv.base_url, n_patterns=N_PATTERNS)
         state_path.write_text(json.dumps({"port": srv.port, "base_url": srv.base_url}))
         self.console.print(f"serving {self.corpus_dir / 'images'} at {srv.base_url}")
         return self._lists
@@ -71,11 +71,12 @@ def _corpus_done(ctx: DemoContext) -> bool:
 
 
 def _corpus_run(ctx: DemoContext) -> str:
-    from aimv2data.demo import corpus, write_corpus
+    from aimv2data.demo import N_PATTERNS, all_images, write_corpus
 
-    write_corpus(ctx.corpus_dir)
-    images = corpus()
-    return f"{len(images)} images ({sum(len(i.data) for i in images) / 1e6:.1f} MB), captions in corpus.json"
+    write_corpus(ctx.corpus_dir, n_patterns=N_PATTERNS)
+    images = all_images(n_patterns=N_PATTERNS)
+    return (f"{len(images)} images ({sum(len(i.data) for i in images) / 1e6:.1f} MB; {N_PATTERNS} of them small "
+            "patterns), captions in corpus.json")
 
 
 # -- fetch -------------------------------------------------------------------------------------
@@ -134,10 +135,10 @@ def _captions_done(ctx: DemoContext) -> bool:
 
 
 def _captions_run(ctx: DemoContext) -> str:
-    from aimv2data.demo import write_synthetic_captions
+    from aimv2data.demo import N_PATTERNS, write_synthetic_captions
     from aimv2data.manifest.captions import attach
 
-    path = write_synthetic_captions(ctx.corpus_dir)
+    path = write_synthetic_captions(ctx.corpus_dir, n_patterns=N_PATTERNS)
     r = attach(ctx.out / "manifest", path, on="sha256", column="re_caption", name="synthetic")
     return (f"syn_synthetic: {r['matched_rows']} of {r['matched_rows'] + r['unmatched_rows']} samples matched "
             f"on sha256, {r['captions']} captions ({path.name})")
@@ -176,6 +177,60 @@ def _train_step(name: str, init_run: str | None = None, **kw) -> Step:
     return Step(name, name, _run_done(name), run)
 
 
+# -- probe -------------------------------------------------------------------------------------
+PROBE_RUNS = ("train_fixed", "train_native")
+
+
+def _probe_done(ctx: DemoContext) -> bool:
+    return (ctx.out / "probe" / "summary.json").is_file()
+
+
+def _probe_run(ctx: DemoContext) -> str:
+    """The issue-7 yardstick on the demo itself: attentive and linear probes on a labelled set of the
+    pattern family (fresh draws, never trained on), for both demo trunks and a randomly initialised trunk
+    of the same architecture. Each run's results go to RUN/probe.json, where `aimv2 export` finds them."""
+    import torch
+
+    from aimv2data.demo import write_probe_set
+    from aimv2train.config import model_config
+    from aimv2train.encoder import Encoder
+    from aimv2train.export import load_weights, resolve_checkpoint
+    from aimv2train.interop import save_encoder
+    from aimv2train.probe import ProbeConfig, ProbeJob, run_probe, write_results
+
+    out = ctx.out / "probe"
+    train_dir, val_dir = write_probe_set(out / "patterns")
+    # the same short sweep for every trunk; Table A2's full grid is `aimv2 probe`'s default
+    cfg = ProbeConfig(lrs=(1e-3, 3e-3, 1e-2), wds=(0.05,), epochs=100, batch_size=32, warmup_epochs=0)
+    fixed = load_weights(resolve_checkpoint(ctx.out / "train_fixed")[0]).cfg
+    trunks = {name: (ctx.out / name, ctx.out / name / "probe.json") for name in PROBE_RUNS}
+    for name, pos in (("random_init", "learned"), ("random_init_native", "sincos")):  # baselines of each kind
+        torch.manual_seed(0)
+        enc = Encoder(model_config("tiny", img_size=fixed.img_size, pos_embed=pos).encoder)
+        trunks[name] = (save_encoder(enc, out / f"{name}.pt"), out / f"{name}_probe.json")
+    summary = {}
+    for name, (ckpt, dest) in trunks.items():
+        job = ProbeJob(str(ckpt), str(train_dir), str(val_dir), cache_dir=str(out / "cache"), progress=False)
+        r = run_probe(job, cfg, log=lambda *a: None)
+        write_results(r, dest)
+        summary[name] = {"attentive_top1": r["attentive"]["best"]["top1"], "linear_top1": r["linear"]["best"]["top1"],
+                         "preprocess": r["preprocess"]["mode"], "results": str(dest)}
+        ctx.console.print(f"{name}: attentive {summary[name]['attentive_top1']:.0f}%, "
+                          f"linear {summary[name]['linear_top1']:.0f}% ({r['preprocess']['mode']} resolution)")
+    summary["chance_top1"] = r["chance_top1"]
+    summary["classes"] = r["classes"]
+    summary["images"] = {"train": r["train"]["images"], "val": r["val"]["images"]}
+    write_results(summary, out / "summary.json")
+    return _probe_line(summary)
+
+
+def _probe_line(s: dict) -> str:
+    f = lambda k: f"{s[k]['attentive_top1']:.0f}/{s[k]['linear_top1']:.0f}%"  # noqa: E731
+    return (f"patterns, {len(s['classes'])} classes (chance {s['chance_top1']:.0f}%), attentive/linear top-1: "
+            f"train_fixed {f('train_fixed')} (random init {f('random_init')}), "
+            f"train_native {f('train_native')} (random init {f('random_init_native')})")
+
+
 def _export_run(ctx: DemoContext) -> str:
     from aimv2train.export import export
 
@@ -187,6 +242,11 @@ def _summary_line(ctx: DemoContext, step: Step) -> str:
     """What a finished step reports when a rerun skips it."""
     if step.name.startswith("fetch"):
         return _fetch_line(_summary(ctx.out / step.output))
+    if step.name == "probe":
+        try:
+            return _probe_line(json.loads((ctx.out / "probe" / "summary.json").read_text()))
+        except (OSError, ValueError, KeyError):
+            return ""
     if step.name.startswith("train"):
         try:
             s = json.loads((ctx.out / step.output / "summary.json").read_text())
@@ -204,9 +264,12 @@ STEPS: list[Step] = [
     Step("captions", "manifest", _captions_done, _captions_run),
     Step("tokenizer", "tok.model", lambda ctx: (ctx.out / "tok.model").is_file(), _tokenizer_run),
     # Stage 1 (Table A1, scaled to a 2-core CPU): fixed resolution, RandomResizedCrop, learned positions.
-    _train_step("train_fixed", steps=300, resolution=84, batch_size=16),
+    # 56 px and 1200 steps: the least that learns the patterns well enough to beat a random trunk's
+    # probe by a wide margin (docs/eval.md); 300 steps at 84 px only memorised the images.
+    _train_step("train_fixed", steps=1200, resolution=56, batch_size=16),
     # Native resolution (paper §2.4): area-sampled constant-patch batches, sin-cos positions.
     _train_step("train_native", steps=40, native_res=True, batch_patches=4096, init_run="train_fixed"),
+    Step("probe", "probe", _probe_done, _probe_run),
     Step("export", "export_hf", lambda ctx: (ctx.out / "export_hf" / "config.json").is_file(), _export_run),
 ]
 
@@ -218,8 +281,8 @@ def demo(out):
     """Run the pipeline end to end on the embedded demo corpus (real scikit-image photos plus generated
     images), served by a loopback HTTP server: corpus -> fetch (COYO-style list) -> fetch (DFN-style pool +
     uid index) -> shard -> attach synthetic captions -> sentencepiece tokenizer -> train a tiny AIMv2 at
-    84 px -> continue at native resolution -> export a transformers folder. Offline, a few minutes on
-    2 cores; a rerun skips steps that are done."""
+    56 px -> continue at native resolution -> probe both trunks and a random one on held-out patterns ->
+    export a transformers folder. Offline, a few minutes on 2 cores; a rerun skips steps that are done."""
     from rich.console import Console
     from rich.table import Table
 
@@ -227,6 +290,7 @@ def demo(out):
     from aimv2data.manifest.build import ManifestBuildError
     from aimv2data.manifest.captions import CaptionError
     from aimv2train.export import ExportError
+    from aimv2train.probe_data import ProbeDataError
     from aimv2train.trainer import TrainError
 
     console = Console()
@@ -246,7 +310,8 @@ def demo(out):
             t0 = time.perf_counter()
             try:
                 detail = step.run(ctx)
-            except (FetchError, FetchIncomplete, ManifestBuildError, CaptionError, TrainError, ExportError) as e:
+            except (FetchError, FetchIncomplete, ManifestBuildError, CaptionError, TrainError, ExportError,
+                    ProbeDataError) as e:
                 raise click.ClickException(f"demo step {step.name} failed: {e}; rerun `aimv2 demo --out {out}` "
                                            "to resume") from e
             rows.append((step.name, f"[green]done[/] in {time.perf_counter() - t0:.1f} s", root / step.output, detail))

@@ -23,27 +23,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from aimv2data.demo import pattern_image
+
 CLASSES = ("checker", "diagonal", "horizontal", "vertical")
 SIZE = 56
 
 
 def texture(kind: str, rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    period = rng.uniform(5.0, 11.0)
-    phase = rng.uniform(0, period)
-    if kind == "horizontal":
-        m = ((yy + phase) % period) < period / 2
-    elif kind == "vertical":
-        m = ((xx + phase) % period) < period / 2
-    elif kind == "diagonal":
-        m = ((xx + yy + phase) % period) < period / 2
-    else:  # checker
-        m = (((xx + phase) % period) < period / 2) ^ (((yy + phase) % period) < period / 2)
-    fg, bg = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-    while np.abs(fg - bg).sum() < 120:  # enough contrast to see the pattern
-        bg = rng.uniform(0, 255, 3)
-    img = np.where(m[..., None], fg, bg) + rng.normal(0, 8, (size, size, 3))
-    return np.clip(img, 0, 255).astype(np.uint8)
+    """The demo corpus' pattern family (aimv2data.demo.pattern_image): the trunk the demo trains and
+    the one these tests train see the same kind of images."""
+    return pattern_image(kind, rng, size)
 
 
 COLOURS = {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40), "yellow": (230, 220, 40)}
