@@ -178,6 +178,8 @@ def _train_step(name: str, init_run: str | None = None, **kw) -> Step:
 
 
 # -- probe -------------------------------------------------------------------------------------
+# Stage 1 of the demo (see STEPS); benchmarks/bench_demo_probe.py retrains it with other seeds.
+TRAIN_FIXED = dict(steps=1200, resolution=56, batch_size=16)
 PROBE_RUNS = ("train_fixed", "train_native")
 
 
@@ -185,41 +187,55 @@ def _probe_done(ctx: DemoContext) -> bool:
     return (ctx.out / "probe" / "summary.json").is_file()
 
 
-def _probe_run(ctx: DemoContext) -> str:
-    """The issue-7 yardstick on the demo itself: attentive and linear probes on a labelled set of the
-    pattern family (fresh draws, never trained on), for both demo trunks and a randomly initialised trunk
-    of the same architecture. Each run's results go to RUN/probe.json, where `aimv2 export` finds them."""
+# the same short sweep for every trunk; Table A2's full grid is `aimv2 probe`'s default
+PROBE_SWEEP = dict(lrs=(1e-3, 3e-3, 1e-2), wds=(0.05,), epochs=100, batch_size=32, warmup_epochs=0)
+
+
+def probe_trunk(ckpt, train_dir, val_dir, cache_dir, dest) -> dict:
+    """The demo's probe of one trunk: full results to `dest`, the headline numbers returned."""
+    from aimv2train.probe import ProbeConfig, ProbeJob, run_probe, write_results
+
+    job = ProbeJob(str(ckpt), str(train_dir), str(val_dir), cache_dir=str(cache_dir), progress=False)
+    r = run_probe(job, ProbeConfig(**PROBE_SWEEP), log=lambda *a: None)
+    write_results(r, dest)
+    return {"attentive_top1": r["attentive"]["best"]["top1"], "linear_top1": r["linear"]["best"]["top1"],
+            "preprocess": r["preprocess"]["mode"], "results": str(dest), "chance_top1": r["chance_top1"],
+            "classes": r["classes"], "images": {"train": r["train"]["images"], "val": r["val"]["images"]}}
+
+
+def random_trunk(path, img_size: int, pos_embed: str = "learned", seed: int = 0):
+    """A randomly initialised tiny encoder, the baseline a trained trunk has to beat."""
     import torch
 
-    from aimv2data.demo import write_probe_set
     from aimv2train.config import model_config
     from aimv2train.encoder import Encoder
-    from aimv2train.export import load_weights, resolve_checkpoint
     from aimv2train.interop import save_encoder
-    from aimv2train.probe import ProbeConfig, ProbeJob, run_probe, write_results
+
+    torch.manual_seed(seed)
+    return save_encoder(Encoder(model_config("tiny", img_size=img_size, pos_embed=pos_embed).encoder), path)
+
+
+def _probe_run(ctx: DemoContext) -> str:
+    """The issue-7 yardstick on the demo itself: attentive and linear probes on a labelled set of the
+    pattern family (fresh draws, never trained on), for both demo trunks and randomly initialised trunks
+    of the same architectures. Each run's results go to RUN/probe.json, where `aimv2 export` finds them."""
+    from aimv2data.demo import write_probe_set
+    from aimv2train.export import load_weights, resolve_checkpoint
+    from aimv2train.probe import write_results
 
     out = ctx.out / "probe"
     train_dir, val_dir = write_probe_set(out / "patterns")
-    # the same short sweep for every trunk; Table A2's full grid is `aimv2 probe`'s default
-    cfg = ProbeConfig(lrs=(1e-3, 3e-3, 1e-2), wds=(0.05,), epochs=100, batch_size=32, warmup_epochs=0)
-    fixed = load_weights(resolve_checkpoint(ctx.out / "train_fixed")[0]).cfg
+    img_size = load_weights(resolve_checkpoint(ctx.out / "train_fixed")[0]).cfg.img_size
     trunks = {name: (ctx.out / name, ctx.out / name / "probe.json") for name in PROBE_RUNS}
     for name, pos in (("random_init", "learned"), ("random_init_native", "sincos")):  # baselines of each kind
-        torch.manual_seed(0)
-        enc = Encoder(model_config("tiny", img_size=fixed.img_size, pos_embed=pos).encoder)
-        trunks[name] = (save_encoder(enc, out / f"{name}.pt"), out / f"{name}_probe.json")
+        trunks[name] = (random_trunk(out / f"{name}.pt", img_size, pos), out / f"{name}_probe.json")
     summary = {}
     for name, (ckpt, dest) in trunks.items():
-        job = ProbeJob(str(ckpt), str(train_dir), str(val_dir), cache_dir=str(out / "cache"), progress=False)
-        r = run_probe(job, cfg, log=lambda *a: None)
-        write_results(r, dest)
-        summary[name] = {"attentive_top1": r["attentive"]["best"]["top1"], "linear_top1": r["linear"]["best"]["top1"],
-                         "preprocess": r["preprocess"]["mode"], "results": str(dest)}
-        ctx.console.print(f"{name}: attentive {summary[name]['attentive_top1']:.0f}%, "
-                          f"linear {summary[name]['linear_top1']:.0f}% ({r['preprocess']['mode']} resolution)")
-    summary["chance_top1"] = r["chance_top1"]
-    summary["classes"] = r["classes"]
-    summary["images"] = {"train": r["train"]["images"], "val": r["val"]["images"]}
+        r = probe_trunk(ckpt, train_dir, val_dir, out / "cache", dest)
+        summary[name] = {k: r[k] for k in ("attentive_top1", "linear_top1", "preprocess", "results")}
+        ctx.console.print(f"{name}: attentive {r['attentive_top1']:.0f}%, linear {r['linear_top1']:.0f}% "
+                          f"({r['preprocess']} resolution)")
+    summary.update(chance_top1=r["chance_top1"], classes=r["classes"], images=r["images"])
     write_results(summary, out / "summary.json")
     return _probe_line(summary)
 
@@ -266,7 +282,7 @@ STEPS: list[Step] = [
     # Stage 1 (Table A1, scaled to a 2-core CPU): fixed resolution, RandomResizedCrop, learned positions.
     # 56 px and 1200 steps: the least that learns the patterns well enough to beat a random trunk's
     # probe by a wide margin (docs/eval.md); 300 steps at 84 px only memorised the images.
-    _train_step("train_fixed", steps=1200, resolution=56, batch_size=16),
+    _train_step("train_fixed", **TRAIN_FIXED),
     # Native resolution (paper §2.4): area-sampled constant-patch batches, sin-cos positions.
     _train_step("train_native", steps=40, native_res=True, batch_patches=4096, init_run="train_fixed"),
     Step("probe", "probe", _probe_done, _probe_run),

@@ -61,6 +61,25 @@ def test_native_epoch_dense_constant_budget_no_duplicates(manifest):
     assert used / (n_steps * 4096) >= 0.95                         # budget use
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_batches_do_not_depend_on_the_order_of_manifest_rows(tmp_path, manifest, native):
+    """A fetch writes a shard's samples in download-completion order, so two fetches of one url list give
+    manifests with the same rows in another order (and other files): same seed, same batches."""
+    import shutil
+
+    other = tmp_path / "manifest"
+    shutil.copytree(manifest, other)
+    rows = _rows(manifest).sample(fraction=1.0, shuffle=True, seed=3)
+    (other / "samples" / "part-0.parquet").unlink()
+    rows[:100].write_parquet(other / "samples" / "part-9.parquet")   # split across files, reversed
+    rows[100:].write_parquet(other / "samples" / "part-1.parquet")
+    (tmp_path / "tars").symlink_to(manifest.parent / "tars")          # the rows name ../tars/NNNNN.tar
+    kw = dict(native_res=True, batch_patches=4096) if native else dict(resolution=32, batch_size=16)
+    a, b = Loader(manifest, seed=5, **kw), Loader(other, seed=5, **kw)
+    for _, x, y in zip(range(6), a, b):
+        _same(x, y)
+
+
 def test_batch_pixels_come_from_the_named_sample_and_patches_are_raster_order(manifest):
     loader = Loader(manifest, native_res=True, batch_patches=4096, seed=4)
     batch = next(iter(loader))
