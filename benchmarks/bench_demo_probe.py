@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--random-seeds", type=int, nargs="*", default=[0, 1, 2], help="seeds of random-init trunks")
     args = ap.parse_args()
 
-    from aimv2train.trainer import TrainConfig, train
+    from aimv2train.train.trainer import TrainConfig, train
 
     demo = Path(args.demo)
     patterns = demo / "probe" / "patterns"

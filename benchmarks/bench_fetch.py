@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import polars as pl  # noqa: E402
 
-from aimv2data import demo  # noqa: E402
+from aimv2data import demo_corpus as demo  # noqa: E402
 from aimv2data.fetch import FetchOptions, fetch  # noqa: E402
 from aimv2data.fetch_summary import busy_seconds, read_stats  # noqa: E402
 from aimv2data.serve import LoopbackServer  # noqa: E402

@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aimv2train.config import ENCODER_PRESETS, EncoderConfig, model_config  # noqa: E402
-from aimv2train.flops import encoder_train_flops, step_flops  # noqa: E402
-from aimv2train.interop import hf_config, to_hf_state_dict  # noqa: E402
-from aimv2train.encoder import Encoder  # noqa: E402
+from aimv2train.model.config import ENCODER_PRESETS, EncoderConfig, model_config  # noqa: E402
+from aimv2train.model.flops import encoder_train_flops, step_flops  # noqa: E402
+from aimv2train.model.interop import hf_config, to_hf_state_dict  # noqa: E402
+from aimv2train.model.encoder import Encoder  # noqa: E402
 
 CASES = {  # name: (encoder config, batch, (h, w) grid)
     "S-224 (384x6)": (EncoderConfig(dim=384, depth=6, heads=3), 8, (16, 16)),
@@ -84,7 +84,7 @@ def flop_counter_check():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from aimv2train.model import AIMv2
+    from aimv2train.model.aimv2 import AIMv2
 
     cfg = model_config("tiny")
     model = AIMv2(cfg)

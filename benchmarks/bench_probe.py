@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from aimv2train.probe import AttentionPoolingHead  # noqa: E402
+from aimv2train.eval.probe import AttentionPoolingHead  # noqa: E402
 
 
 class SdpaHead(AttentionPoolingHead):
@@ -67,11 +67,11 @@ def bench_heads(repeats):
 def bench_cache(repeats):
     import _probe_fixtures as fx
 
-    from aimv2train.config import model_config
-    from aimv2train.encoder import Encoder
-    from aimv2train.interop import load_encoder, save_encoder
-    from aimv2train.probe import ProbeConfig, Standardize, SweepData, train_sweep
-    from aimv2train.probe_data import Features, Preprocess, encode, image_folder
+    from aimv2train.model.config import model_config
+    from aimv2train.model.encoder import Encoder
+    from aimv2train.model.interop import load_encoder, save_encoder
+    from aimv2train.eval.probe import ProbeConfig, Standardize, SweepData, train_sweep
+    from aimv2train.eval.probe_data import Features, Preprocess, encode, image_folder
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

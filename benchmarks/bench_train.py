@@ -27,13 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aimv2train.config import model_config  # noqa: E402
-from aimv2train.flops import step_flops  # noqa: E402
-from aimv2train.masks import sample_prefix_lengths  # noqa: E402
-from aimv2train.metrics import matmul_peak  # noqa: E402
-from aimv2train.model import AIMv2, count_params  # noqa: E402
-from aimv2train.optim import build_optimizer  # noqa: E402
-from aimv2train.trainer import LossModule, autocast_context  # noqa: E402
+from aimv2train.model.config import model_config  # noqa: E402
+from aimv2train.model.flops import step_flops  # noqa: E402
+from aimv2train.model.masks import sample_prefix_lengths  # noqa: E402
+from aimv2train.train.metrics import matmul_peak  # noqa: E402
+from aimv2train.model.aimv2 import AIMv2, count_params  # noqa: E402
+from aimv2train.train.optim import build_optimizer  # noqa: E402
+from aimv2train.train.trainer import LossModule, autocast_context  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -115,7 +115,7 @@ def bench_step(size: str, res: int, batch: int, device: torch.device, precision:
 
 def bench_loader(size, res, batch, device, precision, steps, peak, manifest, tokenizer, workers, out) -> dict:
     """The trainer end to end (real loader, metrics, no checkpoints) for `steps` steps."""
-    from aimv2train.trainer import TrainConfig, train
+    from aimv2train.train.trainer import TrainConfig, train
 
     s = train(TrainConfig(manifest=manifest, tokenizer=tokenizer, out=out, model=size, steps=steps, resolution=res,
                           batch_size=batch, device=str(device), precision=precision, workers=workers,

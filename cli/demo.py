@@ -29,7 +29,7 @@ class DemoContext:
         lists change and fetch outputs left incomplete by the earlier run are started over."""
         if self._lists is not None:
             return self._lists
-        from aimv2data.demo import N_PATTERNS, write_url_lists
+        from aimv2data.demo_corpus import N_PATTERNS, write_url_lists
         from aimv2data.serve import LoopbackServer
 
         state_path = self.out / "demo_state.json"
@@ -71,7 +71,7 @@ def _corpus_done(ctx: DemoContext) -> bool:
 
 
 def _corpus_run(ctx: DemoContext) -> str:
-    from aimv2data.demo import N_PATTERNS, all_images, write_corpus
+    from aimv2data.demo_corpus import N_PATTERNS, all_images, write_corpus
 
     write_corpus(ctx.corpus_dir, n_patterns=N_PATTERNS)
     images = all_images(n_patterns=N_PATTERNS)
@@ -135,7 +135,7 @@ def _captions_done(ctx: DemoContext) -> bool:
 
 
 def _captions_run(ctx: DemoContext) -> str:
-    from aimv2data.demo import N_PATTERNS, write_synthetic_captions
+    from aimv2data.demo_corpus import N_PATTERNS, write_synthetic_captions
     from aimv2data.manifest.captions import attach
 
     path = write_synthetic_captions(ctx.corpus_dir, n_patterns=N_PATTERNS)
@@ -145,7 +145,7 @@ def _captions_run(ctx: DemoContext) -> str:
 
 
 def _tokenizer_run(ctx: DemoContext) -> str:
-    from aimv2train.tokenizer import train_tokenizer
+    from aimv2train.train.tokenizer import train_tokenizer
 
     r = train_tokenizer(ctx.out / "manifest", ctx.out / "tok.model", vocab_size=512, soft_limit=True)
     return f"sentencepiece, {r.vocab_size} pieces from {r.sentences} captions"
@@ -163,8 +163,8 @@ def _run_done(name: str) -> Callable[[DemoContext], bool]:
 
 def _train_step(name: str, init_run: str | None = None, **kw) -> Step:
     def run(ctx):
-        from aimv2train.plot import plot_runs
-        from aimv2train.trainer import TrainConfig, train
+        from aimv2train.train.plot import plot_runs
+        from aimv2train.train.trainer import TrainConfig, train
 
         cfg = TrainConfig(manifest=str(ctx.out / "manifest"), tokenizer=str(ctx.out / "tok.model"),
                           out=str(ctx.out / name), model="tiny", workers=1, seed=0,
@@ -193,7 +193,7 @@ PROBE_SWEEP = dict(lrs=(1e-3, 3e-3, 1e-2), wds=(0.05,), epochs=100, batch_size=3
 
 def probe_trunk(ckpt, train_dir, val_dir, cache_dir, dest) -> dict:
     """The demo's probe of one trunk: full results to `dest`, the headline numbers returned."""
-    from aimv2train.probe import ProbeConfig, ProbeJob, run_probe, write_results
+    from aimv2train.eval.probe import ProbeConfig, ProbeJob, run_probe, write_results
 
     job = ProbeJob(str(ckpt), str(train_dir), str(val_dir), cache_dir=str(cache_dir), progress=False)
     r = run_probe(job, ProbeConfig(**PROBE_SWEEP), log=lambda *a: None)
@@ -207,9 +207,9 @@ def random_trunk(path, img_size: int, pos_embed: str = "learned", seed: int = 0)
     """A randomly initialised tiny encoder, the baseline a trained trunk has to beat."""
     import torch
 
-    from aimv2train.config import model_config
-    from aimv2train.encoder import Encoder
-    from aimv2train.interop import save_encoder
+    from aimv2train.model.config import model_config
+    from aimv2train.model.encoder import Encoder
+    from aimv2train.model.interop import save_encoder
 
     torch.manual_seed(seed)
     return save_encoder(Encoder(model_config("tiny", img_size=img_size, pos_embed=pos_embed).encoder), path)
@@ -219,9 +219,9 @@ def _probe_run(ctx: DemoContext) -> str:
     """The issue-7 yardstick on the demo itself: attentive and linear probes on a labelled set of the
     pattern family (fresh draws, never trained on), for both demo trunks and randomly initialised trunks
     of the same architectures. Each run's results go to RUN/probe.json, where `aimv2 export` finds them."""
-    from aimv2data.demo import write_probe_set
-    from aimv2train.export import load_weights, resolve_checkpoint
-    from aimv2train.probe import write_results
+    from aimv2data.demo_corpus import write_probe_set
+    from aimv2train.eval.export import load_weights, resolve_checkpoint
+    from aimv2train.eval.probe import write_results
 
     out = ctx.out / "probe"
     train_dir, val_dir = write_probe_set(out / "patterns")
@@ -248,7 +248,7 @@ def _probe_line(s: dict) -> str:
 
 
 def _export_run(ctx: DemoContext) -> str:
-    from aimv2train.export import export
+    from aimv2train.eval.export import export
 
     r = export(ctx.out / "train_native", "hf", ctx.out / "export_hf", overwrite=True)
     return f"transformers Aimv2VisionModel folder (step {r['step']})"
@@ -305,9 +305,9 @@ def demo(out):
     from aimv2data.fetch import FetchError, FetchIncomplete
     from aimv2data.manifest.build import ManifestBuildError
     from aimv2data.manifest.captions import CaptionError
-    from aimv2train.export import ExportError
-    from aimv2train.probe_data import ProbeDataError
-    from aimv2train.trainer import TrainError
+    from aimv2train.eval.export import ExportError
+    from aimv2train.eval.probe_data import ProbeDataError
+    from aimv2train.train.trainer import TrainError
 
     console = Console()
     if not console.is_terminal:  # logs and CI: room for the summary table instead of 80 columns

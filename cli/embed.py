@@ -28,8 +28,8 @@ def embed(images, checkpoint, output, tokens, resolution, native_res, max_patche
     import torch
     from rich.console import Console
 
-    from aimv2train.embed import embed_images, write_embeddings
-    from aimv2train.interop import load_encoder
+    from aimv2train.eval.embed import embed_images, write_embeddings
+    from aimv2train.model.interop import load_encoder
 
     if resolution is not None and native_res:
         raise click.UsageError("--resolution and --native-res are exclusive: pick one")

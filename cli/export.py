@@ -24,8 +24,8 @@ def export(run, fmt, output, step, probe_results, overwrite, heads):
     """
     from rich.console import Console
 
-    from aimv2train.export import ExportError
-    from aimv2train.export import export as run_export
+    from aimv2train.eval.export import ExportError
+    from aimv2train.eval.export import export as run_export
 
     try:
         s = run_export(run, fmt, output, step=step, probe_results=probe_results, overwrite=overwrite, heads=heads)

@@ -10,7 +10,7 @@ import click
 def plot(runs, out, smooth):
     """Draw training curves of one or more RUN directories (their metrics.jsonl) as PNGs:
     loss.png, lr.png, grad_norm.png, throughput.png. Several runs are overlaid."""
-    from aimv2train.plot import plot_runs
+    from aimv2train.train.plot import plot_runs
 
     try:
         paths = plot_runs(list(runs), out, smooth)

@@ -68,9 +68,9 @@ def probe(checkpoint, train_data, val_data, label_col, resolution, native_res, m
     from rich.console import Console
     from rich.table import Table
 
-    from aimv2train.export import ExportError
-    from aimv2train.probe import ProbeConfig, ProbeJob, run_probe, write_results
-    from aimv2train.probe_data import ProbeDataError
+    from aimv2train.eval.export import ExportError
+    from aimv2train.eval.probe import ProbeConfig, ProbeJob, run_probe, write_results
+    from aimv2train.eval.probe_data import ProbeDataError
 
     console = Console(stderr=True)
     if resolution is not None and native_res:

@@ -3,7 +3,7 @@ import sys
 import click
 
 from aimv2data.buckets import MAX_ASPECT, NUM_BUCKETS
-from aimv2data.manifest.probe import DEFAULT_MAX_PIXELS, VERIFY_LEVELS
+from aimv2data.manifest.inspect_image import DEFAULT_MAX_PIXELS, VERIFY_LEVELS
 
 
 @click.command()

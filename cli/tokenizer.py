@@ -34,7 +34,7 @@ def train(manifest, output, vocab_size, columns, model_type, character_coverage,
     from rich.console import Console
     from rich.table import Table
 
-    from aimv2train.tokenizer import MAX_TEXT_LEN, train_tokenizer
+    from aimv2train.train.tokenizer import MAX_TEXT_LEN, train_tokenizer
 
     with Console(stderr=True).status(f"training sentencepiece ({vocab_size} pieces) on {manifest}"):
         try:

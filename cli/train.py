@@ -64,8 +64,8 @@ def train(manifest, tokenizer, model, steps, out, stage, native_res, batch_patch
     from rich.console import Console
     from rich.table import Table
 
-    from aimv2train.trainer import NonFiniteLoss, TrainConfig, TrainError
-    from aimv2train.trainer import train as run
+    from aimv2train.train.trainer import NonFiniteLoss, TrainConfig, TrainError
+    from aimv2train.train.trainer import train as run
 
     cfg = TrainConfig(manifest=manifest, tokenizer=tokenizer, out=out, model=model, steps=steps, stage=stage,
                       native_res=native_res, batch_patches=batch_patches, resolution=resolution,

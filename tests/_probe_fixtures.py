@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from aimv2data.demo import pattern_image
+from aimv2data.demo_corpus import pattern_image
 
 CLASSES = ("checker", "diagonal", "horizontal", "vertical")
 SIZE = 56
 
 
 def texture(kind: str, rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
-    """The demo corpus' pattern family (aimv2data.demo.pattern_image): the trunk the demo trains and
+    """The demo corpus' pattern family (aimv2data.demo_corpus.pattern_image): the trunk the demo trains and
     the one these tests train see the same kind of images."""
     return pattern_image(kind, rng, size)
 
@@ -115,8 +115,8 @@ def trained_trunk(root: Path, steps: int = 60, seed: int = 0, caption_style: str
     (`caption_style="names"`, image-text pre-training) or is one class-free caption for all ("neutral":
     only the pixel objective can teach the trunk anything). The labels themselves are never used."""
     from aimv2data.manifest.build import build_manifest
-    from aimv2train.tokenizer import train_tokenizer
-    from aimv2train.trainer import TrainConfig, train
+    from aimv2train.train.tokenizer import train_tokenizer
+    from aimv2train.train.trainer import TrainConfig, train
 
     root = Path(root)
     run = root / "run"

@@ -19,9 +19,9 @@ def build(root: Path) -> tuple[Path, Path]:
         return manifest, tok
     import webdataset as wds
 
-    from aimv2data.demo import corpus
+    from aimv2data.demo_corpus import corpus
     from aimv2data.manifest.build import build_manifest
-    from aimv2train.tokenizer import train_tokenizer
+    from aimv2train.train.tokenizer import train_tokenizer
 
     shards = root / "shards"
     shards.mkdir(parents=True, exist_ok=True)

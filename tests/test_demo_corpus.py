@@ -18,7 +18,7 @@ from _fetch_fixtures import decode, snapshot
 from click.testing import CliRunner
 from PIL import Image, ImageOps
 
-from aimv2data import demo
+from aimv2data import demo_corpus as demo
 from aimv2data.serve import BOMB_SIDE, HOSTILE, LoopbackServer, small_jpeg
 from cli.main import main
 
@@ -255,7 +255,7 @@ def test_demo_runs_end_to_end_and_a_rerun_skips_every_step(tmp_path):
     assert native["status"] == "done" and native["stage"] == "native"
     assert np.isfinite(native["loss_img_end"]) and np.isfinite(native["loss_text_end"])
     # export: the transformers folder holds the native run's encoder
-    from aimv2train.interop import load_encoder
+    from aimv2train.model.interop import load_encoder
 
     exported, trained = load_encoder(out / "export_hf"), load_encoder(out / "train_native")
     assert exported.cfg.pos_embed == "sincos"

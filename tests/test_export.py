@@ -14,11 +14,11 @@ from safetensors import safe_open
 sys.path.insert(0, str(Path(__file__).parent))
 import _probe_fixtures as fx  # noqa: E402
 
-from aimv2train.config import model_config  # noqa: E402
-from aimv2train.encoder import Encoder  # noqa: E402
-from aimv2train.interop import load_encoder, save_encoder, to_aim_state_dict  # noqa: E402
-from aimv2train.preprocess import fixed_resolution, load_rgb, native_resolution  # noqa: E402
-from aimv2train.probe_data import encoder_hash  # noqa: E402
+from aimv2train.model.config import model_config  # noqa: E402
+from aimv2train.model.encoder import Encoder  # noqa: E402
+from aimv2train.model.interop import load_encoder, save_encoder, to_aim_state_dict  # noqa: E402
+from aimv2train.model.preprocess import fixed_resolution, load_rgb, native_resolution  # noqa: E402
+from aimv2train.eval.probe_data import encoder_hash  # noqa: E402
 from cli.main import main  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -30,8 +30,8 @@ TOL = 1e-5
 def run(tmp_path_factory):
     """A real trainer run: tiny model, 56 px, 20 steps, checkpoints at steps 10 and 20."""
     from aimv2data.manifest.build import build_manifest
-    from aimv2train.tokenizer import train_tokenizer
-    from aimv2train.trainer import TrainConfig, train
+    from aimv2train.train.tokenizer import train_tokenizer
+    from aimv2train.train.trainer import TrainConfig, train
 
     root = tmp_path_factory.mktemp("export_run")
     tar = fx.write_tar(root / "shards" / "00000.tar", fx.samples(8, seed=5))
@@ -113,7 +113,7 @@ def test_aim_export_has_ml_aim_keys_and_round_trips(run, tmp_path):
 def test_card_names_data_steps_and_probe_results(run, tmp_path):
     """The card says what the encoder was trained on and for how long, and quotes the probe: found in
     RUN/probe.json, or given; results for other weights are flagged as such."""
-    from aimv2train.probe import ProbeConfig, ProbeJob, run_probe, write_results
+    from aimv2train.eval.probe import ProbeConfig, ProbeJob, run_probe, write_results
 
     tr, va = fx.make_image_folder(tmp_path / "data", n_train=3, n_val=2, kind="colour")
     results = run_probe(ProbeJob(str(run), str(tr), str(va), cache_dir=str(tmp_path / "cache"), progress=False),
@@ -198,8 +198,8 @@ def test_native_resolution_export_matches_embed(images, tmp_path):
 def test_exported_weights_initialise_training(run, tmp_path, fmt):
     """The documented hand-off back: `aimv2 train --init EXPORTED` (what an apple/aimv2-* download
     also goes through) loads exactly the exported encoder; the decoder starts fresh."""
-    from aimv2train.tokenizer import Tokenizer
-    from aimv2train.trainer import TrainConfig, build_model, load_init
+    from aimv2train.train.tokenizer import Tokenizer
+    from aimv2train.train.trainer import TrainConfig, build_model, load_init
 
     res = _export(run, "--format", fmt, "-o", tmp_path / fmt)
     assert res.exit_code == 0, res.output
@@ -218,7 +218,7 @@ def test_apple_remote_code_folder_loads_and_exports(tmp_path):
     level) with ml-aim keyed weights: the folder itself loads, exports and so initialises training."""
     from safetensors.torch import load_file, save_file
 
-    from aimv2train.interop import save_aim
+    from aimv2train.model.interop import save_aim
 
     torch.manual_seed(0)
     enc = Encoder(model_config("tiny").encoder).eval()

@@ -19,7 +19,7 @@ import pytest
 from _fetch_fixtures import decode, read_shards, snapshot, status_table, summary, tar_keys
 from click.testing import CliRunner
 
-from aimv2data import demo
+from aimv2data import demo_corpus as demo
 from aimv2data.fetch_input import in_index, load_dfn_index, uid_pairs, FetchError
 from aimv2data.fetch_resize import NativeResizer, jpeg_is_complete, probe, with_orientation
 from aimv2data.fetch_summary import busy_seconds, reason_class

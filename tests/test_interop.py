@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from aimv2train.config import EncoderConfig, model_config
-from aimv2train.encoder import Encoder
-from aimv2train.interop import (hf_config, infer_encoder_config, load_encoder, save_aim, save_encoder,
+from aimv2train.model.config import EncoderConfig, model_config
+from aimv2train.model.encoder import Encoder
+from aimv2train.model.interop import (hf_config, infer_encoder_config, load_encoder, save_aim, save_encoder,
                                 save_hf, to_aim_state_dict)
-from aimv2train.model import AIMv2
+from aimv2train.model.aimv2 import AIMv2
 
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)

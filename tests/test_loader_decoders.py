@@ -69,7 +69,7 @@ def _demo_tars(tmp_path):
     img2dataset-style webdataset tar."""
     import webdataset as wds
 
-    from aimv2data.demo import EXT, corpus
+    from aimv2data.demo_corpus import EXT, corpus
 
     out = tmp_path / "shards"
     out.mkdir()

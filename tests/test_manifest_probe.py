@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from aimv2data.manifest.probe import Rejected, probe, sniff
+from aimv2data.manifest.inspect_image import Rejected, probe, sniff
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _shard_fixtures as F  # noqa: E402
@@ -105,7 +105,7 @@ def test_bombs_are_rejected_from_the_header_under_a_memory_cap(tmp_path: Path):
     code = textwrap.dedent(f"""
         import resource, sys
         resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-        from aimv2data.manifest.probe import probe, Rejected
+        from aimv2data.manifest.inspect_image import probe, Rejected
         for name in ("jpeg_bomb", "png_bomb"):
             data = open({str(tmp_path)!r} + "/" + name, "rb").read()
             for level in ("header", "draft", "decode"):

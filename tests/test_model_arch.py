@@ -8,11 +8,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from aimv2train.config import ENCODER_PRESETS, PAPER_ENCODER_PARAMS_B, model_config, swiglu_hidden
-from aimv2train.encoder import Encoder
-from aimv2train.flops import encoder_train_flops, step_flops
-from aimv2train.model import AIMv2, count_params
-from aimv2train.posemb import resize_learned, sincos_2d
+from aimv2train.model.config import ENCODER_PRESETS, PAPER_ENCODER_PARAMS_B, model_config, swiglu_hidden
+from aimv2train.model.encoder import Encoder
+from aimv2train.model.flops import encoder_train_flops, step_flops
+from aimv2train.model.aimv2 import AIMv2, count_params
+from aimv2train.model.posemb import resize_learned, sincos_2d
 
 torch.set_num_threads(1)
 

@@ -9,10 +9,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from aimv2data.batch import MEAN, STD
-from aimv2train.config import EncoderConfig
-from aimv2train.encoder import Encoder
-from aimv2train.interop import save_encoder
-from aimv2train.preprocess import fixed_resolution, native_grid, native_resolution, to_tensor
+from aimv2train.model.config import EncoderConfig
+from aimv2train.model.encoder import Encoder
+from aimv2train.model.interop import save_encoder
+from aimv2train.model.preprocess import fixed_resolution, native_grid, native_resolution, to_tensor
 from cli.main import main
 
 torch.set_num_threads(1)

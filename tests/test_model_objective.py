@@ -3,11 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aimv2train.config import EncoderConfig, model_config
-from aimv2train.encoder import Encoder
-from aimv2train.masks import prefix_causal_mask, sample_prefix_lengths, target_mask
-from aimv2train.model import AIMv2
-from aimv2train.objective import normalize_patches, pixel_loss, text_loss
+from aimv2train.model.config import EncoderConfig, model_config
+from aimv2train.model.encoder import Encoder
+from aimv2train.model.masks import prefix_causal_mask, sample_prefix_lengths, target_mask
+from aimv2train.model.aimv2 import AIMv2
+from aimv2train.model.objective import normalize_patches, pixel_loss, text_loss
 
 torch.set_num_threads(1)
 P = 14

@@ -13,13 +13,13 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 import _probe_fixtures as fx  # noqa: E402
 
-from aimv2train.config import model_config  # noqa: E402
-from aimv2train.encoder import Encoder  # noqa: E402
-from aimv2train.interop import save_encoder  # noqa: E402
-from aimv2train.preprocess import to_tensor  # noqa: E402
-from aimv2train.probe import (AttentionPoolingHead, ProbeConfig, ProbeJob, Standardize, SweepData,  # noqa: E402
+from aimv2train.model.config import model_config  # noqa: E402
+from aimv2train.model.encoder import Encoder  # noqa: E402
+from aimv2train.model.interop import save_encoder  # noqa: E402
+from aimv2train.model.preprocess import to_tensor  # noqa: E402
+from aimv2train.eval.probe import (AttentionPoolingHead, ProbeConfig, ProbeJob, Standardize, SweepData,  # noqa: E402
                               run_probe, train_sweep)
-from aimv2train.probe_data import (Features, Preprocess, ProbeDataError, encode, image_folder,  # noqa: E402
+from aimv2train.eval.probe_data import (Features, Preprocess, ProbeDataError, encode, image_folder,  # noqa: E402
                                    manifest_set, open_dataset)
 from cli.main import main  # noqa: E402
 
@@ -168,7 +168,7 @@ def test_image_folder_classes_and_val_check(tmp_path):
 
 
 def test_encode_caches_resumes_and_names_bad_images(tmp_path, random_trunk):
-    from aimv2train.interop import load_encoder
+    from aimv2train.model.interop import load_encoder
 
     tr, _ = fx.make_image_folder(tmp_path / "d", n_train=5, n_val=1)
     (tr / "vertical" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -209,7 +209,7 @@ def test_encode_caches_resumes_and_names_bad_images(tmp_path, random_trunk):
 
 def test_native_resolution_features_pad_and_mask(tmp_path):
     """Images of different aspect ratios keep their own grids; batches pad them and say which tokens are real."""
-    from aimv2train.interop import load_encoder
+    from aimv2train.model.interop import load_encoder
 
     torch.manual_seed(0)
     cfg = model_config("tiny", pos_embed="sincos").encoder
@@ -239,7 +239,7 @@ def test_native_resolution_features_pad_and_mask(tmp_path):
 def test_manifest_with_label_column(tmp_path, random_trunk):
     """A manifest (webdataset tar indexed by `aimv2 shard`) plus a label column: rows are read by offset
     from the tar; a null label is dropped and named; labels map onto the training set's classes."""
-    from aimv2train.interop import load_encoder
+    from aimv2train.model.interop import load_encoder
 
     manifest = fx.make_manifest(tmp_path, n=3)
     ds = manifest_set(manifest)

@@ -8,7 +8,7 @@ import sentencepiece as spm
 import torch
 from click.testing import CliRunner
 
-from aimv2train.tokenizer import EOS_ID, MAX_TEXT_LEN, PAD_ID, UNK_ID, Tokenizer, train_tokenizer
+from aimv2train.train.tokenizer import EOS_ID, MAX_TEXT_LEN, PAD_ID, UNK_ID, Tokenizer, train_tokenizer
 
 WORDS = ("a photo of the dog cat red blue car tree house man woman on in with small large green sky beach "
          "street bird flower boat river mountain city night people child table chair window yellow white "

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from aimv2train import checkpoint as ck
-from aimv2train.config import model_config
-from aimv2train.model import AIMv2
-from aimv2train.optim import build_optimizer
+from aimv2train.train import checkpoint as ck
+from aimv2train.model.config import model_config
+from aimv2train.model.aimv2 import AIMv2
+from aimv2train.train.optim import build_optimizer
 
 torch.set_num_threads(1)
 
@@ -39,7 +39,7 @@ def save(d, step, model, opt, cfg, keep=2, **kw):
 
 
 def test_round_trip_and_interop(tmp_path):
-    from aimv2train.interop import load_encoder
+    from aimv2train.model.interop import load_encoder
 
     cfg, model, opt = make()
     train_step(model, opt, 0)

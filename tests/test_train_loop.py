@@ -12,8 +12,8 @@ from click.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).parent))
 import _train_fixtures  # noqa: E402
 
-from aimv2train import checkpoint as ck  # noqa: E402
-from aimv2train.trainer import NonFiniteLoss, TrainConfig, TrainError, train  # noqa: E402
+from aimv2train.train import checkpoint as ck  # noqa: E402
+from aimv2train.train.trainer import NonFiniteLoss, TrainConfig, TrainError, train  # noqa: E402
 
 torch.set_num_threads(1)
 KEYS = ("loss", "loss_img", "loss_text", "grad_norm", "lr")
@@ -101,7 +101,7 @@ def test_killed_save_then_resume_matches(data, straight, tmp_path, monkeypatch):
 def test_non_finite_loss_stops_and_keeps_last_good(data, tmp_path, monkeypatch):
     """A NaN injected into the loss of step 6 (a hook on the loss module): the run stops before applying
     it, saves nothing over the last good checkpoint (step 4) and says where that is."""
-    from aimv2train import trainer
+    from aimv2train.train import trainer
 
     real_forward, calls = trainer.LossModule.forward, []
 
@@ -138,7 +138,7 @@ def test_bad_starts_are_refused(data, straight, tmp_path):
 
 
 def test_highres_stage_resamples_the_position_table(data, straight, tmp_path):
-    from aimv2train.posemb import resize_learned
+    from aimv2train.model.posemb import resize_learned
 
     s = train(cfg(data, tmp_path, stage="highres", resolution=84, init=str(straight[0]), steps=2, lr=1e-12))
     assert "resampled 4x4 -> 6x6" in s["init"] and s["weight_decay"] == 0.0
@@ -168,7 +168,7 @@ def test_sigterm_checkpoints_and_resumes_exactly(data, straight, tmp_path, monke
     import os
     import signal
 
-    from aimv2train import trainer
+    from aimv2train.train import trainer
 
     real_forward, calls = trainer.LossModule.forward, []
 
@@ -205,7 +205,7 @@ def test_loss_falls_clearly(data, tmp_path):
 def test_init_from_a_transformers_folder_loads_the_encoder(data, straight, tmp_path):
     """--init with imported weights (a transformers Aimv2VisionModel folder): the encoder is taken, the
     decoder and heads start fresh."""
-    from aimv2train.interop import load_encoder, save_hf
+    from aimv2train.model.interop import load_encoder, save_hf
 
     enc = load_encoder(straight[0])
     save_hf(enc, tmp_path / "hf")

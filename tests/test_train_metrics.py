@@ -5,8 +5,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from aimv2train.metrics import MetricsLog, matmul_peak, read_metrics, summarize
-from aimv2train.plot import ema, plot_runs
+from aimv2train.train.metrics import MetricsLog, matmul_peak, read_metrics, summarize
+from aimv2train.train.plot import ema, plot_runs
 
 torch.set_num_threads(1)
 

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from aimv2train.config import model_config
-from aimv2train.model import AIMv2
-from aimv2train.optim import DecoupledAdamW, build_optimizer, param_groups
-from aimv2train.presets import PAPER, STAGES, resolve, scaled_warmup
-from aimv2train.schedule import WarmupCosine
+from aimv2train.model.config import model_config
+from aimv2train.model.aimv2 import AIMv2
+from aimv2train.train.optim import DecoupledAdamW, build_optimizer, param_groups
+from aimv2train.train.presets import PAPER, STAGES, resolve, scaled_warmup
+from aimv2train.train.schedule import WarmupCosine
 
 torch.set_num_threads(1)
 

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aimv2data.buckets import AREAS, make_table
-from aimv2data.manifest.probe import DEFAULT_MAX_PIXELS, VERIFY_LEVELS, Rejected, probe
+from aimv2data.manifest.inspect_image import DEFAULT_MAX_PIXELS, VERIFY_LEVELS, Rejected, probe
 from aimv2data.manifest.schema import (REJECT_SCHEMA, SAMPLE_SCHEMA, SCHEMA_VERSION, SYN_PREFIX, SYN_TYPE,
                                        read_json, write_json_atomic, write_parquet_atomic)
 from aimv2data.manifest.tarindex import IMAGE_EXTS, TarUnreadable, index_tar, split_name, write_dali_index
@@ -38,7 +38,7 @@ class ManifestBuildError(RuntimeError):
 @dataclass(frozen=True)
 class ShardOptions:
     patch_size: int = 14
-    verify: str = "header"                 # header | draft | decode (aimv2data.manifest.probe)
+    verify: str = "header"                 # header | draft | decode (aimv2data.manifest.inspect_image)
     max_pixels: int = DEFAULT_MAX_PIXELS   # larger images are rejected as decompression bombs
     min_side: int = 1                      # shorter display side -> too_small
     max_aspect: float = 8.0                # max(w/h, h/w) above this -> extreme_aspect

@@ -20,7 +20,7 @@ from torch import nn
 from aimv2data.batch import patchify
 
 from .config import ModelConfig
-from .decoder import Decoder
+from .mm_decoder import MultimodalDecoder
 from .encoder import Encoder
 from .layers import init_weights
 from .masks import prefix_causal_mask, sample_prefix_lengths
@@ -33,7 +33,7 @@ class AIMv2(nn.Module):
         self.cfg = cfg
         enc, dec = cfg.encoder, cfg.decoder
         self.encoder = Encoder(enc)
-        self.decoder = Decoder(dec, enc.dim)
+        self.decoder = MultimodalDecoder(dec, enc.dim)
         self.pixel_head = nn.Linear(dec.dim, enc.patch_size ** 2 * enc.in_chans, bias=False)
         self.text_head = nn.Linear(dec.dim, dec.vocab_size, bias=False)
         init_weights(self.pixel_head)

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .atomic import atomic_write
+from aimv2data.atomic import atomic_write
 from .embed import IMAGE_SUFFIXES
-from .encoder import Encoder
-from .preprocess import fixed_resolution, load_rgb, native_resolution
+from ..model.encoder import Encoder
+from ..model.preprocess import fixed_resolution, load_rgb, native_resolution
 
 CACHE_VERSION = 1
 PART_SIZE = 1024  # images per cache part: the unit of resumption (L at 224 px: 0.5 GB in float16)
@@ -171,7 +171,7 @@ def open_dataset(path: str | os.PathLike, label_col: str = "label", classes: lis
 @dataclass(frozen=True)
 class Preprocess:
     """How an image becomes encoder input: fixed R x R (shorter side to R, centre crop) or native aspect
-    on at most `max_patches` patches: exactly what `aimv2 embed` does (aimv2train.preprocess)."""
+    on at most `max_patches` patches: exactly what `aimv2 embed` does (aimv2train.model.preprocess)."""
     resolution: int | None = None
     max_patches: int | None = None
     patch_size: int = 14

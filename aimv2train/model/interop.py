@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write
+from aimv2data.atomic import atomic_write
 from .config import EncoderConfig
 from .encoder import Encoder
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .atomic import atomic_torch_save
+from aimv2data.atomic import atomic_torch_save
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 

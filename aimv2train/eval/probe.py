@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .atomic import atomic_torch_save
-from .schedule import WarmupCosine
+from aimv2data.atomic import atomic_torch_save
+from ..train.schedule import WarmupCosine
 
 # Table A2 (appendix; "Table B2" in the arXiv v2 appendix): the attentive-probe hyperparameters.
 TABLE_A2 = {
@@ -314,7 +314,7 @@ def default_cache_dir() -> Path:
 
 def run_probe(job: ProbeJob, cfg: ProbeConfig, log=print) -> dict:
     """Encode (or find cached) train and val features, run the sweeps, return the results dict."""
-    from .export import load_weights, resolve_checkpoint
+    from .weights import load_weights, resolve_checkpoint
     from .probe_data import Features, Preprocess, encode, encoder_hash, open_dataset
 
     t0 = time.perf_counter()

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .config import preset_name
+from ..model.config import preset_name
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from .config import DecoderConfig
 from .layers import Block, RMSNorm, init_weights, run_blocks
 
 
-class Decoder(nn.Module):
+class MultimodalDecoder(nn.Module):
     def __init__(self, cfg: DecoderConfig, encoder_dim: int):
         super().__init__()
         self.cfg = cfg

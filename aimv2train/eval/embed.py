@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .atomic import atomic_write
-from .encoder import Encoder
-from .preprocess import fixed_resolution, load_rgb, native_resolution
+from aimv2data.atomic import atomic_write
+from ..model.encoder import Encoder
+from ..model.preprocess import fixed_resolution, load_rgb, native_resolution
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 

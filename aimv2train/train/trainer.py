@@ -26,14 +26,14 @@ import torch
 from torch import nn
 
 from . import checkpoint as ck
-from .config import ModelConfig, model_config, preset_name
+from ..model.config import ModelConfig, model_config, preset_name
 from .distributed import DistInfo, all_reduce_mean, init_distributed, pick_device, shutdown, wrap_model
-from .flops import step_flops
-from .masks import sample_prefix_lengths
+from ..model.flops import step_flops
+from ..model.masks import sample_prefix_lengths
 from .metrics import MetricsLog, matmul_peak, summarize
-from .model import AIMv2, count_params
+from ..model.aimv2 import AIMv2, count_params
 from .optim import build_optimizer
-from .posemb import resize_learned
+from ..model.posemb import resize_learned
 from .presets import STAGES, HParams, resolve
 from .schedule import WarmupCosine
 from .tokenizer import Tokenizer
@@ -151,7 +151,7 @@ def _init_state_dict(path: str) -> tuple[dict[str, torch.Tensor], str]:
         sd = state.get("model") if isinstance(state, dict) else None
         if isinstance(sd, dict) and "encoder.patch_embed.proj.weight" in sd:
             return sd, f"{f} (full model, step {state.get('step', '?')})"
-    from .interop import load_encoder
+    from ..model.interop import load_encoder
 
     try:
         enc = load_encoder(p)

@@ -1,0 +1,95 @@
+"""The house rules of the code base (issue 11): which wing may import which, and no import circles.
+
+model imports neither train nor eval; train does not import eval; aimv2data imports nothing from
+aimv2train; no module-level or function-local import forms a circle between modules.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("aimv2data", "aimv2train", "cli")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module this file imports (anywhere in it, function-local imports included)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            found.add(mod)
+            found.update(f"{mod}.{a.name}" for a in node.names)
+    return {m for m in found if m.split(".")[0] in PACKAGES}
+
+
+def _graph() -> dict[str, set[str]]:
+    files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")]
+    modules = {_module_name(p): p for p in files}
+    graph = {}
+    for name, path in modules.items():
+        graph[name] = {m for m in _imports(path) if m in modules and m != name}
+    return graph
+
+
+def test_layering_rules():
+    bad = []
+    for mod, deps in _graph().items():
+        for dep in deps:
+            if mod.startswith("aimv2train.model") and dep.startswith(("aimv2train.train", "aimv2train.eval")):
+                bad.append(f"{mod} -> {dep}")
+            if mod.startswith("aimv2train.train") and dep.startswith("aimv2train.eval"):
+                bad.append(f"{mod} -> {dep}")
+            if mod.startswith("aimv2data") and dep.startswith(("aimv2train", "cli")):
+                bad.append(f"{mod} -> {dep}")
+            if not mod.startswith("cli") and dep.startswith("cli"):
+                bad.append(f"{mod} -> {dep}")
+    assert not bad, "layering broken:\n" + "\n".join(sorted(bad))
+
+
+def test_no_import_circles():
+    graph = _graph()
+    # a package's face (__init__) importing its own modules is not a circle between modules
+    edges = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in graph.items()}
+    seen, stack, cycles = set(), [], []
+
+    def visit(node: str, on_path: set[str]) -> None:
+        for dep in sorted(edges.get(node, ())):
+            if dep in on_path:
+                cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+            elif dep not in seen:
+                stack.append(dep)
+                on_path.add(dep)
+                visit(dep, on_path)
+                on_path.discard(dep)
+                stack.pop()
+        seen.add(node)
+
+    for start in sorted(edges):
+        if start not in seen:
+            stack[:] = [start]
+            visit(start, {start})
+    assert not cycles, "import circles:\n" + "\n".join(cycles)
+
+
+def test_the_checks_can_fail():
+    """The rules above are not vacuous: the graph sees the wings and their real imports."""
+    graph = _graph()
+    assert "aimv2train.model.aimv2" in graph and "aimv2train.train.trainer" in graph
+    assert "aimv2train.model.aimv2" in graph["aimv2train.train.trainer"]
