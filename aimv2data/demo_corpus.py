@@ -27,10 +27,11 @@ import functools
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from aimv2data.atomic import atomic_write, write_bytes_atomic
 
 SEED = 0
 N_GENERATED = 60
@@ -289,10 +290,7 @@ def write_probe_set(root: str | Path, n_train: int = 20, n_val: int = 25, seed: 
 
 
 # -- writing -----------------------------------------------------------------------------------
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+_atomic_write = write_bytes_atomic
 
 
 def write_corpus(out_dir: str | Path, seed: int = SEED, n_patterns: int = 0) -> Path:
@@ -399,7 +397,5 @@ def write_synthetic_captions(out_dir: str | Path, seed: int = SEED, n_patterns: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "synthetic_captions.parquet"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pl.DataFrame(synthetic_captions(seed, n_patterns)).write_parquet(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, pl.DataFrame(synthetic_captions(seed, n_patterns)).write_parquet)
     return path

@@ -35,6 +35,7 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from aimv2data import fetch_summary  # noqa: E402
+from aimv2data.atomic import write_bytes_atomic  # noqa: E402
 from aimv2data.fetch_input import (FetchError, additional_columns, check_columns,  # noqa: E402
                                    expand_url_lists, load_dfn_index, normalise, source_spec)
 from aimv2data.fetch_resize import DEFAULT_MAX_PIXELS  # noqa: E402
@@ -90,13 +91,11 @@ class FetchOptions:
 
 
 # -- small helpers -----------------------------------------------------------------------------
-def atomic_write(path: Path, data: bytes) -> bool:
-    """Write via a temp file + os.replace; leave the file alone (mtime too) when unchanged."""
+def write_if_changed(path: Path, data: bytes) -> bool:
+    """Write atomically (aimv2data/atomic.py); leave the file alone (mtime too) when unchanged."""
     if path.is_file() and path.read_bytes() == data:
         return False
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data)
     return True
 
 
@@ -212,17 +211,17 @@ def prepare(opts: FetchOptions, out: Path, job: dict | None) -> dict:
 
     inp.mkdir(parents=True, exist_ok=True)
     new_job = {"format": JOB_FORMAT, "settings": settings, "prepared": False}
-    atomic_write(inp / JOB_NAME, _json_bytes(new_job))  # marks DIR as ours before anything else lands
+    write_if_changed(inp / JOB_NAME, _json_bytes(new_job))  # marks DIR as ours before anything else lands
     for old in inp.glob("part-*.parquet"):
         old.unlink()
     for p, df in zip(parts, kept_frames):
         buf = io.BytesIO()
         df.write_parquet(buf)
-        atomic_write(inp / p["name"], buf.getvalue())
+        write_if_changed(inp / p["name"], buf.getvalue())
     new_job.update(prepared=True, fingerprint=fingerprint, parts=parts, input=total,
                    columns=list(kept_frames[0].columns),
                    dfn_index=str(Path(opts.dfn_index).resolve()) if opts.dfn_index else None)
-    atomic_write(inp / JOB_NAME, _json_bytes(new_job))
+    write_if_changed(inp / JOB_NAME, _json_bytes(new_job))
     return new_job
 
 
@@ -360,7 +359,7 @@ def fetch(opts: FetchOptions, console=None) -> dict:
     run_s = time.perf_counter() - t0
 
     summary = fetch_summary.build(out, job, names)
-    atomic_write(summary_path, _json_bytes(summary))
+    write_if_changed(summary_path, _json_bytes(summary))
     if console is not None:
         fetched_now = sum((fetch_summary.read_stats(out / f"{n}_stats.json") or {}).get("count", 0) for n in pending)
         console.print(fetch_summary.render(summary, run_s if pending else None, fetched_now))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cli.demo import TRAIN_FIXED, probe_trunk, random_trunk  # noqa: E402
+from aimv2train.demo_pipeline import TRAIN_FIXED, probe_trunk, random_trunk  # noqa: E402
 
 
 def main() -> None:

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from aimv2data.manifest import layout
+
 AREAS = tuple(2**n for n in range(7, 13))  # 128 .. 4096 patches
 REQUIRED = ("key", "shard", "offset", "size", "width", "height", "bucket")
 OPTIONAL_TEXT = ("source", "caption")
@@ -38,7 +40,7 @@ class SampleTable:
 
     def __init__(self, manifest: str | Path):
         self.root = Path(manifest)
-        meta_path = self.root / "_manifest.json"
+        meta_path = layout.manifest_json(self.root)
         if not meta_path.is_file():
             raise ManifestError(f"{meta_path} not found: pass a manifest directory written by `aimv2 shard`")
         meta = json.loads(meta_path.read_text())
@@ -46,7 +48,7 @@ class SampleTable:
         self.patch_size = int(meta.get("patch_size", 14))
         self.buckets = _read_buckets(meta, meta_path)
 
-        files = sorted((self.root / "samples").glob("*.parquet"))
+        files = layout.sample_files(self.root)
         if not files:
             raise ManifestError(f"no samples/*.parquet under {self.root}: the manifest is empty or unfinished "
                                 "(rerun `aimv2 shard`, it resumes)")

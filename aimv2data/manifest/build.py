@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from aimv2data.buckets import AREAS, make_table
 from aimv2data.manifest.inspect_image import DEFAULT_MAX_PIXELS, VERIFY_LEVELS, Rejected, probe
+from aimv2data.manifest import layout
 from aimv2data.manifest.schema import (REJECT_SCHEMA, SAMPLE_SCHEMA, SCHEMA_VERSION, SYN_PREFIX, SYN_TYPE,
                                        read_json, write_json_atomic, write_parquet_atomic)
 from aimv2data.manifest.tarindex import IMAGE_EXTS, TarUnreadable, index_tar, split_name, write_dali_index
@@ -121,10 +122,7 @@ def parse_part(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
 
 # --- one tar ---------------------------------------------------------------------------------------
 
-def _paths(output: Path, part: str) -> dict[str, Path]:
-    return {"samples": output / "samples" / f"part-{part}.parquet",
-            "rejects": output / "rejects" / f"part-{part}.parquet",
-            "done": output / "_parts" / f"{part}.json"}
+_paths = layout.part_paths
 
 
 def _decode_caption(raw: bytes, counts: Counter) -> str | None:
@@ -419,7 +417,7 @@ def merge_manifest(output: str | Path, inputs: list[str] | None = None, *, opts:
                 f"{len(missing)} of {len(jobs)} tars are not sharded yet (e.g. {missing[0]}); run "
                 "`aimv2 shard` for the missing parts first (it skips finished tars)")
     else:
-        summaries = [read_json(p) for p in sorted((output / "_parts").glob("*.json"))]
+        summaries = [read_json(p) for p in sorted((output / layout.PARTS).glob("*.json"))]
         if not summaries:
             raise ManifestBuildError(f"{output}: nothing to merge (no _parts/*.json); run `aimv2 shard` first")
     fps = {s["fingerprint"] for s in summaries}
@@ -429,7 +427,7 @@ def merge_manifest(output: str | Path, inputs: list[str] | None = None, *, opts:
     opts = opts or ShardOptions(**summaries[0]["options"])
     _check_no_strangers(output, {s["part"] for s in summaries})
 
-    old = read_json(output / "_manifest.json") if (output / "_manifest.json").is_file() else {}
+    old = read_json(layout.manifest_json(output)) if layout.is_manifest(output) else {}
     caption_sets = old.get("caption_sets", {})
     uncovered = _align_caption_columns(output, summaries, caption_sets)
 
@@ -446,7 +444,7 @@ def merge_manifest(output: str | Path, inputs: list[str] | None = None, *, opts:
          "rejects": s["rejects"], "idx": s["idx"], "seconds": s["seconds"]} for s in summaries],
         schema=pa.schema([("shard", pa.string()), ("part", pa.string()), ("tar_size", pa.int64()),
                           ("samples", pa.int64()), ("rejects", pa.int64()), ("idx", pa.string()),
-                          ("seconds", pa.float64())])), output / "shards.parquet")
+                          ("seconds", pa.float64())])), output / layout.SHARDS)
     try:
         from importlib.metadata import version
         ver = version("aimv2")
@@ -461,7 +459,7 @@ def merge_manifest(output: str | Path, inputs: list[str] | None = None, *, opts:
         "areas": list(AREAS),
         "bucket_spec": table.spec(),
         "buckets": table.to_json(AREAS),
-        "files": {"samples": "samples/*.parquet", "rejects": "rejects/*.parquet", "shards": "shards.parquet"},
+        "files": {"samples": layout.SAMPLES_GLOB, "rejects": layout.REJECTS_GLOB, "shards": layout.SHARDS},
         "paths": "absolute" if opts.absolute_paths else "relative",
         "counts": {
             "shards": len(summaries),
@@ -480,7 +478,7 @@ def merge_manifest(output: str | Path, inputs: list[str] | None = None, *, opts:
     }
     if uncovered:
         manifest["caption_sets_incomplete"] = uncovered
-    write_json_atomic(manifest, output / "_manifest.json")
+    write_json_atomic(manifest, layout.manifest_json(output))
     _remove_stale_temps(output)
     return manifest
 
@@ -488,7 +486,7 @@ def merge_manifest(output: str | Path, inputs: list[str] | None = None, *, opts:
 def _check_no_strangers(output: Path, parts: set[str]) -> None:
     """A part file of a tar that is no longer among the inputs would still be read by every
     `samples/*.parquet` glob: refuse to write a manifest that disagrees with its own files."""
-    strangers = [f for d in ("samples", "rejects") for f in sorted((output / d).glob("part-*.parquet"))
+    strangers = [f for d in (layout.SAMPLES, layout.REJECTS) for f in sorted((output / d).glob("part-*.parquet"))
                  if f.name[len("part-"):-len(".parquet")] not in parts]
     if strangers:
         raise ManifestBuildError(
@@ -518,7 +516,7 @@ def _align_caption_columns(output: Path, summaries: list[dict], caption_sets: di
 
 def _remove_stale_temps(output: Path) -> None:
     # Left by killed writers; only removed at merge time, when every tar is done and nobody writes.
-    for d in ("samples", "rejects", "_parts", "idx", "."):
+    for d in (layout.SAMPLES, layout.REJECTS, layout.PARTS, "idx", "."):
         for f in (output / d).glob(".*.tmp"):
             try:
                 f.unlink()

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from aimv2data.manifest import layout
 from aimv2data.manifest.schema import SYN_PREFIX, SYN_TYPE, read_json, write_json_atomic, write_parquet_atomic
 
 JOIN_KEYS = ("uid", "url", "sha256", "key")
@@ -29,14 +30,14 @@ class CaptionError(ValueError):
 
 
 def _manifest(path: Path) -> dict:
-    meta = path / "_manifest.json"
+    meta = layout.manifest_json(path)
     if not meta.is_file():
         raise CaptionError(f"{meta} not found: build the manifest with `aimv2 shard` first")
     return read_json(meta)
 
 
 def _sample_parts(path: Path) -> list[Path]:
-    parts = sorted((path / "samples").glob("*.parquet"))
+    parts = layout.sample_files(path)
     if not parts:
         raise CaptionError(f"{path}/samples has no parquet parts; build the manifest with `aimv2 shard` first")
     return parts
@@ -116,7 +117,7 @@ def attach(manifest: str | Path, captions: str | Path, on: str, column: str, nam
     meta = _manifest(manifest)   # re-read: keep whatever changed meanwhile
     meta.setdefault("caption_sets", {})[name] = report
     meta.get("caption_sets_incomplete", {}).pop(name, None)
-    write_json_atomic(meta, manifest / "_manifest.json")
+    write_json_atomic(meta, layout.manifest_json(manifest))
     return report
 
 

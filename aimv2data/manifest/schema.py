@@ -2,16 +2,17 @@
 
 Every file of a manifest is written to a temp name in the same directory and renamed into place, so a
 reader (or a killed writer) never sees half a file: a part either exists complete or not at all.
-Temp names start with '.' and end in '.tmp', so `samples/*.parquet` globs never match them.
+Temp names start with '.' and end in '.tmp' (aimv2data/atomic.py), so `samples/*.parquet` globs never match them.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from aimv2data.atomic import atomic_write, write_json_atomic  # noqa: F401  (re-exported)
 
 SCHEMA_VERSION = "1.0"
 
@@ -61,32 +62,8 @@ SYN_PREFIX = "syn_"
 SYN_TYPE = pa.list_(pa.string())
 
 
-def tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_json_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 def read_json(path: Path):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aimv2data.manifest import layout
 from aimv2data.manifest.schema import SYN_PREFIX, read_json
 
 ASPECT_BINS = np.linspace(-3, 3, 25)   # log2(w/h) in quarter-octave bins: 1:8 .. 8:1
@@ -33,12 +34,12 @@ def compute_stats(manifest: str | Path) -> dict:
     import polars as pl
 
     manifest = Path(manifest)
-    meta_path = manifest / "_manifest.json"
+    meta_path = layout.manifest_json(manifest)
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} not found: pass a manifest directory written by `aimv2 shard`")
     meta = read_json(meta_path)
-    samples = sorted((manifest / "samples").glob("*.parquet"))
-    rejects = sorted((manifest / "rejects").glob("*.parquet"))
+    samples = layout.sample_files(manifest)
+    rejects = layout.reject_files(manifest)
     s = pl.concat([_read(p) for p in samples], how="diagonal_relaxed") if samples else pl.DataFrame()
     r = pl.concat([pl.read_parquet(p, columns=["reason", "source"]) for p in rejects]) if rejects else pl.DataFrame()
     n = s.height

@@ -18,6 +18,8 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+from aimv2data.atomic import write_text_atomic
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 BLOCK = 512
 _ZERO = bytes(BLOCK)
@@ -221,7 +223,4 @@ def write_dali_index(path: str, samples: list[Sample]) -> None:
     lines = [f"{'v1.2' if v12 else 'v1.1'} {len(rows)}"]
     for row in rows:
         lines.append(" ".join(f"{ext} {m.offset} {m.size}" + (f" {m.name}" if v12 else "") for ext, m in row))
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(lines) + "\n")

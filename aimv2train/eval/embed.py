@@ -6,7 +6,6 @@ FILE.npy (or .npz) plus FILE.json naming the image behind each row.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from aimv2data.atomic import atomic_write
+from aimv2data.atomic import atomic_write, write_json_atomic
 from ..model.encoder import Encoder
 from ..model.preprocess import fixed_resolution, load_rgb, native_resolution
 
@@ -104,15 +103,21 @@ def write_embeddings(emb: Embeddings, output: str | os.PathLike, meta: dict) -> 
             array = np.stack(emb.tokens).astype(np.float32)
         else:
             array = pooled
-        atomic_write(output, lambda t: np.save(t, array))
+        atomic_write(output, lambda t: _np_write(t, np.save, array))
         shape = array.shape
     else:
         arrays = {"pooled": pooled, "grids": np.asarray(emb.grids, dtype=np.int32)}
         arrays.update({f"tokens_{i:05d}": t.astype(np.float32) for i, t in enumerate(emb.tokens)})
-        atomic_write(output, lambda t: np.savez(t, **arrays))
+        atomic_write(output, lambda t: _np_write(t, np.savez, **arrays))
         shape = pooled.shape
     sidecar = output.with_suffix(".json")
     doc = {**meta, "rows": emb.rows, "grids": [list(g) for g in emb.grids],
            "skipped": [{"path": p, "reason": r} for p, r in emb.skipped], "array_shape": list(shape)}
-    atomic_write(sidecar, lambda t: Path(t).write_text(json.dumps(doc, indent=1) + "\n"))
+    write_json_atomic(doc, sidecar)
     return output, sidecar, shape
+
+
+def _np_write(path: str, save, *args, **kwargs) -> None:
+    """np.save / np.savez into exactly `path` (given a name, numpy would append .npy / .npz to it)."""
+    with open(path, "wb") as f:
+        save(f, *args, **kwargs)

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-from ..train import checkpoint as ck
-from ..model.interop import load_encoder, save_aim, save_hf
+from aimv2data.manifest.layout import read_manifest_json
+
+from ..model.interop import save_aim, save_hf
 from .probe import TABLE_A2
 from .weights import ExportError, _read_json, _run_config, load_weights, resolve_checkpoint  # noqa: F401
 from .probe_data import encoder_hash
@@ -69,7 +70,7 @@ def run_info(ckpt: Path, run: Path | None) -> dict:
         info["run"] = str(run)
     manifest = (info.get("train") or {}).get("manifest")
     if manifest:
-        meta = _read_json(Path(manifest) / "_manifest.json")
+        meta = read_manifest_json(manifest)
         if meta:
             counts = meta.get("counts", {})
             info["data"] = {"manifest": manifest, "samples": counts.get("samples"),

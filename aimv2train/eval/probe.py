@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from aimv2data.atomic import atomic_torch_save
+from aimv2data.atomic import atomic_torch_save, write_json_atomic
 from ..train.schedule import WarmupCosine
 
 # Table A2 (appendix; "Table B2" in the arXiv v2 appendix): the attentive-probe hyperparameters.
@@ -392,8 +392,5 @@ def _split_doc(path, ds, feats) -> dict:
 
 def write_results(results: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(results, path)
     return path

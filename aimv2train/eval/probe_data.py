@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from aimv2data.atomic import atomic_write
+from aimv2data.atomic import atomic_write, write_text_atomic
+from aimv2data.manifest import layout
 from .embed import IMAGE_SUFFIXES
 from ..model.encoder import Encoder
 from ..model.preprocess import fixed_resolution, load_rgb, native_resolution
@@ -130,7 +131,7 @@ def manifest_set(root: str | os.PathLike, label_col: str = "label", classes: lis
     import polars as pl
 
     root = Path(root)
-    files = sorted((root / "samples").glob("*.parquet"))
+    files = layout.sample_files(root)
     if not files:
         raise ProbeDataError(f"{root}: no samples/*.parquet; is it a manifest written by `aimv2 shard`?")
     frames = []
@@ -161,7 +162,7 @@ def open_dataset(path: str | os.PathLike, label_col: str = "label", classes: lis
     if not p.is_dir():
         raise ProbeDataError(f"{p}: not a directory; DATA is an image-folder tree (DATA/<class>/<image>) or a "
                              f"manifest directory with a label column")
-    if (p / "_manifest.json").is_file():
+    if layout.is_manifest(p):
         return manifest_set(p, label_col, classes)
     return image_folder(p, classes)
 
@@ -225,7 +226,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _save_json(path: Path, obj) -> None:
-    atomic_write(path, lambda t: Path(t).write_text(json.dumps(obj) + "\n"))
+    write_text_atomic(path, json.dumps(obj) + "\n")
 
 
 @dataclass

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from aimv2data.atomic import read_jsonl, write_text_atomic
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -58,11 +60,8 @@ class MetricsLog:
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            os.replace(tmp, self.path)
+            keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         self._f = open(self.path, "a")
 
     def write(self, record: dict) -> None:
@@ -82,7 +81,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         p = p / "metrics.jsonl"
     if not p.is_file():
         raise FileNotFoundError(f"{p} not found: is this a run directory written by `aimv2 train --out`?")
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return read_jsonl(p)
 
 
 def is_finite(*values: float) -> bool:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from aimv2data.atomic import atomic_write
+
 from .metrics import read_metrics
 
 FIGURES = {
@@ -28,9 +30,7 @@ def ema(values: list[float], beta: float) -> list[float]:
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
 def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike | None = None,

@@ -19,6 +19,9 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
+from aimv2data.atomic import write_bytes_atomic
+from aimv2data.manifest.layout import sample_files
+
 MAX_TEXT_LEN = 77  # appendix B: "truncate any text longer than 77 tokens"
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
@@ -98,7 +101,7 @@ def caption_columns(schema: dict) -> list[str]:
 
 def _sample_files(manifest: str | os.PathLike) -> list[Path]:
     root = Path(manifest)
-    files = sorted((root / "samples").glob("*.parquet"))
+    files = sample_files(root)
     if not files:
         raise FileNotFoundError(f"no samples/*.parquet under {root}: pass a manifest directory made by "
                                 f"`aimv2 shard`")
@@ -187,10 +190,7 @@ def train_tokenizer(manifest: str | os.PathLike, output: str | os.PathLike, voca
                              f"--vocab-size, or --soft-limit to take what the corpus gives.") from None
         raise
     out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, out)
+    write_bytes_atomic(out, model.getvalue())
 
     # summary over (at most) the first 20k captions: length distribution against the 77-token cut
     tok = Tokenizer(out)

@@ -12,7 +12,6 @@ both see it (both only act through `forward`).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from aimv2data.atomic import read_jsonl, write_json_atomic
 
 from . import checkpoint as ck
 from ..model.config import ModelConfig, model_config, preset_name
@@ -392,7 +393,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
         bar.close()
         log.close()
 
-    records = _read_records(out / "metrics.jsonl") if info.is_main else []
+    records = read_jsonl(out / "metrics.jsonl") if info.is_main and (out / "metrics.jsonl").is_file() else []
     summary = {"status": "non_finite" if failure else status, "rank": info.rank, "step": step, "steps": cfg.steps,
                "checkpoint": str(saved_path) if saved_path else None, "last_good_step": last_saved,
                "run": str(out), **header, **summarize(records)}
@@ -455,14 +456,5 @@ def _check_resumable(cfg: TrainConfig, resume_from, info: DistInfo, tok: Tokeniz
                          + (f" --stop-at {cfg.stop_at}" if cfg.stop_at else ""))
 
 
-def _read_records(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(obj, path, indent=2, default=str)

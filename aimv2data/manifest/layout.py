@@ -1,0 +1,56 @@
+"""Where a manifest's files live (manifests/SPEC.md describes them): the one place that knows the
+names. Everything outside aimv2data.manifest reads a manifest through these functions.
+
+    MANIFEST/_manifest.json          buckets, counts, caption sets, options (written last)
+    MANIFEST/samples/part-*.parquet  one row per kept image
+    MANIFEST/rejects/part-*.parquet  one row per rejected member, with its reason
+    MANIFEST/shards.parquet          one row per tar
+    MANIFEST/_parts/<part>.json      per-tar summaries (a part is done when its summary exists)
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+MANIFEST_JSON = "_manifest.json"
+SAMPLES = "samples"
+REJECTS = "rejects"
+SHARDS = "shards.parquet"
+PARTS = "_parts"
+SAMPLES_GLOB = f"{SAMPLES}/*.parquet"   # how the manifest describes its own files (`files` in _manifest.json)
+REJECTS_GLOB = f"{REJECTS}/*.parquet"
+
+
+def manifest_json(root: str | os.PathLike) -> Path:
+    return Path(root) / MANIFEST_JSON
+
+
+def is_manifest(root: str | os.PathLike) -> bool:
+    """Whether `root` holds a merged manifest (its _manifest.json exists)."""
+    return manifest_json(root).is_file()
+
+
+def read_manifest_json(root: str | os.PathLike) -> dict | None:
+    """The parsed _manifest.json, or None when it is missing or unreadable."""
+    try:
+        return json.loads(manifest_json(root).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def sample_files(root: str | os.PathLike) -> list[Path]:
+    """MANIFEST/samples/*.parquet in name order (temp files of writers in progress never match)."""
+    return sorted((Path(root) / SAMPLES).glob("*.parquet"))
+
+
+def reject_files(root: str | os.PathLike) -> list[Path]:
+    return sorted((Path(root) / REJECTS).glob("*.parquet"))
+
+
+def part_paths(root: str | os.PathLike, part: str) -> dict[str, Path]:
+    """The three files one tar's part writes: its samples, its rejects and its done-marker summary."""
+    root = Path(root)
+    return {"samples": root / SAMPLES / f"part-{part}.parquet",
+            "rejects": root / REJECTS / f"part-{part}.parquet",
+            "done": root / PARTS / f"{part}.json"}
