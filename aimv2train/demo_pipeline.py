@@ -24,6 +24,7 @@ from aimv2data.manifest.captions import CaptionError
 from aimv2data.manifest.layout import read_manifest_json
 
 from .eval.probe_data import ProbeDataError
+from .model.aimv2 import LOSS_TERMS
 from .eval.weights import ExportError
 from .train.trainer import TrainError
 
@@ -184,8 +185,8 @@ def _train_step(name: str, init_run: str | None = None, **kw) -> Step:
                           init=str(ctx.out / init_run) if init_run else None, **kw)
         s = train(cfg)
         plot_runs([ctx.out / name])
-        return (f"{s['step']} steps, loss {s['loss_start']:.3f} -> {s['loss_end']:.3f} "
-                f"(img {s['loss_img_end']:.3f}, text {s['loss_text_end']:.3f}); plots in {name}/")
+        terms = ", ".join(f"{short} {s[k + '_end']:.3f}" for k, (short, _) in LOSS_TERMS.items())
+        return f"{s['step']} steps, loss {s['loss_start']:.3f} -> {s['loss_end']:.3f} ({terms}); plots in {name}/"
     return Step(name, name, _run_done(name), run)
 
 

@@ -64,6 +64,7 @@ def train(manifest, tokenizer, model, steps, out, stage, native_res, batch_patch
     from rich.console import Console
     from rich.table import Table
 
+    from aimv2train.model.aimv2 import LOSS_TERMS
     from aimv2train.train.trainer import NonFiniteLoss, TrainConfig, TrainError
     from aimv2train.train.trainer import train as run
 
@@ -90,7 +91,8 @@ def train(manifest, tokenizer, model, steps, out, stage, native_res, batch_patch
     if "loss_end" in s:
         t.add_row("loss", f"{s['loss_start']:.4f} -> {s['loss_end']:.4f} (mean of the first / last "
                   f"{s['loss_window']} steps logged)")
-        t.add_row("  image / text", f"{s['loss_img_end']:.4f} / {s['loss_text_end']:.4f}")
+        ends = [(short, s[f"{k}_end"]) for k, (short, _) in LOSS_TERMS.items() if f"{k}_end" in s]
+        t.add_row("  " + " / ".join(n for n, _ in ends), " / ".join(f"{v:.4f}" for _, v in ends))
         t.add_row("throughput", f"{s['steps_per_s']:.2f} steps/s, {s['images_per_s']:.1f} images/s, "
                   f"{s['patches_per_s']:.0f} patches/s")
         t.add_row("MFU", f"{100 * s['mfu']:.1f}% of a measured {s['peak_flops'] / 1e9:.0f} GFLOP/s matmul peak")

@@ -106,9 +106,9 @@ def test_non_finite_loss_stops_and_keeps_last_good(data, tmp_path, monkeypatch):
     real_forward, calls = trainer.LossModule.forward, []
 
     def poisoned(self, *args):
-        loss, img, text = real_forward(self, *args)
+        terms = real_forward(self, *args)  # {"loss": total, "loss_img": ..., "loss_text": ...}
         calls.append(1)
-        return (loss * float("nan"), img, text) if len(calls) == 6 else (loss, img, text)
+        return {**terms, "loss": terms["loss"] * float("nan")} if len(calls) == 6 else terms
 
     monkeypatch.setattr(trainer.LossModule, "forward", poisoned)
     with pytest.raises(NonFiniteLoss, match=r"step 6: the loss is not finite.*step_00000004\.pt \(step 4\)"):

@@ -32,6 +32,7 @@ import torch
 
 from aimv2data.manifest.layout import read_manifest_json
 
+from ..model.aimv2 import LOSS_TERMS
 from ..model.interop import save_aim, save_hf
 from .probe import TABLE_A2
 from .weights import ExportError, _read_json, _run_config, load_weights, resolve_checkpoint  # noqa: F401
@@ -143,9 +144,10 @@ def model_card(name: str, encoder, fmt: str, info: dict, probe: dict | None, pro
                          f"{_fmt_lr(hp.get('weight_decay'))}, betas {tuple(hp.get('betas') or ())}, clip "
                          f"{_fmt_lr(hp.get('clip'))} ({hp.get('source')})")
         if "loss_end" in summary:
-            lines.append(f"- loss {summary['loss_start']:.4f} -> {summary['loss_end']:.4f} (image "
-                         f"{summary['loss_img_end']:.4f}, text {summary['loss_text_end']:.4f}; mean of the first / "
-                         f"last 10 steps)")
+            terms = ", ".join(f"{short} {summary[k + '_end']:.4f}" for k, (short, _) in LOSS_TERMS.items()
+                              if k + "_end" in summary)
+            lines.append(f"- loss {summary['loss_start']:.4f} -> {summary['loss_end']:.4f} ({terms}; "
+                         f"mean of the first / last 10 steps)")
     else:
         lines.append(f"Converted from `{info['checkpoint']}`; no training run information was found with it.")
     lines.append("")

@@ -9,8 +9,8 @@ The trainer calls
 
     loss, parts = model.training_loss(batch.images, batch.patches, batch.tokens, pad_id, generator=g)
 
-with a CPU torch.Generator for reproducible prefix lengths; parts holds detached loss_img, loss_text
-and the prefix lengths drawn.
+with a CPU torch.Generator for reproducible prefix lengths; parts holds the detached loss terms named
+in LOSS_TERMS and the prefix lengths drawn.
 """
 from __future__ import annotations
 
@@ -25,6 +25,14 @@ from .encoder import Encoder
 from .layers import init_weights
 from .masks import prefix_causal_mask, sample_prefix_lengths
 from .objective import pixel_loss, text_loss
+
+
+# The objective's named terms, in report order: the key in training_loss's parts and in metrics.jsonl
+# -> (short name for tables and the progress bar, plot label). The total is always TOTAL_LOSS ("loss").
+# Metrics, progress bar, plots, run summary (`<key>_end`), `aimv2 train`'s table and the model card
+# all iterate over this: a new term is added here, in objective.py and in training_loss's weighting.
+TOTAL_LOSS = "loss"
+LOSS_TERMS = {"loss_img": ("image", "image (MSE)"), "loss_text": ("text", "text (CE)")}
 
 
 class AIMv2(nn.Module):

@@ -18,6 +18,8 @@ import torch
 
 from aimv2data.atomic import read_jsonl, write_text_atomic
 
+from ..model.aimv2 import LOSS_TERMS, TOTAL_LOSS
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -90,7 +92,8 @@ def is_finite(*values: float) -> bool:
 
 def summarize(records: list[dict], first: int = 10) -> dict:
     """Loss at the start (mean of the first `first` steps) and at the end (mean of the last `first`; at
-    most half the steps each, so the two windows never overlap);
+    most half the steps each, so the two windows never overlap), and each loss term at the end
+    (`<term>_end`, e.g. loss_img_end);
     throughput and MFU as totals over time (work done / time taken) for the steps after the first, which
     pays for warm-up and compilation."""
     if not records:
@@ -101,8 +104,8 @@ def summarize(records: list[dict], first: int = 10) -> dict:
     t = sum(r["step_time"] for r in steady)
     done = lambda key: sum(r[key] * r["step_time"] for r in steady)  # noqa: E731  rate x time = amount
     return {
-        "loss_window": k, "loss_start": mean("loss", records[:k]), "loss_end": mean("loss", records[-k:]),
-        "loss_img_end": mean("loss_img", records[-k:]), "loss_text_end": mean("loss_text", records[-k:]),
+        "loss_window": k, "loss_start": mean(TOTAL_LOSS, records[:k]), "loss_end": mean(TOTAL_LOSS, records[-k:]),
+        **{f"{t}_end": mean(t, records[-k:]) for t in LOSS_TERMS if t in records[0]},
         "images_per_s": done("images_per_s") / t, "patches_per_s": done("patches_per_s") / t,
         "steps_per_s": len(steady) / t, "mfu": done("mfu") / t, "train_seconds": sum(r["step_time"] for r in records),
     }

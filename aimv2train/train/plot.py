@@ -1,7 +1,7 @@
 """Training curves from RUN/metrics.jsonl as PNGs (matplotlib, Agg: no display needed).
 
-One figure per quantity, every run given drawn on the same axes: loss.png (total, image and text
-losses), lr.png, grad_norm.png and throughput.png (images/s and MFU).
+One figure per quantity, every run given drawn on the same axes: loss.png (the total and each of the
+model's LOSS_TERMS), lr.png, grad_norm.png and throughput.png (images/s and MFU).
 """
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from pathlib import Path
 
 from aimv2data.atomic import atomic_write
 
+from ..model.aimv2 import LOSS_TERMS, TOTAL_LOSS
 from .metrics import read_metrics
 
 FIGURES = {
-    "loss": [("loss", "total"), ("loss_img", "image (MSE)"), ("loss_text", "text (CE)")],
+    "loss": [(TOTAL_LOSS, "total"), *((k, label) for k, (_, label) in LOSS_TERMS.items())],
     "lr": [("lr", "learning rate")],
     "grad_norm": [("grad_norm", "gradient norm (before clipping)")],
     "throughput": [("images_per_s", "images/s"), ("mfu", "MFU")],

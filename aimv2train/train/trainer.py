@@ -8,6 +8,11 @@ are identical to an uninterrupted run's.
 
 The loss is evaluated inside `LossModule.forward` so that DDP's gradient hooks and torch.compile
 both see it (both only act through `forward`).
+
+The parts: `build_run` (settings, resume decision, model, optimiser, loader -> a `Run`), `train_step`
+(one optimiser step -> its named loss terms), `train_loop` (steps, metrics, checkpoints) and `_finish`
+(the summary). Loss terms are named by the model (model/aimv2.py LOSS_TERMS); everything here iterates
+over those names.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,7 +37,7 @@ from .distributed import DistInfo, all_reduce_mean, init_distributed, pick_devic
 from ..model.flops import step_flops
 from ..model.masks import sample_prefix_lengths
 from .metrics import MetricsLog, matmul_peak, summarize
-from ..model.aimv2 import AIMv2, count_params
+from ..model.aimv2 import LOSS_TERMS, TOTAL_LOSS, AIMv2, count_params
 from .optim import build_optimizer
 from ..model.posemb import resize_learned
 from .presets import STAGES, HParams, resolve
@@ -88,7 +93,8 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------- building blocks
 
 class LossModule(nn.Module):
-    """forward(images, patches, tokens, prefix_len) -> (loss, loss_img, loss_text)."""
+    """forward(images, patches, tokens, prefix_len) -> {"loss": total, **the model's LOSS_TERMS}, 0-d tensors
+    (the total carries the graph; the terms are detached)."""
 
     def __init__(self, model: AIMv2, pad_id: int):
         super().__init__()
@@ -96,7 +102,7 @@ class LossModule(nn.Module):
 
     def forward(self, images, patches, tokens, prefix_len):
         loss, parts = self.model.training_loss(images, patches, tokens, self.pad_id, prefix_len=prefix_len)
-        return loss, parts["loss_img"], parts["loss_text"]
+        return {TOTAL_LOSS: loss, **{k: parts[k] for k in LOSS_TERMS}}
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -249,39 +255,99 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
-    out = Path(cfg.out)
-    ckpt_dir = out / "checkpoints"
+    run = build_run(cfg, info, device)
+    out = run.out
+    log = MetricsLog(out / "metrics.jsonl", resume_step=run.start if cfg.resume else None, enabled=info.is_main)
+    if info.is_main:
+        _write_json(out / "run.json", {"train": asdict(cfg), "hparams": run.hp.to_dict(), "model": run.mcfg.to_dict(),
+                                         "world_size": info.world_size, "device": str(device),
+                                         "precision": run.precision, "peak_flops": run.peak})
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=run.end, initial=run.start, disable=not (info.is_main and cfg.progress), desc="train",
+               unit="step", dynamic_ncols=True)
+    stop = StopRequest()
+    failure = None
+    try:
+        status = train_loop(run, log, bar, stop)
+    except StepFailed as e:
+        status, failure = "non_finite", str(e)
+    finally:
+        stop.restore()
+        bar.close()
+        log.close()
+    return _finish(run, status, failure)
+
+
+@dataclass
+class Run:
+    """One run as built by `build_run`: its settings, model, optimiser, loader and where it stands."""
+    cfg: TrainConfig
+    info: DistInfo
+    device: torch.device
+    stage: str
+    precision: str
+    resolution: int | None
+    hp: HParams
+    model: AIMv2
+    loss_module: nn.Module
+    step_fn: nn.Module           # loss_module, or its torch.compile'd form
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupCosine
+    generator: torch.Generator   # prefix lengths
+    loader: object
+    sharded: bool
+    start: int                   # steps done when this process started
+    peak: float                  # FLOP/s of one device, for MFU
+    header: dict = field(default_factory=dict)   # what the summary says about the run
+    step: int = 0                # steps done so far
+    saved: tuple[Path | None, int | None] = (None, None)   # newest checkpoint written or resumed, its step
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def mcfg(self) -> ModelConfig:
+        return self.model.cfg
+
+    @property
+    def end(self) -> int:
+        return self.cfg.stop_at or self.cfg.steps
+
+    def save(self) -> Path:
+        train_meta = {"config": asdict(self.cfg), "hparams": self.hp.to_dict(), "schedule": self.schedule.state_dict(),
+                      "world_size": self.info.world_size,
+                      "parallel": self.cfg.parallel if self.info.enabled else "none", "stage": self.stage}
+        path = ck.save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer,
+                                  model_config=self.mcfg.to_dict(), train=train_meta,
+                                  rank_state={"loader": self.loader.state_dict(), "rng": ck.rng_state(self.generator)},
+                                  tokenizer_bytes=Path(self.cfg.tokenizer).read_bytes(), sharded=self.sharded,
+                                  keep=self.cfg.keep)
+        self.saved = (path, self.step)
+        return path
+
+
+def build_run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Run:
+    """Settings, the resume decision, the model (initialised, wrapped, compiled), optimiser, schedule and
+    loader, restored from the newest checkpoint when resuming."""
     stage = cfg.resolved_stage()
     precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
     resolution = None if cfg.native_res else (cfg.resolution or STAGES[stage].resolution)
     hp: HParams = resolve(cfg.model, stage, cfg.steps, lr=cfg.lr, min_lr=cfg.min_lr,
                           weight_decay=cfg.weight_decay, warmup=cfg.warmup, clip=cfg.clip)
     tok = Tokenizer(cfg.tokenizer)
-
-    # where the run starts: fresh, or the newest complete checkpoint
-    resume_from = None
-    existing = ck.list_checkpoints(ckpt_dir)
-    if existing and not cfg.resume:
-        raise TrainError(f"{out} already holds a run (newest checkpoint {existing[-1][1].name}): pass --resume "
-                         f"to continue it or choose another --out")
-    if cfg.resume:
-        resume_from = ck.latest_checkpoint(ckpt_dir)
-    if resume_from is not None:
-        _check_resumable(cfg, resume_from, info, tok)
+    resume_from = _resume_point(cfg, info, tok)
 
     model = build_model(cfg, tok, resolution or 224)
-    init_note = None
-    if cfg.init and resume_from is None:
-        init_note = load_init(model, cfg.init)
-    mcfg: ModelConfig = model.cfg
+    init_note = load_init(model, cfg.init) if cfg.init and resume_from is None else None
     model.to(device)
     sharded = info.enabled and cfg.parallel == "fsdp"
     bf16_params = torch.bfloat16 if sharded and precision == "bf16" else None
     loss_module = wrap_model(LossModule(model, tok.pad_id), cfg.parallel, info, device, bf16_params)
     optimizer = build_optimizer(model, hp.peak_lr, hp.weight_decay, hp.betas, hp.eps)
-    schedule = WarmupCosine(hp.peak_lr, hp.min_lr, hp.warmup, hp.steps)
-    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + info.rank)  # prefix lengths
-    loader = make_loader(cfg, tok, info, resolution, mcfg.encoder.patch_size)
+    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + info.rank)
+    loader = make_loader(cfg, tok, info, resolution, model.cfg.encoder.patch_size)
 
     start = 0
     if resume_from is not None:
@@ -292,111 +358,132 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
         ck.set_rng_state(mine["rng"], generator)
         start = int(state["step"])
     step_fn = torch.compile(loss_module, dynamic=cfg.native_res or None) if cfg.compile else loss_module
+    peak = cfg.peak_flops or matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    run = Run(cfg, info, device, stage, precision, resolution, hp, model, loss_module, step_fn, optimizer,
+              WarmupCosine(hp.peak_lr, hp.min_lr, hp.warmup, hp.steps), generator, loader, sharded, start, peak,
+              step=start, saved=(resume_from[0], start) if resume_from else (None, None))
+    run.header = _header(run, init_note)
+    return run
 
-    if cfg.peak_flops:
-        peak = cfg.peak_flops
-    else:
-        peak = matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
-    end = cfg.stop_at or cfg.steps
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start if cfg.resume else None, enabled=info.is_main)
-    if info.is_main:
-        _write_json(out / "run.json", {"train": asdict(cfg), "hparams": hp.to_dict(), "model": mcfg.to_dict(),
-                                         "world_size": info.world_size, "device": str(device),
-                                         "precision": precision, "peak_flops": peak})
-    train_meta = {"config": asdict(cfg), "hparams": hp.to_dict(), "schedule": schedule.state_dict(),
-                  "world_size": info.world_size, "parallel": cfg.parallel if info.enabled else "none",
-                  "stage": stage}
 
-    def save(step: int) -> Path:
-        return ck.save_checkpoint(ckpt_dir, step, model, optimizer, model_config=mcfg.to_dict(),
-                                  train=train_meta, rank_state={"loader": loader.state_dict(),
-                                                                "rng": ck.rng_state(generator)},
-                                  tokenizer_bytes=Path(cfg.tokenizer).read_bytes(), sharded=sharded,
-                                  keep=cfg.keep)
+def _resume_point(cfg: TrainConfig, info: DistInfo, tok: Tokenizer) -> tuple[Path, dict] | None:
+    """Where the run starts: None (fresh) or the newest complete checkpoint (--resume)."""
+    ckpt_dir = Path(cfg.out) / "checkpoints"
+    existing = ck.list_checkpoints(ckpt_dir)
+    if existing and not cfg.resume:
+        raise TrainError(f"{cfg.out} already holds a run (newest checkpoint {existing[-1][1].name}): pass --resume "
+                         f"to continue it or choose another --out")
+    resume_from = ck.latest_checkpoint(ckpt_dir) if cfg.resume else None
+    if resume_from is not None:
+        _check_resumable(cfg, resume_from, info, tok)
+    return resume_from
 
-    header = {"model": f"{preset_name(cfg.model)} ({count_params(model) / 1e6:.2f}M params incl. decoder)",
-              "stage": stage, "data": (f"native resolution, {cfg.batch_patches} patches/rank/step" if cfg.native_res
-                                       else f"{resolution} px, {cfg.batch_size} images/rank/step"),
-              "world": f"{info.world_size} x {device.type} ({cfg.parallel if info.enabled else 'single process'})",
-              "precision": precision, "lr": f"{hp.peak_lr:g} peak, {hp.warmup} warmup, cosine to {hp.min_lr:g}",
-              "weight_decay": hp.weight_decay, "resumed_from": start or None, "init": init_note,
-              "peak_flops": peak}
 
-    from tqdm.auto import tqdm
+def _header(run: Run, init_note: str | None) -> dict:
+    cfg, info = run.cfg, run.info
+    hp = run.hp
+    return {"model": f"{preset_name(cfg.model)} ({count_params(run.model) / 1e6:.2f}M params incl. decoder)",
+            "stage": run.stage, "data": (f"native resolution, {cfg.batch_patches} patches/rank/step" if cfg.native_res
+                                         else f"{run.resolution} px, {cfg.batch_size} images/rank/step"),
+            "world": f"{info.world_size} x {run.device.type} ({cfg.parallel if info.enabled else 'single process'})",
+            "precision": run.precision, "lr": f"{hp.peak_lr:g} peak, {hp.warmup} warmup, cosine to {hp.min_lr:g}",
+            "weight_decay": hp.weight_decay, "resumed_from": run.start or None, "init": init_note,
+            "peak_flops": run.peak}
 
-    bar = tqdm(total=end, initial=start, disable=not (info.is_main and cfg.progress), desc="train",
-               unit="step", dynamic_ncols=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    status = "done" if end == cfg.steps else "stopped"
-    failure = None
-    saved_path, last_saved = (resume_from[0], start) if resume_from else (None, None)
-    loss_module.train()
-    step = start
-    batches = iter(loader)
+
+class StepFailed(Exception):
+    """The loss or the gradient norm of a step is not finite; nothing of the step was applied."""
+
+
+def train_step(run: Run, batch, stop: StopRequest) -> dict:
+    """One optimiser step (run.step -> run.step + 1) on a batch already on the device. Returns the named
+    loss terms (`loss` and the model's LOSS_TERMS, each the mean over ranks), `lr`, `grad_norm` and
+    `stop` (some rank was asked to stop, read after the forward: a signal during this step stops after
+    it). Raises StepFailed, with nothing applied, on a non-finite loss
+    or gradient norm."""
+    images, patches, tokens = batch.images, batch.patches, batch.tokens
+    h, w = batch.grid
+    prefix = sample_prefix_lengths(images.shape[0], h * w, run.generator)
+    lr = run.schedule.apply(run.optimizer, run.step)
+    with autocast_context(run.device, run.precision):
+        terms = run.step_fn(images, patches, tokens, prefix)
+    # the loss terms and "a rank was asked to stop" travel in one all-reduce, so all ranks decide alike
+    flag = torch.tensor(float(stop.requested), device=terms[TOTAL_LOSS].device)
+    reduced = all_reduce_mean(torch.stack([t.detach() for t in terms.values()] + [flag]).float(), run.info).tolist()
+    logged = dict(zip(terms, reduced))
+    if not all(math.isfinite(v) for v in logged.values()):
+        raise StepFailed(f"step {run.step + 1}: the loss is not finite ("
+                         + ", ".join(f"{k}={v}" for k, v in logged.items()) + ")")
+    terms[TOTAL_LOSS].backward()
+    grad_norm = _grad_norm([p for p in run.model.parameters() if p.requires_grad], run.hp.clip)
+    if not math.isfinite(grad_norm):
+        raise StepFailed(f"step {run.step + 1}: the gradient norm is {grad_norm} (loss {logged[TOTAL_LOSS]:.4f})")
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    return {"losses": logged, "lr": lr, "grad_norm": grad_norm, "stop": reduced[-1] > 0}
+
+
+def train_loop(run: Run, log: MetricsLog, bar, stop: StopRequest) -> str:
+    """Steps until run.end (or a stop request): log each, checkpoint every --save-every, at the end and
+    when stopped. Returns the status: done, stopped (--stop-at) or interrupted."""
+    cfg = run.cfg
+    batches = _endless(run.loader)
     t_prev = time.perf_counter()
-    stop = StopRequest()
-    try:
-        while step < end:
-            t0 = time.perf_counter()
-            try:
-                batch = next(batches)
-            except StopIteration:  # the loader ended its pass: start the next
-                batches = iter(loader)
-                batch = next(batches)
-            t_data = time.perf_counter() - t0
-            batch = batch.to(device, non_blocking=True)  # patches are then cut on the device
-            images, patches, tokens = batch.images, batch.patches, batch.tokens
-            B = images.shape[0]
-            h, w = batch.grid
-            prefix = sample_prefix_lengths(B, h * w, generator)
-            lr = schedule.apply(optimizer, step)
-            with autocast_context(device, precision):
-                loss, loss_img, loss_text = step_fn(images, patches, tokens, prefix)
-            # the losses and "a rank was asked to stop" travel in one all-reduce, so all ranks decide alike
-            flag = torch.tensor(float(stop.requested), device=loss.device)
-            logged = all_reduce_mean(torch.stack([loss.detach(), loss_img, loss_text, flag]).float(), info).tolist()
-            if not all(math.isfinite(v) for v in logged[:3]):
-                failure = (f"step {step + 1}: the loss is not finite (loss={logged[0]}, loss_img={logged[1]}, "
-                           f"loss_text={logged[2]})")
-                break
-            loss.backward()
-            grad_norm = _grad_norm(params, hp.clip)
-            if not math.isfinite(grad_norm):
-                failure = f"step {step + 1}: the gradient norm is {grad_norm} (loss {logged[0]:.4f})"
-                break
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            now = time.perf_counter()
-            dt, t_prev = now - t_prev, now
-            flops = step_flops(mcfg, (h, w), B, 0 if tokens is None else tokens.shape[1]).train
-            rec = {"step": step, "loss": logged[0], "loss_img": logged[1], "loss_text": logged[2], "lr": lr,
-                   "grad_norm": grad_norm, "images_per_s": B * info.world_size / dt,
-                   "patches_per_s": B * h * w * info.world_size / dt, "mfu": flops / dt / peak,
-                   "step_time": dt, "data_time": t_data, "batch": B * info.world_size, "grid": [h, w],
-                   "epoch": int(getattr(batch, "epoch", 0))}
-            log.write(rec)
-            bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", img=f"{rec['loss_img']:.3f}", txt=f"{rec['loss_text']:.3f}",
-                            lr=f"{lr:.2e}", mfu=f"{100 * rec['mfu']:.1f}%", refresh=False)
-            interrupted = logged[3] > 0
-            if step == end or interrupted or (cfg.save_every and step % cfg.save_every == 0):
-                saved_path, last_saved = save(step), step
-                t_prev = time.perf_counter()  # the save is not part of the next step's time
-            if interrupted:
-                status = "interrupted"
-                break
-    finally:
-        stop.restore()
-        bar.close()
-        log.close()
+    while run.step < run.end:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        t_data = time.perf_counter() - t0
+        batch = batch.to(run.device, non_blocking=True)  # patches are then cut on the device
+        result = train_step(run, batch, stop)
+        now = time.perf_counter()
+        dt, t_prev = now - t_prev, now
+        rec = _record(run, batch, result, dt, t_data)
+        log.write(rec)
+        _show(bar, rec)
+        if run.step == run.end or result["stop"] or (cfg.save_every and run.step % cfg.save_every == 0):
+            run.save()
+            t_prev = time.perf_counter()  # the save is not part of the next step's time
+        if result["stop"]:
+            return "interrupted"
+    return "done" if run.end == cfg.steps else "stopped"
 
-    records = read_jsonl(out / "metrics.jsonl") if info.is_main and (out / "metrics.jsonl").is_file() else []
-    summary = {"status": "non_finite" if failure else status, "rank": info.rank, "step": step, "steps": cfg.steps,
+
+def _endless(loader):
+    """The loader's batches, pass after pass (each iter() is one epoch)."""
+    while True:
+        yield from loader
+
+
+def _record(run: Run, batch, result: dict, dt: float, t_data: float) -> dict:
+    """One line of metrics.jsonl: the step, its loss terms, lr, grad norm, throughput and MFU."""
+    B, (h, w), world = batch.images.shape[0], batch.grid, run.info.world_size
+    tokens = batch.tokens
+    flops = step_flops(run.mcfg, (h, w), B, 0 if tokens is None else tokens.shape[1]).train
+    return {"step": run.step, **result["losses"], "lr": result["lr"], "grad_norm": result["grad_norm"],
+            "images_per_s": B * world / dt, "patches_per_s": B * h * w * world / dt, "mfu": flops / dt / run.peak,
+            "step_time": dt, "data_time": t_data, "batch": B * world, "grid": [h, w],
+            "epoch": int(getattr(batch, "epoch", 0))}
+
+
+def _show(bar, rec: dict) -> None:
+    terms = {short: f"{rec[k]:.3f}" for k, (short, _) in LOSS_TERMS.items() if k in rec}
+    bar.update(1)
+    bar.set_postfix(loss=f"{rec[TOTAL_LOSS]:.4f}", **terms, lr=f"{rec['lr']:.2e}", mfu=f"{100 * rec['mfu']:.1f}%",
+                    refresh=False)
+
+
+def _finish(run: Run, status: str, failure: str | None) -> dict:
+    """The run summary (RUN/summary.json on rank 0); raises NonFiniteLoss after writing it on failure."""
+    info, out = run.info, run.out
+    metrics = out / "metrics.jsonl"
+    records = read_jsonl(metrics) if info.is_main and metrics.is_file() else []
+    saved_path, last_saved = run.saved
+    summary = {"status": status, "rank": info.rank, "step": run.step, "steps": run.cfg.steps,
                "checkpoint": str(saved_path) if saved_path else None, "last_good_step": last_saved,
-               "run": str(out), **header, **summarize(records)}
+               "run": str(out), **run.header, **summarize(records)}
     if info.is_main:
         _write_json(out / "summary.json", summary)
     if failure:
