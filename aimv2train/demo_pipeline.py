@@ -233,12 +233,12 @@ def _probe_run(ctx: DemoContext) -> str:
     pattern family (fresh draws, never trained on), for both demo trunks and randomly initialised trunks
     of the same architectures. Each run's results go to RUN/probe.json, where `aimv2 export` finds them."""
     from aimv2data.demo_corpus import write_probe_set
-    from aimv2train.eval.export import load_weights, resolve_checkpoint
+    from aimv2train.eval.weights import load_weights
     from aimv2train.eval.probe import write_results
 
     out = ctx.out / "probe"
     train_dir, val_dir = write_probe_set(out / "patterns")
-    img_size = load_weights(resolve_checkpoint(ctx.out / "train_fixed")[0]).cfg.img_size
+    img_size = load_weights(ctx.out / "train_fixed").cfg.img_size
     trunks = {name: (ctx.out / name, ctx.out / name / "probe.json") for name in PROBE_RUNS}
     for name, pos in (("random_init", "learned"), ("random_init_native", "sincos")):  # baselines of each kind
         trunks[name] = (random_trunk(out / f"{name}.pt", img_size, pos), out / f"{name}_probe.json")

@@ -29,15 +29,15 @@ def embed(images, checkpoint, output, tokens, resolution, native_res, max_patche
     from rich.console import Console
 
     from aimv2train.eval.embed import embed_images, write_embeddings
-    from aimv2train.model.interop import load_encoder
+    from aimv2train.eval.weights import load_weights
 
     if resolution is not None and native_res:
         raise click.UsageError("--resolution and --native-res are exclusive: pick one")
     console = Console(stderr=True)
     try:
-        encoder = load_encoder(checkpoint, heads=heads)
+        encoder = load_weights(checkpoint, heads=heads)
     except (ValueError, FileNotFoundError) as e:
-        raise click.ClickException(f"cannot load {checkpoint}: {e}") from None
+        raise click.ClickException(str(e)) from None
     cfg = encoder.cfg
     if resolution is None and not native_res:
         native_res = cfg.pos_embed == "sincos"

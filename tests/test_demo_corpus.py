@@ -255,9 +255,10 @@ def test_demo_runs_end_to_end_and_a_rerun_skips_every_step(tmp_path):
     assert native["status"] == "done" and native["stage"] == "native"
     assert np.isfinite(native["loss_img_end"]) and np.isfinite(native["loss_text_end"])
     # export: the transformers folder holds the native run's encoder
+    from aimv2train.eval.weights import load_weights
     from aimv2train.model.interop import load_encoder
 
-    exported, trained = load_encoder(out / "export_hf"), load_encoder(out / "train_native")
+    exported, trained = load_encoder(out / "export_hf"), load_weights(out / "train_native")
     assert exported.cfg.pos_embed == "sincos"
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in exported.state_dict().items())
     # probe (issue 7): on held-out patterns the demo-trained trunk beats chance (25 %) and a random trunk

@@ -16,6 +16,7 @@ import _probe_fixtures as fx  # noqa: E402
 
 from aimv2train.model.config import model_config  # noqa: E402
 from aimv2train.model.encoder import Encoder  # noqa: E402
+from aimv2train.eval.weights import load_weights  # noqa: E402
 from aimv2train.model.interop import load_encoder, save_encoder, to_aim_state_dict  # noqa: E402
 from aimv2train.model.preprocess import fixed_resolution, load_rgb, native_resolution  # noqa: E402
 from aimv2train.eval.probe_data import encoder_hash  # noqa: E402
@@ -97,7 +98,7 @@ def test_aim_export_has_ml_aim_keys_and_round_trips(run, tmp_path):
     assert res.exit_code == 0, res.output
     out = tmp_path / "aim"
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.safetensors"]
-    enc = load_encoder(run / "checkpoints")
+    enc = load_weights(run / "checkpoints")
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
         meta = f.metadata()
@@ -152,7 +153,7 @@ def test_step_selection_overwrite_and_errors(run, tmp_path):
     step10 = torch.load(run / "checkpoints" / "step_00000010.pt", weights_only=True)["model"]
     back = load_encoder(tmp_path / "s10").state_dict()
     assert all(torch.equal(back[k], step10[f"encoder.{k}"]) for k in back)
-    assert not all(torch.equal(back[k], load_encoder(run / "checkpoints").state_dict()[k]) for k in back)
+    assert not all(torch.equal(back[k], load_weights(run / "checkpoints").state_dict()[k]) for k in back)
 
     res = _export(run, "--format", "hf", "--step", "7", "-o", tmp_path / "s7")
     assert res.exit_code != 0 and "no checkpoint for step 7; it has steps [10, 20]" in res.output
@@ -209,7 +210,7 @@ def test_exported_weights_initialise_training(run, tmp_path, fmt):
     model = build_model(cfg, Tokenizer(cfg.tokenizer), fx.SIZE)
     note = load_init(model, str(tmp_path / fmt))
     assert "encoder only" in note and "decoder and heads" in note
-    want = load_encoder(run / "checkpoints").state_dict()
+    want = load_weights(run / "checkpoints").state_dict()
     assert all(torch.equal(model.encoder.state_dict()[k], v) for k, v in want.items())
 
 

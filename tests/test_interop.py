@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from aimv2train.model.config import EncoderConfig, model_config
 from aimv2train.model.encoder import Encoder
+from aimv2train.eval.weights import load_weights
 from aimv2train.model.interop import (hf_config, infer_encoder_config, load_encoder, save_aim, save_encoder,
                                 save_hf, to_aim_state_dict)
 from aimv2train.model.aimv2 import AIMv2
@@ -144,7 +145,7 @@ def test_trainer_checkpoint_directory(tmp_path):
     torch.save({"model": state, "config": cfg.to_dict(), "step": 20,
                 "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3}]}}, ckpts / "step_00000020.pt")
     (ckpts / ".step_00000030.pt").write_bytes(b"half-written")  # a save in progress is not picked
-    enc = load_encoder(tmp_path / "run")
+    enc = load_weights(tmp_path / "run")  # a run resolves to its newest checkpoint (train/checkpoint.py)
     x = torch.randn(1, 3, 42, 70)
     with torch.no_grad():
         torch.testing.assert_close(enc(x), model.encoder(x), rtol=0, atol=0)

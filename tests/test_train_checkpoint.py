@@ -39,7 +39,7 @@ def save(d, step, model, opt, cfg, keep=2, **kw):
 
 
 def test_round_trip_and_interop(tmp_path):
-    from aimv2train.model.interop import load_encoder
+    from aimv2train.eval.weights import load_weights
 
     cfg, model, opt = make()
     train_step(model, opt, 0)
@@ -48,7 +48,7 @@ def test_round_trip_and_interop(tmp_path):
     ckpt = torch.load(path, weights_only=True)  # plain data only: numpy became tensors / ints
     assert ckpt["step"] == 1 and ckpt["ranks"][0]["loader"]["step"] == 1
     assert bytes(ckpt["tokenizer"].numpy()) == b"tok"
-    enc = load_encoder(tmp_path)  # the run directory, as `aimv2 export` would be given it
+    enc = load_weights(tmp_path)  # the run directory, as `aimv2 export` would be given it
     for k, v in model.encoder.state_dict().items():
         assert torch.equal(enc.state_dict()[k], v)
 

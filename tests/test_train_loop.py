@@ -205,9 +205,10 @@ def test_loss_falls_clearly(data, tmp_path):
 def test_init_from_a_transformers_folder_loads_the_encoder(data, straight, tmp_path):
     """--init with imported weights (a transformers Aimv2VisionModel folder): the encoder is taken, the
     decoder and heads start fresh."""
-    from aimv2train.model.interop import load_encoder, save_hf
+    from aimv2train.eval.weights import load_weights
+    from aimv2train.model.interop import save_hf
 
-    enc = load_encoder(straight[0])
+    enc = load_weights(straight[0])
     save_hf(enc, tmp_path / "hf")
     s = train(cfg(data, tmp_path / "run", init=str(tmp_path / "hf"), steps=1, lr=1e-12, weight_decay=0.0))
     assert "encoder only" in s["init"] and "decoder and heads" in s["init"]

@@ -26,7 +26,8 @@ def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> tupl
             raise ExportError(f"--step {step} picks a checkpoint of a run directory; {p} is one file already")
         run = p.parent.parent if p.parent.name == "checkpoints" and _run_config(p.parent.parent) else None
         return p, run
-    ckdir, run = (p / "checkpoints", p) if (p / "checkpoints").is_dir() else (p, None)
+    ckdir = ck.checkpoints_dir(p)
+    run = p if ckdir != p else None
     if run is None and ck.list_checkpoints(p) and _run_config(p.parent) is not None:
         run = p.parent  # RUN/checkpoints was passed
     ckpts = ck.list_checkpoints(ckdir)
@@ -45,8 +46,10 @@ def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> tupl
     return found[0], run
 
 
-def load_weights(path: Path, heads: int | None = None):
-    """interop.load_encoder with an error that says what to do."""
+def load_weights(path: str | os.PathLike, heads: int | None = None, step: int | None = None):
+    """The encoder of a run (its newest checkpoint, or `step`), of one checkpoint, or of anything
+    interop.load_encoder reads (a file, a transformers folder), with an error that says what to do."""
+    path, _ = resolve_checkpoint(path, step)
     try:
         return load_encoder(path, heads=heads)
     except (ValueError, FileNotFoundError) as e:

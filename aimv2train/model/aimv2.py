@@ -14,6 +14,8 @@ in LOSS_TERMS and the prefix lengths drawn.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -25,6 +27,7 @@ from .encoder import Encoder
 from .layers import init_weights
 from .masks import prefix_causal_mask, sample_prefix_lengths
 from .objective import pixel_loss, text_loss
+from .posemb import resize_learned
 
 
 # The objective's named terms, in report order: the key in training_loss's parts and in metrics.jsonl
@@ -51,6 +54,41 @@ class AIMv2(nn.Module):
         """Recompute block activations in backward (trades ~1/3 more compute for activation memory)."""
         self.encoder.grad_checkpointing = enabled
         self.decoder.grad_checkpointing = enabled
+
+    # -- the model's policies (asked by the optimiser, FSDP and --init; no key-name matching there) --
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters AdamW does not decay: each part's own set, prefixed, and every 1-D one."""
+        return ({f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+                | {f"decoder.{n}" for n in self.decoder.no_weight_decay()}
+                | {n for n, p in self.named_parameters() if p.ndim < 2})
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The transformer blocks, sharded one by one; the model itself is then the root unit."""
+        return [*self.encoder.fsdp_units(), *self.decoder.fsdp_units()]
+
+    def adapt_state_dict(self, sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Weights of another AIMv2 (an earlier stage) made loadable here: a learned position table is
+        resampled (bicubic) to this grid (high-res stage) or dropped for a sin-cos model (native stage).
+        Returns the adapted copy and notes on what changed; ValueError when it cannot fit."""
+        sd, own, notes = dict(sd), self.state_dict(), []
+        key = "encoder.pos_embed"
+        if key in sd:
+            if key not in own:
+                del sd[key]
+                notes.append("learned position table dropped (sin-cos model)")
+            elif sd[key].shape != own[key].shape:
+                old_n = sd[key].shape[1]
+                old, new = (math.isqrt(old_n),) * 2, self.cfg.encoder.grid
+                if old[0] * old[1] != old_n:
+                    raise ValueError(f"position table of {old_n} entries is not a square grid")
+                sd[key] = resize_learned(sd[key], old, new)
+                notes.append(f"position table resampled {old[0]}x{old[1]} -> {new[0]}x{new[1]} (bicubic)")
+        for k in ("decoder.token_embed.weight", "text_head.weight"):
+            if k in sd and sd[k].shape != own[k].shape:
+                raise ValueError(f"its text vocabulary has {sd[k].shape[0]} ids, the tokenizer "
+                                 f"{own[k].shape[0]}: train with the tokenizer of the run you start from")
+        return sd, notes
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor | None = None,
                 prefix_len: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -55,6 +55,16 @@ class Encoder(nn.Module):
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters AdamW does not decay (Table A1): norm scales and biases (1-D) and the
+        learned position table."""
+        return {n for n, p in self.named_parameters() if p.ndim < 2} | \
+            ({"pos_embed"} if self.pos_embed is not None else set())
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules FSDP2 shards one by one (each gathered for its own forward): the blocks."""
+        return list(self.blocks)
+
     def position_embedding(self, h: int, w: int, x: torch.Tensor) -> torch.Tensor:
         if self.pos_embed is None:
             return sincos_2d(h, w, self.cfg.dim, device=x.device, dtype=x.dtype)[None]

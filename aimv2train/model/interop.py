@@ -273,24 +273,26 @@ def _convert_and_build(sd, enc_cfg, heads, source) -> Encoder:
 
 
 def _pick_checkpoint_file(folder: Path) -> Path:
-    if (folder / "checkpoints").is_dir():  # a training run directory
-        folder = folder / "checkpoints"
+    """The one weights file of a folder that is not a transformers folder (e.g. an ml-aim download).
+    Which checkpoint of a training run to read is not decided here: aimv2train.eval.load_weights (and
+    `aimv2 export/probe/embed`) resolve a run to its newest checkpoint (train/checkpoint.py)."""
     files = sorted(p for p in folder.iterdir()  # hidden files are saves in progress
                    if p.suffix in (".pt", ".pth", ".ckpt", ".safetensors") and not p.name.startswith("."))
     if not files:
         raise FileNotFoundError(f"{folder}: no config.json (transformers folder) and no .pt/.pth/.safetensors "
                                 f"checkpoint in it")
-    for p in files:
-        if p.stem in ("latest", "last"):
-            return p
-    return files[-1]  # zero-padded step numbers sort by step
+    if len(files) > 1:
+        raise ValueError(f"{folder} holds {len(files)} weights files ({files[0].name}, ...): pass one of them, or "
+                         f"a training run to aimv2train.eval.load_weights (`aimv2 export/probe/embed` take runs)")
+    return files[0]
 
 
 def load_encoder(path: str | os.PathLike, heads: int | None = None) -> Encoder:
     """Our Encoder (fp32, eval mode) from any of:
     - a transformers Aimv2VisionModel (or Aimv2Model) folder: config.json + model.safetensors;
     - an ml-aim state dict (.pth / .safetensors, `preprocessor.patchifier.proj.*`, `trunk.blocks.*`);
-    - our checkpoint (see module docstring) or a trainer run / checkpoints directory (the newest file).
+    - our checkpoint (see module docstring), or a folder holding exactly one weights file.
+    A training run directory is resolved to its newest checkpoint by aimv2train.eval.load_weights.
     `heads` is only needed for bare state dicts whose width is not a multiple of 128."""
     path = Path(path)
     if not path.exists():

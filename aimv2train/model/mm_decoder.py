@@ -24,6 +24,13 @@ class MultimodalDecoder(nn.Module):
         init_weights(self)
         nn.init.trunc_normal_(self.text_pos, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        """Norm scales and biases (1-D) and the caption position table are not decayed."""
+        return {n for n, p in self.named_parameters() if p.ndim < 2} | {"text_pos"}
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return list(self.blocks)
+
     def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """image_tokens (B, I, D_enc), text_tokens (B, T) ids or None -> hidden (B, I + T, dim)."""
         x = self.image_proj(image_tokens)

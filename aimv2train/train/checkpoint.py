@@ -30,6 +30,8 @@ import torch.distributed as dist
 
 from aimv2data.atomic import atomic_torch_save
 
+from .distributed import barrier, group_info
+
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 
@@ -37,14 +39,20 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}.pt"
 
 
+def checkpoints_dir(path: str | os.PathLike) -> Path:
+    """RUN/checkpoints for a run directory; any other directory is taken as a checkpoints directory."""
+    p = Path(path)
+    return p / "checkpoints" if (p / "checkpoints").is_dir() else p
+
+
 def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of the complete checkpoints in `directory`, oldest first."""
+    """(step, path) of the complete checkpoints in `directory`, oldest first: THE way to find a run's
+    checkpoints (the newest is the last; hidden temp files of saves in progress never match)."""
     d = Path(directory)
     if not d.is_dir():
         return []
     out = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
     return sorted(out)
-
 
 
 def plain(obj):
@@ -101,14 +109,8 @@ def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None
 # ---------------------------------------------------------------------------------------- save / load
 
 def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    info = group_info()
+    return info.rank, info.world_size
 
 
 def _gather(obj) -> list:
@@ -142,9 +144,9 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model: torch.nn.Mod
         dcp_tmp, dcp_dir = d / f".{path.stem}.dcp.tmp", d / f"{path.stem}.dcp"
         if rank == 0 and dcp_tmp.exists():
             shutil.rmtree(dcp_tmp)
-        _barrier()
+        barrier()
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(dcp_tmp))
-        _barrier()
+        barrier()
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
             if dcp_dir.exists():
@@ -161,7 +163,7 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model: torch.nn.Mod
             payload["tokenizer"] = torch.frombuffer(bytearray(tokenizer_bytes), dtype=torch.uint8)
         atomic_torch_save(payload, path)
         prune(d, keep)
-    _barrier()
+    barrier()
     return path
 
 

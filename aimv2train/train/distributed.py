@@ -36,11 +36,25 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def launch_info() -> DistInfo:
+    """Which rank am I, as torchrun says (RANK, WORLD_SIZE, LOCAL_RANK); rank 0 of 1 without torchrun."""
+    if not launched_by_torchrun():
+        return DistInfo(local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def group_info() -> DistInfo:
+    """Which rank am I in the joined process group (for collectives); rank 0 of 1 when none is joined."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), launch_info().local_rank)
+    return DistInfo()
+
+
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the process group torchrun describes (env://); a plain `python` run is rank 0 of 1."""
     if not launched_by_torchrun():
         return DistInfo()
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    rank, world, local = launch_info().rank, launch_info().world_size, launch_info().local_rank
     if world == 1:
         return DistInfo(0, 1, local)
     global _OWNED
@@ -64,7 +78,7 @@ def shutdown() -> None:
 
 def pick_device(requested: str | None, info: DistInfo | None = None) -> torch.device:
     """`--device` if given (cuda means this rank's local GPU), else the local GPU when there is one."""
-    local = info.local_rank if info is not None else int(os.environ.get("LOCAL_RANK", 0))
+    local = (info or launch_info()).local_rank
     if requested in (None, "auto"):
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)
@@ -82,7 +96,7 @@ def wrap_model(loss_module: nn.Module, mode: str, info: DistInfo, device: torch.
     """DDP or FSDP2 around the trainer's loss module (a no-op on one process).
 
     DDP wraps the loss module itself: its gradient hooks are armed by `forward`, which computes the loss.
-    FSDP2 shards every transformer block of `loss_module.model`, then that model as the root (embeddings,
+    FSDP2 shards each of `loss_module.model.fsdp_units()` (its transformer blocks), then that model as the root (embeddings,
     heads, norms); with `param_dtype` (bf16) it gathers and computes in that dtype and reduces gradients
     in fp32. Parameters become DTensors: build the optimiser after this."""
     if not info.enabled:
@@ -99,9 +113,8 @@ def wrap_model(loss_module: nn.Module, mode: str, info: DistInfo, device: torch.
     mesh = init_device_mesh(device.type, (info.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else \
         MixedPrecisionPolicy()
-    for stack in (model.encoder.blocks, model.decoder.blocks):
-        for block in stack:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
+    for unit in model.fsdp_units():
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return loss_module
 
@@ -115,6 +128,7 @@ def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return values
 
 
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
+def barrier() -> None:
+    """Wait for every rank of the joined process group (a no-op without one)."""
+    if dist.is_available() and dist.is_initialized():
         dist.barrier()

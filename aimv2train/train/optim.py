@@ -11,7 +11,8 @@ eta_t schedule multiplier; apple/ml-l3m's AdamLH), one step t >= 1 with gradient
     p   <- p - lr_t * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)           (Adam step)
 
 so with wd = 1e-4 a weight shrinks by 1e-4 per step at the peak and by (lr_t / lr_peak) * 1e-4 during
-warmup and decay, whatever lr_peak is. Norm weights, biases and position embeddings get wd = 0.
+warmup and decay, whatever lr_peak is. Norm weights, biases and position embeddings get wd = 0
+(the model names them: AIMv2.no_weight_decay).
 """
 from __future__ import annotations
 
@@ -19,19 +20,16 @@ import torch
 from torch import nn
 
 
-def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """Norm scales and biases (1-D) and position tables (`pos_embed`, `text_pos`) are not decayed."""
-    leaf = name.rsplit(".", 1)[-1]
-    return param.ndim < 2 or "pos" in leaf.split("_")
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups, `decay` and `no_decay`, over the trainable parameters (names are kept for checks)."""
+    """Two groups, `decay` and `no_decay`, over the trainable parameters (names are kept for checks).
+    The model says which names are not decayed (`model.no_weight_decay()`, timm's convention); a
+    module without that method gets the common rule, 1-D parameters (norm scales, biases) only."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     decay, no_decay, names = [], [], {"decay": [], "no_decay": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        group = "no_decay" if no_weight_decay(name, p) else "decay"
+        group = "no_decay" if name in skip or p.ndim < 2 else "decay"
         (no_decay if group == "no_decay" else decay).append(p)
         names[group].append(name)
     return [

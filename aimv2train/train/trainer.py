@@ -39,7 +39,6 @@ from ..model.masks import sample_prefix_lengths
 from .metrics import MetricsLog, matmul_peak, summarize
 from ..model.aimv2 import LOSS_TERMS, TOTAL_LOSS, AIMv2, count_params
 from .optim import build_optimizer
-from ..model.posemb import resize_learned
 from .presets import STAGES, HParams, resolve
 from .schedule import WarmupCosine
 from .tokenizer import Tokenizer
@@ -146,8 +145,7 @@ def _init_state_dict(path: str) -> tuple[dict[str, torch.Tensor], str]:
         raise TrainError(f"--init {path} does not exist")
     candidates = []
     if p.is_dir():
-        d = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-        candidates = [f for _, f in reversed(ck.list_checkpoints(d))]
+        candidates = [f for _, f in reversed(ck.list_checkpoints(ck.checkpoints_dir(p)))]
     elif p.suffix in (".pt", ".pth"):
         candidates = [p]
     for f in candidates:
@@ -171,24 +169,10 @@ def load_init(model: AIMv2, path: str) -> str:
     """Load --init weights, adapting the position table: bicubic resample of a learned table to the new
     grid (high-res stage), dropped for a sin-cos model (native stage). Returns a one-line description."""
     sd, what = _init_state_dict(path)
-    sd = dict(sd)
-    own = model.state_dict()
-    notes = []
-    if "encoder.pos_embed" in sd:
-        if "encoder.pos_embed" not in own:
-            del sd["encoder.pos_embed"]
-            notes.append("learned position table dropped (sin-cos model)")
-        elif sd["encoder.pos_embed"].shape != own["encoder.pos_embed"].shape:
-            old_n, new_n = sd["encoder.pos_embed"].shape[1], own["encoder.pos_embed"].shape[1]
-            old, new = (math.isqrt(old_n),) * 2, model.cfg.encoder.grid
-            if old[0] * old[1] != old_n:
-                raise TrainError(f"--init {path}: position table of {old_n} entries is not a square grid")
-            sd["encoder.pos_embed"] = resize_learned(sd["encoder.pos_embed"], old, new)
-            notes.append(f"position table resampled {old[0]}x{old[1]} -> {new[0]}x{new[1]} (bicubic)")
-    for key in ("decoder.token_embed.weight", "text_head.weight"):
-        if key in sd and sd[key].shape != own[key].shape:
-            raise TrainError(f"--init {path}: its text vocabulary has {sd[key].shape[0]} ids, the tokenizer "
-                             f"{own[key].shape[0]}: train with the tokenizer of the run you start from")
+    try:
+        sd, notes = model.adapt_state_dict(sd)
+    except ValueError as e:
+        raise TrainError(f"--init {path}: {e}") from None
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:
