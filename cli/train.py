@@ -1,59 +1,46 @@
+import dataclasses
+import typing
+
 import click
+
+from aimv2train.train.config import TrainConfig
+
+_PATHS = {"dir": dict(file_okay=False), "existing": dict(exists=True),
+          "existing_dir": dict(exists=True, file_okay=False), "existing_file": dict(exists=True, dir_okay=False)}
+
+
+def config_options(cls):
+    """Click options generated from a config dataclass's fields and their metadata (train/config.py):
+    the flag is the field name with dashes, the default and type are the field's, required when it
+    has no default; `choices`, `path`, `short` and `name` (an inverted boolean) refine it."""
+    hints = typing.get_type_hints(cls)
+
+    def decorate(f):
+        for fl in reversed(dataclasses.fields(cls)):
+            meta = fl.metadata
+            if meta.get("cli", True) is False:
+                continue
+            kind = next((t for t in typing.get_args(hints[fl.name]) if t is not type(None)), hints[fl.name])
+            required = fl.default is dataclasses.MISSING
+            names = [meta.get("name", "--" + fl.name.replace("_", "-"))] + ([meta["short"]] if "short" in meta else [])
+            kw = dict(help=meta["help"], required=required)
+            if kind is bool:
+                kw.update(is_flag=True, flag_value=not fl.default, default=fl.default)
+            else:
+                kw.update(default=None if required else fl.default, type=kind,
+                          show_default=not required and fl.default is not None)
+                if "choices" in meta:
+                    kw["type"] = click.Choice(list(meta["choices"]))
+                elif "path" in meta:
+                    kw["type"] = click.Path(**_PATHS[meta["path"]])
+            f = click.option(*names, fl.name, **kw)(f)
+        return f
+    return decorate
 
 
 @click.command()
-@click.option("--manifest", "-m", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Manifest directory written by `aimv2 shard` (with captions attached).")
-@click.option("--tokenizer", "-t", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="sentencepiece .model (`aimv2 tokenizer train`, or any existing one, e.g. SigLIP's).")
-@click.option("--model", default="tiny", show_default=True,
-              help="Size preset: tiny | base | L | H | 1B | 3B (paper Table 1).")
-@click.option("--steps", default=1000, show_default=True, help="Length of the run in optimiser steps (sets the schedule).")
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
-              help="Run directory: metrics.jsonl, checkpoints/, run.json, summary.json.")
-@click.option("--stage", type=click.Choice(["pretrain", "highres", "native"]), default=None,
-              help="pretrain (224 px); highres (336/448 px, weight decay 0, needs --init); native "
-                   "(--native-res, sin-cos positions, needs --init). Default: native with --native-res, else pretrain.")
-@click.option("--native-res", is_flag=True,
-              help="Native resolution: per step an area A = 2^n patches (n in 7..12) and B = C / A images.")
-@click.option("--batch-patches", default=65536, show_default=True,
-              help="C, patches per rank per step with --native-res (a power of two >= 4096).")
-@click.option("--resolution", type=int, default=None,
-              help="Fixed resolution in pixels (RandomResizedCrop); default 224, or 336 for --stage highres.")
-@click.option("--batch-size", default=256, show_default=True,
-              help="Images per rank per step at fixed resolution (Table A1: 8192 in total).")
-@click.option("--init", type=click.Path(exists=True),
-              help="Start from these weights: a run directory or checkpoint .pt (whole model), or a "
-                   "transformers / ml-aim encoder. A learned position table is resampled (bicubic) or dropped (sin-cos).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its newest complete checkpoint "
-              "(starts fresh if it has none).")
-@click.option("--stop-at", type=int, default=None,
-              help="Checkpoint and end at this step, as if interrupted (then --resume).")
-@click.option("--seed", default=0, show_default=True, help="Seeds initial weights, data order and prefix lengths.")
-@click.option("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available).")
-@click.option("--workers", default=4, show_default=True, help="Loader worker processes per rank (0: in-process).")
-@click.option("--decoder", type=click.Choice(["pil", "dali"]), default="pil", show_default=True,
-              help="Image decoder of the loader.")
-@click.option("--compile", "compile_", is_flag=True,
-              help="torch.compile the model and loss (dynamic shapes with --native-res).")
-@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default=None,
-              help="bf16 autocast or fp32 (default: bf16 on CUDA, fp32 on CPU).")
-@click.option("--parallel", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
-              help="Under torchrun: DDP (replicated) or FSDP2 (fully_shard, sharded state, DCP checkpoints).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate (default: Table A1 for the size).")
-@click.option("--min-lr", type=float, default=None, help="Final learning rate of the cosine (default 1e-5).")
-@click.option("--warmup", type=int, default=None, help="Warmup steps (default: min(12500, 5% of --steps)).")
-@click.option("--weight-decay", type=float, default=None,
-              help="Fully decoupled weight decay (default 1e-4; 0 for --stage highres).")
-@click.option("--clip", type=float, default=None, help="Gradient-norm clipping (default 1.0; 0 disables).")
-@click.option("--save-every", default=1000, show_default=True,
-              help="Checkpoint every K steps (always also at the end and at --stop-at; 0: only those).")
-@click.option("--keep", default=2, show_default=True, help="Checkpoints kept (0: all).")
-@click.option("--grad-checkpointing", is_flag=True, help="Recompute block activations in backward (less memory).")
-@click.option("--no-progress", is_flag=True, help="No progress bar (the summary is still printed).")
-def train(manifest, tokenizer, model, steps, out, stage, native_res, batch_patches, resolution, batch_size, init,
-          resume, stop_at, seed, device, workers, decoder, compile_, precision, parallel, lr, min_lr, warmup,
-          weight_decay, clip, save_every, keep, grad_checkpointing, no_progress):
+@config_options(TrainConfig)
+def train(**settings):
     """Pre-train (or adapt) an AIMv2 encoder with its multimodal decoder.
 
     \b
@@ -65,16 +52,10 @@ def train(manifest, tokenizer, model, steps, out, stage, native_res, batch_patch
     from rich.table import Table
 
     from aimv2train.model.aimv2 import LOSS_TERMS
-    from aimv2train.train.trainer import NonFiniteLoss, TrainConfig, TrainError
+    from aimv2train.train.trainer import NonFiniteLoss, TrainError
     from aimv2train.train.trainer import train as run
 
-    cfg = TrainConfig(manifest=manifest, tokenizer=tokenizer, out=out, model=model, steps=steps, stage=stage,
-                      native_res=native_res, batch_patches=batch_patches, resolution=resolution,
-                      batch_size=batch_size, init=init, resume=resume, stop_at=stop_at, seed=seed, device=device,
-                      workers=workers, decoder=decoder, compile=compile_, precision=precision, parallel=parallel,
-                      lr=lr, min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip,
-                      save_every=save_every, keep=keep, grad_checkpointing=grad_checkpointing,
-                      progress=not no_progress)
+    cfg = TrainConfig(**settings)
     try:
         s = run(cfg)
     except NonFiniteLoss as e:

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-PARALLEL_MODES = ("ddp", "fsdp")
+from .config import PARALLEL_MODES
+
 
 
 @dataclass(frozen=True)

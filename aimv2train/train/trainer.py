@@ -32,6 +32,7 @@ from torch import nn
 from aimv2data.atomic import read_jsonl, write_json_atomic
 
 from . import checkpoint as ck
+from .config import TrainConfig
 from ..model.config import ModelConfig, model_config, preset_name
 from .distributed import DistInfo, all_reduce_mean, init_distributed, pick_device, shutdown, wrap_model
 from ..model.flops import step_flops
@@ -50,43 +51,6 @@ class TrainError(RuntimeError):
 
 class NonFiniteLoss(TrainError):
     """The loss or the gradient norm became inf/nan; the last good checkpoint is kept."""
-
-
-@dataclass
-class TrainConfig:
-    manifest: str
-    tokenizer: str
-    out: str
-    model: str = "tiny"
-    steps: int = 1000
-    stage: str | None = None  # pretrain | highres | native; None: native if native_res else pretrain
-    native_res: bool = False
-    batch_patches: int = 65536  # per rank, native resolution (32 ranks x 65536 / 256 = 8192 images at 224 px)
-    resolution: int | None = None  # fixed resolution; None: the stage's (224 / 336)
-    batch_size: int = 256  # per rank, fixed resolution (32 ranks x 256 = Table A1's 8192)
-    init: str | None = None
-    resume: bool = False
-    stop_at: int | None = None
-    seed: int = 0
-    device: str | None = None  # None: cuda if available else cpu
-    workers: int = 4
-    decoder: str = "pil"
-    compile: bool = False
-    precision: str | None = None  # None: bf16 on cuda, fp32 on cpu
-    parallel: str = "ddp"  # ddp | fsdp (under torchrun)
-    lr: float | None = None
-    min_lr: float | None = None
-    warmup: int | None = None
-    weight_decay: float | None = None
-    clip: float | None = None
-    save_every: int = 1000
-    keep: int = 2
-    grad_checkpointing: bool = False
-    progress: bool = True
-    peak_flops: float | None = None  # skip the matmul measurement (tests); FLOP/s per device
-
-    def resolved_stage(self) -> str:
-        return self.stage or ("native" if self.native_res else "pretrain")
 
 
 # ------------------------------------------------------------------------------------- building blocks

@@ -1,0 +1,75 @@
+"""`TrainConfig`: every setting of a training run, defined once. Each field carries its command-line
+help (and, where needed, its short name, choices or path kind) as dataclass metadata; `aimv2 train`'s
+options are generated from these fields (cli/train.py), so a new flag is one field here, read where it
+is used. Kept free of torch so `aimv2 --help` stays fast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+STAGE_NAMES = ("pretrain", "highres", "native")   # presets.STAGES defines each
+PARALLEL_MODES = ("ddp", "fsdp")
+IMAGE_DECODERS = ("pil", "dali")                 # the loader's image decoders (aimv2data/loader/decode_*.py)
+
+
+REQUIRED = object()  # marker: the field has no default (a required flag)
+
+
+def flag(default=None, help: str = "", **cli):
+    """A field with its CLI description: help, and optionally short ("-m"), choices, path ("dir" |
+    "existing" | "existing_dir" | "existing_file"), name ("--no-progress" for an inverted boolean) or
+    cli=False (not a command-line flag). `default` REQUIRED makes it a required field and flag."""
+    meta = {"help": help, **cli}
+    return field(metadata=meta) if default is REQUIRED else field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    manifest: str = flag(REQUIRED, "Manifest directory written by `aimv2 shard` (with captions attached).",
+                         short="-m", path="existing_dir")
+    tokenizer: str = flag(REQUIRED, "sentencepiece .model (`aimv2 tokenizer train`, or any existing one, e.g. "
+                          "SigLIP's).", short="-t", path="existing_file")
+    out: str = flag(REQUIRED, "Run directory: metrics.jsonl, checkpoints/, run.json, summary.json.",
+                    short="-o", path="dir")
+    model: str = flag("tiny", "Size preset: tiny | base | L | H | 1B | 3B (paper Table 1).")
+    steps: int = flag(1000, "Length of the run in optimiser steps (sets the schedule).")
+    stage: str | None = flag(None, "pretrain (224 px); highres (336/448 px, weight decay 0, needs --init); native "
+                             "(--native-res, sin-cos positions, needs --init). Default: native with --native-res, "
+                             "else pretrain.", choices=STAGE_NAMES)
+    native_res: bool = flag(False, "Native resolution: per step an area A = 2^n patches (n in 7..12) and B = C / A "
+                            "images.")
+    # per rank; 32 ranks x 65536 / 256 = 8192 images at 224 px
+    batch_patches: int = flag(65536, "C, patches per rank per step with --native-res (a power of two >= 4096).")
+    resolution: int | None = flag(None, "Fixed resolution in pixels (RandomResizedCrop); default 224, or 336 for "
+                                  "--stage highres.")
+    batch_size: int = flag(256, "Images per rank per step at fixed resolution (Table A1: 8192 in total).")
+    init: str | None = flag(None, "Start from these weights: a run directory or checkpoint .pt (whole model), or "
+                            "a transformers / ml-aim encoder. A learned position table is resampled (bicubic) or "
+                            "dropped (sin-cos).", path="existing")
+    resume: bool = flag(False, "Continue the run in --out from its newest complete checkpoint (starts fresh if "
+                        "it has none).")
+    stop_at: int | None = flag(None, "Checkpoint and end at this step, as if interrupted (then --resume).")
+    seed: int = flag(0, "Seeds initial weights, data order and prefix lengths.")
+    device: str | None = flag(None, "cpu | cuda | cuda:N (default: cuda if available).")
+    workers: int = flag(4, "Loader worker processes per rank (0: in-process).")
+    decoder: str = flag("pil", "Image decoder of the loader.", choices=IMAGE_DECODERS)
+    compile: bool = flag(False, "torch.compile the model and loss (dynamic shapes with --native-res).")
+    precision: str | None = flag(None, "bf16 autocast or fp32 (default: bf16 on CUDA, fp32 on CPU).",
+                                 choices=("bf16", "fp32"))
+    parallel: str = flag("ddp", "Under torchrun: DDP (replicated) or FSDP2 (fully_shard, sharded state, DCP "
+                         "checkpoints).", choices=PARALLEL_MODES)
+    lr: float | None = flag(None, "Peak learning rate (default: Table A1 for the size).")
+    min_lr: float | None = flag(None, "Final learning rate of the cosine (default 1e-5).")
+    warmup: int | None = flag(None, "Warmup steps (default: min(12500, 5% of --steps)).")
+    weight_decay: float | None = flag(None, "Fully decoupled weight decay (default 1e-4; 0 for --stage highres).")
+    clip: float | None = flag(None, "Gradient-norm clipping (default 1.0; 0 disables).")
+    save_every: int = flag(1000, "Checkpoint every K steps (always also at the end and at --stop-at; 0: only "
+                           "those).")
+    keep: int = flag(2, "Checkpoints kept (0: all).")
+    grad_checkpointing: bool = flag(False, "Recompute block activations in backward (less memory).")
+    progress: bool = flag(True, "No progress bar (the summary is still printed).", name="--no-progress")
+    # FLOP/s of one device: skips the matmul measurement (tests)
+    peak_flops: float | None = flag(None, cli=False)
+
+    def resolved_stage(self) -> str:
+        return self.stage or ("native" if self.native_res else "pretrain")
