@@ -11,9 +11,7 @@ from functools import cached_property
 
 import torch
 
-# CLIP / AIMv2 normalisation (OpenAI CLIP's values; apple/ml-aim uses the same for AIMv2).
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
+from .paper import MEAN, STD  # noqa: F401  (CLIP / AIMv2 normalisation, re-exported for the decoders)
 
 
 def patchify(images: torch.Tensor, p: int) -> torch.Tensor:

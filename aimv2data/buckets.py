@@ -27,7 +27,8 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 
-AREAS = tuple(2**n for n in range(7, 13))   # 128 .. 4096 patches, the paper's range
+from aimv2data.paper import AREAS  # noqa: F401  128 .. 4096 patches, the paper's range (re-exported)
+
 NUM_BUCKETS = 33
 MAX_ASPECT = 4.0
 CROP_WEIGHT = 4                              # the exponent above

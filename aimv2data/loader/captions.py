@@ -19,13 +19,14 @@ from typing import Callable
 
 import torch
 
+from ..paper import TEXT_LEN
 from .sampler import CAPTION, unit
 
 # Table 2 of the AIMv2 paper: joint sampling probabilities in percent.
 TABLE2 = {"dfn": {"alt": 30, "synthetic": 30}, "coyo": {"alt": 6, "synthetic": 0},
           "hqitp": {"alt": 28, "synthetic": 3}}
 DEFAULT_ALT = 0.5   # sources not in the mix: alt-text and synthetic equally likely
-CONTEXT = 77        # the paper truncates captions to 77 tokens (Appendix A)
+CONTEXT = TEXT_LEN  # the paper truncates captions to 77 tokens (aimv2data/paper.py)
 
 
 def table2_mix() -> dict[str, float]:

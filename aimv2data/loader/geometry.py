@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..paper import HFLIP, RRC_RATIO, RRC_SCALE
+
 DRAFT_SCALES = (8, 4, 2, 1)   # JPEG DCT-domain reductions libjpeg (and PIL's draft) can do
 
 
@@ -52,7 +54,7 @@ def cover(src_w: int, src_h: int, out_w: int, out_h: int, flip: bool = False) ->
 
 
 def random_resized_crop(src_w: int, src_h: int, size: int, rng: np.random.Generator,
-                        scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5) -> Crop:
+                        scale=RRC_SCALE, ratio=RRC_RATIO, hflip: float = HFLIP) -> Crop:
     """torchvision's RandomResizedCrop.get_params (10 tries, then a centre crop clamped to `ratio`),
     with a numpy Generator so the draw is a pure function of its seed."""
     area = src_w * src_h

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import paper
 from ..batch import Batch
 from .captions import CONTEXT, CaptionChooser, resolve_pad_id, tokenize
 from .geometry import Crop, cover, random_resized_crop
@@ -42,9 +43,9 @@ class LoaderConfig:
     seed: int = 0
     rank: int | None = None
     world_size: int | None = None
-    scale: tuple[float, float] = (0.4, 1.0)           # RandomResizedCrop (paper Table A1)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5                  # fixed resolution
+    scale: tuple[float, float] = paper.RRC_SCALE    # RandomResizedCrop (paper Table A1)
+    ratio: tuple[float, float] = paper.RRC_RATIO
+    hflip: float = paper.HFLIP          # fixed resolution
     native_hflip: float = 0.0           # native resolution: no augmentation by default
     caption_mix: dict | None = None     # P(alt | source); None = paper Table 2
     tokenizer: object = None            # callable text -> ids, or None for captions only

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from aimv2data import paper
 from aimv2data.manifest import layout
 
-AREAS = tuple(2**n for n in range(7, 13))  # 128 .. 4096 patches
+AREAS = paper.AREAS  # 128 .. 4096 patches
 REQUIRED = ("key", "shard", "offset", "size", "width", "height", "bucket")
 OPTIONAL_TEXT = ("source", "caption")
 
@@ -45,7 +46,7 @@ class SampleTable:
             raise ManifestError(f"{meta_path} not found: pass a manifest directory written by `aimv2 shard`")
         meta = json.loads(meta_path.read_text())
         self.meta = meta
-        self.patch_size = int(meta.get("patch_size", 14))
+        self.patch_size = int(meta.get("patch_size", paper.PATCH_SIZE))
         self.buckets = _read_buckets(meta, meta_path)
 
         files = layout.sample_files(self.root)

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aimv2data.buckets import AREAS, make_table
+from aimv2data.paper import PATCH_SIZE
 from aimv2data.manifest.inspect_image import DEFAULT_MAX_PIXELS, VERIFY_LEVELS, Rejected, probe
 from aimv2data.manifest import layout
 from aimv2data.manifest.schema import (REJECT_SCHEMA, SAMPLE_SCHEMA, SCHEMA_VERSION, SYN_PREFIX, SYN_TYPE,
@@ -38,7 +39,7 @@ class ManifestBuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class ShardOptions:
-    patch_size: int = 14
+    patch_size: int = PATCH_SIZE
     verify: str = "header"                 # header | draft | decode (aimv2data.manifest.inspect_image)
     max_pixels: int = DEFAULT_MAX_PIXELS   # larger images are rejected as decompression bombs
     min_side: int = 1                      # shorter display side -> too_small

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from aimv2data.atomic import atomic_write, write_text_atomic
 from aimv2data.manifest import layout
+from aimv2data.paper import PATCH_SIZE
 from .embed import IMAGE_SUFFIXES
 from ..model.encoder import Encoder
 from ..model.preprocess import fixed_resolution, load_rgb, native_resolution
@@ -175,7 +176,7 @@ class Preprocess:
     on at most `max_patches` patches: exactly what `aimv2 embed` does (aimv2train.model.preprocess)."""
     resolution: int | None = None
     max_patches: int | None = None
-    patch_size: int = 14
+    patch_size: int = PATCH_SIZE
 
     def __post_init__(self):
         if (self.resolution is None) == (self.max_patches is None):

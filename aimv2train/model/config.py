@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
+from aimv2data.paper import PATCH_SIZE, TEXT_LEN
+
 
 def swiglu_hidden(dim: int, multiple_of: int = 256) -> int:
     """SwiGLU hidden width: int(2/3 * 4 * dim) rounded up to a multiple of 256.
@@ -27,7 +29,7 @@ class EncoderConfig:
     dim: int = 1024
     depth: int = 24
     heads: int = 8
-    patch_size: int = 14
+    patch_size: int = PATCH_SIZE
     img_size: int = 224  # the grid the learned position table is built for (img_size // patch_size)^2
     pos_embed: str = "learned"  # "learned" (fixed resolution) | "sincos" (native resolution)
     mlp_hidden: int = 0  # 0: swiglu_hidden(dim)
@@ -58,7 +60,7 @@ class DecoderConfig:
     depth: int = 12
     heads: int = 8
     vocab_size: int = 32000  # SigLIP's sentencepiece vocabulary (paper appendix B); pass the tokenizer's
-    max_text_len: int = 77  # captions are truncated to 77 tokens (appendix B)
+    max_text_len: int = TEXT_LEN  # captions are truncated to 77 tokens (aimv2data/paper.py)
     mlp_hidden: int = 0
     eps: float = 1e-5
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from aimv2data.paper import TEXT_LEN
+
 from .config import DecoderConfig, EncoderConfig, ModelConfig
 
 
@@ -48,7 +50,7 @@ class StepFlops:
         return asdict(self)
 
 
-def step_flops(cfg: ModelConfig, grid: tuple[int, int], batch: int = 1, text_len: int = 77) -> StepFlops:
+def step_flops(cfg: ModelConfig, grid: tuple[int, int], batch: int = 1, text_len: int = TEXT_LEN) -> StepFlops:
     """FLOPs of one training step on `batch` images of `grid` patches with `text_len`-token captions
     (text_len=0: image loss only)."""
     n = grid[0] * grid[1]

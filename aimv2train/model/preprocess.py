@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageOps
 
 from aimv2data.batch import normalize_
+from aimv2data.paper import PATCH_SIZE
 
 
 def load_rgb(path) -> Image.Image:
@@ -24,7 +25,7 @@ def load_rgb(path) -> Image.Image:
         return im.convert("RGB")
 
 
-def native_grid(width: int, height: int, max_patches: int, patch_size: int = 14) -> tuple[int, int]:
+def native_grid(width: int, height: int, max_patches: int, patch_size: int = PATCH_SIZE) -> tuple[int, int]:
     """(h, w) patches for a width x height image: its own size rounded to whole patches when that fits
     in `max_patches`, else the largest grid with the image's aspect ratio and h*w <= max_patches."""
     if max_patches < 1:
@@ -53,6 +54,6 @@ def fixed_resolution(img: Image.Image, resolution: int) -> torch.Tensor:
     return to_tensor(img.crop((left, top, left + resolution, top + resolution)))
 
 
-def native_resolution(img: Image.Image, max_patches: int, patch_size: int = 14) -> torch.Tensor:
+def native_resolution(img: Image.Image, max_patches: int, patch_size: int = PATCH_SIZE) -> torch.Tensor:
     gh, gw = native_grid(img.width, img.height, max_patches, patch_size)
     return to_tensor(img.resize((gw * patch_size, gh * patch_size), Image.BICUBIC))

@@ -50,10 +50,7 @@ PAPER: dict[str, OptimPreset] = {
     "tiny": OptimPreset(peak_lr=1e-3, source="ours (L's values)"),
 }
 
-# Table A1 augmentations for the fixed-resolution stages (passed to the loader)
-RRC_SCALE = (0.4, 1.0)
-RRC_RATIO = (0.75, 1.33)
-HFLIP = 0.5
+# Table A1's augmentations (RandomResizedCrop, flip) are the loader's defaults: aimv2data/paper.py
 WARMUP_FRACTION = 0.05
 
 

@@ -21,8 +21,9 @@ import torch
 
 from aimv2data.atomic import write_bytes_atomic
 from aimv2data.manifest.layout import sample_files
+from aimv2data.paper import TEXT_LEN
 
-MAX_TEXT_LEN = 77  # appendix B: "truncate any text longer than 77 tokens"
+MAX_TEXT_LEN = TEXT_LEN  # 77 (aimv2data/paper.py)
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
 
