@@ -67,7 +67,7 @@ def with_orientation(jpeg: bytes, orientation: int) -> bytes:
     return jpeg[:pos] + app1 + jpeg[pos:]
 
 
-def probe(data: bytes) -> dict | None:
+def inspect_header(data: bytes) -> dict | None:
     """Format, size, progressive flag, mode and EXIF orientation from the header only (Pillow
     opens lazily: no pixel is decoded). None when Pillow cannot identify the bytes. Raises
     PIL.Image.DecompressionBombError for images beyond Pillow's own limit."""
@@ -117,7 +117,7 @@ class NativeResizer(Resizer):
             if data[:256].lstrip()[:1] == b"<":
                 return fail(ERR_HTML)
             try:
-                info = probe(data)
+                info = inspect_header(data)
             except Image.DecompressionBombError as e:
                 if self.max_image_area <= DEFAULT_MAX_PIXELS:
                     return fail(f"{ERR_TOO_LARGE}: {e}")

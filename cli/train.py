@@ -22,7 +22,8 @@ def config_options(cls):
                 continue
             kind = next((t for t in typing.get_args(hints[fl.name]) if t is not type(None)), hints[fl.name])
             required = fl.default is dataclasses.MISSING
-            names = [meta.get("name", "--" + fl.name.replace("_", "-"))] + ([meta["short"]] if "short" in meta else [])
+            names = [meta.get("name", "--" + fl.name.replace("_", "-")), *meta.get("aliases", ())]
+            names += [meta["short"]] if "short" in meta else []
             kw = dict(help=meta["help"], required=required)
             if kind is bool:
                 kw.update(is_flag=True, flag_value=not fl.default, default=fl.default)

@@ -123,3 +123,25 @@ def test_table_b1_presets_and_small_run_rule():
         resolve("tiny", "pretrain", 10, warmup=20)
     with pytest.raises(ValueError, match="unknown stage"):
         resolve("tiny", "finetune", 10)
+
+
+def test_the_model_answers_its_policy_questions():
+    """The optimiser, FSDP and --init ask the model (no key-name matching outside it): which parameters
+    are not decayed, which blocks are sharding units, how an earlier stage's weights are adapted."""
+    model = AIMv2(model_config("tiny", vocab_size=64, img_size=56))
+    skip = model.no_weight_decay()
+    assert {"encoder.pos_embed", "decoder.text_pos", "encoder.norm.weight"} <= skip
+    assert "encoder.blocks.0.attn.qkv.weight" not in skip
+    units = model.fsdp_units()
+    assert units == [*model.encoder.blocks, *model.decoder.blocks] and len(units) == (
+        model.cfg.encoder.depth + model.cfg.decoder.depth)
+    # a 224 px model's learned table (16 x 16) resampled to this 56 px model's 4 x 4 grid
+    big = AIMv2(model_config("tiny", vocab_size=64, img_size=224)).state_dict()
+    sd, notes = model.adapt_state_dict(big)
+    assert sd["encoder.pos_embed"].shape == model.state_dict()["encoder.pos_embed"].shape
+    assert notes == ["position table resampled 16x16 -> 4x4 (bicubic)"]
+    native = AIMv2(model_config("tiny", vocab_size=64, pos_embed="sincos"))
+    sd, notes = native.adapt_state_dict(big)
+    assert "encoder.pos_embed" not in sd and "dropped" in notes[0]
+    with pytest.raises(ValueError, match="text vocabulary has 32 ids"):
+        model.adapt_state_dict(AIMv2(model_config("tiny", vocab_size=32, img_size=56)).state_dict())

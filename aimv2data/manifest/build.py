@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from aimv2data.buckets import AREAS, make_table
 from aimv2data.paper import PATCH_SIZE
-from aimv2data.manifest.inspect_image import DEFAULT_MAX_PIXELS, VERIFY_LEVELS, Rejected, probe
+from aimv2data.manifest.inspect_image import DEFAULT_MAX_PIXELS, VERIFY_LEVELS, Rejected, inspect_image
 from aimv2data.manifest import layout
 from aimv2data.manifest.schema import (REJECT_SCHEMA, SAMPLE_SCHEMA, SCHEMA_VERSION, SYN_PREFIX, SYN_TYPE,
                                        read_json, write_json_atomic, write_parquet_atomic)
@@ -157,9 +157,9 @@ def _read_meta(s, read, counts: Counter) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def _probe(data: bytes, opts: ShardOptions):
+def _inspect(data: bytes, opts: ShardOptions):
     try:
-        p = probe(data, opts.verify, opts.max_pixels)
+        p = inspect_image(data, opts.verify, opts.max_pixels)
     except Rejected:
         raise
     except Exception as e:  # a decoder bug on hostile bytes must cost one sample, not the run
@@ -176,7 +176,7 @@ def _str(v) -> str | None:
 
 
 def process_tar(job: TarJob, output: str, opts: ShardOptions) -> dict:
-    """Index, probe and bucket one tar; write its parts; return its summary (also saved as _parts/*.json)."""
+    """Index, inspect and bucket one tar; write its parts; return its summary (also saved as _parts/*.json)."""
     t0 = time.perf_counter()
     output = Path(output)
     paths = _paths(output, job.part)
@@ -235,7 +235,7 @@ def process_tar(job: TarJob, output: str, opts: ShardOptions) -> dict:
                     continue
                 data = read(img)
                 try:
-                    p = _probe(data, opts)
+                    p = _inspect(data, opts)
                 except Rejected as e:
                     reject(e.reason, e.detail, s.key, img, meta, source)
                     continue

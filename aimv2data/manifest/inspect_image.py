@@ -47,7 +47,7 @@ class Rejected(Exception):
 
 
 @dataclass
-class Probe:
+class ImageInfo:
     format: str          # jpeg | png | webp (from the bytes)
     width: int           # display size: EXIF orientation applied
     height: int
@@ -81,7 +81,7 @@ def sniff(data: bytes) -> str:
     raise Rejected("not_an_image", f"unknown signature {data[:8].hex(' ')}")
 
 
-def probe(data: bytes, verify: str = "header", max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
+def inspect_image(data: bytes, verify: str = "header", max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     if verify not in VERIFY_LEVELS:
         raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
     fmt = sniff(data)
@@ -112,7 +112,7 @@ def probe(data: bytes, verify: str = "header", max_pixels: int = DEFAULT_MAX_PIX
         _decode(data, fmt, draft=(verify == "draft" and fmt == "jpeg"))
     if orientation in (5, 6, 7, 8):         # transposed: display w/h are the stored h/w
         w, h = h, w
-    return Probe(fmt, w, h, orientation, mode, alpha, bit_depth, exif_error)
+    return ImageInfo(fmt, w, h, orientation, mode, alpha, bit_depth, exif_error)
 
 
 def _open(data: bytes, fmt: str) -> Image.Image:

@@ -17,7 +17,8 @@ REQUIRED = object()  # marker: the field has no default (a required flag)
 
 def flag(default=None, help: str = "", **cli):
     """A field with its CLI description: help, and optionally short ("-m"), choices, path ("dir" |
-    "existing" | "existing_dir" | "existing_file"), name ("--no-progress" for an inverted boolean) or
+    "existing" | "existing_dir" | "existing_file"), aliases (older flag names), name ("--no-progress"
+    for an inverted boolean) or
     cli=False (not a command-line flag). `default` REQUIRED makes it a required field and flag."""
     meta = {"help": help, **cli}
     return field(metadata=meta) if default is REQUIRED else field(default=default, metadata=meta)
@@ -52,7 +53,9 @@ class TrainConfig:
     seed: int = flag(0, "Seeds initial weights, data order and prefix lengths.")
     device: str | None = flag(None, "cpu | cuda | cuda:N (default: cuda if available).")
     workers: int = flag(4, "Loader worker processes per rank (0: in-process).")
-    decoder: str = flag("pil", "Image decoder of the loader.", choices=IMAGE_DECODERS)
+    # the loader's image decoder (not the model's multimodal decoder); --decoder is its older name
+    image_decoder: str = flag("pil", "Image decoder of the loader (--decoder is an alias).", choices=IMAGE_DECODERS,
+                              aliases=("--decoder",))
     compile: bool = flag(False, "torch.compile the model and loss (dynamic shapes with --native-res).")
     precision: str | None = flag(None, "bf16 autocast or fp32 (default: bf16 on CUDA, fp32 on CPU).",
                                  choices=("bf16", "fp32"))

@@ -162,7 +162,7 @@ def make_loader(cfg: TrainConfig, tok: Tokenizer, info: DistInfo, resolution: in
     from aimv2data.loader import Loader
 
     kwargs = dict(tokenizer=tok, pad_id=tok.pad_id, rank=info.rank, world_size=info.world_size, seed=cfg.seed,
-                  workers=cfg.workers, decoder=cfg.decoder, pin_memory=torch.cuda.is_available())
+                  workers=cfg.workers, decoder=cfg.image_decoder, pin_memory=torch.cuda.is_available())
     if cfg.native_res:
         loader = Loader(cfg.manifest, native_res=True, batch_patches=cfg.batch_patches, **kwargs)
     else:
