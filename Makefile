@@ -8,7 +8,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo lint test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -19,7 +19,10 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 demo: install
 	$(VENV)/bin/aimv2 demo --out $(DEMO_OUT)
 
-test: install
+lint: install
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q -rs
 
 test-fast: install

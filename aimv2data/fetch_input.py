@@ -117,7 +117,8 @@ def load_dfn_index(path: str | Path) -> np.ndarray:
             "[('f0', '<u8'), ('f1', '<u8')] (np.dtype('u8,u8')): each 32-hex uid split into two 64-bit "
             "halves, high half first, sorted. Convert uids with aimv2data.fetch_input.uid_pairs().", "dfn-index")
     n = len(idx)
-    sample = np.unique(np.concatenate([np.arange(min(n, 65536)), np.linspace(0, n - 1, min(n, 1_000_000)).astype(np.int64)])) if n else []
+    spread = np.linspace(0, n - 1, min(n, 1_000_000)).astype(np.int64)
+    sample = np.unique(np.concatenate([np.arange(min(n, 65536)), spread])) if n else []
     s = np.asarray(idx[sample])
     hi, lo = s["f0"], s["f1"]
     if len(s) > 1 and not np.all((hi[:-1] < hi[1:]) | ((hi[:-1] == hi[1:]) & (lo[:-1] <= lo[1:]))):

@@ -125,7 +125,8 @@ def _fetch_step(name: str, source: str) -> Step:
 
 def _fetch_line(s: dict) -> str:
     fails = ", ".join(f"{k} {v}" for k, v in s["failures_by_reason"].items()) or "none"
-    return f"{s['samples']['success']}/{s['samples']['attempted']} images in {s['shards']['done']} shards; failures: {fails}"
+    return (f"{s['samples']['success']}/{s['samples']['attempted']} images in {s['shards']['done']} shards; "
+            f"failures: {fails}")
 
 
 # -- shard, captions, tokenizer -----------------------------------------------------------------

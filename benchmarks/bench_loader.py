@@ -164,7 +164,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10, help="Timed steps per fixed-res run.")
     ap.add_argument("--budget-steps", type=int, default=200, help="Native-res steps per budget figure.")
-    ap.add_argument("--write", action="store_true", help="Also write the report to benchmarks/loader-latest.md (paste it into the Loader section of benchmarks/RESULTS.md).")
+    ap.add_argument("--write", action="store_true", help="Also write the report to benchmarks/loader-latest.md "
+                    "(paste it into the Loader section of benchmarks/RESULTS.md).")
     ap.add_argument("--baseline-only", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.baseline_only:
@@ -248,7 +249,8 @@ def main():
         f"Same comparison on corpus `lite` ({a.lite} photo-size JPEGs at q75 without grain, "
         f"{bpp(lite):.2f} bits/pixel vs {bpp(photos):.2f} for `photos`): baseline "
         f"{med(lite_res['baseline'], 'images_per_cpu_s'):.1f}, `pil` loader {med(lite_res['pil'], 'images_per_cpu_s'):.1f} "
-        f"images per CPU-s (**{med(lite_res['pil'], 'images_per_cpu_s') / med(lite_res['baseline'], 'images_per_cpu_s'):.2f}x**); "
+        f"images per CPU-s (**{med(lite_res['pil'], 'images_per_cpu_s') / med(lite_res['baseline'], 'images_per_cpu_s'):.2f}x**"
+        "); "
         f"wall {med(lite_res['baseline'], 'images_per_s'):.1f} vs {med(lite_res['pil'], 'images_per_s'):.1f} images/s "
         f"({med(lite_res['pil'], 'images_per_s') / med(lite_res['baseline'], 'images_per_s'):.2f}x). Draft decoding "
         "cuts the IDCT, colour conversion and resize work but not Huffman decoding, so the gain grows as the "

@@ -46,7 +46,7 @@ def loader(manifest, native_res, batch_patches, batch_rule, resolution, batch_si
                       batch_size=batch_size, decoder=decoder, workers=workers, steps=steps, warmup=warmup,
                       seed=seed, draft=not no_draft, batch_rule=batch_rule, steps_log=steps_log)
     except (ManifestError, ValueError) as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from None
     t = Table(title=f"aimv2 bench loader: {r['mode']}, {r['decoder']} ({r['device']}), workers={r['workers']}",
               show_header=False)
     t.add_row("steps (timed)", f"{r['steps']} after {r['warmup']} warm-up, {r['elapsed_s']:.2f} s")

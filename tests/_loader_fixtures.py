@@ -75,8 +75,8 @@ def make_image(w: int, h: int, rng: np.random.Generator, photo: bool = False, gr
         src = _photo_sources()[int(rng.integers(len(_photo_sources())))]
         sh, sw = src.shape[:2]
         # A random crop of the source with the target's aspect, then resized to (w, h).
-        cw = min(sw, int(sh * w / h)); ch = min(sh, int(sw * h / w))
-        x0 = int(rng.integers(0, sw - cw + 1)); y0 = int(rng.integers(0, sh - ch + 1))
+        cw, ch = min(sw, int(sh * w / h)), min(sh, int(sw * h / w))
+        x0, y0 = int(rng.integers(0, sw - cw + 1)), int(rng.integers(0, sh - ch + 1))
         im = Image.fromarray(src[y0:y0 + ch, x0:x0 + cw]).resize((w, h), Image.BICUBIC)
         if not grain:
             return im

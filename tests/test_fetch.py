@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from aimv2data import demo_corpus as demo
 from aimv2data.fetch_input import in_index, load_dfn_index, uid_pairs, FetchError
-from aimv2data.fetch_resize import NativeResizer, jpeg_is_complete, probe, with_orientation
+from aimv2data.fetch_resize import NativeResizer, inspect_header, jpeg_is_complete, with_orientation
 from aimv2data.fetch_summary import busy_seconds, reason_class
 from aimv2data.serve import HOSTILE, LoopbackServer
 from cli.main import main
@@ -89,7 +89,7 @@ def test_coyo_fetches_every_good_image_at_native_size(coyo_run):
         assert (j["id"], j["source"], j["src_width"], j["src_height"]) == (im.id, "coyo", im.width, im.height)
         assert s["txt"] == im.caption
         assert j["sha256"] == im.sha256  # hash of the bytes as downloaded
-        p = probe(s["jpg"])
+        p = inspect_header(s["jpg"])
         assert p["format"] == "JPEG" and not p["progressive"], im.name
         assert (p["width"], p["height"], p["orientation"]) == (im.width, im.height, im.orientation), im.name
 
@@ -133,7 +133,7 @@ def test_exif_orientation_survives_reencoding():
                       encode_format="jpg", skip_reencode=True)
     data, w, h, ow, oh, err = r(io.BytesIO(buf.getvalue()))
     assert err is None and (w, h, ow, oh) == (80, 40, 80, 40)
-    assert probe(data) == {"format": "JPEG", "width": 80, "height": 40, "mode": "RGB", "progressive": False,
+    assert inspect_header(data) == {"format": "JPEG", "width": 80, "height": 40, "mode": "RGB", "progressive": False,
                            "orientation": 6}
     shown = ImageOps.exif_transpose(decode(data))
     assert shown.size == (40, 80)
@@ -436,7 +436,7 @@ def test_jpeg_completeness_ignores_the_eoi_of_an_exif_thumbnail():
 def test_orientation_segment_is_read_back_and_keeps_pixels():
     jpeg = demo.corpus()[0].data
     tagged = with_orientation(jpeg, 8)
-    assert probe(tagged)["orientation"] == 8
+    assert inspect_header(tagged)["orientation"] == 8
     assert np.array_equal(np.asarray(decode(tagged)), np.asarray(decode(jpeg)))
 
 
@@ -496,7 +496,7 @@ def test_killed_and_interrupted_runs_resume_without_duplicates(served, tmp_path)
         assert summary(out)["complete"] is False
         # 2. SIGKILL of the whole group (a node or container dying)
         proc = _start(lists, out)
-        done_before = _wait_mid_shard(proc, out, len(_shard_files(out)[0]) + 1)
+        _wait_mid_shard(proc, out, len(_shard_files(out)[0]) + 1)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         _wait_group_gone(proc.pid)

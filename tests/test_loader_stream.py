@@ -130,7 +130,7 @@ def test_resume_mid_epoch_is_exact(manifest, native, workers):
     stop = len(epoch0) - 3
 
     first = Loader(manifest, seed=9, workers=workers, **kw)
-    for i, batch in enumerate(first):
+    for i, _batch in enumerate(first):
         if i == stop - 1:
             break
     state = json.loads(json.dumps(first.state_dict()))        # a checkpoint survives JSON
@@ -204,7 +204,7 @@ def test_default_mix_is_table2(manifest):
     loader = Loader(manifest, resolution=32, batch_size=40, seed=0)
     rows = {r["key"]: r for r in _rows(manifest).to_dicts()}
     alt = syn = 0
-    for e in range(3):
+    for _epoch in range(3):
         for batch in loader:
             for k, cap in zip(batch.keys, batch.captions):
                 r = rows[k]

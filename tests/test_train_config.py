@@ -26,8 +26,8 @@ def test_every_field_is_a_flag_with_the_dataclass_default(tmp_path, monkeypatch)
     assert "stop here" in r.output, r.output
     assert seen["cfg"] == TrainConfig(manifest=str(man), tokenizer=str(tok), out=str(tmp_path / "run"))
 
-    r = CliRunner().invoke(main, ["train", "-m", str(man), "-t", str(tok), "-o", str(tmp_path / "run"),
-                                  "--no-progress", "--compile", "--lr", "3e-4", "--stage", "highres", "--decoder", "dali"])
+    r = CliRunner().invoke(main, ["train", "-m", str(man), "-t", str(tok), "-o", str(tmp_path / "run"), "--no-progress",
+                                  "--compile", "--lr", "3e-4", "--stage", "highres", "--decoder", "dali"])
     cfg = seen["cfg"]
     assert (cfg.progress, cfg.compile, cfg.lr, cfg.stage) == (False, True, 3e-4, "highres")
     assert cfg.image_decoder == "dali"  # --decoder, the older name of --image-decoder, still works

@@ -191,7 +191,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 def latest_checkpoint(directory: str | os.PathLike) -> tuple[Path, dict] | None:
     """The newest checkpoint that reads back (an unreadable newer one is reported and skipped)."""
-    for step, p in reversed(list_checkpoints(directory)):
+    for _step, p in reversed(list_checkpoints(directory)):
         try:
             return p, read_checkpoint(p)
         except ValueError as e:

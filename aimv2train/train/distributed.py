@@ -97,8 +97,8 @@ def wrap_model(loss_module: nn.Module, mode: str, info: DistInfo, device: torch.
     """DDP or FSDP2 around the trainer's loss module (a no-op on one process).
 
     DDP wraps the loss module itself: its gradient hooks are armed by `forward`, which computes the loss.
-    FSDP2 shards each of `loss_module.model.fsdp_units()` (its transformer blocks), then that model as the root (embeddings,
-    heads, norms); with `param_dtype` (bf16) it gathers and computes in that dtype and reduces gradients
+    FSDP2 shards each of `loss_module.model.fsdp_units()` (its transformer blocks), then that model as the root
+    (embeddings, heads, norms); with `param_dtype` (bf16) it gathers and computes in that dtype and reduces gradients
     in fp32. Parameters become DTensors: build the optimiser after this."""
     if not info.enabled:
         return loss_module
