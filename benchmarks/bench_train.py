@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aimv2train.model.config import model_config  # noqa: E402
 from aimv2train.model.flops import step_flops  # noqa: E402
 from aimv2train.model.masks import sample_prefix_lengths  # noqa: E402
-from aimv2train.train.metrics import matmul_peak  # noqa: E402
+from aimv2train.train.metrics import matmul_peak, read_metrics  # noqa: E402
 from aimv2train.model.aimv2 import AIMv2, count_params  # noqa: E402
 from aimv2train.train.optim import build_optimizer  # noqa: E402
 from aimv2train.train.trainer import LossModule, autocast_context  # noqa: E402
@@ -72,7 +72,7 @@ def bench_step(size: str, res: int, batch: int, device: torch.device, precision:
         t0 = time.perf_counter()
         prefix = sample_prefix_lengths(batch, grid[0] * grid[1], g)
         with autocast_context(device, precision):
-            loss, _, _ = step_fn(images, patches, tokens, prefix)
+            loss = step_fn(images, patches, tokens, prefix)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         sync(device)
@@ -120,7 +120,7 @@ def bench_loader(size, res, batch, device, precision, steps, peak, manifest, tok
     s = train(TrainConfig(manifest=manifest, tokenizer=tokenizer, out=out, model=size, steps=steps, resolution=res,
                           batch_size=batch, device=str(device), precision=precision, workers=workers,
                           save_every=0, progress=False, peak_flops=peak))
-    recs = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()][2:]
+    recs = read_metrics(out)[2:]
     data = sum(r["data_time"] for r in recs) / sum(r["step_time"] for r in recs)
     return {"model": size + " (trainer + loader)", "device": device.type, "precision": precision, "resolution": res,
             "batch": batch, "steps_per_s": s["steps_per_s"], "images_per_s": s["images_per_s"], "mfu": s["mfu"],
