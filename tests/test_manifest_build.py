@@ -335,10 +335,10 @@ def test_idx_is_never_written_over_a_foreign_one(tmp_path):
     assert len(list((tmp_path / "m2/idx").glob("*.idx"))) == 1
 
 
-def test_a_crash_in_probing_costs_one_sample_and_bad_json_none(tmp_path, monkeypatch):
+def test_a_crash_in_inspecting_costs_one_sample_and_bad_json_none(tmp_path, monkeypatch):
     import aimv2data.manifest.build as build
 
-    real = build.probe
+    real = build.inspect_image
 
     def flaky(data, *a):
         if data == poison:
@@ -352,7 +352,7 @@ def test_a_crash_in_probing_costs_one_sample_and_bad_json_none(tmp_path, monkeyp
         ("a.jpg", F.jpeg(60, 40, 1)), ("a.json", b"\xff\xfe not json"),
         ("b.jpg", poison), ("b.json", b'{"url": 5, "uid": 17}'),
         ("c.jpg", F.jpeg(8, 8, 2))])
-    monkeypatch.setattr(build, "probe", flaky)
+    monkeypatch.setattr(build, "inspect_image", flaky)
     r = build_manifest([str(shards)], tmp_path / "m", progress=False, min_side=10)
     assert r["samples"] == 1 and r["per_reason"] == {"corrupt": 1, "too_small": 1}
     import polars as pl

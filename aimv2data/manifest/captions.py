@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from aimv2data.atomic import atomic_write
 from aimv2data.manifest import layout
 from aimv2data.manifest.schema import SYN_PREFIX, SYN_TYPE, read_json, write_json_atomic, write_parquet_atomic
 
@@ -226,12 +227,7 @@ def generate(manifest: str | Path, model: str, *, output: str | Path | None = No
     merged = pl.concat([pl.read_parquet(p) for p in sorted(work.glob("*.parquet"))]) if any(work.glob("*.parquet")) \
         else pl.DataFrame(schema={"key": pl.String, "uid": pl.String, "url": pl.String, "sha256": pl.String,
                                   name: pl.String, "model": pl.String})
-    tmp = output.with_name(f".{output.name}.tmp")
-    if output.suffix == ".jsonl":
-        merged.write_ndjson(tmp)
-    else:
-        merged.write_parquet(tmp)
-    tmp.replace(output)
+    atomic_write(output, merged.write_ndjson if output.suffix == ".jsonl" else merged.write_parquet)
     for p in work.glob("*.parquet"):
         p.unlink()
     work.rmdir()
