@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..batch import normalize_
+from . import decode_turbo
 from .geometry import Crop, draft_scale
 
 # Pillow's decompression-bomb limit stays as it is: the manifest builder's default cap is the same 2x
@@ -36,13 +37,21 @@ TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 
 class PilDecoder:
     name = "pil"
 
-    def __init__(self, draft: bool = True, reducing_gap: float = 1.0):
+    def __init__(self, draft: bool = True, reducing_gap: float = 1.0, turbo: bool = True):
         self.draft = draft
         self.reducing_gap = reducing_gap
+        self.turbo = turbo and decode_turbo.available()
 
     def decode(self, data: bytes, crop: Crop, orientation: int | None = None) -> np.ndarray:
         """Encoded bytes -> uint8 (H, W, 3) of the crop, resized (bicubic) and flipped as asked.
         `orientation`: the manifest's EXIF orientation (None: read it from the file)."""
+        im = None
+        if self.turbo and orientation is not None:     # JPEG at the smallest M/8 scale (decode_turbo.py)
+            im = decode_turbo.decode_scaled(data, crop, self.reducing_gap, scale=self.draft)
+        if im is not None:
+            if orientation in TRANSPOSE:
+                im = im.transpose(TRANSPOSE[orientation])
+            return self._finish(im, crop)
         im = Image.open(io.BytesIO(data))
         if self.draft and im.format == "JPEG":
             d = draft_scale(crop, self.reducing_gap)
@@ -56,6 +65,11 @@ class PilDecoder:
             im.load()
         if im.mode != "RGB":
             im = im.convert("RGB")
+        return self._finish(im, crop)
+
+    @staticmethod
+    def _finish(im: Image.Image, crop: Crop) -> np.ndarray:
+        """A decoded RGB image in display orientation (any scale) -> the crop, resized and flipped."""
         w, h = crop.src
         if (im.width > im.height) != (w > h) and abs(im.width - im.height) > 1 and abs(w - h) > 1:
             raise ValueError(f"decoded image is {im.width}x{im.height} but the manifest says {w}x{h} "

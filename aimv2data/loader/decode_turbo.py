@@ -1,0 +1,77 @@
+"""JPEG decoding at the smallest libjpeg-turbo scale that keeps the crop at or above the output size
+(issue 15, point 5), through `simplejpeg` (a maintained binding whose wheel ships libjpeg-turbo 3.1).
+
+libjpeg-turbo scales a JPEG inside the IDCT: M x M pixels per 8 x 8 block. We decode at the smallest
+scale M/8 with M in SCALES that leaves at least MIN_GAP = 1.25 (or the loader's `reducing_gap`, if
+larger) source pixels per output pixel on both axes of the crop, then Pillow-SIMD resizes the crop box
+(bicubic, antialiased) to the output: no full-size intermediate. The 1.25: a DCT-domain 1/2 that leaves
+the resize almost nothing to do keeps the aliasing of sensor noise, and a generated noisy scene of the
+demo corpus then differed from DALI's full decode + antialiased resize by 0.060 (> 0.05) normalised
+units; at 1.25 the worst image of the agreement tests is 0.040 (photos) and 0.008 (demo corpus). Only M = 1, 2, 4, 8: libjpeg-turbo has SIMD IDCTs for 1/8 (DC
+only), 2/8, 4/8 and 8/8, while 3/8, 5/8, 6/8 and 7/8 run its plain-C IDCTs; measured on one core, those
+scales were slower than the next power of two, and at the 1.0 gap they took the `pil` decoder past the
+decoder-agreement tolerance against DALI (per-image 0.065 > 0.05 normalised units on grainy photos),
+while powers of two stay within it (mean 0.004-0.008, max 0.040: tests/test_loader_decoders.py).
+
+Why not Pillow's `draft`: it is asked for (ceil(w/d), ceil(h/d)) and picks the scale by integer
+division, so any odd width or height got NO reduction at d = 2 (and a smaller one at 4 and 8): about
+half of all photos were decoded at full size. Here the scale is chosen from the crop directly.
+
+Not done: decoding only the crop window (stop after its last row, skip columns outside it). No
+maintained binding exposes it on this stack: Debian 12's libturbojpeg0 is 2.1.5 (no TurboJPEG 3
+`tj3SetCroppingRegion`), PyTurboJPEG 2.x needs TurboJPEG 3 and its `decode()` takes no region, and
+simplejpeg has no region argument. At these scales Huffman decoding dominates (the 1/8 "floor" is
+1.3-2x the 1/4 decode on photos), and a crop window would still have to entropy-decode every row above
+its bottom edge, so the loss is small (benchmarks/bench_decode.py reports the loader against the floor).
+
+Not handled here (the caller falls back to Pillow): no binding, bytes that are not a JPEG, CMYK/YCCK
+JPEGs (Pillow's Adobe-inversion handling is the reference), images over Pillow's decompression-bomb
+limit, and anything libjpeg-turbo reports as damaged (strict mode), so Pillow alone decides which
+damaged JPEGs are bad samples, as before.
+"""
+from __future__ import annotations
+
+import math
+
+from PIL import Image
+
+from .geometry import Crop
+
+try:
+    import simplejpeg
+except ImportError:          # optional: without it the `pil` decoder uses Pillow's draft for JPEGs
+    simplejpeg = None
+
+_COLOUR = {"YCbCr", "RGB", "Gray"}
+SCALES = (1, 2, 4, 8)        # M of M/8: libjpeg-turbo's SIMD IDCT sizes (see above)
+MIN_GAP = 1.25               # source px per output px left after the DCT-domain scale (see above)
+
+
+def available() -> bool:
+    return simplejpeg is not None
+
+
+def scale_eighths(crop: Crop, reducing_gap: float = 1.0) -> int:
+    """M of the M/8 scale to decode at: the smallest in SCALES that leaves at least `reducing_gap`
+    source pixels per output pixel on both axes of the crop (at least MIN_GAP)."""
+    need = 8 * max(reducing_gap, MIN_GAP) / crop.reduction()
+    return next((m for m in SCALES if m >= need - 1e-9), 8)
+
+
+def decode_scaled(data: bytes, crop: Crop, reducing_gap: float = 1.0, scale: bool = True) -> Image.Image | None:
+    """Encoded bytes -> an RGB PIL image at M/8 of the stored size (EXIF orientation NOT applied: the
+    caller transposes), or None when this path does not apply (see the module docstring). The scale is
+    the same on both axes, so the display-space crop needs no transposing to choose it."""
+    if simplejpeg is None or not data.startswith(b"\xff\xd8"):
+        return None
+    try:
+        h, w, colour, _ = simplejpeg.decode_jpeg_header(data)
+        if colour not in _COLOUR or (Image.MAX_IMAGE_PIXELS and w * h > 2 * Image.MAX_IMAGE_PIXELS):
+            return None                                   # CMYK/YCCK, or a decompression bomb: Pillow's call
+        m = scale_eighths(crop, reducing_gap) if scale else 8
+        arr = simplejpeg.decode_jpeg(data, "RGB", min_width=math.ceil(w * m / 8), min_height=math.ceil(h * m / 8),
+                                     strict=True)
+    except Exception:         # damaged or unsupported: Pillow decides (and names the problem)
+        return None
+    return Image.frombuffer("RGB", (arr.shape[1], arr.shape[0]), arr, "raw", "RGB", 0, 1)
+
