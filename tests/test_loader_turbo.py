@@ -37,6 +37,16 @@ def test_decodes_at_the_chosen_scale_without_a_full_size_image():
     assert full.size == (801, 603)
 
 
+def test_detailed_jpegs_keep_a_wider_gap_than_smooth_ones():
+    rng = np.random.default_rng(3)
+    smooth = encode_jpeg(make_image(600, 400, rng))                  # gradients: well under 1 bit per pixel
+    grainy = encode_jpeg(make_image(600, 400, rng, photo=True))      # photo + sensor grain: ~2 bits per pixel
+    assert 8 * len(smooth) < 600 * 400 < 8 * len(grainy)
+    c = cover(600, 400, 140, 98)                                      # 4.1x: 1/4 leaves 1.02, 1/2 leaves 2.04
+    assert decode_turbo.decode_scaled(smooth, c).size == (150, 100)
+    assert decode_turbo.decode_scaled(grainy, c).size == (300, 200)
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_and_pixels_match_pillow(orientation):
     rng = np.random.default_rng(orientation)
@@ -58,8 +68,8 @@ def _jpeg(mode, size=(300, 200), **kw):
 @pytest.mark.parametrize("mode,kw", [("L", {}), ("RGB", {"progressive": True})], ids=["grey", "progressive"])
 def test_grey_and_progressive_jpegs_take_the_fast_path_and_match_pillow(mode, kw):
     data = _jpeg(mode, **kw)
-    c = cover(300, 200, 70, 49)                                       # 4.1x: decoded at 1/2
-    assert decode_turbo.decode_scaled(data, c).size == (150, 100)
+    c = cover(300, 200, 70, 49)                                       # 4.1x, smooth (< 1 bit/px): 1/4
+    assert decode_turbo.decode_scaled(data, c).size == (75, 50)
     fast = PilDecoder().decode(data, c, 1).astype(np.float32)
     ref = PilDecoder(turbo=False, draft=False).decode(data, c, 1).astype(np.float32)
     assert np.abs(fast - ref).mean() < TOL / 2

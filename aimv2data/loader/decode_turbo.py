@@ -7,7 +7,10 @@ larger) source pixels per output pixel on both axes of the crop, then Pillow-SIM
 (bicubic, antialiased) to the output: no full-size intermediate. The 1.25: a DCT-domain 1/2 that leaves
 the resize almost nothing to do keeps the aliasing of sensor noise, and a generated noisy scene of the
 demo corpus then differed from DALI's full decode + antialiased resize by 0.060 (> 0.05) normalised
-units; at 1.25 the worst image of the agreement tests is 0.040 (photos) and 0.008 (demo corpus). Only M = 1, 2, 4, 8: libjpeg-turbo has SIMD IDCTs for 1/8 (DC
+units; at 1.25 the worst image of the agreement tests is 0.040 (photos) and 0.008 (demo corpus).
+Aliasing needs high-frequency content, and that is what costs a JPEG its bits: below SMOOTH_BPP = 1
+bit per pixel the gap is 1.0 (benchmarks/bench_decode.py reports the resulting difference from a full
+decode per corpus). Only M = 1, 2, 4, 8: libjpeg-turbo has SIMD IDCTs for 1/8 (DC
 only), 2/8, 4/8 and 8/8, while 3/8, 5/8, 6/8 and 7/8 run its plain-C IDCTs; measured on one core, those
 scales were slower than the next power of two, and at the 1.0 gap they took the `pil` decoder past the
 decoder-agreement tolerance against DALI (per-image 0.065 > 0.05 normalised units on grainy photos),
@@ -44,17 +47,18 @@ except ImportError:          # optional: without it the `pil` decoder uses Pillo
 
 _COLOUR = {"YCbCr", "RGB", "Gray"}
 SCALES = (1, 2, 4, 8)        # M of M/8: libjpeg-turbo's SIMD IDCT sizes (see above)
-MIN_GAP = 1.25               # source px per output px left after the DCT-domain scale (see above)
+MIN_GAP = 1.25               # source px per output px left after the DCT-domain scale (see above) ...
+SMOOTH_BPP = 1.0             # ... or 1.0 for JPEGs under this many bits per pixel: little to alias
 
 
 def available() -> bool:
     return simplejpeg is not None
 
 
-def scale_eighths(crop: Crop, reducing_gap: float = 1.0) -> int:
-    """M of the M/8 scale to decode at: the smallest in SCALES that leaves at least `reducing_gap`
-    source pixels per output pixel on both axes of the crop (at least MIN_GAP)."""
-    need = 8 * max(reducing_gap, MIN_GAP) / crop.reduction()
+def scale_eighths(crop: Crop, reducing_gap: float = 1.0, min_gap: float = MIN_GAP) -> int:
+    """M of the M/8 scale to decode at: the smallest in SCALES that leaves at least
+    max(`reducing_gap`, `min_gap`) source pixels per output pixel on both axes of the crop."""
+    need = 8 * max(reducing_gap, min_gap) / crop.reduction()
     return next((m for m in SCALES if m >= need - 1e-9), 8)
 
 
@@ -68,7 +72,8 @@ def decode_scaled(data: bytes, crop: Crop, reducing_gap: float = 1.0, scale: boo
         h, w, colour, _ = simplejpeg.decode_jpeg_header(data)
         if colour not in _COLOUR or (Image.MAX_IMAGE_PIXELS and w * h > 2 * Image.MAX_IMAGE_PIXELS):
             return None                                   # CMYK/YCCK, or a decompression bomb: Pillow's call
-        m = scale_eighths(crop, reducing_gap) if scale else 8
+        smooth = 8 * len(data) < SMOOTH_BPP * w * h
+        m = scale_eighths(crop, reducing_gap, 1.0 if smooth else MIN_GAP) if scale else 8
         arr = simplejpeg.decode_jpeg(data, "RGB", min_width=math.ceil(w * m / 8), min_height=math.ceil(h * m / 8),
                                      strict=True)
     except Exception:         # damaged or unsupported: Pillow decides (and names the problem)
