@@ -153,6 +153,26 @@ def med(rs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rs)
 
 
+def fixed_only(photos: Path, a) -> None:
+    """Baseline vs the `pil` loader at fixed 224 on `photos`, alternating, one core each."""
+    n_img = a.batch_size * a.steps
+    fixed = ["--resolution", "224", "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--warmup", "1"]
+    load0 = os.getloadavg()[0]
+    rs = {"baseline": [], "pil": []}
+    for r in range(a.repeats):
+        rs["baseline"].append(base(photos, n_img, a.batch_size))
+        rs["pil"].append(ours(photos, *fixed, "--decoder", "pil", "--seed", str(r)))
+        print(f"repeat {r + 1}: images per CPU-s baseline {rs['baseline'][-1]['images_per_cpu_s']:.1f}, "
+              f"pil {rs['pil'][-1]['images_per_cpu_s']:.1f}; wall {rs['baseline'][-1]['images_per_s']:.1f} vs "
+              f"{rs['pil'][-1]['images_per_s']:.1f}", flush=True)
+    b, p = med(rs["baseline"], "images_per_cpu_s"), med(rs["pil"], "images_per_cpu_s")
+    bw, pw = med(rs["baseline"], "images_per_s"), med(rs["pil"], "images_per_s")
+    print(f"{datetime.date.today()} `{rs['pil'][0]['cpu']}`, load {load0:.1f} -> {os.getloadavg()[0]:.1f}; corpus "
+          f"`photos` {a.photos} images ({bpp(photos):.2f} bits/px), batch {a.batch_size} x {a.steps} steps, "
+          f"medians of {a.repeats}: images per CPU-s baseline {b:.1f}, pil {p:.1f} (**{p / b:.2f}x**); "
+          f"wall {bw:.1f} vs {pw:.1f} ({pw / bw:.2f}x)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "aimv2-bench-loader"),
@@ -165,6 +185,9 @@ def main():
     ap.add_argument("--steps", type=int, default=10, help="Timed steps per fixed-res run.")
     ap.add_argument("--budget-steps", type=int, default=200, help="Native-res steps per budget figure.")
     ap.add_argument("--write", action="store_true", help="Also write the report to benchmarks/loader-latest.md (paste it into the Loader section of benchmarks/RESULTS.md).")
+    ap.add_argument("--fixed-only", action="store_true",
+                    help="Only the fixed-224 comparison on `photos` (baseline vs the `pil` loader), printed as one "
+                         "table row per repeat and the medians (issue 15's check of the decoder).")
     ap.add_argument("--baseline-only", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.baseline_only:
@@ -177,6 +200,8 @@ def main():
     photos = corpus(work, f"photos-{a.photos}", n=a.photos, seed=1, shards=max(1, a.photos // 500), photo=True,
                     min_side=800, max_side=2000, aspects=[9 / 16, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 16 / 9],
                     exif_every=8, quality=88)
+    if a.fixed_only:
+        return fixed_only(photos, a)
     lite = corpus(work, f"photos-lite-{a.lite}", n=a.lite, seed=3, shards=max(1, a.lite // 500), photo=True,
                   min_side=800, max_side=2000, aspects=[9 / 16, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 16 / 9],
                   quality=75, grain=0.0)

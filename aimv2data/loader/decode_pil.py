@@ -81,7 +81,7 @@ class PilDecoder:
 
     @staticmethod
     def _finish(im: Image.Image, crop: Crop) -> np.ndarray:
-        """A decoded RGB(X) image in display orientation (any scale) -> the crop, resized and flipped."""
+        """A decoded RGB image in display orientation (any scale) -> the crop, resized and flipped."""
         w, h = crop.src
         if (im.width > im.height) != (w > h) and abs(im.width - im.height) > 1 and abs(w - h) > 1:
             raise ValueError(f"decoded image is {im.width}x{im.height} but the manifest says {w}x{h} "
@@ -91,8 +91,7 @@ class PilDecoder:
         out = im.resize(crop.out, Image.BICUBIC, box=box)
         if crop.flip:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        arr = np.asarray(out)
-        return arr[..., :3] if out.mode == "RGBX" else arr
+        return np.asarray(out)
 
     def decode_batch(self, datas: list[bytes], crops: list[Crop],
                      orientations: list[int] | None = None) -> tuple[torch.Tensor, dict[int, str]]:

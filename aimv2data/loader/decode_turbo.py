@@ -63,7 +63,7 @@ def scale_eighths(crop: Crop, reducing_gap: float = 1.0, min_gap: float = MIN_GA
 
 
 def decode_scaled(data: bytes, crop: Crop, reducing_gap: float = 1.0, scale: bool = True) -> Image.Image | None:
-    """Encoded bytes -> an RGBX PIL image at M/8 of the stored size (EXIF orientation NOT applied: the
+    """Encoded bytes -> an RGB PIL image at M/8 of the stored size (EXIF orientation NOT applied: the
     caller transposes), or None when this path does not apply (see the module docstring). The scale is
     the same on both axes, so the display-space crop needs no transposing to choose it."""
     if simplejpeg is None or not data.startswith(b"\xff\xd8"):
@@ -74,10 +74,9 @@ def decode_scaled(data: bytes, crop: Crop, reducing_gap: float = 1.0, scale: boo
             return None                                   # CMYK/YCCK, or a decompression bomb: Pillow's call
         smooth = 8 * len(data) < SMOOTH_BPP * w * h
         m = scale_eighths(crop, reducing_gap, 1.0 if smooth else MIN_GAP) if scale else 8
-        arr = simplejpeg.decode_jpeg(data, "RGBX", min_width=math.ceil(w * m / 8), min_height=math.ceil(h * m / 8),
+        arr = simplejpeg.decode_jpeg(data, "RGB", min_width=math.ceil(w * m / 8), min_height=math.ceil(h * m / 8),
                                      strict=True)
     except Exception:         # damaged or unsupported: Pillow decides (and names the problem)
         return None
-    # RGBX: Pillow keeps RGB in 4 bytes per pixel, so this maps the decoder's buffer instead of unpacking it
-    return Image.frombuffer("RGBX", (arr.shape[1], arr.shape[0]), arr, "raw", "RGBX", 0, 1)
+    return Image.frombuffer("RGB", (arr.shape[1], arr.shape[0]), arr, "raw", "RGB", 0, 1)
 
