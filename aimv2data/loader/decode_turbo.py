@@ -10,22 +10,20 @@ demo corpus then differed from DALI's full decode + antialiased resize by 0.060 
 units; at 1.25 the worst image of the agreement tests is 0.040 (photos) and 0.008 (demo corpus).
 Aliasing needs high-frequency content, and that is what costs a JPEG its bits: below SMOOTH_BPP = 1
 bit per pixel the gap is 1.0 (benchmarks/bench_decode.py reports the resulting difference from a full
-decode per corpus). Only M = 1, 2, 4, 8: libjpeg-turbo has SIMD IDCTs for 1/8 (DC
-only), 2/8, 4/8 and 8/8, while 3/8, 5/8, 6/8 and 7/8 run its plain-C IDCTs; measured on one core, those
-scales were slower than the next power of two, and at the 1.0 gap they took the `pil` decoder past the
-decoder-agreement tolerance against DALI (per-image 0.065 > 0.05 normalised units on grainy photos),
-while powers of two stay within it (mean 0.004-0.008, max 0.040: tests/test_loader_decoders.py).
+decode per corpus). Only M = 1, 2, 4, 8: libjpeg-turbo has SIMD IDCTs for 1/8 (DC only), 2/8, 4/8
+and 8/8, while 3/8, 5/8, 6/8 and 7/8 run its plain-C IDCTs: on generated 0.4 MP photos (one core)
+7/8, 6/8 and 5/8 took 3.0, 2.4 and 2.1 ms against 2.1 ms at full size and 1.45 ms at 1/2.
 
 Why not Pillow's `draft`: it is asked for (ceil(w/d), ceil(h/d)) and picks the scale by integer
-division, so any odd width or height got NO reduction at d = 2 (and a smaller one at 4 and 8): about
-half of all photos were decoded at full size. Here the scale is chosen from the crop directly.
+division, so an image with an odd width or height got NO reduction at d = 2 (and a smaller one at 4 and
+8): three in four images of random size were decoded at full size. Here the scale comes from the crop.
 
 Not done: decoding only the crop window (stop after its last row, skip columns outside it). No
 maintained binding exposes it on this stack: Debian 12's libturbojpeg0 is 2.1.5 (no TurboJPEG 3
 `tj3SetCroppingRegion`), PyTurboJPEG 2.x needs TurboJPEG 3 and its `decode()` takes no region, and
-simplejpeg has no region argument. At these scales Huffman decoding dominates (the 1/8 "floor" is
-1.3-2x the 1/4 decode on photos), and a crop window would still have to entropy-decode every row above
-its bottom edge, so the loss is small (benchmarks/bench_decode.py reports the loader against the floor).
+simplejpeg has no region argument. It would save the IDCT and colour work outside the box and the
+Huffman decoding below it; the Huffman decoding above it stays, and at reduced scales that is most of
+the cost (same photos: 1/8 1.0 ms, 1/4 1.2 ms, 1/2 1.45 ms).
 
 Not handled here (the caller falls back to Pillow): no binding, bytes that are not a JPEG, CMYK/YCCK
 JPEGs (Pillow's Adobe-inversion handling is the reference), images over Pillow's decompression-bomb
