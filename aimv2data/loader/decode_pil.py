@@ -3,9 +3,10 @@
 Speed comes from JPEG reduced-scale decoding. JPEGs go first to `decode_turbo` (libjpeg-turbo 3 via
 simplejpeg, at the smallest of 1/8, 1/4, 1/2, 1/1 that keeps the crop above the output size); what it
 does not take (no binding, not a JPEG, CMYK, damaged, no orientation column) comes here to Pillow, where
-`Image.draft` asks libjpeg for the image at 1/2, 1/4 or 1/8 scale (DCT-domain downscaling: fewer IDCT outputs, less colour conversion, a smaller resize)
-whenever the source box has at least that many pixels per output pixel. The crop box is given as
-fractions of the source, so it maps onto the drafted image unchanged.
+`Image.draft` asks libjpeg for the image at 1/2, 1/4 or 1/8 scale (DCT-domain downscaling: fewer IDCT
+outputs, less colour conversion, a smaller resize) whenever the source box has at least that many pixels
+per output pixel. The crop box is given as fractions of the source, so it maps onto a reduced decode
+unchanged.
 
 EXIF orientation is applied after the draft (the manifest's width/height are display sizes): the
 transposes of `ImageOps.exif_transpose`, driven by the manifest's `orientation` column when it has one.
