@@ -113,9 +113,9 @@ def baseline(tars: list[str], n_images: int, batch_size: int, resolution: int = 
 
 # --- running one configuration on one core ------------------------------------------------------------
 
-def one_core(args: list[str]) -> dict:
+def one_core(args: list[str], env_extra: dict | None = None) -> dict:
     """Run `args` pinned to CPU 0 with one thread everywhere; returns the JSON its stdout ends with."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", NO_ALBUMENTATIONS_UPDATE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", NO_ALBUMENTATIONS_UPDATE="1", **(env_extra or {}))
     pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
     out = subprocess.run(pin + args, env=env, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
@@ -123,8 +123,17 @@ def one_core(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def ours(manifest: Path, *opts: str) -> dict:
-    return one_core([sys.executable, "-m", "cli.main", "bench", "loader", str(manifest), *opts, "--json"])
+def ours(manifest: Path, *opts: str, env_extra: dict | None = None) -> dict:
+    return one_core([sys.executable, "-m", "cli.main", "bench", "loader", str(manifest), *opts, "--json"], env_extra)
+
+
+def without_simplejpeg(work: Path) -> dict:
+    """Environment in which `import simplejpeg` fails: the `pil` decoder then takes its Pillow `draft`
+    path (the decoder before issue 15, and its fallback when the binding is missing)."""
+    d = work / "no-simplejpeg"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "simplejpeg.py").write_text('raise ImportError("hidden by benchmarks/bench_loader.py")\n')
+    return {"PYTHONPATH": os.pathsep.join([str(d), os.environ.get("PYTHONPATH", "")])}
 
 
 def base(manifest: Path, n_images: int, batch_size: int) -> dict:
@@ -153,6 +162,27 @@ def med(rs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rs)
 
 
+def fixed_only(photos: Path, a) -> None:
+    """Baseline vs the `pil` loader at fixed 224 on `photos`, alternating, one core each."""
+    n_img = a.batch_size * a.steps
+    fixed = ["--resolution", "224", "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--warmup", "1"]
+    load0 = os.getloadavg()[0]
+    hide = without_simplejpeg(Path(a.work))
+    rs = {"baseline": [], "pil": [], "pil-draft": []}
+    for r in range(a.repeats):
+        rs["baseline"].append(base(photos, n_img, a.batch_size))
+        rs["pil"].append(ours(photos, *fixed, "--decoder", "pil", "--seed", str(r)))
+        rs["pil-draft"].append(ours(photos, *fixed, "--decoder", "pil", "--seed", str(r), env_extra=hide))
+        print(f"repeat {r + 1}: images per CPU-s " + ", ".join(f"{k} {v[-1]['images_per_cpu_s']:.1f}"
+                                                             for k, v in rs.items()), flush=True)
+    b = med(rs["baseline"], "images_per_cpu_s")
+    print(f"{datetime.date.today()} `{rs['pil'][0]['cpu']}`, load {load0:.1f} -> {os.getloadavg()[0]:.1f}; corpus "
+          f"`photos` {a.photos} images ({bpp(photos):.2f} bits/px), batch {a.batch_size} x {a.steps} steps, "
+          f"medians of {a.repeats}, images per CPU-s (wall images/s): " + "; ".join(
+              f"{k} {med(v, 'images_per_cpu_s'):.1f} ({med(v, 'images_per_s'):.1f}), "
+              f"**{med(v, 'images_per_cpu_s') / b:.2f}x**" for k, v in rs.items()))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "aimv2-bench-loader"),
@@ -166,6 +196,9 @@ def main():
     ap.add_argument("--budget-steps", type=int, default=200, help="Native-res steps per budget figure.")
     ap.add_argument("--write", action="store_true", help="Also write the report to benchmarks/loader-latest.md "
                     "(paste it into the Loader section of benchmarks/RESULTS.md).")
+    ap.add_argument("--fixed-only", action="store_true",
+                    help="Only the fixed-224 comparison on `photos`: baseline vs the `pil` loader vs the `pil` "
+                         "loader with simplejpeg hidden (its Pillow draft path), alternating (issue 15).")
     ap.add_argument("--baseline-only", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.baseline_only:
@@ -178,6 +211,8 @@ def main():
     photos = corpus(work, f"photos-{a.photos}", n=a.photos, seed=1, shards=max(1, a.photos // 500), photo=True,
                     min_side=800, max_side=2000, aspects=[9 / 16, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 16 / 9],
                     exif_every=8, quality=88)
+    if a.fixed_only:
+        return fixed_only(photos, a)
     lite = corpus(work, f"photos-lite-{a.lite}", n=a.lite, seed=3, shards=max(1, a.lite // 500), photo=True,
                   min_side=800, max_side=2000, aspects=[9 / 16, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 16 / 9],
                   quality=75, grain=0.0)

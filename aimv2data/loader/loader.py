@@ -9,7 +9,8 @@
 Steps are produced by `StepMaker.make(epoch, step)`, a pure function of its arguments and the
 manifest. `pil`: torch DataLoader worker processes over an IterableDataset of steps; worker k makes
 steps k, k+W, k+2W, ... and the DataLoader's round-robin hands them back in step order (checked).
-`dali`: the pipeline runs in this process with `workers` DALI threads (it owns the GPU when there is one).
+`dali`: the pipeline runs in this process with `workers` DALI threads (it owns the GPU when there is one),
+driven by one background thread that decodes `prefetch_factor` steps ahead (`dali_ahead=False`: synchronous).
 Distributed: rank and world size come from the arguments, torch.distributed or RANK/WORLD_SIZE; every
 rank makes the same steps, each with its own slice of the rows.
 """
@@ -53,10 +54,11 @@ class LoaderConfig:
     context: int = CONTEXT
     draft: bool = True                  # pil: JPEG reduced-scale decoding
     reducing_gap: float = 1.0           # pil: min source px per output px left after a draft
-    prefetch_factor: int = 2
+    prefetch_factor: int = 2            # pil: batches per worker in flight; dali: steps decoded ahead
     pin_memory: bool = False
     max_replacements: int = 16          # per slot, before the step fails
     dali_device: int | None | str = "auto"
+    dali_ahead: bool = True             # dali: decode the next steps in a thread while this one is used
 
 
 def dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -220,6 +222,7 @@ class Loader:
             self.sampler = FixedSampler(t.n, t.bucket, t.members, cfg.resolution, t.patch_size, cfg.batch_size,
                                         cfg.seed, self.rank, self.world_size)
         self.maker = StepMaker(t, self.sampler, cfg)
+        self._ahead = None                # the live decode-ahead generator (dali)
         self.epoch, self.step = 0, 0
         self.stats = {"batches": 0, "images": 0, "patches": 0, "replaced": 0, "replaced_keys": []}
 
@@ -239,8 +242,14 @@ class Loader:
     def _batches(self, epoch: int, start: int, stop: int):
         cfg = self.cfg
         if cfg.decoder == "dali" or cfg.workers == 0:
-            for s in range(start, stop):
-                yield self.maker.make(epoch, s)
+            steps = (self.maker.make(epoch, s) for s in range(start, stop))
+            if cfg.decoder == "dali" and cfg.dali_ahead:   # issue 15: decode overlapped with compute
+                from .prefetch import ahead
+
+                if self._ahead is not None:   # one decoding thread per loader: stop an abandoned one
+                    self._ahead.close()
+                steps = self._ahead = ahead(steps, max(1, cfg.prefetch_factor))
+            yield from steps
             return
         dl = torch.utils.data.DataLoader(
             _Steps(self.maker, epoch, start, stop), batch_size=None, num_workers=cfg.workers,
