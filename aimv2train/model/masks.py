@@ -33,3 +33,40 @@ def target_mask(prefix_len: torch.Tensor, num_patches: int) -> torch.Tensor:
     """(B, I-1) boolean: True where prediction i (of patch i+1) counts in the pixel loss (i+1 >= M)."""
     targets = torch.arange(1, num_patches, device=prefix_len.device)
     return targets[None, :] >= prefix_len[:, None]
+
+
+# ---------------------------------------------------------------------------- FlexAttention (fast kernel)
+
+ATTENTION_KINDS = ("auto", "flex", "sdpa")
+
+
+def resolve_attention(kind: str, device: torch.device | str) -> str:
+    """"auto" -> "flex" on CUDA (block-sparse prefix mask, a fused kernel that skips masked-out blocks),
+    "sdpa" elsewhere (FlexAttention has no backward on CPU; SDPA with the dense mask is the reference)."""
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {kind!r}")
+    if kind == "auto":
+        return "flex" if torch.device(device).type == "cuda" else "sdpa"
+    return kind
+
+
+def prefix_mask_mod(prefix_len: torch.Tensor):
+    """FlexAttention mask_mod of the prefix mask: the same rule as prefix_causal_mask, element by element,
+    with one prefix length per batch index b."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) | (kv_idx < prefix_len[b])
+
+    return mask_mod
+
+
+@torch.compiler.disable  # built eagerly, outside any compiled graph (as torchtitan does), then passed in
+def prefix_block_mask(prefix_len: torch.Tensor, num_patches: int):
+    """The prefix mask as a FlexAttention BlockMask (B, 1, I, I), blocks of 128 x 128: blocks wholly below
+    the diagonal or inside the prefix run without a mask, blocks wholly above the diagonal and past
+    every prefix are skipped, so the kernel does about half the work of the dense square."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B = prefix_len.shape[0]
+    return create_block_mask(prefix_mask_mod(prefix_len), B, None, num_patches, num_patches,
+                             device=prefix_len.device)
