@@ -51,9 +51,15 @@ import click
 @click.option("--keep", default=2, show_default=True, help="Checkpoints kept (0: all).")
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute block activations in backward (less memory).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (the summary is still printed).")
+@click.option("--attention", type=click.Choice(["auto", "flex", "sdpa"]), default="auto", show_default=True,
+              help="Encoder prefix-mask kernel: flex (FlexAttention BlockMask, GPU), sdpa (dense mask, the "
+              "reference), auto (flex on CUDA, sdpa on CPU).")
+@click.option("--threads", type=int, default=None,
+              help="torch CPU threads per rank (default: OMP_NUM_THREADS if set, else the CPUs in this "
+              "process's affinity / local ranks).")
 def train(manifest, tokenizer, model, steps, out, stage, native_res, batch_patches, resolution, batch_size, init,
           resume, stop_at, seed, device, workers, decoder, compile_, precision, parallel, lr, min_lr, warmup,
-          weight_decay, clip, save_every, keep, grad_checkpointing, no_progress):
+          weight_decay, clip, save_every, keep, grad_checkpointing, no_progress, attention, threads):
     """Pre-train (or adapt) an AIMv2 encoder with its multimodal decoder.
 
     \b
@@ -73,7 +79,7 @@ def train(manifest, tokenizer, model, steps, out, stage, native_res, batch_patch
                       workers=workers, decoder=decoder, compile=compile_, precision=precision, parallel=parallel,
                       lr=lr, min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip,
                       save_every=save_every, keep=keep, grad_checkpointing=grad_checkpointing,
-                      progress=not no_progress)
+                      progress=not no_progress, attention=attention, threads=threads)
     try:
         s = run(cfg)
     except NonFiniteLoss as e:

@@ -27,9 +27,9 @@ from torch import nn
 
 from . import checkpoint as ck
 from ..model.config import ModelConfig, model_config, preset_name
-from .distributed import DistInfo, all_reduce_mean, init_distributed, pick_device, shutdown, wrap_model
+from .distributed import DistInfo, all_reduce_mean, cpu_threads, init_distributed, pick_device, shutdown, wrap_model
 from ..model.flops import step_flops
-from ..model.masks import sample_prefix_lengths
+from ..model.masks import ATTENTION_KINDS, sample_prefix_lengths
 from .metrics import MetricsLog, matmul_peak, summarize
 from ..model.aimv2 import AIMv2, count_params
 from .optim import build_optimizer
@@ -79,6 +79,8 @@ class TrainConfig:
     grad_checkpointing: bool = False
     progress: bool = True
     peak_flops: float | None = None  # skip the matmul measurement (tests); FLOP/s per device
+    attention: str = "auto"  # encoder prefix mask: flex | sdpa | auto (flex on CUDA), masks.resolve_attention
+    threads: int | None = None  # torch intra-op threads; None: OMP_NUM_THREADS, else affinity / local ranks
 
     def resolved_stage(self) -> str:
         return self.stage or ("native" if self.native_res else "pretrain")
@@ -114,6 +116,8 @@ def _check(cfg: TrainConfig) -> None:
         raise TrainError(f"--stop-at {cfg.stop_at} must be in [1, --steps {cfg.steps}]")
     if cfg.save_every < 0:
         raise TrainError(f"--save-every must be >= 0 (0: only at the end / --stop-at), got {cfg.save_every}")
+    if cfg.attention not in ATTENTION_KINDS:
+        raise TrainError(f"--attention must be one of {ATTENTION_KINDS}, got {cfg.attention!r}")
     if cfg.precision not in (None, "bf16", "fp32"):
         raise TrainError(f"--precision must be bf16 or fp32, got {cfg.precision!r}")
 
@@ -128,6 +132,7 @@ def build_model(cfg: TrainConfig, tok: Tokenizer, resolution: int) -> AIMv2:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every rerun
     model = AIMv2(mcfg)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
+    model.set_attention(cfg.attention)
     return model
 
 
@@ -239,12 +244,15 @@ def train(cfg: TrainConfig) -> dict:
     Raises TrainError for bad input and NonFiniteLoss when the loss diverges. Under torchrun every
     rank calls this; rank 0 writes metrics, checkpoints and the summary."""
     _check(cfg)
+    threads_before = torch.get_num_threads()
+    cpu_threads(cfg.threads)  # this run's share of the cores; the caller's setting comes back after
     device = pick_device(cfg.device)
     info = init_distributed(device)
     try:
         return _train(cfg, info, device)
     finally:
         shutdown()
+        torch.set_num_threads(threads_before)
 
 
 def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
