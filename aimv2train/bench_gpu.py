@@ -23,19 +23,29 @@ the JSON is rewritten after every part, so a run cut short keeps what it measure
               when polars (the manifest side) is importable
 The model and decode parts import neither polars nor webdataset (the GPU machine has neither).
 
-Bringing DALI to a machine that cannot download (rehearsed on CPU; scripts/dali_chunks.sh, each step
-checked by tests/test_dali_chunks.py): the wheel (nvidia-dali-cuda130, ~199 MB) is larger than the
-64 MiB one call may carry, so it travels in chunks over consecutive calls to the SAME warm machine:
-  here:   pip download nvidia-dali-cuda130 --no-deps --only-binary :all: --python-version 3.12 \\
-              --platform manylinux2014_x86_64 -d /tmp/dali         # the GPU box runs Python 3.12
-          scripts/dali_chunks.sh split /tmp/dali/nvidia_dali_cuda130-*.whl shared/dali   # 60 MB chunks + SHA256SUMS
-  call k (k = 0, 1, 2, 3): carry shared/dali/<wheel>.part0k only (move the others out of shared/ between
-          calls), and run   mkdir -p /tmp/dali && cp shared/dali/*.part* shared/dali/SHA256SUMS /tmp/dali/
-  last call: scripts/dali_chunks.sh join /tmp/dali /tmp/dali    # cat the parts in order, sha256sum -c
-             scripts/dali_chunks.sh install /tmp/dali/<wheel> /tmp/dalipkg   # pip install --no-deps --target
-             PYTHONPATH=/tmp/dalipkg:$PYTHONPATH python -m aimv2train.bench_gpu --out $OUT/bench_gpu.json
-/tmp survives between calls only while the machine stays warm (it is given back ~30 s after a call), so
-the calls must follow one another at once; the last call does the join, the install and the check.
+Bringing DALI to a machine that cannot download (rehearsed on CPU, every step: scripts/dali_chunks.sh,
+tests/test_dali_chunks.py, and once by hand on the real wheels, benchmarks/RESULTS.md "GPU check").
+The wheel nvidia-dali-cuda130 2.4.0 is 199 MB, and `--no-deps` alone is NOT enough: `import nvidia.dali`
+then fails on optree, and decoding needs nvidia-nvimgcodec-cu13, nvjpeg and libnvcomp. With its
+dependencies (numpy left out: the machine has its own) it is 17 wheels, 257 MB: five chunks of 60 MiB,
+one per call, each call carrying about 61 MB of the 64 MiB allowed beside a ~1 MB working tree.
+  here:  pip download nvidia-dali-cuda130==2.4.0 -d /tmp/dali312 --only-binary=:all: --python-version 3.12 \
+             --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+             --platform manylinux_2_17_x86_64          # the GPU machine runs CPython 3.12
+         rm /tmp/dali312/numpy-*.whl
+         scripts/dali_chunks.sh split /tmp/dali312 .dali 60M   # .dali/dali312.tar.part00..04 + SHA256SUMS*
+         echo /.dali/ >> .git/info/exclude                    # an ignored path, so it travels only when carried
+  call k = 0..4, back to back on the same warm machine (it is given back ~30 s after a call, and /tmp
+  goes with it), carry [".dali/dali312.tar.part0k", ".dali/SHA256SUMS", ".dali/SHA256SUMS.parts"]:
+         mkdir -p /tmp/dali && cp .dali/* /tmp/dali/
+  the last call (k = 4) then goes on:
+         scripts/dali_chunks.sh join /tmp/dali /tmp/dali       # checks every part, cats them, sha256sum -c
+         PYTHON=python scripts/dali_chunks.sh install /tmp/dali/dali312.tar /tmp/dalipkg   # pip --no-deps --target
+         PYTHONPATH=/tmp/dalipkg:$PYTHONPATH python -m aimv2train.bench_gpu --out $OUT/bench_gpu.json
+DALI for CUDA 13 needs a driver that supports CUDA 13 (nvidia-smi's "CUDA Version" >= 13.0); with an older
+driver, download nvidia-dali-cuda120 (and its -cu12 dependencies) instead. The five transfer calls cost
+device time (each start of a call is minutes on a cold machine): with a 15-minute window, run the check
+without DALI first unless the window is known to allow both.
 """
 from __future__ import annotations
 
@@ -452,20 +462,23 @@ def run(out: str | os.PathLike, *, dry_run: bool = False, device: str | None = N
     ctx: dict = {}
     t_all = time.perf_counter()
     for name in PARTS:
-        if name not in parts:
-            result["parts"][name] = {"status": "skipped", "reason": "not asked for (--parts)"}
-            continue
         t0 = time.perf_counter()
-        print(f"[{name}] ...", flush=True)
-        try:
-            body = PART_FUNCS[name](device=dev, sizes=sizes, ctx=ctx, budget=budget, dry_run=dry_run, workdir=work)
-            rec = {"status": body.pop("status", "ok"), **body}
-        except Exception as e:
-            rec = {"status": "error", "reason": _reason(e)}
-        rec["seconds"] = round(time.perf_counter() - t0, 2)
+        if name not in parts:
+            rec = {"status": "skipped", "reason": "not asked for (--parts)"}
+        else:
+            print(f"[{name}] ...", flush=True)
+            try:
+                body = PART_FUNCS[name](device=dev, sizes=sizes, ctx=ctx, budget=budget, dry_run=dry_run,
+                                        workdir=work)
+                rec = {"status": body.pop("status", "ok"), **body}
+            except Exception as e:
+                rec = {"status": "error", "reason": _reason(e)}
+            rec["seconds"] = round(time.perf_counter() - t0, 2)
         result["parts"][name] = rec
         result["seconds"] = round(time.perf_counter() - t_all, 2)
         atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1, default=str) + "\n"))
+        if name not in parts:
+            continue
         print(f"[{name}] {rec['status']} in {rec['seconds']:.1f} s" + (f": {rec['reason']}" if "reason" in rec else ""),
               flush=True)
     print(table(result))
