@@ -7,7 +7,7 @@ fused GPU kernel itself; the forward here runs flex_attention's CPU implementati
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_mask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
 
 from aimv2train.model.aimv2 import AIMv2
 from aimv2train.model.config import model_config
@@ -40,6 +40,20 @@ def test_mask_mod_equals_the_dense_mask_at_every_query_and_key(grid):
     bm = prefix_block_mask(m, n)
     assert isinstance(bm, BlockMask) and bm.shape == (len(m), 1, n, n)
     assert torch.equal(bm.to_dense().bool(), _block_view(dense, bm.BLOCK_SIZE))
+    # the same tiles, full and partial, as FlexAttention's own create_block_mask finds by evaluating mask_mod
+    ref = create_block_mask(prefix_mask_mod(m), len(m), None, n, n, device="cpu")
+    for field in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+        assert torch.equal(getattr(bm, field), getattr(ref, field)), field
+    assert torch.equal(_tiles(bm, full=True), _tiles(ref, full=True))
+    assert torch.equal(_tiles(bm, full=False), _tiles(ref, full=False))
+
+
+def _tiles(bm: BlockMask, full: bool) -> torch.Tensor:
+    """(B, H, nq, nk) bool: which key tiles each query tile visits (partial or full), order-free."""
+    num, idx = (bm.full_kv_num_blocks, bm.full_kv_indices) if full else (bm.kv_num_blocks, bm.kv_indices)
+    used = torch.arange(idx.shape[-1]) < num[..., None]
+    out = torch.zeros(idx.shape, dtype=torch.bool)
+    return out.scatter_(-1, idx.long(), used)
 
 
 def _block_view(dense: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:

@@ -14,12 +14,13 @@ _compiled_flex = None
 def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
     """flex_attention on a fused kernel: eager flex_attention materialises the whole score matrix, so
     outside a compiled graph it runs through its own torch.compile (compiled once per shape family);
-    inside one (torch.compile of the trainer's step) dynamo fuses it anyway."""
+    inside one (torch.compile of the trainer's step) dynamo fuses it anyway. Default dynamic: after the
+    first new grid it compiles one kernel for all sequence lengths (native resolution has 33 grids)."""
     global _compiled_flex
     if torch.compiler.is_compiling() or q.device.type != "cuda":
         return flex_attention(q, k, v, block_mask=block_mask)
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = torch.compile(flex_attention)
     return _compiled_flex(q, k, v, block_mask=block_mask)
 
 

@@ -60,13 +60,33 @@ def prefix_mask_mod(prefix_len: torch.Tensor):
     return mask_mod
 
 
-@torch.compiler.disable  # built eagerly, outside any compiled graph (as torchtitan does), then passed in
-def prefix_block_mask(prefix_len: torch.Tensor, num_patches: int):
-    """The prefix mask as a FlexAttention BlockMask (B, 1, I, I), blocks of 128 x 128: blocks wholly below
-    the diagonal or inside the prefix run without a mask, blocks wholly above the diagonal and past
-    every prefix are skipped, so the kernel does about half the work of the dense square."""
-    from torch.nn.attention.flex_attention import create_block_mask
+BLOCK = 128  # FlexAttention's default tile, queries and keys
 
-    B = prefix_len.shape[0]
-    return create_block_mask(prefix_mask_mod(prefix_len), B, None, num_patches, num_patches,
-                             device=prefix_len.device)
+
+@torch.compiler.disable  # built eagerly, outside any compiled graph (as torchtitan does), then passed in
+def prefix_block_mask(prefix_len: torch.Tensor, num_patches: int, block: int = BLOCK):
+    """The prefix mask as a FlexAttention BlockMask (B, 1, I, I), computed per tile from the prefix lengths
+    alone (O(B (I/128)^2), no (B, I, I) tensor is ever built, which create_block_mask would evaluate):
+    a key tile wholly below the diagonal tile (j < i) or wholly inside the prefix (its last key < M) is
+    full (no mask applied); the diagonal tile and tiles that start inside the prefix are partial (mask_mod
+    decides per element); the rest are skipped, so the kernel does about half the dense square's work.
+    tests/test_model_attention.py checks it against create_block_mask and the dense mask."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n_blocks = -(-num_patches // block)
+    idx = torch.arange(n_blocks, device=prefix_len.device)
+    qi, kj = idx[:, None], idx[None, :]  # (nq, nk) tile coordinates
+    kv_first = (kj * block)[None]  # first key of each tile
+    kv_last = (torch.clamp((kj + 1) * block, max=num_patches) - 1)[None]
+    m = prefix_len.to(idx.device)[:, None, None]
+    full = (kj < qi)[None] | (kv_last < m)  # (B, nq, nk)
+    partial = ((kj <= qi)[None] | (kv_first < m)) & ~full
+
+    def as_indices(tiles):  # (B, 1, nq) counts, (B, 1, nq, nk) tile ids, the used ones first
+        order = torch.argsort((~tiles).to(torch.int8), dim=-1, stable=True)
+        return tiles.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+    kv_num, kv_idx = as_indices(partial)
+    full_num, full_idx = as_indices(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block,
+                                    mask_mod=prefix_mask_mod(prefix_len), seq_lengths=(num_patches, num_patches))
