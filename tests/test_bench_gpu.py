@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from aimv2train import bench_gpu
 
@@ -74,3 +75,17 @@ def test_unknown_part_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         bench_gpu.main(["--dry-run", "--parts", "steps,gpu_magic"])
     assert "unknown ['gpu_magic']" in capsys.readouterr().err
+
+
+def test_out_of_memory_halves_the_batch_and_says_so(monkeypatch):
+    real, calls = bench_gpu.time_steps, []
+
+    def oom_once(step_fn, opt, params, batch, *args):
+        calls.append(batch[0].shape[0])
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(step_fn, opt, params, batch, *args)
+
+    monkeypatch.setattr(bench_gpu, "time_steps", oom_once)
+    row = bench_gpu._step_config(bench_gpu.DRY_SIZES, torch.device("cpu"), "fixed", "sdpa", False, peak=1e12)
+    assert calls == [4, 2] and row["oom_at_batch"] == [4] and row["batch"] == 2 and row["images_per_s"] > 0
