@@ -468,6 +468,9 @@ def run(out: str | os.PathLike, *, dry_run: bool = False, device: str | None = N
         t0 = time.perf_counter()
         if name not in parts:
             rec = {"status": "skipped", "reason": "not asked for (--parts)"}
+        elif name in ("steps", "parity") and dev.type != "cuda" and not dry_run:
+            rec = {"status": "skipped", "reason": "no CUDA device: AIMv2-L steps and CUDA/CPU parity need a GPU "
+                   "(--dry-run runs them at tiny sizes on CPU)"}
         else:
             print(f"[{name}] ...", flush=True)
             try:
