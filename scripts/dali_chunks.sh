@@ -2,7 +2,7 @@
 # Bring a file larger than one transfer (the DALI wheel, ~199 MB, over a 64 MiB-per-call link) to a
 # machine that cannot download: split it here, carry one chunk per call, join and verify it there,
 # install the wheel into a target folder. aimv2train/bench_gpu.py's header gives the whole procedure;
-# tests/test_dali_chunks.py rehearses every mode on a small dummy file.
+# tests/test_dali_chunks.py rehearses every mode on small dummy files (the wheel itself: the whole DALI set).
 #
 #   scripts/dali_chunks.sh split   FILE|DIR OUTDIR [SIZE]  # OUTDIR/NAME.part00, .part01, ... (SIZE: 60M) + SHA256SUMS;
 #                                                          # a DIR (the wheel and its dependencies) is tarred first
@@ -13,7 +13,7 @@
 set -euo pipefail
 
 die() { echo "dali_chunks.sh: $*" >&2; exit 1; }
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 cmd=${1:-}; [ -n "$cmd" ] || usage 2
 shift
