@@ -147,3 +147,14 @@ def test_compiled_model_forward_with_flex_equals_reference():
         out = torch.compile(model)(images, tokens, m)
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n", [2, 91, 128, 129, 256, 400])
+def test_block_mask_tiles_match_create_block_mask_for_random_prefixes(n):
+    """Tile edges: fewer patches than one tile, exactly one tile, one past it, a partial last tile."""
+    m = sample_prefix_lengths(8, n, torch.Generator().manual_seed(n))
+    bm = prefix_block_mask(m, n)
+    ref = create_block_mask(prefix_mask_mod(m), len(m), None, n, n, device="cpu")
+    assert torch.equal(bm.kv_num_blocks, ref.kv_num_blocks) and torch.equal(bm.full_kv_num_blocks, ref.full_kv_num_blocks)
+    assert torch.equal(_tiles(bm, full=True), _tiles(ref, full=True))
+    assert torch.equal(_tiles(bm, full=False), _tiles(ref, full=False))

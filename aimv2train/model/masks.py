@@ -68,8 +68,8 @@ def prefix_block_mask(prefix_len: torch.Tensor, num_patches: int, block: int = B
     """The prefix mask as a FlexAttention BlockMask (B, 1, I, I), computed per tile from the prefix lengths
     alone (O(B (I/128)^2), no (B, I, I) tensor is ever built, which create_block_mask would evaluate):
     a key tile wholly below the diagonal tile (j < i) or wholly inside the prefix (its last key < M) is
-    full (no mask applied); the diagonal tile and tiles that start inside the prefix are partial (mask_mod
-    decides per element); the rest are skipped, so the kernel does about half the dense square's work.
+    full (no mask applied); the diagonal tile, tiles that start inside the prefix and tiles that reach
+    past the last patch are partial (mask_mod and the bounds decide per element); the rest are skipped, so the kernel does about half the dense square's work.
     tests/test_model_attention.py checks it against create_block_mask and the dense mask."""
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -80,6 +80,9 @@ def prefix_block_mask(prefix_len: torch.Tensor, num_patches: int, block: int = B
     kv_last = (torch.clamp((kj + 1) * block, max=num_patches) - 1)[None]
     m = prefix_len.to(idx.device)[:, None, None]
     full = (kj < qi)[None] | (kv_last < m)  # (B, nq, nk)
+    if num_patches % block:  # tiles that reach into the padding stay partial, as create_block_mask has them
+        full[:, -1, :] = False
+        full[:, :, -1] = False
     partial = ((kj <= qi)[None] | (kv_first < m)) & ~full
 
     def as_indices(tiles):  # (B, 1, nq) counts, (B, 1, nq, nk) tile ids, the used ones first
