@@ -1,5 +1,5 @@
 """CPU thread hygiene: torch's intra-op pool sized to this process's CPU affinity and the ranks sharing
-the machine, unless the user chose (--threads, OMP_NUM_THREADS)."""
+the machine, unless the user chose (--threads, OMP_NUM_THREADS); the --attention choice checked at start-up."""
 import os
 
 import pytest
@@ -45,3 +45,14 @@ def test_torchruns_blanket_one_thread_is_not_taken_as_a_choice(eight_cpus):
     for k, v in {"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2", "RANK": "0", "WORLD_SIZE": "2"}.items():
         eight_cpus.setenv(k, v)
     assert cpu_threads()[0] == 4
+
+
+def test_attention_flag_is_checked_before_the_run_starts(tmp_path):
+    from aimv2train.train.trainer import TrainConfig, TrainError, train
+
+    base = dict(manifest=str(tmp_path / "m"), tokenizer=str(tmp_path / "t.model"), out=str(tmp_path / "run"))
+    with pytest.raises(TrainError, match="--attention must be one of"):
+        train(TrainConfig(**base, attention="flash"))
+    with pytest.raises(TrainError, match="--attention flex needs a CUDA device"):
+        train(TrainConfig(**base, attention="flex", device="cpu"))
+    assert not (tmp_path / "run").exists()

@@ -247,6 +247,9 @@ def train(cfg: TrainConfig) -> dict:
     threads_before = torch.get_num_threads()
     cpu_threads(cfg.threads)  # this run's share of the cores; the caller's setting comes back after
     device = pick_device(cfg.device)
+    if cfg.attention == "flex" and device.type != "cuda":
+        raise TrainError(f"--attention flex needs a CUDA device (FlexAttention has no backward on "
+                         f"{device.type}): use --attention sdpa, the default there")
     info = init_distributed(device)
     try:
         return _train(cfg, info, device)
