@@ -60,3 +60,15 @@ def loader(manifest, native_res, batch_patches, batch_rule, resolution, batch_si
     Console(stderr=as_json).print(t)
     if as_json:
         click.echo(json.dumps(r))
+
+
+@bench.command("gpu", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+               add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def gpu(args):
+    """The prepared GPU check: model steps (flex vs SDPA, eager vs compiled), CUDA/CPU parity, DALI vs pil
+    decoding, a few trainer steps; one JSON file and a table. `--dry-run`: tiny sizes on CPU. Options:
+    `aimv2 bench gpu --help` (the same as `python -m aimv2train.bench_gpu --help`, which needs no click)."""
+    from aimv2train.bench_gpu import main
+
+    raise SystemExit(main(list(args)))

@@ -11,6 +11,12 @@ The trainer calls
 
 with a CPU torch.Generator for reproducible prefix lengths; parts holds the detached loss terms named
 in LOSS_TERMS and the prefix lengths drawn.
+
+The encoder's prefix mask runs on one of two kernels (`set_attention`): "flex", a FlexAttention
+BlockMask with each sample's prefix length (a fused kernel that skips the masked-out blocks), or "sdpa",
+the dense (B, 1, I, I) boolean mask through SDPA, the reference. "auto" (the default) is flex on CUDA,
+sdpa elsewhere: FlexAttention has no backward on CPU. The decoder is causal on SDPA's is_causal=True
+(the flash kernel) either way.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from .config import ModelConfig
 from .mm_decoder import MultimodalDecoder
 from .encoder import Encoder
 from .layers import init_weights
-from .masks import prefix_causal_mask, sample_prefix_lengths
+from .masks import prefix_block_mask, prefix_causal_mask, resolve_attention, sample_prefix_lengths
 from .objective import pixel_loss, text_loss
 from .posemb import resize_learned
 
@@ -49,6 +55,19 @@ class AIMv2(nn.Module):
         self.text_head = nn.Linear(dec.dim, dec.vocab_size, bias=False)
         init_weights(self.pixel_head)
         init_weights(self.text_head)
+        self.attention = "auto"
+
+    def set_attention(self, kind: str = "auto") -> None:
+        """The encoder's prefix-mask kernel: "flex" (FlexAttention BlockMask), "sdpa" (dense mask, the
+        reference) or "auto" (flex on CUDA, sdpa elsewhere). Same numbers either way (tests/test_model_attention.py)."""
+        resolve_attention(kind, "cpu")  # validates the name
+        self.attention = kind
+
+    def prefix_mask(self, prefix_len: torch.Tensor, num_patches: int):
+        """The encoder's training mask on the kernel `self.attention` picks for prefix_len's device."""
+        if resolve_attention(self.attention, prefix_len.device) == "flex":
+            return prefix_block_mask(prefix_len, num_patches)
+        return prefix_causal_mask(prefix_len, num_patches)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute block activations in backward (trades ~1/3 more compute for activation memory)."""
@@ -98,7 +117,7 @@ class AIMv2(nn.Module):
         tokens 0..T-1 (None without tokens)."""
         p = self.cfg.encoder.patch_size
         I = (images.shape[2] // p) * (images.shape[3] // p)
-        mask = None if prefix_len is None else prefix_causal_mask(prefix_len.to(images.device), I)
+        mask = None if prefix_len is None else self.prefix_mask(prefix_len.to(images.device), I)
         z = self.encoder(images, mask)
         h = self.decoder(z, None if tokens is None else tokens[:, :-1])
         pixels = self.pixel_head(h[:, : I - 1])

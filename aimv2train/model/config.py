@@ -14,6 +14,10 @@ from dataclasses import asdict, dataclass, field, replace
 from aimv2data.paper import PATCH_SIZE, TEXT_LEN
 
 
+# the encoder's prefix-attention kernels (masks.resolve_attention): FlexAttention, dense-mask SDPA, or flex on CUDA
+ATTENTION_KINDS = ("auto", "flex", "sdpa")
+
+
 def swiglu_hidden(dim: int, multiple_of: int = 256) -> int:
     """SwiGLU hidden width: int(2/3 * 4 * dim) rounded up to a multiple of 256.
 

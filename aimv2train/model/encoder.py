@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
 from .config import EncoderConfig
 from .layers import Block, RMSNorm, init_weights, run_blocks
@@ -70,9 +71,10 @@ class Encoder(nn.Module):
             return sincos_2d(h, w, self.cfg.dim, device=x.device, dtype=x.dtype)[None]
         return resize_learned(self.pos_embed, self.cfg.grid, (h, w))
 
-    def forward(self, pixels: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """pixels (B, 3, h*p, w*p) -> final-norm tokens (B, h*w, D). `attn_mask`: (B, 1, N, N) boolean
-        prefix mask for training (masks.prefix_causal_mask); None = bidirectional (inference)."""
+    def forward(self, pixels: torch.Tensor, attn_mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
+        """pixels (B, 3, h*p, w*p) -> final-norm tokens (B, h*w, D). `attn_mask`: the prefix mask for
+        training, as a (B, 1, N, N) boolean SDPA mask (masks.prefix_causal_mask, the reference) or a
+        FlexAttention BlockMask (masks.prefix_block_mask, the fast kernel); None = bidirectional (inference)."""
         _, _, H, W = pixels.shape
         p = self.cfg.patch_size
         if H % p or W % p:

@@ -1,10 +1,27 @@
 """Transformer building blocks shared by the encoder and the decoder: RMSNorm, SwiGLU, attention
-(fused qkv, torch SDPA) and the pre-norm block. Everything is bias-free, as in Apple's release."""
+(fused qkv; torch SDPA, or FlexAttention for the encoder's prefix mask) and the pre-norm block.
+Everything is bias-free, as in Apple's release."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+_compiled_flex = None
+
+
+def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+    """flex_attention on a fused kernel: eager flex_attention materialises the whole score matrix, so
+    outside a compiled graph it runs through its own torch.compile (compiled once per shape family);
+    inside one (torch.compile of the trainer's step) dynamo fuses it anyway. Default dynamic: after the
+    first new grid it compiles one kernel for all sequence lengths (native resolution has 33 grids)."""
+    global _compiled_flex
+    if torch.compiler.is_compiling() or q.device.type != "cuda":
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex(q, k, v, block_mask=block_mask)
 
 
 class RMSNorm(nn.Module):
@@ -45,12 +62,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | BlockMask | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        # boolean mask: True = may attend. SDPA picks flash (no mask) / memory-efficient (mask) on GPU.
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        if isinstance(attn_mask, BlockMask):  # the encoder's prefix mask, block-sparse (masks.prefix_block_mask)
+            x = flex(q, k, v, attn_mask)
+        else:
+            # boolean mask: True = may attend. SDPA picks flash (no mask, or is_causal: the decoder) and
+            # memory-efficient (dense mask: the reference prefix path) on GPU.
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
@@ -64,13 +85,13 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, mlp_hidden)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | BlockMask | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), attn_mask, is_causal)
         return x + self.mlp(self.norm2(x))
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, attn_mask: torch.Tensor | BlockMask | None = None,
                is_causal: bool = False, checkpoint: bool = False) -> torch.Tensor:
     """Apply blocks in order; with `checkpoint`, recompute each block's activations in backward."""
     for blk in blocks:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .config import ATTENTION_KINDS
+
 
 def sample_prefix_lengths(batch: int, num_patches: int, generator: torch.Generator | None = None,
                           device: torch.device | str | None = None) -> torch.Tensor:
@@ -33,3 +35,62 @@ def target_mask(prefix_len: torch.Tensor, num_patches: int) -> torch.Tensor:
     """(B, I-1) boolean: True where prediction i (of patch i+1) counts in the pixel loss (i+1 >= M)."""
     targets = torch.arange(1, num_patches, device=prefix_len.device)
     return targets[None, :] >= prefix_len[:, None]
+
+
+# ---------------------------------------------------------------------------- FlexAttention (fast kernel)
+
+
+
+def resolve_attention(kind: str, device: torch.device | str) -> str:
+    """"auto" -> "flex" on CUDA (block-sparse prefix mask, a fused kernel that skips masked-out blocks),
+    "sdpa" elsewhere (FlexAttention has no backward on CPU; SDPA with the dense mask is the reference)."""
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {kind!r}")
+    if kind == "auto":
+        return "flex" if torch.device(device).type == "cuda" else "sdpa"
+    return kind
+
+
+def prefix_mask_mod(prefix_len: torch.Tensor):
+    """FlexAttention mask_mod of the prefix mask: the same rule as prefix_causal_mask, element by element,
+    with one prefix length per batch index b."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) | (kv_idx < prefix_len[b])
+
+    return mask_mod
+
+
+BLOCK = 128  # FlexAttention's default tile, queries and keys
+
+
+@torch.compiler.disable  # built eagerly, outside any compiled graph (as torchtitan does), then passed in
+def prefix_block_mask(prefix_len: torch.Tensor, num_patches: int, block: int = BLOCK):
+    """The prefix mask as a FlexAttention BlockMask (B, 1, I, I), computed per tile from the prefix lengths
+    alone (O(B (I/128)^2), no (B, I, I) tensor is ever built, which create_block_mask would evaluate):
+    a key tile wholly below the diagonal tile (j < i) or wholly inside the prefix (its last key < M) is
+    full (no mask applied); the diagonal tile, tiles that start inside the prefix and tiles that reach
+    past the last patch are partial (mask_mod and the bounds decide per element); the rest are skipped, so the kernel does about half the dense square's work.
+    tests/test_model_attention.py checks it against create_block_mask and the dense mask."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n_blocks = -(-num_patches // block)
+    idx = torch.arange(n_blocks, device=prefix_len.device)
+    qi, kj = idx[:, None], idx[None, :]  # (nq, nk) tile coordinates
+    kv_first = (kj * block)[None]  # first key of each tile
+    kv_last = (torch.clamp((kj + 1) * block, max=num_patches) - 1)[None]
+    m = prefix_len.to(idx.device)[:, None, None]
+    full = (kj < qi)[None] | (kv_last < m)  # (B, nq, nk)
+    if num_patches % block:  # tiles that reach into the padding stay partial, as create_block_mask has them
+        full[:, -1, :] = False
+        full[:, :, -1] = False
+    partial = ((kj <= qi)[None] | (kv_first < m)) & ~full
+
+    def as_indices(tiles):  # (B, 1, nq) counts, (B, 1, nq, nk) tile ids, the used ones first
+        order = torch.argsort((~tiles).to(torch.int8), dim=-1, stable=True)
+        return tiles.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+    kv_num, kv_idx = as_indices(partial)
+    full_num, full_idx = as_indices(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block,
+                                    mask_mod=prefix_mask_mod(prefix_len), seq_lengths=(num_patches, num_patches))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..model.config import ATTENTION_KINDS
+
 STAGE_NAMES = ("pretrain", "highres", "native")   # presets.STAGES defines each
 PARALLEL_MODES = ("ddp", "fsdp")
 IMAGE_DECODERS = ("pil", "dali")                 # the loader's image decoders (aimv2data/loader/decode_*.py)
@@ -71,8 +73,11 @@ class TrainConfig:
     keep: int = flag(2, "Checkpoints kept (0: all).")
     grad_checkpointing: bool = flag(False, "Recompute block activations in backward (less memory).")
     progress: bool = flag(True, "No progress bar (the summary is still printed).", name="--no-progress")
-    # FLOP/s of one device: skips the matmul measurement (tests)
-    peak_flops: float | None = flag(None, cli=False)
+    peak_flops: float | None = flag(None, "FLOP/s of one device for MFU; skips the matmul measurement at start-up.")
+    attention: str = flag("auto", "Encoder prefix-mask kernel: flex (FlexAttention BlockMask, GPU), sdpa (dense "
+                          "mask, the reference), auto (flex on CUDA, sdpa on CPU).", choices=ATTENTION_KINDS)
+    threads: int | None = flag(None, "torch CPU threads per rank (default: OMP_NUM_THREADS if set, else the CPUs "
+                               "in this process's affinity / local ranks).")
 
     def resolved_stage(self) -> str:
         return self.stage or ("native" if self.native_res else "pretrain")

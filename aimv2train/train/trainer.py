@@ -34,8 +34,9 @@ from aimv2data.atomic import read_jsonl, write_json_atomic
 from . import checkpoint as ck
 from .config import TrainConfig
 from ..model.config import ModelConfig, model_config, preset_name
-from .distributed import DistInfo, all_reduce_mean, init_distributed, pick_device, shutdown, wrap_model
+from .distributed import DistInfo, all_reduce_mean, cpu_threads, init_distributed, pick_device, shutdown, wrap_model
 from ..model.flops import step_flops
+from ..model.config import ATTENTION_KINDS
 from ..model.masks import sample_prefix_lengths
 from .metrics import MetricsLog, matmul_peak, summarize
 from ..model.aimv2 import LOSS_TERMS, TOTAL_LOSS, AIMv2, count_params
@@ -84,6 +85,8 @@ def _check(cfg: TrainConfig) -> None:
         raise TrainError(f"--stop-at {cfg.stop_at} must be in [1, --steps {cfg.steps}]")
     if cfg.save_every < 0:
         raise TrainError(f"--save-every must be >= 0 (0: only at the end / --stop-at), got {cfg.save_every}")
+    if cfg.attention not in ATTENTION_KINDS:
+        raise TrainError(f"--attention must be one of {ATTENTION_KINDS}, got {cfg.attention!r}")
     if cfg.precision not in (None, "bf16", "fp32"):
         raise TrainError(f"--precision must be bf16 or fp32, got {cfg.precision!r}")
 
@@ -98,6 +101,7 @@ def build_model(cfg: TrainConfig, tok: Tokenizer, resolution: int) -> AIMv2:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every rerun
     model = AIMv2(mcfg)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
+    model.set_attention(cfg.attention)
     return model
 
 
@@ -194,12 +198,18 @@ def train(cfg: TrainConfig) -> dict:
     Raises TrainError for bad input and NonFiniteLoss when the loss diverges. Under torchrun every
     rank calls this; rank 0 writes metrics, checkpoints and the summary."""
     _check(cfg)
+    threads_before = torch.get_num_threads()
+    cpu_threads(cfg.threads)  # this run's share of the cores; the caller's setting comes back after
     device = pick_device(cfg.device)
+    if cfg.attention == "flex" and device.type != "cuda":
+        raise TrainError(f"--attention flex needs a CUDA device (FlexAttention has no backward on "
+                         f"{device.type}): use --attention sdpa, the default there")
     info = init_distributed(device)
     try:
         return _train(cfg, info, device)
     finally:
         shutdown()
+        torch.set_num_threads(threads_before)
 
 
 def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
