@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "plot": "cli.plot:plot",
     "embed": "cli.embed:embed",
     "shard": "cli.shard:shard",
+    "split": "cli.split:split",
     "caption": "cli.caption:caption",
     "stats": "cli.stats:stats",
     "bench": "cli.bench:bench",

@@ -46,11 +46,15 @@ class MetricsLog:
 
     `resume_step` (steps already done by the checkpoint resumed from) drops the lines after it (a run
     interrupted after its last checkpoint logged steps it will now redo), so the file always reads as
-    one uninterrupted run."""
+    one uninterrupted run.
 
-    def __init__(self, path: str | os.PathLike, resume_step: int | None = None, enabled: bool = True):
+    `sinks` (tracking.open_sinks: TensorBoard, wandb) receive every record written, as written."""
+
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None, enabled: bool = True,
+                 sinks: list | None = None):
         self.path = Path(path)
         self.enabled = enabled
+        self.sinks = list(sinks or []) if enabled else []
         self._f = None
         if not enabled:
             return
@@ -69,11 +73,16 @@ class MetricsLog:
         if self._f is not None:
             self._f.write(json.dumps(record) + "\n")
             self._f.flush()
+        for sink in self.sinks:
+            sink.log(record)
 
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
             self._f = None
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

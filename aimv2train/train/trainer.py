@@ -37,6 +37,8 @@ from ..model.posemb import resize_learned
 from .presets import STAGES, HParams, resolve
 from .schedule import WarmupCosine
 from .tokenizer import Tokenizer
+from .tracking import TrackingError, open_sinks, parse_report_to
+from .validate import Validator
 
 
 class TrainError(RuntimeError):
@@ -79,6 +81,11 @@ class TrainConfig:
     grad_checkpointing: bool = False
     progress: bool = True
     peak_flops: float | None = None  # skip the matmul measurement (tests); FLOP/s per device
+    report_to: str = ""  # trackers, comma-separated: tensorboard, wandb (tracking.py); "" = metrics.jsonl only
+    wandb_project: str = "aimv2"
+    val_manifest: str | None = None  # held-out manifest: val_loss* every val_every steps (validate.py)
+    val_every: int = 1000  # 0: only at the end
+    val_batches: int | None = None  # batches per evaluation (None: the whole held-out set)
 
     def resolved_stage(self) -> str:
         return self.stage or ("native" if self.native_res else "pretrain")
@@ -116,6 +123,12 @@ def _check(cfg: TrainConfig) -> None:
         raise TrainError(f"--save-every must be >= 0 (0: only at the end / --stop-at), got {cfg.save_every}")
     if cfg.precision not in (None, "bf16", "fp32"):
         raise TrainError(f"--precision must be bf16 or fp32, got {cfg.precision!r}")
+    if cfg.val_every < 0:
+        raise TrainError(f"--val-every must be >= 0 (0: only at the end), got {cfg.val_every}")
+    try:
+        parse_report_to(cfg.report_to)
+    except TrackingError as e:
+        raise TrainError(str(e)) from None
 
 
 def build_model(cfg: TrainConfig, tok: Tokenizer, resolution: int) -> AIMv2:
@@ -218,6 +231,19 @@ def make_loader(cfg: TrainConfig, tok: Tokenizer, info: DistInfo, resolution: in
     return loader
 
 
+def _validator(cfg: TrainConfig, tok: Tokenizer, info: DistInfo, device: torch.device, precision: str,
+               resolution: int | None) -> Validator | None:
+    if not cfg.val_manifest:
+        return None
+    try:
+        return Validator(cfg.val_manifest, tok, info, device, native_res=cfg.native_res, resolution=resolution,
+                         batch_size=cfg.batch_size, batch_patches=cfg.batch_patches, max_batches=cfg.val_batches,
+                         workers=cfg.workers, decoder=cfg.decoder,
+                         autocast=lambda: autocast_context(device, precision))
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
 def autocast_context(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -297,11 +323,18 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     else:
         peak = matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     end = cfg.stop_at or cfg.steps
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start if cfg.resume else None, enabled=info.is_main)
+    validator = _validator(cfg, tok, info, device, precision, resolution)
+    run_info = {"train": asdict(cfg), "hparams": hp.to_dict(), "model": mcfg.to_dict(),
+                "world_size": info.world_size, "device": str(device), "precision": precision, "peak_flops": peak}
+    try:
+        sinks = open_sinks(cfg.report_to, out, config=run_info, resume_step=start if cfg.resume else None,
+                           wandb_project=cfg.wandb_project, enabled=info.is_main)
+    except TrackingError as e:
+        raise TrainError(str(e)) from None
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start if cfg.resume else None, enabled=info.is_main,
+                     sinks=sinks)
     if info.is_main:
-        _write_json(out / "run.json", {"train": asdict(cfg), "hparams": hp.to_dict(), "model": mcfg.to_dict(),
-                                         "world_size": info.world_size, "device": str(device),
-                                         "precision": precision, "peak_flops": peak})
+        _write_json(out / "run.json", run_info)
     train_meta = {"config": asdict(cfg), "hparams": hp.to_dict(), "schedule": schedule.state_dict(),
                   "world_size": info.world_size, "parallel": cfg.parallel if info.enabled else "none",
                   "stage": stage}
@@ -376,6 +409,9 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
                    "patches_per_s": B * h * w * info.world_size / dt, "mfu": flops / dt / peak,
                    "step_time": dt, "data_time": t_data, "batch": B * info.world_size, "grid": [h, w],
                    "epoch": int(getattr(batch, "epoch", 0))}
+            if validator is not None and (step == end or (cfg.val_every and step % cfg.val_every == 0)):
+                rec.update(validator(model))
+                t_prev = time.perf_counter()  # validation is not part of the next step's time
             log.write(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", img=f"{rec['loss_img']:.3f}", txt=f"{rec['loss_text']:.3f}",
