@@ -1,7 +1,10 @@
 import click
 
+from cli.config_file import config_file_option
+
 
 @click.command()
+@config_file_option(section="train")
 @click.option("--manifest", "-m", required=True, type=click.Path(exists=True, file_okay=False),
               help="Manifest directory written by `aimv2 shard` (with captions attached).")
 @click.option("--tokenizer", "-t", required=True, type=click.Path(exists=True, dir_okay=False),
@@ -51,14 +54,29 @@ import click
 @click.option("--keep", default=2, show_default=True, help="Checkpoints kept (0: all).")
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute block activations in backward (less memory).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (the summary is still printed).")
+@click.option("--report-to", default="",
+              help="Also log every metric to these trackers, comma-separated: tensorboard (event files in "
+                   "RUN/tensorboard), wandb (honours WANDB_MODE etc.; offline works without network). Rank 0 only.")
+@click.option("--wandb-project", default="aimv2", show_default=True, help="wandb project name (--report-to wandb).")
+@click.option("--val-manifest", type=click.Path(exists=True, file_okay=False),
+              help="Held-out manifest (e.g. from `aimv2 split`): val_loss, val_loss_img, val_loss_text in "
+                   "metrics.jsonl (centred crops, no augmentation, deterministic).")
+@click.option("--val-every", default=1000, show_default=True,
+              help="Validate every N steps with --val-manifest (always also at the last step; 0: only then).")
+@click.option("--val-batches", type=int, default=None,
+              help="Batches per validation (default: the whole held-out manifest, full batches).")
+@click.option("--peak-flops", type=float, default=None,
+              help="FLOP/s per device for MFU instead of measuring a matmul at start.")
 def train(manifest, tokenizer, model, steps, out, stage, native_res, batch_patches, resolution, batch_size, init,
           resume, stop_at, seed, device, workers, decoder, compile_, precision, parallel, lr, min_lr, warmup,
-          weight_decay, clip, save_every, keep, grad_checkpointing, no_progress):
+          weight_decay, clip, save_every, keep, grad_checkpointing, no_progress, report_to, wandb_project,
+          val_manifest, val_every, val_batches, peak_flops):
     """Pre-train (or adapt) an AIMv2 encoder with its multimodal decoder.
 
     \b
     One process:  aimv2 train -m MANIFEST -t tok.model --model tiny --steps 300 --resolution 112 --batch-size 16 -o RUN
     Several:      torchrun --nproc_per_node 8 -m cli.main train ... [--parallel fsdp]
+    From a file:  aimv2 train --config configs/L/pretrain.toml -m MANIFEST -t tok.model -o RUN
     Curves:       aimv2 plot RUN
     """
     from rich.console import Console
@@ -73,7 +91,9 @@ def train(manifest, tokenizer, model, steps, out, stage, native_res, batch_patch
                       workers=workers, decoder=decoder, compile=compile_, precision=precision, parallel=parallel,
                       lr=lr, min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip,
                       save_every=save_every, keep=keep, grad_checkpointing=grad_checkpointing,
-                      progress=not no_progress)
+                      progress=not no_progress, report_to=report_to, wandb_project=wandb_project,
+                      val_manifest=val_manifest, val_every=val_every, val_batches=val_batches,
+                      peak_flops=peak_flops)
     try:
         s = run(cfg)
     except NonFiniteLoss as e:
@@ -91,6 +111,9 @@ def train(manifest, tokenizer, model, steps, out, stage, native_res, batch_patch
         t.add_row("loss", f"{s['loss_start']:.4f} -> {s['loss_end']:.4f} (mean of the first / last "
                   f"{s['loss_window']} steps logged)")
         t.add_row("  image / text", f"{s['loss_img_end']:.4f} / {s['loss_text_end']:.4f}")
+    if "val_loss_end" in s:
+        t.add_row("val loss", f"{s['val_loss_end']:.4f} (image {s['val_loss_img_end']:.4f} / text "
+                  f"{s['val_loss_text_end']:.4f}, step {s['val_step']})")
         t.add_row("throughput", f"{s['steps_per_s']:.2f} steps/s, {s['images_per_s']:.1f} images/s, "
                   f"{s['patches_per_s']:.0f} patches/s")
         t.add_row("MFU", f"{100 * s['mfu']:.1f}% of a measured {s['peak_flops'] / 1e9:.0f} GFLOP/s matmul peak")

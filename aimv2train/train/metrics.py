@@ -115,4 +115,13 @@ def summarize(records: list[dict], first: int = 10) -> dict:
         "loss_img_end": mean("loss_img", records[-k:]), "loss_text_end": mean("loss_text", records[-k:]),
         "images_per_s": done("images_per_s") / t, "patches_per_s": done("patches_per_s") / t,
         "steps_per_s": len(steady) / t, "mfu": done("mfu") / t, "train_seconds": sum(r["step_time"] for r in records),
+        **_last_val(records),
     }
+
+
+def _last_val(records: list[dict]) -> dict:
+    """The newest held-out losses (--val-manifest), as val_loss_end etc."""
+    last = next((r for r in reversed(records) if "val_loss" in r), None)
+    if last is None:
+        return {}
+    return {f"{k}_end": v for k, v in last.items() if k.startswith("val_loss")} | {"val_step": last["step"]}
