@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "split": "cli.split:split",
     "caption": "cli.caption:caption",
     "stats": "cli.stats:stats",
+    "preview": "cli.preview:preview",
     "bench": "cli.bench:bench",
     "probe": "cli.probe:probe",
     "export": "cli.export:export",
