@@ -193,8 +193,8 @@ def area_page(s: Shown, loader: Loader, path: Path) -> Path:
         colors = ["#d95f02" if k == s.bucket else "#7f9fbf" for k in buckets]
         right.bar(range(len(buckets)), fills, color=colors)
         right.set_xticks(range(len(buckets)))
-        right.set_xticklabels([f"{a:.2f}\n{t.buckets[k].grids[area][0]}x{t.buckets[k].grids[area][1]}"
-                               for k, a in zip(buckets, aspects)], fontsize=6.5)
+        right.set_xticklabels([f"{a:.2f}: {t.buckets[k].grids[area][0]} x {t.buckets[k].grids[area][1]}"
+                               for k, a in zip(buckets, aspects)], fontsize=7, rotation=90)
         right.set_ylim(0, 1.05)
         right.set_ylabel("h*w / A: the share of the area the grid uses")
         right.set_xlabel("bucket w/h and its grid h x w at this area (orange: this step's bucket)")

@@ -64,7 +64,7 @@ def make_figures(runs: list[str | os.PathLike], smooth: float = 0.0) -> dict:
     empty = [r for r, recs in data.items() if not recs]
     if empty:
         raise ValueError(f"no steps logged yet in {', '.join(empty)}")
-    figures = {}
+    figures, colors = {}, {}
     for name, series in FIGURES.items():
         fig, axes = plt.subplots(1, 2 if name == "throughput" else 1, figsize=(11 if name == "throughput" else 7, 4),
                                  squeeze=False)
@@ -77,8 +77,12 @@ def make_figures(runs: list[str | os.PathLike], smooth: float = 0.0) -> dict:
                     continue
                 steps = [r["step"] for r in have]
                 ys = ema([float(r[key]) for r in have], 0.0 if name == "lr" else smooth)
-                style = dict(linestyle="--", marker="o", markersize=3) if key.startswith("val_") else {}
-                ax.plot(steps, ys, label=" ".join(x for x in (label_run, label) if x), linewidth=1.2, **style)
+                style = {}
+                if key.startswith("val_"):  # dashed, in the colour of its training curve
+                    style = dict(linestyle="--", marker="o", markersize=3, color=colors.get((run, key[4:])))
+                (line,) = ax.plot(steps, ys, label=" ".join(x for x in (label_run, label) if x), linewidth=1.2,
+                                  **style)
+                colors[(run, key)] = line.get_color()
                 ax.set_xlabel("step")
                 ax.set_ylabel(label if name != "loss" else "loss")
                 if name == "grad_norm" or (name == "loss" and min(ys) > 0):
