@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .atomic import atomic_write
 from .batch import Batch, denormalize
@@ -268,8 +267,8 @@ def preview(manifest: str | os.PathLike, out: str | os.PathLike, *, batches: int
         for area, steps in by_area.items():
             s = shown(steps[0])
             pages.append((area_page(s, loader, out / f"area_{area:04d}.png"), s))
-    settings = {"manifest": str(manifest), "mode": "native resolution" if loader.cfg.native_res else
-                f"fixed resolution {loader.cfg.resolution} px", "patch budget C": loader.budget,
+    mode = "native resolution" if loader.cfg.native_res else f"fixed resolution {loader.cfg.resolution} px"
+    settings = {"manifest": str(manifest), "mode": mode, "patch budget C": loader.budget,
                 "seed": loader.cfg.seed, "epoch": epoch, "steps in the epoch": loader.sampler.steps(epoch),
                 "steps per area": ", ".join(f"A={a}: {len(v)}" for a, v in _steps_by_area(loader, epoch).items())}
     index = _index(out, str(manifest), sheets, pages, settings)

@@ -57,7 +57,10 @@ def main() -> None:
     for size in SIZES:
         p = PAPER[size]
         d = out / size
-        rel = lambda name: f"configs/{size}/{name}"  # noqa: E731
+
+        def rel(name: str, size: str = size) -> str:
+            return f"configs/{size}/{name}"
+
         write(d / "pretrain.toml",
               HEADER.format(size=size, title="pre-training at 224 px", where="Table A1, paper §2", path=rel("pretrain.toml"), init=""),
               [("stage", "pretrain", ""), *common(size),

@@ -27,8 +27,9 @@ def test_shown_batch_is_the_training_batch_with_true_annotations(manifest):
     loader = Loader(str(manifest), native_res=True, batch_patches=4096, seed=5, workers=0)
     step = pv._steps_by_area(loader, 0)[512][0]
     shown = pv._show(loader, 0, step)
-    for _ in range(step + 1):  # the trainer's path: iterate the loader
-        batch = next(it) if _ else next(it := iter(loader))
+    batches = iter(loader)  # the trainer's path: iterate the loader
+    for _ in range(step + 1):
+        batch = next(batches)
     assert torch.equal(shown.batch.images, batch.images) and shown.batch.captions == batch.captions
     assert shown.batch.area == 512 and len(shown.batch) == 4096 // 512
     t = loader.table
