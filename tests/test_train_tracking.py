@@ -121,3 +121,34 @@ def test_plot_draws_validation_losses(tracked_run, tmp_path):
     lines = {ln.get_label(): ln for ln in fig.axes[0].lines}
     assert list(lines["val image"].get_xdata()) == [2, 4] and len(lines["image (MSE)"].get_xdata()) == 4
     assert (tmp_path / "loss.png") in plot_runs([tracked_run], tmp_path)
+
+
+@pytest.mark.slow
+def test_two_ranks_validate_together_and_only_rank0_reports(data, tmp_path):
+    """torchrun, 2 gloo ranks: each rank evaluates its slice, the losses are reduced over both; only rank 0
+    writes TensorBoard events; DDP and FSDP2 give the same validation losses."""
+    import os
+    import subprocess
+
+    train_m, val_m, tok = data
+    root = Path(__file__).resolve().parents[1]
+    runs = {}
+    for mode in ("ddp", "fsdp"):
+        out = tmp_path / mode
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "cli.main", "train", "-m", str(train_m), "-t", str(tok), "-o", str(out), "--steps", "4",
+               "--resolution", "56", "--batch-size", "4", "--workers", "0", "--seed", "1", "--no-progress",
+               "--save-every", "0", "--peak-flops", "1e11", "--val-manifest", str(val_m), "--val-every", "2",
+               "--report-to", "tensorboard", "--parallel", mode]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+        r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0 only
+        runs[mode] = [m for m in metrics(out) if "val_loss" in m]
+    n_val = len(__import__("polars").read_parquet(val_m / "samples/*.parquet"))
+    for mode, recs in runs.items():
+        assert [m["step"] for m in recs] == [2, 4]
+        assert all(m["val_images"] == 2 * min(4, n_val // 2) for m in recs)  # both ranks' slices
+    for a, b in zip(runs["ddp"], runs["fsdp"]):
+        for k in ("val_loss_img", "val_loss_text"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4)
