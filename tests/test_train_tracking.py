@@ -98,6 +98,32 @@ def test_validation_losses_logged_deterministic_and_not_training(tracked_run, da
     assert [r["loss"] for r in metrics(plain)] == [r["loss"] for r in recs]
 
 
+def test_resumed_run_continues_its_tensorboard_curves(data, tmp_path, monkeypatch):
+    """A crash after logging steps 3-4 but before their checkpoint: the resume redoes them from step 2,
+    and TensorBoard shows each step once (purge_step), as metrics.jsonl does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from aimv2train.train import checkpoint as ck
+
+    real = ck.save_checkpoint
+
+    def crash_at_4(ckpt_dir, step, *a, **kw):
+        if step == 4:
+            raise RuntimeError("killed")
+        return real(ckpt_dir, step, *a, **kw)
+
+    monkeypatch.setattr(ck, "save_checkpoint", crash_at_4)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg(data, tmp_path, report_to="tensorboard", save_every=2))
+    monkeypatch.setattr(ck, "save_checkpoint", real)
+    train(cfg(data, tmp_path, report_to="tensorboard", save_every=2, resume=True))
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    events = acc.Scalars("train/loss")
+    assert [e.step for e in events] == [1, 2, 3, 4]  # each step once, across the two processes' files
+    assert [e.value for e in events] == pytest.approx([r["loss"] for r in metrics(tmp_path)], rel=1e-6)
+
+
 def test_report_to_errors_are_one_line_and_name_the_package(data, tmp_path, monkeypatch):
     with pytest.raises(TrainError, match="'tensorbord' is not a tracker: choose from tensorboard, wandb"):
         train(cfg(data, tmp_path, report_to="tensorbord"))
