@@ -111,12 +111,12 @@ def train(manifest, tokenizer, model, steps, out, stage, native_res, batch_patch
         t.add_row("loss", f"{s['loss_start']:.4f} -> {s['loss_end']:.4f} (mean of the first / last "
                   f"{s['loss_window']} steps logged)")
         t.add_row("  image / text", f"{s['loss_img_end']:.4f} / {s['loss_text_end']:.4f}")
-    if "val_loss_end" in s:
-        t.add_row("val loss", f"{s['val_loss_end']:.4f} (image {s['val_loss_img_end']:.4f} / text "
-                  f"{s['val_loss_text_end']:.4f}, step {s['val_step']})")
         t.add_row("throughput", f"{s['steps_per_s']:.2f} steps/s, {s['images_per_s']:.1f} images/s, "
                   f"{s['patches_per_s']:.0f} patches/s")
         t.add_row("MFU", f"{100 * s['mfu']:.1f}% of a measured {s['peak_flops'] / 1e9:.0f} GFLOP/s matmul peak")
+    if "val_loss_end" in s:
+        t.add_row("val loss", f"{s['val_loss_end']:.4f} (image {s['val_loss_img_end']:.4f} / text "
+                  f"{s['val_loss_text_end']:.4f}, step {s['val_step']})")
     t.add_row("checkpoint", str(s.get("checkpoint")))
     t.add_row("run", f"{s['run']} (metrics.jsonl; curves: aimv2 plot {s['run']})")
     Console().print(t)

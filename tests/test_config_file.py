@@ -84,6 +84,7 @@ def test_demo_config_trains_and_run_json_repeats_the_run(tmp_path_factory, tmp_p
               "--workers", "0", "--peak-flops", "1e11", "--no-progress"]
     r = CliRunner().invoke(main, ["train", "--config", str(CONFIGS / "demo.toml"), *common, "-o", str(tmp_path / "a")])
     assert r.exit_code == 0, r.output
+    assert "throughput" in r.output and "MFU" in r.output  # the summary table
     first = json.loads((tmp_path / "a/run.json").read_text())["train"]
     assert first["steps"] == 2 and first["resolution"] == 56  # the command line won
     assert first["save_every"] == 100 and first["val_every"] == 50 and first["report_to"] == "tensorboard"  # the file

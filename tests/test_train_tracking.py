@@ -170,6 +170,7 @@ def test_two_ranks_validate_together_and_only_rank0_reports(data, tmp_path):
         r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=400)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0 only
+        assert r.stdout.count("val loss") == 1 and "throughput" in r.stdout  # rank 0's summary
         runs[mode] = [m for m in metrics(out) if "val_loss" in m]
     n_val = len(__import__("polars").read_parquet(val_m / "samples/*.parquet"))
     for mode, recs in runs.items():
