@@ -2,7 +2,6 @@
 are a one-line error with the nearest key; the shipped configs/ are valid and follow the presets."""
 import json
 import sys
-import tomllib
 from pathlib import Path
 
 import click
@@ -14,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _train_fixtures  # noqa: E402
 
 from aimv2train.train.presets import PAPER  # noqa: E402
-from cli.config_file import config_file_option, resolve_config  # noqa: E402
+from cli.config_file import config_file_option, resolve_config, tomllib  # noqa: E402
 from cli.main import main  # noqa: E402
 from cli.train import train as train_cmd  # noqa: E402
 
