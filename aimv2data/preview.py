@@ -108,8 +108,9 @@ def contact_sheet(s: Shown, path: Path, per_sheet: int = 16) -> Path:
     cols = min(n, 4)
     rows = math.ceil(n / cols)
     H, W = imgs.shape[1:3]
-    cell_w = 3.6
+    cell_w = max(2.4, min(3.6, 5.5 * W / H))  # tall images: narrower cells, so a sheet stays on a screen
     cell_h = cell_w * H / W + 1.2  # room for the text above and under the image
+    chars = int(cell_w * 19)  # characters per title line at 6.5 pt
     fig, axes = plt.subplots(rows, cols, figsize=(cols * cell_w, rows * cell_h + 0.5), squeeze=False,
                              layout="constrained")
     p = b.patch_size
@@ -131,8 +132,8 @@ def contact_sheet(s: Shown, path: Path, per_sheet: int = 16) -> Path:
             mid = (f"source {note['src'][0]}x{note['src'][1]} px, crop keeps {100 * note['kept']:.0f}%"
                    + (", flipped" if note["flip"] else "") + f" -> {W}x{H} px, {H // p}x{W // p} patches")
         cap = textwrap.shorten(note["caption"] or "(no caption)", 150, placeholder=" ...")
-        cap = "\n".join(textwrap.wrap(f"[{note['kind']}] {cap}", 48)[:3])
-        ax.set_title(f"{top}\n{mid}", fontsize=6.5, loc="left")
+        cap = "\n".join(textwrap.wrap(f"[{note['kind']}] {cap}", int(chars * 0.8))[:4])
+        ax.set_title("\n".join(textwrap.wrap(top, chars) + textwrap.wrap(mid, chars)), fontsize=6.5, loc="left")
         ax.text(0, -0.03, cap, transform=ax.transAxes, fontsize=7, va="top", ha="left", wrap=True)
     more = f"; showing {n} of {len(b)}" if n < len(b) else ""
     fig.suptitle(_headline(s) + more, fontsize=10, x=0.01, ha="left")
