@@ -5,8 +5,8 @@ and caption choice as training), then de-normalised for display. Two kinds of pa
 
 - contact sheets (`batch_e{epoch}_s{step}.png`), one per previewed step: each image exactly as the model
   gets it (crop, resize, flip), with the patch grid drawn over it, and per image its source, aspect
-  bucket, key, the share of the source the crop kept, the flip, and the caption chosen (with which
-  caption set it came from);
+  bucket, key, the share of the source the crop kept, the flip, how much a small source was upscaled,
+  and the caption chosen (with which caption set it came from);
 - a page per area A (`area_{A}.png`): one step at that area (paper §2.4: A = 2^n patches, B = C / A
   images) shown as the patch budget C it fills: every image of the step drawn at a few pixels per
   patch, the bar of used / unused patches, and for every bucket the grid h x w the area gives it and
@@ -58,6 +58,7 @@ def _annotate(loader: Loader, epoch: int, step: int, batch: Batch) -> list[dict]
         b = int(t.bucket[row])
         notes.append({"key": key, "source": batch.sources[i], "bucket": b, "aspect": t.buckets[b].aspect,
                       "kept": (x1 - x0) * (y1 - y0) / (crop.src[0] * crop.src[1]), "flip": crop.flip,
+                      "upscale": crop.out[0] / (x1 - x0),
                       "src": crop.src, "caption": batch.captions[i], "kind": kind, "replaced": False})
     return notes
 
@@ -130,7 +131,9 @@ def contact_sheet(s: Shown, path: Path, per_sheet: int = 16) -> Path:
         else:
             top = f"{note['source']} | bucket {note['bucket']} (w/h {note['aspect']:.2f}) | {note['key']}"
             mid = (f"source {note['src'][0]}x{note['src'][1]} px, crop keeps {100 * note['kept']:.0f}%"
-                   + (", flipped" if note["flip"] else "") + f" -> {W}x{H} px, {H // p}x{W // p} patches")
+                   + (", flipped" if note["flip"] else "") + f" -> {W}x{H} px"
+                   + (f" (upscaled {note['upscale']:.1f}x)" if note["upscale"] > 1.05 else "")
+                   + f", {H // p}x{W // p} patches")
         cap = textwrap.shorten(note["caption"] or "(no caption)", 150, placeholder=" ...")
         cap = "\n".join(textwrap.wrap(f"[{note['kind']}] {cap}", int(chars * 0.8))[:4])
         ax.set_title("\n".join(textwrap.wrap(top, chars) + textwrap.wrap(mid, chars)), fontsize=6.5, loc="left")

@@ -37,6 +37,8 @@ def test_shown_batch_is_the_training_batch_with_true_annotations(manifest):
         assert note["key"] == key and not note["replaced"]
         assert note["bucket"] == shown.bucket  # native resolution: one bucket per step
         assert 0 < note["kept"] <= 1 and note["flip"] is False  # cover crop, no flip at native resolution
+        H, W = batch.images.shape[2:]  # resize to cover: output px per source px = max of the two ratios
+        assert note["upscale"] == pytest.approx(max(W / note["src"][0], H / note["src"][1]), rel=1e-6)
         assert note["kind"] in ("alt", "syn_demo")
     assert {t.key(int(r)) for r in loader.sampler.spec(0, step).rows} == set(batch.keys)
 
