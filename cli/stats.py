@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import click
 
@@ -9,7 +10,8 @@ import click
               help="Also write PNG plots (buckets, sizes, aspects, caption lengths) into this folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object instead of tables.")
 def stats(manifest, plot_dir, as_json):
-    """Counts per source and bucket, size and aspect histograms, caption coverage and length, rejects."""
+    """Counts per source and bucket, size and aspect histograms, caption coverage and length, rejects.
+    With --plot DIR, also the pictures, and a link to DIR/preview/index.html (`aimv2 preview`: the batches)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -59,3 +61,8 @@ def stats(manifest, plot_dir, as_json):
           ["column", "coverage", "per sample", "words p50", "words p95", "chars p50"])
     for f in files:
         c.print(f"plot: {f}")
+    if plot_dir:  # the batches the loader makes from these samples, the most telling picture
+        index = Path(plot_dir) / "preview" / "index.html"
+        c.print(f"batches: {index}" if index.is_file() else
+                f"batches: aimv2 preview {manifest} -o {index.parent} [--native-res] (then open {index})",
+                soft_wrap=True)

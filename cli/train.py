@@ -4,6 +4,7 @@ import typing
 import click
 
 from aimv2train.train.config import TrainConfig
+from cli.config_file import config_file_option
 
 _PATHS = {"dir": dict(file_okay=False), "existing": dict(exists=True),
           "existing_dir": dict(exists=True, file_okay=False), "existing_file": dict(exists=True, dir_okay=False)}
@@ -40,6 +41,7 @@ def config_options(cls):
 
 
 @click.command()
+@config_file_option(section="train")
 @config_options(TrainConfig)
 def train(**settings):
     """Pre-train (or adapt) an AIMv2 encoder with its multimodal decoder.
@@ -47,6 +49,7 @@ def train(**settings):
     \b
     One process:  aimv2 train -m MANIFEST -t tok.model --model tiny --steps 300 --resolution 112 --batch-size 16 -o RUN
     Several:      torchrun --nproc_per_node 8 -m cli.main train ... [--parallel fsdp]
+    From a file:  aimv2 train --config configs/L/pretrain.toml -m MANIFEST -t tok.model -o RUN
     Curves:       aimv2 plot RUN
     """
     from rich.console import Console
@@ -77,7 +80,14 @@ def train(**settings):
         t.add_row("  " + " / ".join(n for n, _ in ends), " / ".join(f"{v:.4f}" for _, v in ends))
         t.add_row("throughput", f"{s['steps_per_s']:.2f} steps/s, {s['images_per_s']:.1f} images/s, "
                   f"{s['patches_per_s']:.0f} patches/s")
+        if "val_loss_end" in s:
+            vals = [(short, s[f"val_{k}_end"]) for k, (short, _) in LOSS_TERMS.items() if f"val_{k}_end" in s]
+            t.add_row("val loss", f"{s['val_loss_end']:.4f} (" + ", ".join(f"{n} {v:.4f}" for n, v in vals)
+                      + f"; step {s['val_step']})")
         t.add_row("MFU", f"{100 * s['mfu']:.1f}% of a measured {s['peak_flops'] / 1e9:.0f} GFLOP/s matmul peak")
+    if "val_loss_end" in s:
+        t.add_row("val loss", f"{s['val_loss_end']:.4f} (image {s['val_loss_img_end']:.4f} / text "
+                  f"{s['val_loss_text_end']:.4f}, step {s['val_step']})")
     t.add_row("checkpoint", str(s.get("checkpoint")))
     t.add_row("run", f"{s['run']} (metrics.jsonl; curves: aimv2 plot {s['run']})")
     Console().print(t)

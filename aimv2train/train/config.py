@@ -74,6 +74,17 @@ class TrainConfig:
     grad_checkpointing: bool = flag(False, "Recompute block activations in backward (less memory).")
     progress: bool = flag(True, "No progress bar (the summary is still printed).", name="--no-progress")
     peak_flops: float | None = flag(None, "FLOP/s of one device for MFU; skips the matmul measurement at start-up.")
+    report_to: str = flag("", "Also log every metric to these trackers, comma-separated: tensorboard (event files "
+                          "in RUN/tensorboard), wandb (honours WANDB_MODE etc.; offline works without network). "
+                          "Rank 0 only.")
+    wandb_project: str = flag("aimv2", "wandb project name (--report-to wandb).")
+    val_manifest: str | None = flag(None, "Held-out manifest (e.g. from `aimv2 split`): val_loss, val_loss_img, "
+                                    "val_loss_text in metrics.jsonl (centred crops, no augmentation, deterministic).",
+                                    path="existing_dir")
+    val_every: int = flag(1000, "Validate every N steps with --val-manifest (always also at the last step; 0: only "
+                          "then).")
+    val_batches: int | None = flag(None, "Batches per validation (default: the whole held-out manifest, full "
+                                   "batches).")
     attention: str = flag("auto", "Encoder prefix-mask kernel: flex (FlexAttention BlockMask, GPU), sdpa (dense "
                           "mask, the reference), auto (flex on CUDA, sdpa on CPU).", choices=ATTENTION_KINDS)
     threads: int | None = flag(None, "torch CPU threads per rank (default: OMP_NUM_THREADS if set, else the CPUs "

@@ -50,11 +50,15 @@ class MetricsLog:
 
     `resume_step` (steps already done by the checkpoint resumed from) drops the lines after it (a run
     interrupted after its last checkpoint logged steps it will now redo), so the file always reads as
-    one uninterrupted run."""
+    one uninterrupted run.
 
-    def __init__(self, path: str | os.PathLike, resume_step: int | None = None, enabled: bool = True):
+    `sinks` (tracking.open_sinks: TensorBoard, wandb) receive every record written, as written."""
+
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None, enabled: bool = True,
+                 sinks: list | None = None):
         self.path = Path(path)
         self.enabled = enabled
+        self.sinks = list(sinks or []) if enabled else []
         self._f = None
         if not enabled:
             return
@@ -70,11 +74,16 @@ class MetricsLog:
         if self._f is not None:
             self._f.write(json.dumps(record) + "\n")
             self._f.flush()
+        for sink in self.sinks:
+            sink.log(record)
 
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
             self._f = None
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -108,4 +117,13 @@ def summarize(records: list[dict], first: int = 10) -> dict:
         **{f"{t}_end": mean(t, records[-k:]) for t in LOSS_TERMS if t in records[0]},
         "images_per_s": done("images_per_s") / t, "patches_per_s": done("patches_per_s") / t,
         "steps_per_s": len(steady) / t, "mfu": done("mfu") / t, "train_seconds": sum(r["step_time"] for r in records),
+        **_last_val(records),
     }
+
+
+def _last_val(records: list[dict]) -> dict:
+    """The newest held-out losses (--val-manifest), as val_loss_end etc."""
+    last = next((r for r in reversed(records) if "val_loss" in r), None)
+    if last is None:
+        return {}
+    return {f"{k}_end": v for k, v in last.items() if k.startswith("val_loss")} | {"val_step": last["step"]}

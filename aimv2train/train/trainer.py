@@ -44,6 +44,8 @@ from .optim import build_optimizer
 from .presets import STAGES, HParams, resolve
 from .schedule import WarmupCosine
 from .tokenizer import Tokenizer
+from .tracking import TrackingError, open_sinks, parse_report_to
+from .validate import Validator
 
 
 class TrainError(RuntimeError):
@@ -89,6 +91,12 @@ def _check(cfg: TrainConfig) -> None:
         raise TrainError(f"--attention must be one of {ATTENTION_KINDS}, got {cfg.attention!r}")
     if cfg.precision not in (None, "bf16", "fp32"):
         raise TrainError(f"--precision must be bf16 or fp32, got {cfg.precision!r}")
+    if cfg.val_every < 0:
+        raise TrainError(f"--val-every must be >= 0 (0: only at the end), got {cfg.val_every}")
+    try:
+        parse_report_to(cfg.report_to)
+    except TrackingError as e:
+        raise TrainError(str(e)) from None
 
 
 def build_model(cfg: TrainConfig, tok: Tokenizer, resolution: int) -> AIMv2:
@@ -177,6 +185,19 @@ def make_loader(cfg: TrainConfig, tok: Tokenizer, info: DistInfo, resolution: in
     return loader
 
 
+def _validator(cfg: TrainConfig, tok: Tokenizer, info: DistInfo, device: torch.device, precision: str,
+               resolution: int | None) -> Validator | None:
+    if not cfg.val_manifest:
+        return None
+    try:
+        return Validator(cfg.val_manifest, tok, info, device, native_res=cfg.native_res, resolution=resolution,
+                         batch_size=cfg.batch_size, batch_patches=cfg.batch_patches, max_batches=cfg.val_batches,
+                         workers=cfg.workers, decoder=cfg.image_decoder,
+                         autocast=lambda: autocast_context(device, precision))
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
 def autocast_context(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -215,11 +236,18 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     run = build_run(cfg, info, device)
     out = run.out
-    log = MetricsLog(out / "metrics.jsonl", resume_step=run.start if cfg.resume else None, enabled=info.is_main)
+    run_info = {"train": asdict(cfg), "hparams": run.hp.to_dict(), "model": run.mcfg.to_dict(),
+                "world_size": info.world_size, "device": str(device), "precision": run.precision,
+                "peak_flops": run.peak}
+    resume_step = run.start if cfg.resume else None
+    try:
+        sinks = open_sinks(cfg.report_to, out, config=run_info, resume_step=resume_step,
+                           wandb_project=cfg.wandb_project, enabled=info.is_main)
+    except TrackingError as e:
+        raise TrainError(str(e)) from None
+    log = MetricsLog(out / "metrics.jsonl", resume_step=resume_step, enabled=info.is_main, sinks=sinks)
     if info.is_main:
-        _write_json(out / "run.json", {"train": asdict(cfg), "hparams": run.hp.to_dict(), "model": run.mcfg.to_dict(),
-                                         "world_size": info.world_size, "device": str(device),
-                                         "precision": run.precision, "peak_flops": run.peak})
+        _write_json(out / "run.json", run_info)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=run.end, initial=run.start, disable=not (info.is_main and cfg.progress), desc="train",
@@ -260,6 +288,7 @@ class Run:
     header: dict = field(default_factory=dict)   # what the summary says about the run
     step: int = 0                # steps done so far
     saved: tuple[Path | None, int | None] = (None, None)   # newest checkpoint written or resumed, its step
+    validator: Validator | None = None   # held-out losses (--val-manifest), validate.py
 
     @property
     def out(self) -> Path:
@@ -319,7 +348,8 @@ def build_run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Run:
     peak = cfg.peak_flops or matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     run = Run(cfg, info, device, stage, precision, resolution, hp, model, loss_module, step_fn, optimizer,
               WarmupCosine(hp.peak_lr, hp.min_lr, hp.warmup, hp.steps), generator, loader, sharded, start, peak,
-              step=start, saved=(resume_from[0], start) if resume_from else (None, None))
+              step=start, saved=(resume_from[0], start) if resume_from else (None, None),
+              validator=_validator(cfg, tok, info, device, precision, resolution))
     run.header = _header(run, init_note)
     return run
 
@@ -399,6 +429,9 @@ def train_loop(run: Run, log: MetricsLog, bar, stop: StopRequest) -> str:
         now = time.perf_counter()
         dt, t_prev = now - t_prev, now
         rec = _record(run, batch, result, dt, t_data)
+        if run.validator is not None and (run.step == run.end or (cfg.val_every and run.step % cfg.val_every == 0)):
+            rec.update(run.validator(run.model))
+            t_prev = time.perf_counter()  # validation is not part of the next step's time
         log.write(rec)
         _show(bar, rec)
         if run.step == run.end or result["stop"] or (cfg.save_every and run.step % cfg.save_every == 0):

@@ -1,0 +1,282 @@
+"""`aimv2 preview`: look at what the loader feeds the model, as PNG pages and an index.html.
+
+Batches are made by the real loader (`Loader.maker.make(epoch, step)`: the same sampler, crops, decoder
+and caption choice as training), then de-normalised for display. Two kinds of page:
+
+- contact sheets (`batch_e{epoch}_s{step}.png`), one per previewed step: each image exactly as the model
+  gets it (crop, resize, flip), with the patch grid drawn over it, and per image its source, aspect
+  bucket, key, the share of the source the crop kept, the flip, how much a small source was upscaled,
+  and the caption chosen (with which caption set it came from);
+- a page per area A (`area_{A}.png`): one step at that area (paper §2.4: A = 2^n patches, B = C / A
+  images) shown as the patch budget C it fills: every image of the step drawn at a few pixels per
+  patch, the bar of used / unused patches, and for every bucket the grid h x w the area gives it and
+  the share h*w / A of the area that grid uses.
+
+Fixed resolution (no --native-res) has one area, (R / p)^2, and full batches.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_write
+from .batch import Batch, denormalize
+from .loader import Loader
+
+
+@dataclass
+class Shown:
+    """One previewed step: the batch and, per image, what the annotation says."""
+    batch: Batch
+    budget: int                  # C, patches per rank per step
+    bucket: int                  # the step's bucket (-1: fixed resolution, several)
+    notes: list[dict]            # per image: source, bucket, aspect, key, kept, flip, caption, kind
+
+
+def _annotate(loader: Loader, epoch: int, step: int, batch: Batch) -> list[dict]:
+    spec = loader.sampler.spec(epoch, step)
+    t = loader.table
+    notes = []
+    for i, key in enumerate(batch.keys):
+        row = int(spec.rows[i])
+        if t.key(row) != key:  # the loader replaced a sample that failed to decode
+            notes.append({"key": key, "source": batch.sources[i], "bucket": None, "aspect": None, "kept": None,
+                          "flip": None, "caption": batch.captions[i], "kind": "?", "replaced": True})
+            continue
+        crop = loader.maker.crop(spec, row)
+        x0, y0, x1, y1 = crop.box
+        texts = t.texts(row)
+        _, kind = loader.maker.captions.choose(epoch, row, texts.get("source"), texts.get("caption"),
+                                               {c: texts[c] for c in t.syn_columns})
+        b = int(t.bucket[row])
+        notes.append({"key": key, "source": batch.sources[i], "bucket": b, "aspect": t.buckets[b].aspect,
+                      "kept": (x1 - x0) * (y1 - y0) / (crop.src[0] * crop.src[1]), "flip": crop.flip,
+                      "upscale": crop.out[0] / (x1 - x0),
+                      "src": crop.src, "caption": batch.captions[i], "kind": kind, "replaced": False})
+    return notes
+
+
+def _steps_by_area(loader: Loader, epoch: int) -> dict[int, list[int]]:
+    """area -> the steps of `epoch` at that area, in order."""
+    if loader.cfg.native_res:
+        areas = loader.sampler.plan(epoch)[:, 1]
+        out: dict[int, list[int]] = {}
+        for s, a in enumerate(areas.tolist()):
+            out.setdefault(int(a), []).append(s)
+        return dict(sorted(out.items()))
+    g = loader.sampler.grid
+    return {g[0] * g[1]: list(range(loader.sampler.steps(epoch)))}
+
+
+def _show(loader: Loader, epoch: int, step: int) -> Shown:
+    batch = loader.maker.make(epoch, step)
+    spec = loader.sampler.spec(epoch, step)
+    return Shown(batch, loader.budget, int(spec.bucket), _annotate(loader, epoch, step, batch))
+
+
+def _pixels(batch: Batch, n: int | None = None) -> np.ndarray:
+    """(n, H, W, 3) uint8: the images de-normalised (what the pixels were before normalisation)."""
+    x = batch.images[:n].float().cpu()
+    return denormalize(x).permute(0, 2, 3, 1).numpy()
+
+
+def _headline(s: Shown) -> str:
+    b = s.batch
+    h, w = b.grid
+    used = len(b) * h * w
+    area = b.area or h * w
+    exp = f" = 2^{int(math.log2(area))}" if area & (area - 1) == 0 else ""
+    return (f"epoch {b.epoch} step {b.step}: area A = {area}{exp} patches, grid {h} x {w} = {h * w} per image, "
+            f"{len(b)} images x {h * w} = {used} of C = {s.budget} patches ({100 * used / s.budget:.1f}%)")
+
+
+def contact_sheet(s: Shown, path: Path, per_sheet: int = 16) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = s.batch
+    n = min(per_sheet, len(b))
+    imgs = _pixels(b, n)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    H, W = imgs.shape[1:3]
+    cell_w = max(2.4, min(3.6, 5.5 * W / H))  # tall images: narrower cells, so a sheet stays on a screen
+    cell_h = cell_w * H / W + 1.2  # room for the text above and under the image
+    chars = int(cell_w * 19)  # characters per title line at 6.5 pt
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell_w, rows * cell_h + 0.5), squeeze=False,
+                             layout="constrained")
+    p = b.patch_size
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= n:
+            continue
+        ax.imshow(imgs[k], interpolation="lanczos" if max(H, W) > 300 else "nearest")
+        for x in range(p, W, p):  # the patch grid the encoder cuts
+            ax.axvline(x - 0.5, color="white", lw=0.3, alpha=0.45)
+        for y in range(p, H, p):
+            ax.axhline(y - 0.5, color="white", lw=0.3, alpha=0.45)
+        note = s.notes[k]
+        if note["replaced"]:
+            top = f"{note['source']} | replacement {note['key']}"
+            mid = "(a sample that failed to decode was replaced)"
+        else:
+            top = f"{note['source']} | bucket {note['bucket']} (w/h {note['aspect']:.2f}) | {note['key']}"
+            mid = (f"source {note['src'][0]}x{note['src'][1]} px, crop keeps {100 * note['kept']:.0f}%"
+                   + (", flipped" if note["flip"] else "") + f" -> {W}x{H} px"
+                   + (f" (upscaled {note['upscale']:.1f}x)" if note["upscale"] > 1.05 else "")
+                   + f", {H // p}x{W // p} patches")
+        cap = textwrap.shorten(note["caption"] or "(no caption)", 150, placeholder=" ...")
+        cap = "\n".join(textwrap.wrap(f"[{note['kind']}] {cap}", int(chars * 0.8))[:4])
+        ax.set_title("\n".join(textwrap.wrap(top, chars) + textwrap.wrap(mid, chars)), fontsize=6.5, loc="left")
+        ax.text(0, -0.03, cap, transform=ax.transAxes, fontsize=7, va="top", ha="left", wrap=True)
+    more = f"; showing {n} of {len(b)}" if n < len(b) else ""
+    fig.suptitle(_headline(s) + more, fontsize=10, x=0.01, ha="left")
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def area_page(s: Shown, loader: Loader, path: Path) -> Path:
+    """How one step at this area fills the patch budget C."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch.nn.functional as F
+
+    b = s.batch
+    h, w = b.grid
+    area = b.area or h * w
+    c = s.budget
+    per_row = max(1, round(math.sqrt(len(b) * h / w)))  # a near-square mosaic of the step's images
+    n_rows = math.ceil(len(b) / per_row)
+    scale = max(1, min(8, 900 // max(per_row * w, n_rows * h)))  # pixels per patch on the canvas
+    canvas = np.full((n_rows * h * scale, per_row * w * scale, 3), 235, np.uint8)
+    tiles = denormalize(F.interpolate(b.images.float().cpu(), size=(h * scale, w * scale), mode="bilinear",
+                                      antialias=True, align_corners=False)).permute(0, 2, 3, 1).numpy()
+    for i, tile in enumerate(tiles):
+        r, q = divmod(i, per_row)
+        canvas[r * h * scale:(r + 1) * h * scale, q * w * scale:(q + 1) * w * scale] = tile
+
+    fig = plt.figure(figsize=(15, 8.2))
+    gs = fig.add_gridspec(2, 2, width_ratios=(1.25, 1), height_ratios=(12, 1), hspace=0.25, wspace=0.18)
+    used = len(b) * h * w
+    ax = fig.add_subplot(gs[0, 0])
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_title(f"the step's {len(b)} images, each {h} x {w} patches, drawn at {scale} px per patch "
+                 f"(together {used} patches)", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+    bar = fig.add_subplot(gs[1, 0])
+    bar.barh(0, used, color="#3b75af", height=0.6)
+    for i in range(1, min(len(b), 256)):  # image boundaries (up to 256 of them stay legible)
+        bar.axvline(i * h * w, color="white", lw=0.4)
+    bar.barh(0, c - used, left=used, color="#cccccc", height=0.6)
+    bar.set_xlim(0, c)
+    bar.set_yticks([])
+    bar.set_xlabel(f"patch budget C = {c}: {len(b)} images x {h * w} = {used} used ({100 * used / c:.1f}%), "
+                   f"{c - used} unused", fontsize=9)
+
+    right = fig.add_subplot(gs[:, 1])
+    t = loader.table
+    buckets = sorted(t.members)
+    if loader.cfg.native_res:
+        aspects = [t.buckets[k].aspect for k in buckets]
+        fills = [t.buckets[k].grids[area][0] * t.buckets[k].grids[area][1] / area for k in buckets]
+        colors = ["#d95f02" if k == s.bucket else "#7f9fbf" for k in buckets]
+        right.bar(range(len(buckets)), fills, color=colors)
+        right.set_xticks(range(len(buckets)))
+        right.set_xticklabels([f"{a:.2f}: {t.buckets[k].grids[area][0]} x {t.buckets[k].grids[area][1]}"
+                               for k, a in zip(buckets, aspects)], fontsize=7, rotation=90)
+        right.set_ylim(0, 1.05)
+        right.set_ylabel("h*w / A: the share of the area the grid uses")
+        right.set_xlabel("bucket w/h and its grid h x w at this area (orange: this step's bucket)")
+        right.set_title(f"A = {area}: the grid of every bucket in this manifest", fontsize=9)
+        right.grid(axis="y", alpha=0.3)
+    else:
+        right.axis("off")
+        right.text(0, 0.9, f"fixed resolution: every image {w * b.patch_size} x {h * b.patch_size} px,\n"
+                           f"{h} x {w} patches, {len(b)} per step", fontsize=11, va="top")
+    fig.suptitle(_headline(s), fontsize=11, x=0.01, ha="left")
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _save(fig, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+
+
+def _index(out: Path, manifest: str, sheets: list[tuple[Path, Shown]], areas: list[tuple[Path, Shown]],
+           settings: dict) -> Path:
+    e = html.escape
+    rows = "".join(f"<tr><td>{e(k)}</td><td>{e(str(v))}</td></tr>" for k, v in settings.items())
+    parts = [f"<!doctype html><meta charset='utf-8'><title>aimv2 preview: {e(manifest)}</title>",
+             "<style>body{font-family:sans-serif;margin:2em;max-width:1500px}img{max-width:100%;border:1px solid #ccc}"
+             "td{padding:2px 10px}</style>",
+             f"<h1>What the loader feeds the model: {e(manifest)}</h1><table>{rows}</table>",
+             "<h2>Batches</h2><p>Each image as the model gets it (crop, resize, flip), de-normalised, with the "
+             "patch grid; per image its source, aspect bucket, crop and the caption chosen.</p><ul>"]
+    parts += [f"<li><a href='#{p.stem}'>{e(_headline(s))}</a></li>" for p, s in sheets]
+    parts.append("</ul><h2>Areas</h2><p>One step per area: how its images fill the patch budget C.</p><ul>")
+    parts += [f"<li><a href='#{p.stem}'>A = {s.batch.area or s.batch.grid[0] * s.batch.grid[1]}: "
+              f"{e(_headline(s))}</a></li>" for p, s in areas]
+    parts.append("</ul>")
+    for p, s in sheets + areas:
+        parts.append(f"<h3 id='{p.stem}'>{e(p.name)}</h3><a href='{p.name}'><img src='{p.name}'></a>")
+    path = out / "index.html"
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(parts) + "\n"))
+    return path
+
+
+def preview(manifest: str | os.PathLike, out: str | os.PathLike, *, batches: int = 4, per_sheet: int = 16,
+            areas: list[int] | None = None, epoch: int = 0, area_pages: bool = True, **loader_kwargs) -> dict:
+    """Write contact sheets of the first `batches` steps of `epoch` (those at `areas` when given), a page
+    per area, and index.html into `out`. `loader_kwargs` are Loader's (native_res, batch_patches,
+    resolution, batch_size, seed, decoder, ...). Returns {"index", "sheets", "areas", ...}."""
+    loader = Loader(str(manifest), workers=0, **loader_kwargs)
+    by_area = _steps_by_area(loader, epoch)
+    if not by_area:
+        raise ValueError(f"{manifest}: epoch {epoch} has no steps with these loader settings")
+    if areas:
+        missing = [a for a in areas if a not in by_area]
+        if missing:
+            raise ValueError(f"--areas {missing}: epoch {epoch} has no step at that area (it has "
+                             f"{', '.join(map(str, by_area))})")
+        by_area = {a: by_area[a] for a in areas}
+    chosen = sorted(s for steps in by_area.values() for s in steps)[:batches]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sheets, pages, cache = [], [], {}
+
+    def shown(step):
+        if step not in cache:
+            cache[step] = _show(loader, epoch, step)
+        return cache[step]
+
+    for step in chosen:
+        s = shown(step)
+        sheets.append((contact_sheet(s, out / f"batch_e{epoch}_s{step:05d}.png", per_sheet), s))
+    if area_pages:
+        for area, steps in by_area.items():
+            s = shown(steps[0])
+            pages.append((area_page(s, loader, out / f"area_{area:04d}.png"), s))
+    mode = "native resolution" if loader.cfg.native_res else f"fixed resolution {loader.cfg.resolution} px"
+    settings = {"manifest": str(manifest), "mode": mode, "patch budget C": loader.budget,
+                "seed": loader.cfg.seed, "epoch": epoch, "steps in the epoch": loader.sampler.steps(epoch),
+                "steps per area": ", ".join(f"A={a}: {len(v)}" for a, v in _steps_by_area(loader, epoch).items())}
+    index = _index(out, str(manifest), sheets, pages, settings)
+    summary = {"index": str(index), "sheets": [str(p) for p, _ in sheets], "areas": [str(p) for p, _ in pages],
+               "settings": settings}
+    atomic_write(out / "preview.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+    return summary

@@ -1,0 +1,44 @@
+import click
+
+
+@click.command()
+@click.argument("manifest", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Folder for the PNG pages and index.html (open index.html in a browser).")
+@click.option("--native-res", is_flag=True,
+              help="Native-resolution batches: area A = 2^n (n from a truncated normal on 7..12), B = C / A.")
+@click.option("--batch-patches", "-C", type=int, default=2**16, show_default=True,
+              help="C: patches per step per rank with --native-res (a power of two >= 4096).")
+@click.option("--batch-rule", type=click.Choice(["area", "grid"]), default="area", show_default=True,
+              help="--native-res batch size: area = C / A; grid = C // (h*w).")
+@click.option("--resolution", "-R", type=int, default=224, show_default=True,
+              help="Fixed-resolution RandomResizedCrop size in pixels.")
+@click.option("--batch-size", "-B", type=int, default=256, show_default=True,
+              help="Images per step at fixed resolution.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed (as `aimv2 train --seed`).")
+@click.option("--epoch", type=int, default=0, show_default=True, help="Which epoch's steps to show.")
+@click.option("--batches", type=int, default=4, show_default=True, help="Contact sheets: the first N steps.")
+@click.option("--per-sheet", type=int, default=16, show_default=True, help="Images shown per contact sheet.")
+@click.option("--areas", default="", help="Only steps at these areas, comma-separated (e.g. 256,1024).")
+@click.option("--decoder", type=click.Choice(["pil", "dali"]), default="pil", show_default=True,
+              help="Image decoder (as the loader's).")
+def preview(manifest, output, native_res, batch_patches, batch_rule, resolution, batch_size, seed, epoch, batches,
+            per_sheet, areas, decoder):
+    """See the batches the loader makes from MANIFEST: PNG contact sheets of real batches (each image as the
+    model gets it: crop, resize, flip; with area, grid, bucket, source and the caption chosen), a page per
+    area showing how a step fills the patch budget, and OUTPUT/index.html linking them."""
+    from aimv2data.loader.samples import ManifestError
+    from aimv2data.preview import preview as run
+
+    try:
+        area_list = [int(a) for a in areas.split(",") if a.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{areas!r}: give areas as integers, e.g. 256,1024", param_hint="--areas") from None
+    kw = (dict(native_res=True, batch_patches=batch_patches, batch_rule=batch_rule) if native_res
+          else dict(resolution=resolution, batch_size=batch_size))
+    try:
+        r = run(manifest, output, batches=batches, per_sheet=per_sheet, areas=area_list, epoch=epoch, seed=seed,
+                decoder=decoder, **kw)
+    except (ManifestError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{len(r['sheets'])} contact sheets, {len(r['areas'])} area pages -> {r['index']}")
