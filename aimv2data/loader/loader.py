@@ -98,7 +98,9 @@ class StepMaker:
         area, si, bucket, start, b = (int(v) for v in self.plan[i])
         s = self.names[si]
         epoch = self.snap.epochs.get(s, 0)
-        rows = self.sampler.order(s, epoch, bucket, self.groups[s][bucket])[start:start + b]
+        order = self.sampler.order(s, epoch, bucket, self.groups[s][bucket])
+        # start + b > len(order) only where the whole bucket is smaller than one batch: it cycles (plan())
+        rows = order[start:start + b] if start + b <= len(order) else order[(start + np.arange(b)) % len(order)]
         return StepSpec(epoch, self.snap.t + i, area, area, bucket if self.cfg.native_res else -1,
                         self.sampler.grid_of(area, bucket), rows, s)
 
@@ -259,6 +261,7 @@ class Loader:
                                  "of --mix")
         self._keys = np.array([m.chunk_key(i) for i in range(len(m.chunk_rows))], dtype=np.int64)
         self.maker = StepMaker(self.sampler, cfg, p)
+        self._warned_small = False
         self.stats = {"batches": 0, "images": 0, "patches": 0, "replaced": 0, "replaced_keys": [],
                       "sources": {}, "rows_read": 0}
         self._start(Snapshot(epochs={s: 0 for s in self.weights}), 0)
@@ -277,6 +280,9 @@ class Loader:
     def _read_share(self, stream: str) -> None:
         epoch = self.maker.snap.epochs.get(stream, 0)
         chunks = self.share(stream, epoch)
+        old = self.maker.tables.get(stream)
+        if old is not None and np.array_equal(old.chunks, chunks):
+            return                                  # the same share (one rank, or a deal that repeats)
         table = SampleTable(self.manifest, chunks, None if stream == ALL else stream)
         self.maker.set_table(stream, table)
         self.stats["rows_read"] += table.n
@@ -291,6 +297,13 @@ class Loader:
                 self._read_share(s)
         counts = {s: {b: len(r) for b, r in self.maker.groups[s].items()} for s in self.weights}
         plan, roll = self.sampler.plan(snap, counts)
+        small = [s for s in self.weights if self.maker.tables[s].n and
+                 max(len(r) for r in self.maker.groups[s].values()) < self.sampler.max_batch]
+        if small and self.rank == 0 and not self._warned_small:
+            self._warned_small = True
+            print(f"aimv2 loader: rank {self.rank}'s share of {', '.join(self._name(s) for s in small)} has fewer "
+                  f"rows in every aspect bucket than the largest batch ({self.sampler.max_batch}); such batches "
+                  "repeat rows (a tiny manifest: add data or lower --batch-patches / --batch-size)", file=sys.stderr)
         if len(plan) == 0:
             t = self.maker.tables[roll]
             area = self.sampler.area(snap.t)

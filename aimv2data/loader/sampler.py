@@ -294,12 +294,17 @@ class Sampler:
             have = np.array([left[s][b] for b in buckets], dtype=np.int64)
             w = np.where(have >= need, have, 0)
             if not w.any():
-                return np.array(out, dtype=np.int64).reshape(-1, 5), s
+                fresh = all(left[s][b] == counts[s][b] for b in buckets)
+                if not fresh or not have.any():
+                    return np.array(out, dtype=np.int64).reshape(-1, 5), s
+                # A share whose every bucket is smaller than one batch (a tiny manifest): the batch cycles
+                # through the rows of one bucket (drawn by size), and the stream's epoch ends after it.
+                w = have
             cum = np.cumsum(w)
             i = int(np.searchsorted(cum, unit(self.seed, t, self.rank, BUCKET) * cum[-1], side="right"))
             b = buckets[i]
             out.append((area, names.index(s), b, counts[s][b] - left[s][b], need[i]))
-            left[s][b] -= int(need[i])
+            left[s][b] = max(0, left[s][b] - int(need[i]))
             served[s] += self.nominal(area)
             t += 1
 

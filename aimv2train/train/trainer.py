@@ -66,6 +66,7 @@ class TrainConfig:
     device: str | None = None  # None: cuda if available else cpu
     workers: int = 4
     decoder: str = "pil"
+    mix: str | None = None  # P(source) "dfn=0.60,coyo=0.06,hqitp=0.31"; None: Table 2 over the sources present; "rows"
     compile: bool = False
     precision: str | None = None  # None: bf16 on cuda, fp32 on cpu
     parallel: str = "ddp"  # ddp | fsdp (under torchrun)
@@ -207,7 +208,7 @@ def make_loader(cfg: TrainConfig, tok: Tokenizer, info: DistInfo, resolution: in
     from aimv2data.loader import Loader
 
     kwargs = dict(tokenizer=tok, pad_id=tok.pad_id, rank=info.rank, world_size=info.world_size, seed=cfg.seed,
-                  workers=cfg.workers, decoder=cfg.decoder, pin_memory=torch.cuda.is_available())
+                  workers=cfg.workers, decoder=cfg.decoder, pin_memory=torch.cuda.is_available(), mix=cfg.mix)
     if cfg.native_res:
         loader = Loader(cfg.manifest, native_res=True, batch_patches=cfg.batch_patches, **kwargs)
     else:
@@ -286,9 +287,13 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     if resume_from is not None:
         path, state = resume_from
         ck.load_training_state(path, state, model, optimizer, sharded)
-        mine = state["ranks"][info.rank]
+        # another world size (DDP / one process): rank 0's loader state carries the global data position and
+        # the loader starts each source's next epoch there; ranks that did not exist keep their fresh RNGs
+        same_world = len(state["ranks"]) == info.world_size
+        mine = state["ranks"][info.rank if same_world else 0]
         loader.load_state_dict(mine["loader"])
-        ck.set_rng_state(mine["rng"], generator)
+        if same_world or info.rank < len(state["ranks"]):
+            ck.set_rng_state(state["ranks"][info.rank]["rng"], generator)
         start = int(state["step"])
     step_fn = torch.compile(loss_module, dynamic=cfg.native_res or None) if cfg.compile else loss_module
 
@@ -375,7 +380,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
                    "grad_norm": grad_norm, "images_per_s": B * info.world_size / dt,
                    "patches_per_s": B * h * w * info.world_size / dt, "mfu": flops / dt / peak,
                    "step_time": dt, "data_time": t_data, "batch": B * info.world_size, "grid": [h, w],
-                   "epoch": int(getattr(batch, "epoch", 0))}
+                   "epoch": int(getattr(batch, "epoch", 0)),
+                   "sources": dict(loader.stats["sources"]), "source_epochs": loader.source_epochs()}
             log.write(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", img=f"{rec['loss_img']:.3f}", txt=f"{rec['loss_text']:.3f}",
@@ -434,9 +440,10 @@ def _check_resumable(cfg: TrainConfig, resume_from, info: DistInfo, tok: Tokeniz
     path, state = resume_from
     train = state.get("train", {})
     old = train.get("config", {})
-    if train.get("world_size", 1) != info.world_size:
-        raise TrainError(f"{path} was written by {train.get('world_size')} ranks, this run has {info.world_size}: "
-                         f"resume with the same number of processes (each rank resumes its own data slice)")
+    if train.get("world_size", 1) != info.world_size and "fsdp" in (train.get("parallel"), cfg.parallel):
+        raise TrainError(f"{path} was written by {train.get('world_size')} ranks with FSDP, this run has "
+                         f"{info.world_size}: resume FSDP runs with the same number of processes (DDP and single-"
+                         f"process runs may change it)")
     mode = cfg.parallel if info.enabled else "none"
     if train.get("parallel", "none") != mode and "fsdp" in (train.get("parallel"), mode):
         raise TrainError(f"{path} was written with parallel={train.get('parallel')}, this run uses {mode}")
