@@ -85,13 +85,17 @@ def test_two_nodes_each_read_only_their_share(data, tmp_path):
     ranks = _ranks(tmp_path / "run/checkpoints/step_00000006.pt")
     assert len(ranks) == 2
     total = json.loads((data[0] / "_manifest.json").read_text())["counts"]["samples"]
-    shares = [r["loader"]["share"] for r in ranks]
-    (name,) = shares[0]                                            # the demo corpus: one stream of all rows
-    a, b = shares[0][name], shares[1][name]
-    assert not set(a["chunks"]) & set(b["chunks"]) and len(a["chunks"]) == len(b["chunks"]) == 2
-    assert a["rows"] + b["rows"] == total and 0 < a["rows"] < total
-    for r, s in zip(ranks, (a, b)):
-        assert r["loader"]["stats"]["rows_read"] == s["rows"]      # read its share and nothing else
+    # each rank's reads: (source, epoch) -> chunks and rows; in every epoch both ranks read, the shares
+    # are disjoint and together the whole manifest, and a rank read nothing but its shares
+    reads = [{(x["source"], x["epoch"]): x for x in r["loader"]["stats"]["reads"]} for r in ranks]
+    common = set(reads[0]) & set(reads[1])
+    assert common
+    for k in common:
+        a, b = reads[0][k], reads[1][k]
+        assert not set(a["chunks"]) & set(b["chunks"]) and len(a["chunks"]) == len(b["chunks"]) == 2
+        assert a["rows"] + b["rows"] == total and 0 < a["rows"] < total
+    for r, rd in zip(ranks, reads):
+        assert r["loader"]["stats"]["rows_read"] == sum(x["rows"] for x in rd.values())
     m = _metrics(tmp_path / "run")
     assert [x["step"] for x in m] == list(range(1, 7)) and all("sources" in x for x in m)
 

@@ -263,7 +263,7 @@ class Loader:
         self.maker = StepMaker(self.sampler, cfg, p)
         self._warned_small = False
         self.stats = {"batches": 0, "images": 0, "patches": 0, "replaced": 0, "replaced_keys": [],
-                      "sources": {}, "rows_read": 0}
+                      "sources": {}, "rows_read": 0, "reads": []}
         self._start(Snapshot(epochs={s: 0 for s in self.weights}), 0)
 
     # ---------------------------------------------------------------------------------- shares, segments
@@ -286,6 +286,8 @@ class Loader:
         table = SampleTable(self.manifest, chunks, None if stream == ALL else stream)
         self.maker.set_table(stream, table)
         self.stats["rows_read"] += table.n
+        self.stats["reads"] = (self.stats["reads"] + [{"source": self._name(stream), "epoch": epoch,
+                                                         "chunks": chunks.tolist(), "rows": table.n}])[-64:]
 
     def _start(self, snap: Snapshot, offset: int, reread=None) -> None:
         """Make `snap` the current segment (reading the shares that changed) and plan it."""
@@ -448,3 +450,4 @@ class Loader:
                           for k, v in st.items()}
             self.stats.setdefault("sources", {})
             self.stats["rows_read"] = self.stats.get("rows_read", 0)
+            self.stats.setdefault("reads", [])
