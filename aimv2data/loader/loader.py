@@ -89,7 +89,7 @@ class StepMaker:
 
     def set_table(self, stream: str, table: SampleTable) -> None:
         self.tables[stream] = table
-        self.groups[stream] = table.members if self.cfg.native_res else {0: np.arange(table.n)}
+        self.groups[stream] = table.members if self.cfg.native_res else {0: table.order}
         self.readers[stream] = ShardReader(table.shards)
 
     def spec(self, i: int) -> StepSpec:

@@ -145,8 +145,14 @@ def _single_source(rg, j, spelled: dict) -> str | None:
 
 
 class SampleTable:
-    """Read-only view of the rows of some chunks (optionally only one source's), sorted by (shard, key);
-    row i is sample i everywhere. `SampleTable(manifest)` reads every chunk."""
+    """Read-only view of the rows of some chunks (optionally only one source's). Rows are numbered in read
+    order; `order` lists them in (shard, key) order and `members` per bucket in that order, which is all
+    the sampler uses, so neither the order of a part's rows nor the split into parts changes a batch.
+    `SampleTable(manifest)` reads every chunk.
+
+    Memory (what a rank holds per row of its share): numbers ~34 B, key, caption and synthetic captions
+    as UTF-8 bytes + int32 offsets (per chunk, never concatenated: no second copy while reading), a source
+    code, 8 B of row order. Read chunk by chunk, so the peak is this plus one row group's Arrow table."""
 
     def __init__(self, manifest, chunks=None, source: str | None = None):
         import pyarrow.parquet as pq
@@ -156,61 +162,102 @@ class SampleTable:
         self.patch_size = m.patch_size
         chunks = np.arange(len(m.chunk_rows)) if chunks is None else np.asarray(chunks, dtype=np.int64)
         self.chunks = chunks
-        frames = []
+        self.buckets = m.buckets
+        num = {c: [] for c in ("bucket", "width", "height", "offset", "size", "orientation", "is_jpeg", "shard")}
+        text: dict[str, list] = {}
+        src_codes, self.source_names = [], []
+        shard_names: dict[str, int] = {}
+        have_orient = False
+        starts = [0]
         for f in sorted(set(m.chunk_file[chunks].tolist())):
             cols = m.columns[f]
             want = [c for c in cols if c in REQUIRED or c in OPTIONAL_TEXT or c in ("format", "orientation")
                     or c.startswith("syn_")]
-            groups = sorted(int(m.chunk_group[c]) for c in chunks if m.chunk_file[c] == f)
-            frames.append(pl.from_arrow(pq.ParquetFile(m.files[f]).read_row_groups(groups, columns=want)))
-        df = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
-        if source is not None and "source" in df.columns:
-            df = df.filter(_source_mask(df["source"], source))
-        if df.height == 0 and source is None:
+            pf = pq.ParquetFile(m.files[f])
+            for g in sorted(int(m.chunk_group[c]) for c in chunks if m.chunk_file[c] == f):
+                t = pf.read_row_group(g, columns=want)
+                if source is not None and "source" in t.column_names:
+                    t = t.filter(_source_mask(t.column("source"), source))
+                if t.num_rows == 0:
+                    continue
+                t = t.combine_chunks()
+                nulls = {c: t.column(c).null_count for c in REQUIRED if t.column(c).null_count}
+                if nulls:
+                    raise ManifestError(f"{m.files[f]}: null values in required columns {nulls}")
+                for c, dt in (("bucket", np.int32), ("width", np.int32), ("height", np.int32),
+                              ("offset", np.int64), ("size", np.int64)):
+                    num[c].append(t.column(c).to_numpy().astype(dt, copy=False))
+                if "orientation" in t.column_names:
+                    have_orient = True
+                    num["orientation"].append(t.column("orientation").fill_null(1).to_numpy().astype(np.int8))
+                else:
+                    num["orientation"].append(np.ones(t.num_rows, np.int8))
+                fmt = (t.column("format").to_pylist() if "format" in t.column_names else None)
+                num["is_jpeg"].append(np.ones(t.num_rows, bool) if fmt is None else
+                                      np.array([(x or "").lower() in ("jpeg", "jpg") for x in fmt], bool))
+                sh = t.column("shard").dictionary_encode().combine_chunks()
+                remap = np.array([shard_names.setdefault(x, len(shard_names)) for x in sh.dictionary.to_pylist()],
+                                 dtype=np.int32)
+                num["shard"].append(remap[sh.indices.to_numpy()])
+                if "source" in t.column_names:
+                    sc = t.column("source").dictionary_encode().combine_chunks()
+                    names = sc.dictionary.to_pylist()
+                    for x in names:
+                        if x not in self.source_names:
+                            self.source_names.append(x)
+                    remap = np.array([self.source_names.index(x) for x in names], dtype=np.int16)
+                    idx = sc.indices.fill_null(-1).to_numpy().astype(np.int64)
+                    src_codes.append(np.where(idx >= 0, remap[idx.clip(0)] if len(remap) else -1, -1)
+                                     .astype(np.int16))
+                for c in ("key", "caption"):
+                    if c in t.column_names:
+                        text.setdefault(c, []).append(Strings.from_arrow(t.column(c)))
+                for c in t.column_names:
+                    if c.startswith("syn_"):
+                        text.setdefault(c, []).append(StringLists.from_arrow(t.column(c), c))
+                starts.append(starts[-1] + t.num_rows)
+                del t
+        self.n = starts[-1]
+        if self.n == 0 and source is None:
             raise ManifestError(f"{self.root}: the manifest has no samples")
-        # Rows in (shard, key) order, not file order: img2dataset's download threads write a shard's samples
-        # in the order they finish, so two fetches of the same list give the same rows in another order.
-        # Sorted, the same samples and the same seed give the same batches (and the same trained weights).
-        df = df.sort(["shard", "key"], maintain_order=True)
-        self.buckets = m.buckets
-        nulls = {c: n for c, n in df.select(pl.col(list(REQUIRED)).null_count()).row(0, named=True).items() if n}
-        if nulls:
-            raise ManifestError(f"{self.root}: null values in required columns {nulls}")
-        self.n = df.height
-        self.bucket = df["bucket"].cast(pl.Int32).to_numpy()
-        self.width = df["width"].cast(pl.Int32).to_numpy()
-        self.height = df["height"].cast(pl.Int32).to_numpy()
-        self.offset = df["offset"].cast(pl.Int64).to_numpy()
-        self.size = df["size"].cast(pl.Int64).to_numpy()
-        # EXIF orientation as the shard stage read it (tag 274, what DALI applies); None: not recorded.
-        self.orientation = (df["orientation"].fill_null(1).cast(pl.Int8).to_numpy()
-                            if "orientation" in df.columns else None)
-        fmt = df["format"] if "format" in df.columns else pl.Series(["jpeg"] * self.n)
-        self.is_jpeg = fmt.str.to_lowercase().is_in(["jpeg", "jpg"]).fill_null(False).to_numpy()
+        cat = {c: (np.concatenate(v) if v else np.zeros(0)) for c, v in num.items()}
+        self.bucket, self.width, self.height = cat["bucket"].astype(np.int32), cat["width"], cat["height"]
+        self.offset, self.size, self.is_jpeg = cat["offset"].astype(np.int64), cat["size"], cat["is_jpeg"]
+        self.orientation = cat["orientation"] if have_orient else None
+        self.source = np.concatenate(src_codes) if src_codes else None
         if (self.width <= 0).any() or (self.height <= 0).any():
-            bad = df.filter((pl.col("width") <= 0) | (pl.col("height") <= 0))["key"].head(3).to_list()
-            raise ManifestError(f"{self.root}: samples with non-positive width/height, e.g. {bad}")
+            raise ManifestError(f"{self.root}: samples with non-positive width/height "
+                                f"({int(((self.width <= 0) | (self.height <= 0)).sum())} rows)")
         unknown = sorted(set(np.unique(self.bucket).tolist()) - set(self.buckets))
         if unknown:
             raise ManifestError(f"{self.root}: samples use buckets {unknown[:5]} that _manifest.json does not define")
-
-        # Shards: one small table of paths, an int32 index per sample.
-        names = df["shard"].unique(maintain_order=True).to_list()
-        if any(s is None for s in names):
-            raise ManifestError(f"{self.root}: samples with a null `shard`")
+        # Shards in name order, so that shard index order is name order.
+        names = sorted(shard_names)
+        rank = np.empty(len(names), np.int32)
+        for i, nm in enumerate(names):
+            rank[shard_names[nm]] = i
+        self.shard_idx = rank[cat["shard"].astype(np.int64)] if self.n else np.zeros(0, np.int32)
         self.shard_names = names
-        self.shards = [str(self._resolve(s)) for s in names]
-        self.shard_idx = df["shard"].replace_strict({s: i for i, s in enumerate(names)},
-                                                    return_dtype=pl.Int32).to_numpy()
+        self.shards = [str(self._resolve(x)) for x in names]
+        starts = np.array(starts, dtype=np.int64)
+        self.syn_columns = sorted(c for c in text if c.startswith("syn_"))
+        self.text = {c: Chunked(parts, starts) for c, parts in text.items()}
+        # Rows in (shard, key) order, not read order: img2dataset's download threads write a shard's samples
+        # in the order they finish, so two fetches of the same list give the same rows in another order.
+        self.order = self._sorted_order()
+        by = np.argsort(self.bucket[self.order], kind="stable")
+        ordered = self.order[by]
+        ids, first = np.unique(self.bucket[ordered], return_index=True)
+        ends = np.append(first[1:], len(ordered))
+        self.members = {int(b): ordered[s:e] for b, s, e in zip(ids, first, ends)}
 
-        self.syn_columns = sorted(c for c in df.columns if c.startswith("syn_"))
-        self.text = {c: Strings.from_series(df[c]) for c in ("key", *OPTIONAL_TEXT) if c in df.columns}
-        self.text.update({c: StringLists.from_series(df[c]) for c in self.syn_columns})
-        # Rows per bucket in (shard, key) order; the sampler permutes these each epoch.
-        order = np.argsort(self.bucket, kind="stable")
-        ids, starts = np.unique(self.bucket[order], return_index=True)
-        ends = np.append(starts[1:], len(order))
-        self.members = {int(b): order[s:e] for b, s, e in zip(ids, starts, ends)}
+    def _sorted_order(self) -> np.ndarray:
+        if self.n == 0:
+            return np.zeros(0, np.int32)
+        keys = self.text["key"]
+        ks = pl.concat([p.to_polars() for p in keys.parts]) if len(keys.parts) > 1 else keys.parts[0].to_polars()
+        df = pl.DataFrame({"s": self.shard_idx, "k": ks})
+        return df.select(pl.arg_sort_by(["s", "k"], maintain_order=True)).to_series().to_numpy().astype(np.int32)
 
     def _resolve(self, shard: str) -> Path:
         p = Path(shard)
@@ -233,13 +280,34 @@ class SampleTable:
 
     def texts(self, row: int) -> dict:
         """source, caption and synthetic captions of one row (None where absent)."""
-        return {c: col[row] for c, col in self.text.items()}
+        out = {c: col[row] for c, col in self.text.items()}
+        if self.source is not None:
+            code = int(self.source[row])
+            out["source"] = self.source_names[code] if code >= 0 else None
+        return out
 
 
-def _source_mask(col: pl.Series, source: str) -> pl.Series:
-    names = col.unique().to_list()
-    keep = [n for n in names if norm_source(n) == source]
-    return col.is_in(keep).fill_null(source == "")
+class Chunked:
+    """A text column kept as its per-chunk pieces (no concatenated copy): row -> (piece, row in piece)."""
+
+    def __init__(self, parts: list, starts: np.ndarray):
+        self.parts, self.starts = parts, starts
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int):
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[k][int(i - self.starts[k])]
+
+
+def _source_mask(col, source: str):
+    """Arrow mask of the rows whose source normalises to `source` (nulls: the unnamed source "")."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keep = [n for n in pc.unique(col).to_pylist() if n is not None and norm_source(n) == source]
+    return pc.is_in(col, value_set=pa.array(keep, type=col.type)).fill_null(source == "")
 
 
 def _arrow(series: pl.Series):
@@ -263,11 +331,35 @@ class Strings:
         data = np.frombuffer(data, dtype=np.uint8).copy() if data is not None else np.zeros(0, np.uint8)
         return cls(offsets, data, arr.is_null().to_numpy(zero_copy_only=False))
 
+    @classmethod
+    def from_arrow(cls, arr) -> "Strings":
+        import pyarrow as pa
+
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+            arr = arr.cast(pa.string())
+        _, off, data = arr.buffers()
+        dt = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+        offsets = np.frombuffer(off, dtype=dt)[arr.offset:arr.offset + len(arr) + 1].copy()
+        data = np.frombuffer(data, dtype=np.uint8)[offsets[0]:offsets[-1]].copy() if data is not None else \
+            np.zeros(0, np.uint8)
+        offsets -= offsets[0]
+        null = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else None
+        return cls(offsets, data, null)
+
+    def to_polars(self) -> pl.Series:
+        import pyarrow as pa
+
+        off = self.offsets.astype(np.int64)
+        arr = pa.LargeStringArray.from_buffers(len(off) - 1, pa.py_buffer(off), pa.py_buffer(self.data))
+        return pl.from_arrow(arr)
+
     def __len__(self) -> int:
-        return len(self.null)
+        return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> str | None:
-        if self.null[i]:
+        if self.null is not None and self.null[i]:
             return None
         return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8")
 
@@ -287,11 +379,25 @@ class StringLists:
         values = Strings.from_series(pl.Series(arr.values))
         return cls(offsets, values, arr.is_null().to_numpy(zero_copy_only=False))
 
+    @classmethod
+    def from_arrow(cls, arr, name: str = "") -> "StringLists":
+        import pyarrow as pa
+
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+            raise ManifestError(f"column {name} must be list[str] (synthetic captions), got {arr.type}")
+        offsets = arr.offsets.to_numpy().astype(np.int32 if pa.types.is_list(arr.type) else np.int64)
+        values = Strings.from_arrow(arr.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0])))
+        offsets = offsets - offsets[0]
+        null = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else None
+        return cls(offsets, values, null)
+
     def __len__(self) -> int:
-        return len(self.null)
+        return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> list[str] | None:
-        if self.null[i]:
+        if self.null is not None and self.null[i]:
             return None
         return [v for v in (self.values[j] for j in range(self.offsets[i], self.offsets[i + 1])) if v]
 
