@@ -97,13 +97,17 @@ def write_manifest(root: Path, rows: int, parts: int, seed: int = 0) -> Path:
     return root
 
 
-def measure(manifest: str, world: int, specs: int = 100) -> dict:
-    """In this (fresh) process: rank 0's loader at world size `world`."""
+def measure(manifest: str, world: int, specs: int = 100, warm: str | None = None) -> dict:
+    """In this (fresh) process: rank 0's loader at world size `world` (after a loader on the tiny manifest
+    `warm`, so that one-off imports are not counted as start-up)."""
     import torch
 
     torch.set_num_threads(1)
     from aimv2data.loader import Loader
     from aimv2data.loader.samples import Manifest
+
+    if warm:
+        Loader(warm, native_res=True, batch_patches=65536, rank=0, world_size=1, workers=0)
 
     t0 = time.perf_counter()
     Manifest(manifest)
@@ -136,7 +140,8 @@ def _vmhwm() -> int:
 
 
 def _sub(manifest: Path, world: int) -> dict:
-    cmd = [sys.executable, __file__, "--measure", str(manifest), "--world", str(world)]
+    cmd = [sys.executable, __file__, "--measure", str(manifest), "--world", str(world),
+           "--warm", str(Path(manifest).parent / "tiny")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "POLARS_MAX_THREADS": "1"}
     if shutil.which("taskset"):
         cmd = ["taskset", "-c", "1", *cmd]
@@ -154,9 +159,10 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the manifest")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--world", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--warm", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.measure:
-        print(json.dumps(measure(a.measure, a.world)))
+        print(json.dumps(measure(a.measure, a.world, warm=a.warm)))
         return
     out = Path(a.out)
     if out.exists():

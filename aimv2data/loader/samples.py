@@ -67,8 +67,12 @@ class Manifest:
         file_idx, rg_idx, rows, srcs = [], [], [], []
         self._spelled: dict[str, str] = {}
         self.columns: list[list[str]] = []
-        for i, f in enumerate(self.files):
-            md = pq.ParquetFile(f).metadata
+        # Footers are small reads, latency-bound on network storage: a few threads read them (in file order).
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(16, len(self.files))) as pool:
+            footers = list(pool.map(lambda f: pq.ParquetFile(f).metadata, self.files))
+        for i, (f, md) in enumerate(zip(self.files, footers)):
             names = [md.schema.column(j).path.split(".")[0] for j in range(md.num_columns)]
             cols = list(dict.fromkeys(names))
             missing = [c for c in REQUIRED if c not in cols]
@@ -176,7 +180,8 @@ class SampleTable:
             pf = pq.ParquetFile(m.files[f])
             for g in sorted(int(m.chunk_group[c]) for c in chunks if m.chunk_file[c] == f):
                 t = pf.read_row_group(g, columns=want)
-                if source is not None and "source" in t.column_names:
+                mixed = any(m.chunk_source[c] is ANY for c in chunks if m.chunk_file[c] == f and m.chunk_group[c] == g)
+                if source is not None and "source" in t.column_names and mixed:
                     t = t.filter(_source_mask(t.column("source"), source))
                 if t.num_rows == 0:
                     continue
@@ -185,7 +190,7 @@ class SampleTable:
                 if nulls:
                     raise ManifestError(f"{m.files[f]}: null values in required columns {nulls}")
                 for c, dt in (("bucket", np.int32), ("width", np.int32), ("height", np.int32),
-                              ("offset", np.int64), ("size", np.int64)):
+                              ("offset", np.int64), ("size", np.int32)):
                     num[c].append(t.column(c).to_numpy().astype(dt, copy=False))
                 if "orientation" in t.column_names:
                     have_orient = True
@@ -220,7 +225,8 @@ class SampleTable:
         self.n = starts[-1]
         if self.n == 0 and source is None:
             raise ManifestError(f"{self.root}: the manifest has no samples")
-        cat = {c: (np.concatenate(v) if v else np.zeros(0)) for c, v in num.items()}
+        # one column at a time, dropping its pieces: no moment holds two copies of every column
+        cat = {c: (np.concatenate(num.pop(c)) if num[c] else np.zeros(0)) for c in list(num)}
         self.bucket, self.width, self.height = cat["bucket"].astype(np.int32), cat["width"], cat["height"]
         self.offset, self.size, self.is_jpeg = cat["offset"].astype(np.int64), cat["size"], cat["is_jpeg"]
         self.orientation = cat["orientation"] if have_orient else None
