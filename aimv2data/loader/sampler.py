@@ -254,7 +254,7 @@ class Sampler:
             self.grid, self.b = fixed_grid, int(batch_size)
             self.c = self.b * fixed_grid[0] * fixed_grid[1]
             self.max_batch = self.b
-        self._plan_key, self._plan, self._perms = None, None, {}
+        self._perms = {}
 
     # per step
     def area(self, t: int) -> int:
@@ -284,27 +284,29 @@ class Sampler:
         bucket of this rank's current share of each stream."""
         names = sorted(self.weights)
         served = {s: snap.served.get(s, 0) for s in names}
-        left = {s: {b: n - snap.used.get(s, {}).get(b, 0) for b, n in counts[s].items()} for s in names}
+        buckets = {s: np.array(sorted(counts[s]), dtype=np.int64) for s in names}
+        total = {s: np.array([counts[s][b] for b in buckets[s].tolist()], dtype=np.int64) for s in names}
+        left = {s: total[s] - np.array([snap.used.get(s, {}).get(b, 0) for b in buckets[s].tolist()], dtype=np.int64)
+                for s in names}
+        need_of = {}          # (stream, area) -> B per bucket
         out, t = [], snap.t
         while True:
             s = choose_stream(self.weights, served)
             area = self.area(t)
-            buckets = sorted(left[s])
-            need = np.array([self.batch(area, b) for b in buckets], dtype=np.int64)
-            have = np.array([left[s][b] for b in buckets], dtype=np.int64)
+            if (s, area) not in need_of:
+                need_of[s, area] = np.array([self.batch(area, b) for b in buckets[s].tolist()], dtype=np.int64)
+            need, have = need_of[s, area], left[s]
             w = np.where(have >= need, have, 0)
             if not w.any():
-                fresh = all(left[s][b] == counts[s][b] for b in buckets)
-                if not fresh or not have.any():
+                if not np.array_equal(have, total[s]) or not have.any():
                     return np.array(out, dtype=np.int64).reshape(-1, 5), s
                 # A share whose every bucket is smaller than one batch (a tiny manifest): the batch cycles
                 # through the rows of one bucket (drawn by size), and the stream's epoch ends after it.
                 w = have
             cum = np.cumsum(w)
             i = int(np.searchsorted(cum, unit(self.seed, t, self.rank, BUCKET) * cum[-1], side="right"))
-            b = buckets[i]
-            out.append((area, names.index(s), b, counts[s][b] - left[s][b], need[i]))
-            left[s][b] = max(0, left[s][b] - int(need[i]))
+            out.append((area, names.index(s), int(buckets[s][i]), int(total[s][i] - have[i]), int(need[i])))
+            have[i] = max(0, int(have[i]) - int(need[i]))
             served[s] += self.nominal(area)
             t += 1
 

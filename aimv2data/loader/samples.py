@@ -70,7 +70,7 @@ class Manifest:
         # Footers are small reads, latency-bound on network storage: a few threads read them (in file order).
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=min(16, len(self.files))) as pool:
+        with ThreadPoolExecutor(max_workers=min(8, len(self.files))) as pool:
             footers = list(pool.map(lambda f: pq.ParquetFile(f).metadata, self.files))
         for i, (f, md) in enumerate(zip(self.files, footers)):
             names = [md.schema.column(j).path.split(".")[0] for j in range(md.num_columns)]
@@ -179,7 +179,7 @@ class SampleTable:
                     or c.startswith("syn_")]
             pf = pq.ParquetFile(m.files[f])
             for g in sorted(int(m.chunk_group[c]) for c in chunks if m.chunk_file[c] == f):
-                t = pf.read_row_group(g, columns=want)
+                t = pf.read_row_group(g, columns=want, use_threads=False)
                 mixed = any(m.chunk_source[c] is ANY for c in chunks if m.chunk_file[c] == f and m.chunk_group[c] == g)
                 if source is not None and "source" in t.column_names and mixed:
                     t = t.filter(_source_mask(t.column("source"), source))
@@ -197,9 +197,12 @@ class SampleTable:
                     num["orientation"].append(t.column("orientation").fill_null(1).to_numpy().astype(np.int8))
                 else:
                     num["orientation"].append(np.ones(t.num_rows, np.int8))
-                fmt = (t.column("format").to_pylist() if "format" in t.column_names else None)
-                num["is_jpeg"].append(np.ones(t.num_rows, bool) if fmt is None else
-                                      np.array([(x or "").lower() in ("jpeg", "jpg") for x in fmt], bool))
+                if "format" in t.column_names:
+                    fc = t.column("format").dictionary_encode().combine_chunks()
+                    jpeg = np.array([(x or "").lower() in ("jpeg", "jpg") for x in fc.dictionary.to_pylist()] + [False])
+                    num["is_jpeg"].append(jpeg[fc.indices.fill_null(-1).to_numpy()])
+                else:
+                    num["is_jpeg"].append(np.ones(t.num_rows, bool))
                 sh = t.column("shard").dictionary_encode().combine_chunks()
                 remap = np.array([shard_names.setdefault(x, len(shard_names)) for x in sh.dictionary.to_pylist()],
                                  dtype=np.int32)
