@@ -110,10 +110,9 @@ def measure(manifest: str, world: int, specs: int = 100, warm: str | None = None
         Loader(warm, native_res=True, batch_patches=65536, rank=0, world_size=1, workers=0)
 
     t0 = time.perf_counter()
-    Manifest(manifest)
+    m = Manifest(manifest)
     footers = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    loader = Loader(manifest, native_res=True, batch_patches=65536, rank=0, world_size=world, workers=0)
+    loader = Loader(m, native_res=True, batch_patches=65536, rank=0, world_size=world, workers=0)
     startup = time.perf_counter() - t0
     t0 = time.perf_counter()
     n = 0
@@ -157,6 +156,7 @@ def main():
     ap.add_argument("--w1-rows", type=int, default=0, help="measure W=1 on this many rows (the first parts)")
     ap.add_argument("--out", default="/tmp/aimv2_scale_manifest")
     ap.add_argument("--keep", action="store_true", help="keep the manifest")
+    ap.add_argument("--reuse", action="store_true", help="measure a manifest --keep left in --out")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--world", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--warm", help=argparse.SUPPRESS)
@@ -165,12 +165,13 @@ def main():
         print(json.dumps(measure(a.measure, a.world, warm=a.warm)))
         return
     out = Path(a.out)
-    if out.exists():
+    if out.exists() and not a.reuse:
         shutil.rmtree(out)
     try:
         t0 = time.perf_counter()
-        write_manifest(out / "full", a.rows, a.parts)
-        write_manifest(out / "tiny", 1000, 4)
+        if not a.reuse:
+            write_manifest(out / "full", a.rows, a.parts)
+            write_manifest(out / "tiny", 1000, 4)
         bytes_on_disk = sum(f.stat().st_size for f in (out / "full" / "samples").glob("*.parquet"))
         print(f"manifest: {a.rows} rows, {a.parts} parts, {bytes_on_disk / 1e9:.2f} GB, "
               f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)

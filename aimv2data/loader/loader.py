@@ -236,7 +236,7 @@ class Loader:
             raise ValueError(f"unknown decoder {cfg.decoder!r}: use pil or dali")
         self.cfg = cfg
         self.rank, self.world_size = dist_info(cfg.rank, cfg.world_size)
-        self.manifest = m = Manifest(manifest)
+        self.manifest = m = manifest if isinstance(manifest, Manifest) else Manifest(manifest)
         self.weights, notes = resolve_mix(cfg.mix, m.sources)
         if notes and self.rank == 0:
             print("aimv2 loader: " + "; ".join(notes), file=sys.stderr)

@@ -67,28 +67,29 @@ class Manifest:
         file_idx, rg_idx, rows, srcs = [], [], [], []
         self._spelled: dict[str, str] = {}
         self.columns: list[list[str]] = []
-        # Footers are small reads, latency-bound on network storage: a few threads read them (in file order).
+        # Footers are small reads, latency-bound on network storage: a few threads read them (in file order),
+        # each keeping only what the loader needs (a footer object is ~0.2 MB; 20 k of them would be GBs).
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=min(8, len(self.files))) as pool:
-            footers = list(pool.map(lambda f: pq.ParquetFile(f).metadata, self.files))
-        for i, (f, md) in enumerate(zip(self.files, footers)):
-            names = [md.schema.column(j).path.split(".")[0] for j in range(md.num_columns)]
-            cols = list(dict.fromkeys(names))
+            summaries = list(pool.map(_footer, self.files))
+        schemas: dict[tuple, tuple] = {}
+        for i, (f, (cols, groups)) in enumerate(zip(self.files, summaries)):
             missing = [c for c in REQUIRED if c not in cols]
             if missing:
                 raise ManifestError(f"{f}: missing columns {missing}; the loader needs {list(REQUIRED)} "
                                     "(manifests/SPEC.md); rebuild the manifest with `aimv2 shard`")
-            self.columns.append(cols)
-            j_src = names.index("source") if "source" in names else None
-            for g in range(md.num_row_groups):
-                rg = md.row_group(g)
-                if rg.num_rows == 0:
+            self.columns.append(schemas.setdefault(tuple(cols), tuple(cols)))   # one copy per distinct schema
+            for g, n, src in groups:
+                if n == 0:
                     continue
                 file_idx.append(i)
                 rg_idx.append(g)
-                rows.append(rg.num_rows)
-                srcs.append(_single_source(rg, j_src, self._spelled))
+                rows.append(n)
+                if src not in ("", ANY):
+                    self._spelled[norm_source(src)] = src
+                    src = norm_source(src)
+                srcs.append(src)
         if not rows:
             raise ManifestError(f"{self.root}: the manifest has no samples")
         self.chunk_file = np.array(file_idx, dtype=np.int32)
@@ -138,14 +139,24 @@ class Manifest:
         return int.from_bytes(d.digest(), "little") >> 1
 
 
-def _single_source(rg, j, spelled: dict) -> str | None:
-    if j is None:
-        return ""
-    st = rg.column(j).statistics
-    if st is None or not st.has_min_max or st.min != st.max or st.null_count:
-        return ANY
-    spelled[norm_source(st.min)] = st.min
-    return norm_source(st.min)
+def _footer(path: Path) -> tuple[list[str], list[tuple[int, int, str | None]]]:
+    """(column names, [(row group, rows, its single source: the spelled name, "" without a source column,
+    ANY when the statistics do not name one)]) from a part's footer."""
+    import pyarrow.parquet as pq
+
+    md = pq.read_metadata(path)
+    names = [md.schema.column(j).path.split(".")[0] for j in range(md.num_columns)]
+    j = names.index("source") if "source" in names else None
+    groups = []
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        src = ""
+        if j is not None:
+            st = rg.column(j).statistics
+            src = (st.min if st is not None and st.has_min_max and st.min == st.max and not st.null_count
+                   else ANY)
+        groups.append((g, rg.num_rows, src))
+    return list(dict.fromkeys(names)), groups
 
 
 class SampleTable:
