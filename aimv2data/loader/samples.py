@@ -178,7 +178,13 @@ class SampleTable:
         chunks = np.arange(len(m.chunk_rows)) if chunks is None else np.asarray(chunks, dtype=np.int64)
         self.chunks = chunks
         self.buckets = m.buckets
-        num = {c: [] for c in ("bucket", "width", "height", "offset", "size", "orientation", "is_jpeg", "shard")}
+        # Numbers go straight into arrays sized for every row of the chunks (untouched pages cost nothing):
+        # no per-chunk pieces to concatenate, so no freed holes between the text arrays kept.
+        cap = int(m.chunk_rows[chunks].sum())
+        num = {c: np.empty(cap, dt) for c, dt in (("bucket", np.int32), ("width", np.int32), ("height", np.int32),
+                                                  ("offset", np.int64), ("size", np.int32),
+                                                  ("orientation", np.int8), ("is_jpeg", bool), ("shard", np.int32))}
+        pos = 0
         text: dict[str, list] = {}
         src_codes, self.source_names = [], []
         shard_names: dict[str, int] = {}
@@ -202,22 +208,22 @@ class SampleTable:
                     raise ManifestError(f"{m.files[f]}: null values in required columns {nulls}")
                 for c, dt in (("bucket", np.int32), ("width", np.int32), ("height", np.int32),
                               ("offset", np.int64), ("size", np.int32)):
-                    num[c].append(t.column(c).to_numpy().astype(dt, copy=False))
+                    num[c][pos:pos + t.num_rows] = t.column(c).to_numpy()
                 if "orientation" in t.column_names:
                     have_orient = True
-                    num["orientation"].append(t.column("orientation").fill_null(1).to_numpy().astype(np.int8))
+                    num["orientation"][pos:pos + t.num_rows] = t.column("orientation").fill_null(1).to_numpy()
                 else:
-                    num["orientation"].append(np.ones(t.num_rows, np.int8))
+                    num["orientation"][pos:pos + t.num_rows] = 1
                 if "format" in t.column_names:
                     fc = t.column("format").dictionary_encode().combine_chunks()
                     jpeg = np.array([(x or "").lower() in ("jpeg", "jpg") for x in fc.dictionary.to_pylist()] + [False])
-                    num["is_jpeg"].append(jpeg[fc.indices.fill_null(-1).to_numpy()])
+                    num["is_jpeg"][pos:pos + t.num_rows] = jpeg[fc.indices.fill_null(-1).to_numpy()]
                 else:
-                    num["is_jpeg"].append(np.ones(t.num_rows, bool))
+                    num["is_jpeg"][pos:pos + t.num_rows] = True
                 sh = t.column("shard").dictionary_encode().combine_chunks()
                 remap = np.array([shard_names.setdefault(x, len(shard_names)) for x in sh.dictionary.to_pylist()],
                                  dtype=np.int32)
-                num["shard"].append(remap[sh.indices.to_numpy()])
+                num["shard"][pos:pos + t.num_rows] = remap[sh.indices.to_numpy()]
                 if "source" in t.column_names:
                     sc = t.column("source").dictionary_encode().combine_chunks()
                     names = sc.dictionary.to_pylist()
@@ -235,14 +241,15 @@ class SampleTable:
                     if c.startswith("syn_"):
                         text.setdefault(c, []).append(StringLists.from_arrow(t.column(c), c))
                 starts.append(starts[-1] + t.num_rows)
+                pos += t.num_rows
                 del t
         self.n = starts[-1]
         if self.n == 0 and source is None:
             raise ManifestError(f"{self.root}: the manifest has no samples")
         # one column at a time, dropping its pieces: no moment holds two copies of every column
-        cat = {c: (np.concatenate(num.pop(c)) if num[c] else np.zeros(0)) for c in list(num)}
-        self.bucket, self.width, self.height = cat["bucket"].astype(np.int32), cat["width"], cat["height"]
-        self.offset, self.size, self.is_jpeg = cat["offset"].astype(np.int64), cat["size"], cat["is_jpeg"]
+        cat = {c: a[:self.n] for c, a in num.items()}
+        self.bucket, self.width, self.height = cat["bucket"], cat["width"], cat["height"]
+        self.offset, self.size, self.is_jpeg = cat["offset"], cat["size"], cat["is_jpeg"]
         self.orientation = cat["orientation"] if have_orient else None
         self.source = np.concatenate(src_codes) if src_codes else None
         if (self.width <= 0).any() or (self.height <= 0).any():
@@ -256,7 +263,9 @@ class SampleTable:
         rank = np.empty(len(names), np.int32)
         for i, nm in enumerate(names):
             rank[shard_names[nm]] = i
-        self.shard_idx = rank[cat["shard"].astype(np.int64)] if self.n else np.zeros(0, np.int32)
+        if self.n:
+            cat["shard"][:] = rank[cat["shard"]]
+        self.shard_idx = cat["shard"]
         self.shard_names = names
         self.shards = [str(self._resolve(x)) for x in names]
         starts = np.array(starts, dtype=np.int64)
