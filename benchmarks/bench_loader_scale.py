@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -35,6 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 SOURCES = (("dfn", 0.6), ("coyo", 0.2), ("hqitp", 0.2))   # row shares: far from the 60/6/31 mix
 ROW_GROUP = 10_000
+# Memory the loader keeps per manifest part for its chunk table (footer summaries): ~3.3 KB with 10 row
+# groups a part, measured by reading 1,500 footers in a row (RSS after a warm-up plateau of ~10-20 MB).
+PART_BYTES = 3_300
 
 
 def write_manifest(root: Path, rows: int, parts: int, seed: int = 0) -> Path:
@@ -109,11 +113,11 @@ def measure(manifest: str, world: int, specs: int = 100, warm: str | None = None
     if warm:
         Loader(warm, native_res=True, batch_patches=65536, rank=0, world_size=1, workers=0)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     m = Manifest(manifest)
-    footers = time.perf_counter() - t0
+    footers, footers_cpu = time.perf_counter() - t0, time.process_time() - c0
     loader = Loader(m, native_res=True, batch_patches=65536, rank=0, world_size=world, workers=0)
-    startup = time.perf_counter() - t0
+    startup, startup_cpu = time.perf_counter() - t0, time.process_time() - c0
     t0 = time.perf_counter()
     n = 0
     while n < specs:
@@ -126,6 +130,7 @@ def measure(manifest: str, world: int, specs: int = 100, warm: str | None = None
             loader._next_segment()
     first = time.perf_counter() - t0
     return {"world": world, "startup_s": round(startup, 3), "footers_s": round(footers, 3),
+            "startup_cpu_s": round(startup_cpu, 3), "footers_cpu_s": round(footers_cpu, 3),
             "first_100_specs_s": round(first, 4), "rows_read": loader.stats["rows_read"],
             "parts": len(loader.manifest.files), "chunks": len(loader.manifest.chunk_rows),
             "rows": loader.manifest.n, "vmhwm_bytes": _vmhwm()}
@@ -160,9 +165,15 @@ def main():
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--world", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--warm", help=argparse.SUPPRESS)
+    ap.add_argument("--report", metavar="STDERR", help="recompute the table from a run's stderr lines")
     a = ap.parse_args()
     if a.measure:
         print(json.dumps(measure(a.measure, a.world, warm=a.warm)))
+        return
+    if a.report:   # recompute the report from the per-W lines a run printed to stderr
+        lines = [json.loads(x) for x in open(a.report) if x.startswith('{"world"')]
+        base = {"vmhwm_bytes": lines[0]["vmhwm_bytes"] - lines[0]["peak_above_base"]}
+        print(json.dumps(report(lines, base, a.rows, a.parts), indent=1))
         return
     out = Path(a.out)
     if out.exists() and not a.reuse:
@@ -207,31 +218,33 @@ def report(results, base, rows, parts) -> dict:
     table = []
     for r in results:
         s = r["scale"]
-        per_part = r["footers_s"] / r["parts"]
-        startup = r["startup_s"] if s == 1 else per_part * parts + (r["startup_s"] - r["footers_s"]) * s
+        per_part = r["footers_cpu_s"] / r["parts"]
+        startup = r["startup_cpu_s"] if s == 1 else per_part * parts + (r["startup_cpu_s"] - r["footers_cpu_s"]) * s
         peak = r["peak_above_base"] * s
-        table.append({"W": r["world"], "startup_s": round(startup, 2), "peak_above_base_GB": round(peak / 1e9, 3),
+        table.append({"W": r["world"], "startup_cpu_s": round(startup, 2), "startup_wall_s": r["startup_s"], "peak_above_base_GB": round(peak / 1e9, 3),
                       "vmhwm_GB": round((base["vmhwm_bytes"] + peak) / 1e9, 3), "bytes_per_served_row":
                       r["bytes_per_row"], "rows_read": int(r["rows_read"] * s), "first_100_specs_s":
                       r["first_100_specs_s"], "measured_rows": r["rows"]})
     big = max(results, key=lambda r: r["world"])
-    per_part = big["footers_s"] / big["parts"]
-    per_row_s = (big["startup_s"] - big["footers_s"]) / max(1, big["rows_read"])
+    per_part = big["footers_cpu_s"] / big["parts"]
+    per_row_s = (big["startup_cpu_s"] - big["footers_cpu_s"]) / max(1, big["rows_read"])
     rows_per_part = rows / parts
     n2, w2 = 2_000_000_000, 512
     parts2 = n2 / rows_per_part
     share2 = n2 / w2
-    bpr = min(r["bytes_per_row"] for r in results if r["rows_read"] > 0)
+    # bytes per row from the measured share nearest the extrapolated one (fixed costs weigh on small shares)
+    bpr = min(results, key=lambda r: abs(math.log(max(1, r["rows_read"]) / share2)))["bytes_per_row"]
     ext = {"rows": n2, "W": w2, "parts": int(parts2), "rows_per_rank": int(share2),
-           "startup_s": round(per_part * parts2 + per_row_s * share2, 1),
-           "memory_GB": round((base["vmhwm_bytes"] + bpr * share2) / 1e9, 2),
-           "model": f"start-up = {per_part * 1e3:.2f} ms/part x parts + {per_row_s * 1e6:.2f} us/row x rows/W; "
-                    f"memory = {base['vmhwm_bytes'] / 1e9:.2f} GB baseline + {bpr:.0f} B/row x rows/W"}
+           "startup_cpu_s": round(per_part * parts2 + per_row_s * share2, 1),
+           "memory_GB": round((base["vmhwm_bytes"] + bpr * share2 + PART_BYTES * parts2) / 1e9, 2),
+           "model": f"start-up = {per_part * 1e3:.2f} CPU-ms/part x parts + {per_row_s * 1e6:.2f} CPU-us/row x rows/W; "
+                    f"memory = {base['vmhwm_bytes'] / 1e9:.2f} GB baseline + {bpr:.0f} B/row x rows/W + "
+                    f"{PART_BYTES} B/part x parts"}
     w1 = next((t for t in table if t["W"] == 1), None)
     w64 = next((t for t in table if t["W"] == 64), None)
     ratios = None
     if w1 and w64:
-        ratios = {"startup_W64_over_W1": round(w64["startup_s"] / w1["startup_s"], 4),
+        ratios = {"startup_W64_over_W1": round(w64["startup_cpu_s"] / w1["startup_cpu_s"], 4),
                   "memory_above_base_W64_over_W1": round(w64["peak_above_base_GB"] / w1["peak_above_base_GB"], 4)}
     return {"baseline_vmhwm_GB": round(base["vmhwm_bytes"] / 1e9, 3), "table": table, "ratios": ratios,
             "extrapolation": ext}
