@@ -281,12 +281,21 @@ class SampleTable:
         self.members = {int(b): ordered[s:e] for b, s, e in zip(ids, first, ends)}
 
     def _sorted_order(self) -> np.ndarray:
+        """Row ids in (shard, key) order (keys compared as UTF-8 bytes), in numpy: keys as fixed-width bytes."""
         if self.n == 0:
             return np.zeros(0, np.int32)
-        keys = self.text["key"]
-        ks = pl.concat([p.to_polars() for p in keys.parts]) if len(keys.parts) > 1 else keys.parts[0].to_polars()
-        df = pl.DataFrame({"s": self.shard_idx, "k": ks})
-        return df.select(pl.arg_sort_by(["s", "k"], maintain_order=True)).to_series().to_numpy().astype(np.int32)
+        pieces = []
+        for p in self.text["key"].parts:
+            off = p.offsets.astype(np.int64)
+            lens = np.diff(off)
+            width = max(1, int(lens.max()))
+            pos = off[:-1, None] + np.arange(width)
+            mat = np.where(np.arange(width) < lens[:, None], p.data[np.minimum(pos, max(0, len(p.data) - 1))], 0)
+            pieces.append(mat.astype(np.uint8))
+        width = max(x.shape[1] for x in pieces)
+        keys = np.concatenate([np.pad(x, ((0, 0), (0, width - x.shape[1]))) for x in pieces])
+        keys = np.ascontiguousarray(keys).view(f"S{width}").ravel()
+        return np.lexsort((keys, self.shard_idx)).astype(np.int32)
 
     def _resolve(self, shard: str) -> Path:
         p = Path(shard)
