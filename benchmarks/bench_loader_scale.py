@@ -189,7 +189,7 @@ def main():
         base = _sub(out / "tiny", 1)
         results = []
         for w in (int(x) for x in a.worlds.split(",")):
-            man, scale = out / "full", 1.0
+            man = out / "full"
             if w == 1 and a.w1_rows and a.w1_rows < a.rows:
                 # the first parts only (their own manifest directory, sharing the files by symlink)
                 k = -(-a.w1_rows * a.parts // a.rows)

@@ -1,7 +1,6 @@
 """The loader at scale (issue 13): rank-local shares, the source mixture, resume across world sizes, bad input."""
 import json
 
-import numpy as np
 import pytest
 import torch
 

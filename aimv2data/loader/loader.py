@@ -30,7 +30,7 @@ from .captions import CONTEXT, CaptionChooser, resolve_pad_id, tokenize
 from .geometry import Crop, cover, random_resized_crop
 from .reader import ShardReader
 from .sampler import ALL, CROP, Sampler, Snapshot, StepSpec, deal, resolve_mix, rng, unit
-from .samples import Manifest, ManifestError, SampleTable
+from .samples import Manifest, SampleTable
 
 STATE_VERSION = 2   # 2: rank-local shares and source streams (issue 13); 1 (no "version"): whole-manifest loader
 

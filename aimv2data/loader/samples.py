@@ -49,8 +49,6 @@ class Manifest:
     row group, in (file name, row group) order), sources. Costs one footer read per part."""
 
     def __init__(self, manifest: str | Path):
-        import pyarrow.parquet as pq
-
         self.root = Path(manifest)
         meta_path = self.root / "_manifest.json"
         if not meta_path.is_file():
