@@ -346,26 +346,11 @@ def _source_mask(col, source: str):
     return pc.is_in(col, value_set=pa.array(keep, type=col.type)).fill_null(source == "")
 
 
-def _arrow(series: pl.Series):
-    import pyarrow as pa
-
-    arr = series.to_arrow(compat_level=pl.CompatLevel.oldest())
-    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
-
-
 class Strings:
     """A string column as offsets (int64, n+1) + UTF-8 bytes + a null mask: pure numpy."""
 
     def __init__(self, offsets: np.ndarray, data: np.ndarray, null: np.ndarray):
         self.offsets, self.data, self.null = offsets, data, null
-
-    @classmethod
-    def from_series(cls, series: pl.Series) -> "Strings":
-        arr = _arrow(series.cast(pl.String))
-        _, off, data = arr.buffers()
-        offsets = np.frombuffer(off, dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1].copy()
-        data = np.frombuffer(data, dtype=np.uint8).copy() if data is not None else np.zeros(0, np.uint8)
-        return cls(offsets, data, arr.is_null().to_numpy(zero_copy_only=False))
 
     @classmethod
     def from_arrow(cls, arr) -> "Strings":
@@ -405,15 +390,6 @@ class StringLists:
 
     def __init__(self, offsets: np.ndarray, values: Strings, null: np.ndarray):
         self.offsets, self.values, self.null = offsets, values, null
-
-    @classmethod
-    def from_series(cls, series: pl.Series) -> "StringLists":
-        if not isinstance(series.dtype, pl.List):
-            raise ManifestError(f"column {series.name} must be list[str] (synthetic captions), got {series.dtype}")
-        arr = _arrow(series)
-        offsets = arr.offsets.to_numpy().astype(np.int64)
-        values = Strings.from_series(pl.Series(arr.values))
-        return cls(offsets, values, arr.is_null().to_numpy(zero_copy_only=False))
 
     @classmethod
     def from_arrow(cls, arr, name: str = "") -> "StringLists":
