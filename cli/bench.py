@@ -30,10 +30,13 @@ def bench():
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed.")
 @click.option("--no-draft", is_flag=True, help="pil: decode JPEGs at full size (no reduced-scale draft).")
 @click.option("--steps-log", type=click.Path(dir_okay=False),
-              help="Write one JSON line per step (step, area, grid_h, grid_w, batch_size, padding, ...).")
+              help="Write one JSON line per step (step, area, grid_h, grid_w, batch_size, padding, sources: {name: images}, ...).")
+@click.option("--mix", default=None, metavar="SRC=W,...",
+              help="Source mixture, e.g. dfn=0.60,coyo=0.06,hqitp=0.31 (each source its own stream with its own "
+              "epochs); default: the paper's Table 2 over the sources present; 'rows': sources as the manifest has them.")
 @click.option("--json", "as_json", is_flag=True, help="End stdout with one JSON object of the figures.")
 def loader(manifest, native_res, batch_patches, batch_rule, resolution, batch_size, decoder, workers, steps, warmup, seed,
-           no_draft, steps_log, as_json):
+           no_draft, steps_log, mix, as_json):
     """Stream STEPS batches from MANIFEST and report images/s, patches/s, budget use and padding."""
     from rich.console import Console
     from rich.table import Table
@@ -44,7 +47,7 @@ def loader(manifest, native_res, batch_patches, batch_rule, resolution, batch_si
     try:
         r = run_bench(manifest, native_res=native_res, batch_patches=batch_patches, resolution=resolution,
                       batch_size=batch_size, decoder=decoder, workers=workers, steps=steps, warmup=warmup,
-                      seed=seed, draft=not no_draft, batch_rule=batch_rule, steps_log=steps_log)
+                      seed=seed, draft=not no_draft, batch_rule=batch_rule, steps_log=steps_log, mix=mix)
     except (ManifestError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     t = Table(title=f"aimv2 bench loader: {r['mode']}, {r['decoder']} ({r['device']}), workers={r['workers']}",
@@ -55,6 +58,8 @@ def loader(manifest, native_res, batch_patches, batch_rule, resolution, batch_si
     t.add_row("budget use", f"{100 * r['budget_use']:.2f} % of C = {r['batch_patches']} patches/step")
     t.add_row("padding", f"{100 * r['padding']:.2f} %")
     t.add_row("areas", ", ".join(f"{a}: {n}" for a, n in r["areas"].items()))
+    t.add_row("sources", ", ".join(f"{k}: {n}" for k, n in r["sources"].items()) + "  (mix "
+              + ", ".join(f"{k}={w:.3f}" for k, w in r["mix"].items()) + ")")
     t.add_row("replaced samples", str(r["replaced"]))
     t.add_row("cpu", f"{r['cpu']} ({r['cpus']} cpus)")
     Console(stderr=as_json).print(t)

@@ -25,7 +25,7 @@ def config_options(cls):
             required = fl.default is dataclasses.MISSING
             names = [meta.get("name", "--" + fl.name.replace("_", "-")), *meta.get("aliases", ())]
             names += [meta["short"]] if "short" in meta else []
-            kw = dict(help=meta["help"], required=required)
+            kw = dict(help=meta["help"], required=required, **({"metavar": meta["metavar"]} if "metavar" in meta else {}))
             if kind is bool:
                 kw.update(is_flag=True, flag_value=not fl.default, default=fl.default)
             else:

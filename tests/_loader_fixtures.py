@@ -105,12 +105,16 @@ def build_manifest(root: Path, n: int = 300, *, seed: int = 0, shards: int = 2, 
                    max_side: int = 96, aspects: list[float] | None = None, patch_size: int = 14,
                    exif_every: int = 0, corrupt: tuple[int, ...] = (), photo: bool = False,
                    sources=("dfn", "coyo", "hqitp"), synthetic: bool = True, n_buckets: int = 13,
-                   quality: int = 90, grain: float = 3.0) -> Path:
+                   quality: int = 90, grain: float = 3.0, parts: int = 1, by_source: bool = False,
+                   source_weights=None) -> Path:
     """Write tars under root/tars and a manifest under root/manifest; return the manifest dir.
 
     Image sizes: long side uniform in [min_side, max_side], aspect drawn from `aspects` (w/h; default
     log-uniform 1:4..4:1). Every `exif_every`-th image carries an EXIF orientation (cycling 2..8).
-    Rows listed in `corrupt` get garbage bytes in place of their JPEG (the manifest still lists them)."""
+    Rows listed in `corrupt` get garbage bytes in place of their JPEG (the manifest still lists them).
+    `parts`: samples/part-*.parquet files (contiguous runs of rows; `by_source` sorts the rows by source
+    first, so that most parts hold one source). `source_weights`: row shares per source (default equal,
+    row i from sources[i % len])."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     table = bucket_table(n_buckets)
@@ -133,7 +137,9 @@ def build_manifest(root: Path, n: int = 300, *, seed: int = 0, shards: int = 2, 
                 if i in corrupt:
                     data = b"\xff\xd8\xff\xe0 not a jpeg " + bytes(rng.integers(0, 256, 64, dtype=np.uint8))
                 key = f"{s:05d}{i:04d}"
-                src = sources[i % len(sources)]
+                src = (sources[i % len(sources)] if source_weights is None else
+                       sources[int(np.searchsorted(np.cumsum(source_weights) / sum(source_weights),
+                                                   (i * 0.6180339887) % 1.0, side="right"))])
                 alt = f"alt text {i}" if i % 7 else ""
                 syn = [f"synthetic {i} a", f"synthetic {i} b"] if synthetic and src != "coyo" else None
                 tw.write({"__key__": key, "jpg": data, "txt": alt,
@@ -150,9 +156,13 @@ def build_manifest(root: Path, n: int = 300, *, seed: int = 0, shards: int = 2, 
     df = pl.DataFrame(rows, schema_overrides={"offset": pl.Int64, "size": pl.Int64, "width": pl.Int32,
                                               "height": pl.Int32, "orientation": pl.Int8, "bucket": pl.Int16,
                                               "sha256": pl.String, "syn_demo": pl.List(pl.String)})
-    tmp = man / "samples" / "part-0.parquet.tmp"
-    df.write_parquet(tmp)
-    tmp.replace(man / "samples" / "part-0.parquet")
+    if by_source:
+        df = df.sort("source", maintain_order=True)
+    per_part = math.ceil(df.height / parts)
+    for k in range(parts):
+        tmp = man / "samples" / f"part-{k}.parquet.tmp"
+        df[k * per_part:(k + 1) * per_part].write_parquet(tmp)
+        tmp.replace(man / "samples" / f"part-{k}.parquet")
     counts = df.group_by("bucket").len().sort("bucket")
     info = {"schema_version": 1, "patch_size": patch_size, "buckets": table,
             "counts": {"buckets": {str(b): c for b, c in counts.iter_rows()},

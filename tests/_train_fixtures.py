@@ -12,8 +12,9 @@ import polars as pl
 EXT = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 
 
-def build(root: Path) -> tuple[Path, Path]:
-    """root/manifest and root/tok.model (built once per root)."""
+def build(root: Path, tars: int = 1) -> tuple[Path, Path]:
+    """root/manifest and root/tok.model (built once per root); `tars` > 1 splits the corpus over that many
+    tars, hence manifest parts (what several ranks need: each reads its own parts)."""
     manifest, tok = root / "manifest", root / "tok.model"
     if (manifest / "_manifest.json").exists() and tok.exists():
         return manifest, tok
@@ -25,13 +26,16 @@ def build(root: Path) -> tuple[Path, Path]:
 
     shards = root / "shards"
     shards.mkdir(parents=True, exist_ok=True)
-    with wds.TarWriter(str(shards / "00000.tar")) as w:
-        for i, im in enumerate(corpus()):
-            key = f"{i:09d}"
-            w.write({"__key__": key, EXT[im.format]: im.data, "txt": im.caption,
-                     "json": json.dumps({"key": key, "status": "success", "url": f"http://demo/{im.name}",
-                                         "width": im.width, "height": im.height, "source": "demo"})})
-    build_manifest([str(shards / "00000.tar")], manifest, progress=False)
+    images = list(corpus())
+    for t in range(tars):
+        with wds.TarWriter(str(shards / f"{t:05d}.tar")) as w:
+            for i, im in enumerate(images):
+                if i % tars == t:
+                    key = f"{i:09d}"
+                    w.write({"__key__": key, EXT[im.format]: im.data, "txt": im.caption,
+                             "json": json.dumps({"key": key, "status": "success", "url": f"http://demo/{im.name}",
+                                                 "width": im.width, "height": im.height, "source": "demo"})})
+    build_manifest([str(shards / f"{t:05d}.tar") for t in range(tars)], manifest, progress=False)
     # a synthetic caption set, as `aimv2 caption attach` adds one: list[str] per sample
     for f in sorted((manifest / "samples").glob("*.parquet")):
         df = pl.read_parquet(f)

@@ -58,3 +58,20 @@ def test_bad_options_are_clear_errors(manifest):
     assert res.exit_code != 0 and "multiple of the patch size" in res.output
     res = CliRunner().invoke(main, ["bench", "loader", "--help"])
     assert res.exit_code == 0 and "--steps-log" in res.output and "--batch-patches" in res.output
+
+
+def test_bench_mix_and_per_source_counts_in_the_steps_log(tmp_path):
+    m = build_manifest(tmp_path, n=240, seed=6, patch_size=4, aspects=[1.0], sources=("dfn", "coyo"),
+                       parts=4, by_source=True, synthetic=False)
+    log = tmp_path / "steps.jsonl"
+    res = _run([str(m), "--native-res", "--batch-patches", "4096", "--steps", "30", "--warmup", "0",
+                "--mix", "dfn=0.25,coyo=0.75", "--steps-log", str(log), "--json"])
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert all(sum(x["sources"].values()) == x["batch_size"] and len(x["sources"]) == 1 for x in lines)
+    assert r["sources"] == {k: sum(x["sources"].get(k, 0) for x in lines) for k in ("coyo", "dfn")}
+    assert r["mix"] == {"coyo": 0.75, "dfn": 0.25}
+    assert abs(r["sources"]["coyo"] / r["images"] - 0.75) < 0.05
+    bad = CliRunner().invoke(main, ["bench", "loader", str(m), "--native-res", "--batch-patches", "4096",
+                                    "--mix", "dfn=1,laion=2"])
+    assert bad.exit_code != 0 and "source 'laion'" in bad.output and "Traceback" not in bad.output

@@ -40,9 +40,15 @@ def _compare(a, b):
     return d
 
 
+def _steps(loader, n):
+    """The first n steps, across segments (a tiny manifest's segments are a step or two)."""
+    it = (b for _ in range(n) for b in loader)
+    return (b for _, b in zip(range(n), it))
+
+
 def test_native_resolution_pil_and_dali_agree(photos):
-    kw = dict(native_res=True, batch_patches=4096, seed=0)
-    d = _compare(Loader(photos, decoder="pil", **kw), Loader(photos, decoder="dali", **kw))
+    kw = dict(native_res=True, batch_patches=4096, seed=0, mix="rows")
+    d = _compare(_steps(Loader(photos, decoder="pil", **kw), 8), _steps(Loader(photos, decoder="dali", **kw), 8))
     assert len(d) > 30
 
 
@@ -92,12 +98,13 @@ def test_both_modes_stream_from_a_real_shard_manifest_of_the_demo_corpus(tmp_pat
     assert meta["patch_size"] == 14 and len(meta["buckets"]) == 33
 
     native = Loader(man, native_res=True, batch_patches=4096, decoder="pil")
-    keys = [k for b in native for k in b.keys]
-    assert len(keys) == len(set(keys)) > 40 and native.stats["replaced"] == 0
+    keys = [k for b in _steps(native, 12) for k in b.keys]
+    # 80 samples over 33 buckets: most buckets hold fewer rows than one batch, so batches cycle a bucket
+    assert len(set(keys)) > 20 and native.stats["replaced"] == 0
     kw = dict(resolution=224, batch_size=8, seed=0)
     _compare(Loader(man, decoder="pil", **kw), Loader(man, decoder="dali", **kw))
     kw = dict(native_res=True, batch_patches=4096, seed=0)
-    _compare(Loader(man, decoder="pil", **kw), Loader(man, decoder="dali", **kw))
+    _compare(_steps(Loader(man, decoder="pil", **kw), 6), _steps(Loader(man, decoder="dali", **kw), 6))
 
 
 def test_dali_error_path_rebuilds_and_names_the_bad_sample():

@@ -1,8 +1,10 @@
-"""The sampler: what goes in each batch, as a pure function of (seed, epoch, step) and the manifest."""
+"""The sampler: areas, the deal of chunks to ranks, the source mixture and segment plans, as pure
+functions of the seed, the step and the manifest's chunk table."""
 import numpy as np
 import pytest
 
-from aimv2data.loader.sampler import (FixedSampler, NativeSampler, area_exponent, area_probabilities, unit)
+from aimv2data.loader.sampler import (Sampler, Snapshot, area_exponent, area_probabilities, choose_stream, deal,
+                                      parse_mix, resolve_mix, unit)
 
 AREAS = [2**n for n in range(7, 13)]
 
@@ -44,131 +46,90 @@ def test_unit_is_a_pure_uniform():
     assert abs(u.mean() - 0.5) < 0.01 and abs((u < 0.1).mean() - 0.1) < 0.01
 
 
-def test_native_epoch_is_constant_budget_and_uses_every_row_once():
+def _counts(sizes):
+    return {b: n for b, n in enumerate(sizes)}
+
+
+def test_native_segment_is_constant_budget_one_bucket_and_rows_once():
     members = _members([900, 2500, 400, 3000])
-    s = NativeSampler(members, _grids(members), batch_patches=8192, seed=3)
-    seen = []
-    for step in range(s.steps(0)):
-        sp = s.spec(0, step)
-        assert sp.area in AREAS and len(sp.rows) * sp.area == 8192          # B * A = C exactly
-        assert set(sp.rows) <= set(members[sp.bucket].tolist())            # one bucket per batch
-        assert sp.area >= sp.drawn_area
-        seen.extend(sp.rows.tolist())
-    assert len(seen) == len(set(seen))                                     # no row twice in an epoch
-    # The epoch ends only when no bucket can fill even A = 4096 (B = 2): leftovers < 2 per bucket.
-    left = {b: len(m) for b, m in members.items()}
-    for r in seen:
-        left[next(b for b, m in members.items() if m[0] <= r <= m[-1])] -= 1
-    assert all(0 <= v < 2 for v in left.values())
+    s = Sampler({"*": 1.0}, native=True, batch_patches=8192, grids=_grids(members), seed=3)
+    plan, roll = s.plan(Snapshot(epochs={"*": 0}), {"*": _counts([900, 2500, 400, 3000])})
+    assert roll == "*" and len(plan) > 50
+    used = {b: 0 for b in members}
+    for area, si, bucket, start, b in plan.tolist():
+        assert area in AREAS and b * area == 8192 and si == 0      # B * A = C exactly
+        assert start == used[bucket]                                 # the next B of the bucket's order
+        used[bucket] += b
+    assert all(used[b] <= len(members[b]) for b in members)
+    # the epoch ends at the first step whose area no bucket can fill: leftovers < C/128 per bucket
+    t_end = s.area(len(plan))
+    assert all(len(members[b]) - used[b] < 8192 // t_end for b in members)
+    order = s.order("*", 0, 1, members[1])
+    assert sorted(order.tolist()) == members[1].tolist() and not np.array_equal(order, members[1])
 
 
-def test_tail_falls_back_to_larger_areas_only_when_the_drawn_one_cannot_be_filled():
-    members = _members([300, 50])
-    s = NativeSampler(members, _grids(members), batch_patches=4096, seed=0)
-    plan = s.plan(0)
-    counts = {b: len(m) for b, m in members.items()}
-    left = dict(counts)
-    for drawn, area, bucket, start, b in plan.tolist():
-        assert b == 4096 // area
-        if area != drawn:
-            # no bucket could hold a batch of the drawn area
-            assert all(v < 4096 // drawn for v in left.values())
-        assert left[bucket] >= 4096 // area
-        assert start == counts[bucket] - left[bucket]
-        left[bucket] -= 4096 // area
+def test_area_is_the_same_on_every_rank_and_world_size():
+    grids = _grids([0])
+    a = [Sampler({"*": 1.0}, native=True, batch_patches=4096, grids=grids, seed=7, rank=r, world_size=w)
+         for r, w in ((0, 1), (0, 2), (1, 2), (5, 64))]
+    for t in range(200):
+        assert len({x.area(t) for x in a}) == 1
 
 
-def test_bucket_is_chosen_in_proportion_to_samples_left():
-    # Step 0 of many epochs: the first bucket choice sees the full counts 1000 : 3000 : 6000.
-    members = _members([1000, 3000, 6000])
-    s = NativeSampler(members, _grids(members), batch_patches=4096, seed=11)
-    from aimv2data.loader.sampler import BUCKET
-    picks = []
-    for epoch in range(4000):
-        u = unit(11, epoch, 0, BUCKET)
-        cum = np.cumsum([1000, 3000, 6000])
-        picks.append(int(np.searchsorted(cum, u * cum[-1], side="right")))
-    freq = np.bincount(picks, minlength=3) / len(picks)
-    assert np.allclose(freq, [0.1, 0.3, 0.6], atol=0.03)
-    # and the sampler's own plan makes exactly these choices
-    for epoch in range(50):
-        s._plan_epoch = None
-        assert s.plan(epoch)[0, 2] == picks[epoch]
+def test_deal_partitions_balances_and_rotates():
+    rng = np.random.default_rng(0)
+    rows = rng.integers(50, 150, 400)
+    keys = rng.integers(0, 2**62, 400)
+    for world in (1, 3, 8, 64):
+        r0 = deal(keys, rows, 0, 11, 0, world)
+        assert set(r0.tolist()) == set(range(world))                 # every chunk to exactly one rank
+        loads = np.bincount(r0, weights=rows, minlength=world)
+        assert loads.max() - loads.min() <= rows.max()               # balanced to within one chunk
+        assert np.array_equal(r0, deal(keys, rows, 0, 11, 0, world))  # every rank computes the same deal
+    e0, e1 = deal(keys, rows, 0, 11, 0, 8), deal(keys, rows, 0, 11, 1, 8)
+    assert (e0 == e1).mean() < 0.3                                   # shares rotate across epochs
+    assert not np.array_equal(e0, deal(keys, rows, 0, 12, 0, 8))     # and differ per source stream
 
 
-def test_native_is_deterministic_and_seed_and_epoch_dependent():
-    members = _members([700, 1300])
-    a = NativeSampler(members, _grids(members), 4096, seed=5)
-    b = NativeSampler(members, _grids(members), 4096, seed=5)
-    c = NativeSampler(members, _grids(members), 4096, seed=6)
-    assert np.array_equal(a.plan(0), b.plan(0))
-    assert all(np.array_equal(a.spec(0, i).rows, b.spec(0, i).rows) for i in range(a.steps(0)))
-    assert not np.array_equal(a.plan(0), c.plan(0))
-    p0 = a.plan(0).copy()
-    assert not np.array_equal(p0, a.plan(1))
+def test_choose_stream_tracks_the_mix_within_one_batch():
+    w = {"coyo": 0.1, "dfn": 0.9}
+    served = {"coyo": 0, "dfn": 0}
+    rng = np.random.default_rng(1)
+    for t in range(10_000):
+        s = choose_stream(w, served)
+        served[s] += int(rng.choice([1, 2, 4, 8, 16, 32]))
+        total = sum(served.values())
+        assert all(abs(served[k] - w[k] * total) <= 2 * 32 for k in w)
 
 
-def test_native_ranks_agree_on_area_and_bucket_and_split_rows():
-    members = _members([1500, 2600, 800])
-    world = 4
-    ranks = [NativeSampler(members, _grids(members), 4096, seed=1, rank=r, world_size=world) for r in range(world)]
-    steps = ranks[0].steps(0)
-    assert all(r.steps(0) == steps for r in ranks)
-    allrows = []
-    for i in range(steps):
-        specs = [r.spec(0, i) for r in ranks]
-        assert len({(s.area, s.bucket, s.grid) for s in specs}) == 1
-        for s in specs:
-            assert len(s.rows) == 4096 // s.area                      # C is per rank
-            allrows.extend(s.rows.tolist())
-    assert len(allrows) == len(set(allrows))
-
-
-def test_grid_batch_rule_fills_the_budget_to_within_one_image():
-    members = _members([3000, 2000])
-    grids = {0: {a: (int(0.9 * a**0.5), int(0.9 * a**0.5)) for a in AREAS},     # grids well under A
-             1: {a: (1, a) for a in AREAS}}
-    s = NativeSampler(members, grids, 8192, seed=0, batch_rule="grid")
-    area_rule = NativeSampler(members, grids, 8192, seed=0)
-    assert s.max_batch > area_rule.max_batch == 8192 // 128
-    seen = []
-    for i in range(s.steps(0)):
-        sp = s.spec(0, i)
-        h, w = sp.grid
-        assert len(sp.rows) == 8192 // (h * w)
-        assert 8192 - h * w < len(sp.rows) * h * w <= 8192
-        seen += sp.rows.tolist()
-    assert len(seen) == len(set(seen))
-    with pytest.raises(ValueError, match="batch_rule"):
-        NativeSampler(members, grids, 8192, batch_rule="pack")
+def test_parse_and_resolve_mix():
+    assert parse_mix("dfn=0.60,coyo=0.06,hqitp=0.31") == {"dfn": 0.6, "coyo": 0.06, "hqitp": 0.31}
+    assert parse_mix(None) is None and parse_mix("rows") == "rows"
+    for bad, msg in (("dfn=-1", "negative"), ("dfn=0,coyo=0", "all weights are zero"), ("dfn", "NAME=WEIGHT")):
+        with pytest.raises(ValueError, match=msg):
+            parse_mix(bad)
+    srcs = {"dfn": "DFN", "coyo": "coyo", "laion": "laion"}
+    w, notes = resolve_mix(None, srcs)                               # Table 2 over the sources present
+    assert w == pytest.approx({"coyo": 6 / 66, "dfn": 60 / 66})
+    assert "hqitp not in the manifest" in notes[0] and "laion" in notes[1]
+    with pytest.raises(ValueError, match="source 'yfcc'.*does not have"):
+        resolve_mix("dfn=1,yfcc=1", srcs)
+    assert resolve_mix(None, {"demo": "demo"})[0] == {"*": 1.0}      # none of Table 2's: by rows
+    assert resolve_mix("DFN=3,coyo=1", srcs)[0] == pytest.approx({"coyo": 0.25, "dfn": 0.75})
 
 
 def test_batch_patches_must_be_a_power_of_two_of_at_least_4096():
-    members = _members([100])
-    for bad in (1000, 2048, 6144):
+    for c in (2048, 5000, 65535):
         with pytest.raises(ValueError, match="power of two"):
-            NativeSampler(members, _grids(members), bad)
+            Sampler({"*": 1.0}, native=True, batch_patches=c, grids=_grids([0]))
+    with pytest.raises(ValueError, match="outside world size"):
+        Sampler({"*": 1.0}, native=True, batch_patches=4096, grids=_grids([0]), rank=2, world_size=2)
 
 
-def test_fixed_sampler_partitions_each_epoch_across_ranks():
-    n = 1003
-    bucket_of = np.arange(n) % 3
-    members = {b: np.flatnonzero(bucket_of == b) for b in range(3)}
-    world, bs = 3, 16
-    ranks = [FixedSampler(n, bucket_of, members, 224, 14, bs, seed=2, rank=r, world_size=world)
-             for r in range(world)]
-    assert ranks[0].steps(0) == n // (bs * world) == 20
-    rows = [r for s in ranks for i in range(s.steps(0)) for r in s.spec(0, i).rows.tolist()]
-    assert len(rows) == len(set(rows)) == 20 * bs * world
-    assert ranks[0].spec(0, 0).grid == (16, 16)
-    e0 = ranks[0].spec(0, 0).rows
-    assert not np.array_equal(e0, ranks[0].spec(1, 0).rows)           # a new permutation each epoch
-    # a replacement stays in the failed sample's bucket
-    sp = ranks[0].spec(0, 4)
-    for slot in range(bs):
-        assert bucket_of[ranks[0].replacement(sp, slot, 1)] == bucket_of[sp.rows[slot]]
-
-
-def test_fixed_sampler_rejects_a_resolution_off_the_patch_grid():
-    with pytest.raises(ValueError, match="multiple of the patch size"):
-        FixedSampler(100, np.zeros(100, int), {0: np.arange(100)}, 230, 14, 8)
+def test_grid_batch_rule_fills_the_budget_to_within_one_image():
+    grids = {0: {a: (int(a**0.5), int(0.8 * a) // int(a**0.5)) for a in AREAS}}
+    s = Sampler({"*": 1.0}, native=True, batch_patches=65536, grids=grids, batch_rule="grid", seed=0)
+    plan, _ = s.plan(Snapshot(epochs={"*": 0}), {"*": {0: 100_000}})
+    for area, _, b, _, n in plan.tolist():
+        h, w = grids[0][area]
+        assert 65536 - h * w < n * h * w <= 65536

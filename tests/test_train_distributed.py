@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return _train_fixtures.build(tmp_path_factory.mktemp("dist_data"))
+    return _train_fixtures.build(tmp_path_factory.mktemp("dist_data"), tars=2)
 
 
 def torchrun(data, out, *extra):

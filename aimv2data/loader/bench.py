@@ -28,14 +28,14 @@ def cpu_model() -> str:
 def run_bench(manifest, *, native_res: bool, batch_patches: int, resolution: int, batch_size: int,
               decoder: str, workers: int, steps: int, warmup: int = 2, seed: int = 0,
               draft: bool = True, batch_rule: str = "area", steps_log: str | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, mix: str | None = None) -> dict:
     from tqdm import tqdm
 
     from .loader import Loader
 
     loader = Loader(manifest, native_res=native_res, batch_patches=batch_patches, resolution=resolution,
                     batch_size=batch_size, decoder=decoder, workers=workers, seed=seed, draft=draft,
-                    batch_rule=batch_rule)
+                    batch_rule=batch_rule, mix=mix)
     c = loader.budget
     log = None
     if steps_log:
@@ -44,6 +44,7 @@ def run_bench(manifest, *, native_res: bool, batch_patches: int, resolution: int
     n_img = n_patch = n_steps = 0
     pad_sum = 0.0
     areas = Counter()
+    sources = Counter()
     replaced = 0
     t_first, c_first = time.perf_counter(), _cpu()
     t0 = c0 = None
@@ -66,6 +67,7 @@ def run_bench(manifest, *, native_res: bool, batch_patches: int, resolution: int
                     n_steps += 1
                     pad_sum += batch.padding
                     areas[batch.area] += 1
+                    sources.update(batch.sources)
                     replaced += len(batch.replaced)
                 if log is not None:
                     log.write(json.dumps({"step": done, "epoch": batch.epoch, "epoch_step": batch.step,
@@ -73,6 +75,7 @@ def run_bench(manifest, *, native_res: bool, batch_patches: int, resolution: int
                                           "batch_size": len(batch), "patches": len(batch) * batch.grid[0] * batch.grid[1],
                                           "budget_use": len(batch) * batch.grid[0] * batch.grid[1] / c,
                                           "padding": batch.padding, "replaced": len(batch.replaced),
+                                          "sources": dict(Counter(batch.sources)),
                                           "time_s": round(now - t_step, 6), "timed": done >= warmup}) + "\n")
                 t_step = now
                 done += 1
@@ -100,6 +103,8 @@ def run_bench(manifest, *, native_res: bool, batch_patches: int, resolution: int
         "budget_use": round(n_patch / max(1, n_steps * c), 6),
         "padding": round(pad_sum / max(1, n_steps), 6),
         "replaced": replaced, "areas": {str(a): n for a, n in sorted(areas.items())},
+        "mix": {loader._name(k): round(v, 6) for k, v in loader.weights.items()},
+        "sources": dict(sorted(sources.items())), "source_epochs": loader.source_epochs(),
         "cpu": cpu_model(), "cpus": os.cpu_count(),
     }
 

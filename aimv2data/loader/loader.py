@@ -6,8 +6,10 @@
     ckpt["loader"] = loader.state_dict()      # {epoch, step, ...}: the next batch to produce
     loader.load_state_dict(ckpt["loader"])    # the same batches, pixel for pixel, as without the stop
 
-Steps are produced by `StepMaker.make(epoch, step)`, a pure function of its arguments and the
-manifest. `pil`: torch DataLoader worker processes over an IterableDataset of steps; worker k makes
+Each rank reads only its share of the manifest (sampler.py: chunks dealt to ranks per source and
+epoch); steps come in *segments* (no source changes epoch on this rank within one; one segment per
+`iter()`), and `StepMaker.make(i)` makes step i of the current segment, a pure function of the
+segment's snapshot and the share. `pil`: torch DataLoader worker processes over an IterableDataset of steps; worker k makes
 steps k, k+W, k+2W, ... and the DataLoader's round-robin hands them back in step order (checked).
 `dali`: the pipeline runs in this process with `workers` DALI threads (it owns the GPU when there is one),
 driven by one background thread that decodes `prefetch_factor` steps ahead (`dali_ahead=False`: synchronous).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,8 +31,10 @@ from ..batch import Batch
 from .captions import CONTEXT, CaptionChooser, resolve_pad_id, tokenize
 from .geometry import Crop, cover, random_resized_crop
 from .reader import ShardReader
-from .sampler import CROP, FixedSampler, NativeSampler, StepSpec, rng, unit
-from .samples import SampleTable
+from .sampler import ALL, CROP, Sampler, Snapshot, StepSpec, deal, resolve_mix, rng, unit
+from .samples import Manifest, SampleTable
+
+STATE_VERSION = 2   # 2: rank-local shares and source streams (issue 13); 1 (no "version"): whole-manifest loader
 
 
 @dataclass
@@ -49,6 +54,7 @@ class LoaderConfig:
     hflip: float = paper.HFLIP          # fixed resolution
     native_hflip: float = 0.0           # native resolution: no augmentation by default
     caption_mix: dict | None = None     # P(alt | source); None = paper Table 2
+    mix: str | dict | None = None       # P(source): "dfn=0.6,coyo=0.06"; None = Table 2; "rows" = one stream
     tokenizer: object = None            # callable text -> ids, or None for captions only
     pad_id: int | None = None
     context: int = CONTEXT
@@ -70,15 +76,36 @@ def dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 
 class StepMaker:
-    """(epoch, step) -> Batch: reads, decodes, replaces bad samples, chooses captions."""
+    """Step i of the current segment -> Batch: reads, decodes, replaces bad samples, chooses captions."""
 
-    def __init__(self, table: SampleTable, sampler, cfg: LoaderConfig):
-        self.table, self.sampler, self.cfg = table, sampler, cfg
-        self.p = table.patch_size
-        self.reader = ShardReader(table.shards)
+    def __init__(self, sampler: Sampler, cfg: LoaderConfig, patch_size: int):
+        self.sampler, self.cfg = sampler, cfg
+        self.p = patch_size
+        self.tables: dict[str, SampleTable] = {}       # stream -> this rank's share for its current epoch
+        self.groups: dict[str, dict[int, np.ndarray]] = {}   # stream -> bucket -> rows (fixed: {0: all})
+        self.readers: dict[str, ShardReader] = {}
+        self.snap, self.plan = Snapshot(), np.zeros((0, 5), np.int64)
+        self.names = sorted(sampler.weights)
         self.captions = CaptionChooser(cfg.caption_mix, cfg.seed)
         self.pad_id = resolve_pad_id(cfg.tokenizer, cfg.pad_id) if cfg.tokenizer is not None else None
         self._decoder = None
+
+    def set_table(self, stream: str, table: SampleTable) -> None:
+        self.tables[stream] = table
+        self.groups[stream] = table.members if self.cfg.native_res else {0: table.order}
+        self.readers[stream] = ShardReader(table.shards)
+
+    def spec(self, i: int) -> StepSpec:
+        if not 0 <= i < len(self.plan):
+            raise IndexError(f"step {i} outside segment {self.snap.segment} ({len(self.plan)} steps)")
+        area, si, bucket, start, b = (int(v) for v in self.plan[i])
+        s = self.names[si]
+        epoch = self.snap.epochs.get(s, 0)
+        order = self.sampler.order(s, epoch, bucket, self.groups[s][bucket])
+        # start + b > len(order) only where the whole bucket is smaller than one batch: it cycles (plan())
+        rows = order[start:start + b] if start + b <= len(order) else order[(start + np.arange(b)) % len(order)]
+        return StepSpec(epoch, self.snap.t + i, area, area, bucket if self.cfg.native_res else -1,
+                        self.sampler.grid_of(area, bucket), rows, s)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -102,29 +129,31 @@ class StepMaker:
         return self._decoder
 
     def crop(self, spec: StepSpec, row: int) -> Crop:
-        t, cfg = self.table, self.cfg
+        t, cfg = self.tables[spec.source], self.cfg
         w, h = int(t.width[row]), int(t.height[row])
+        uid = t.uid(row)
         if cfg.native_res:
             gh, gw = spec.grid
-            flip = cfg.native_hflip > 0 and unit(cfg.seed, spec.epoch, row, CROP) < cfg.native_hflip
+            flip = cfg.native_hflip > 0 and unit(cfg.seed, spec.epoch, uid, CROP) < cfg.native_hflip
             return cover(w, h, gw * self.p, gh * self.p, flip)
-        return random_resized_crop(w, h, cfg.resolution, rng(cfg.seed, spec.epoch, row, CROP),
+        return random_resized_crop(w, h, cfg.resolution, rng(cfg.seed, spec.epoch, uid, CROP),
                                    cfg.scale, cfg.ratio, cfg.hflip)
 
-    def _read(self, row: int) -> bytes:
-        t = self.table
-        return self.reader.read(int(t.shard_idx[row]), int(t.offset[row]), int(t.size[row]))
+    def _read(self, spec: StepSpec, row: int) -> bytes:
+        t = self.tables[spec.source]
+        return self.readers[spec.source].read(int(t.shard_idx[row]), int(t.offset[row]), int(t.size[row]))
 
     def _decode(self, spec: StepSpec, rows: list[int]) -> tuple[torch.Tensor, dict[int, str], list[Crop]]:
+        table = self.tables[spec.source]
         datas, crops, failed = [], [], {}
         for i, r in enumerate(rows):
             try:
-                datas.append(self._read(r))
+                datas.append(self._read(spec, r))
             except OSError as e:
                 failed[i] = f"read: {e}"
                 datas.append(b"")
             crops.append(self.crop(spec, r))
-        orient = None if self.table.orientation is None else [int(self.table.orientation[r]) for r in rows]
+        orient = None if table.orientation is None else [int(table.orientation[r]) for r in rows]
         ok = [i for i in range(len(rows)) if i not in failed]
         if len(ok) == len(rows):
             return (*self.decoder.decode_batch(datas, crops, orient), crops)
@@ -138,8 +167,10 @@ class StepMaker:
             failed.update({ok[j]: reason for j, reason in bad.items()})
         return images, failed, crops
 
-    def make(self, epoch: int, step: int) -> Batch:
-        spec = self.sampler.spec(epoch, step)
+    def make(self, i: int) -> Batch:
+        spec = self.spec(i)
+        table = self.tables[spec.source]
+        epoch, step = spec.epoch, spec.step
         rows = [int(r) for r in spec.rows]
         images, failed, crops = self._decode(spec, rows)
         replaced = []
@@ -147,15 +178,16 @@ class StepMaker:
         while failed:
             attempt += 1
             if attempt > self.cfg.max_replacements:
-                keys = [self.table.key(rows[i]) for i in failed]
-                raise RuntimeError(f"epoch {epoch} step {step}: {len(failed)} samples still fail to decode after "
+                keys = [table.key(rows[i]) for i in failed]
+                raise RuntimeError(f"step {step}: {len(failed)} samples still fail to decode after "
                                    f"{self.cfg.max_replacements} replacements each (last: {keys[:3]}: "
                                    f"{next(iter(failed.values()))}); the bucket looks corrupt: rebuild the "
                                    "manifest (`aimv2 shard`) or check the shards")
             slots = sorted(failed)
+            members = self.groups[spec.source][spec.bucket if self.cfg.native_res else 0]
             for i in slots:
-                replaced.append((self.table.key(rows[i]), failed[i]))
-                rows[i] = self.sampler.replacement(spec, i, attempt)
+                replaced.append((table.key(rows[i]), failed[i]))
+                rows[i] = self.sampler.replacement(spec, members, i, attempt)
             sub, bad, new_crops = self._decode(spec, [rows[i] for i in slots])
             images[slots] = sub.to(images.device)
             for j, i in enumerate(slots):
@@ -164,9 +196,9 @@ class StepMaker:
 
         texts, sources, keys = [], [], []
         for r in rows:
-            t = self.table.texts(r)
-            syn = {c: t[c] for c in self.table.syn_columns}
-            text, _ = self.captions.choose(epoch, r, t.get("source"), t.get("caption"), syn)
+            t = table.texts(r)
+            syn = {c: t[c] for c in table.syn_columns}
+            text, _ = self.captions.choose(epoch, table.uid(r), t.get("source"), t.get("caption"), syn)
             texts.append(text)
             sources.append(t.get("source") or "")
             keys.append(t["key"])
@@ -180,16 +212,16 @@ class StepMaker:
 
 
 class _Steps(torch.utils.data.IterableDataset):
-    """Steps [start, stop) of one epoch; worker k of W makes steps start+k, start+k+W, ..."""
+    """Steps [start, stop) of the current segment; worker k of W makes steps start+k, start+k+W, ..."""
 
-    def __init__(self, maker: StepMaker, epoch: int, start: int, stop: int):
-        self.maker, self.epoch, self.start, self.stop = maker, epoch, start, stop
+    def __init__(self, maker: StepMaker, start: int, stop: int):
+        self.maker, self.start, self.stop = maker, start, stop
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         k, w = (info.id, info.num_workers) if info is not None else (0, 1)
         for s in range(self.start + k, self.stop, w):
-            yield self.maker.make(self.epoch, s)
+            yield self.maker.make(s)
 
 
 def _worker_init(_):
@@ -207,28 +239,107 @@ class Loader:
             raise ValueError(f"unknown decoder {cfg.decoder!r}: use pil or dali")
         self.cfg = cfg
         self.rank, self.world_size = dist_info(cfg.rank, cfg.world_size)
-        self.table = SampleTable(manifest)
-        t = self.table
+        self.manifest = m = manifest if isinstance(manifest, Manifest) else Manifest(manifest)
+        self.weights, notes = resolve_mix(cfg.mix, m.sources)
+        if notes and self.rank == 0:
+            print("aimv2 loader: " + "; ".join(notes), file=sys.stderr)
+        p = m.patch_size
         if cfg.native_res:
-            grids = {b: t.buckets[b].grids for b in t.members}
-            self.sampler = NativeSampler(t.members, grids, cfg.batch_patches, cfg.seed, self.rank, self.world_size,
-                                         cfg.batch_rule)
-            if self.sampler.steps(0) == 0:
-                need = cfg.batch_patches // 4096 * self.world_size
-                raise ValueError(f"{manifest}: no bucket holds a single native-resolution batch (the largest has "
-                                 f"{max(len(m) for m in t.members.values())} samples; even A = 4096 needs C/4096 x "
-                                 f"world = {need}); lower --batch-patches or use a larger manifest")
+            self.sampler = Sampler(self.weights, native=True, batch_patches=cfg.batch_patches,
+                                   grids={b: bk.grids for b, bk in m.buckets.items()}, batch_rule=cfg.batch_rule,
+                                   seed=cfg.seed, rank=self.rank, world_size=self.world_size)
         else:
-            self.sampler = FixedSampler(t.n, t.bucket, t.members, cfg.resolution, t.patch_size, cfg.batch_size,
-                                        cfg.seed, self.rank, self.world_size)
-        self.maker = StepMaker(t, self.sampler, cfg)
+            if cfg.resolution % p:
+                raise ValueError(f"--resolution {cfg.resolution} is not a multiple of the patch size {p}")
+            m.buckets   # the bucket table is part of the contract in both modes
+            self.sampler = Sampler(self.weights, native=False, fixed_grid=(cfg.resolution // p,) * 2,
+                                   batch_size=cfg.batch_size, seed=cfg.seed, rank=self.rank,
+                                   world_size=self.world_size)
+        self._chunks = {s: (np.arange(len(m.chunk_rows)) if s == ALL else m.chunks_of(s)) for s in self.weights}
+        for s, ch in self._chunks.items():
+            if len(ch) < self.world_size:
+                raise ValueError(f"{manifest}: source {self._name(s)!r} has {len(ch)} parquet row groups, fewer than "
+                                 f"the {self.world_size} ranks, so some rank would get no share; write the manifest "
+                                 "in more parts (or smaller row groups), use fewer ranks, or leave the source out "
+                                 "of --mix")
+        self._keys = np.array([m.chunk_key(i) for i in range(len(m.chunk_rows))], dtype=np.int64)
+        self.maker = StepMaker(self.sampler, cfg, p)
+        self._warned_small = False
         self._ahead = None                # the live decode-ahead generator (dali)
-        self.epoch, self.step = 0, 0
-        self.stats = {"batches": 0, "images": 0, "patches": 0, "replaced": 0, "replaced_keys": []}
+        self.stats = {"batches": 0, "images": 0, "patches": 0, "replaced": 0, "replaced_keys": [],
+                      "sources": {}, "rows_read": 0, "reads": []}
+        self._start(Snapshot(epochs={s: 0 for s in self.weights}), 0)
+
+    # ---------------------------------------------------------------------------------- shares, segments
+    def _name(self, stream: str) -> str:
+        return "all" if stream == ALL else self.manifest.sources.get(stream, stream)
+
+    def share(self, stream: str, epoch: int) -> np.ndarray:
+        """Chunk ids of this rank's share of `stream` in `epoch` (the deal every rank computes alike)."""
+        ch = self._chunks[stream]
+        ranks = deal(self._keys[ch], self.manifest.chunk_rows[ch], self.cfg.seed, self.sampler.ids[stream], epoch,
+                     self.world_size)
+        return ch[ranks == self.rank]
+
+    def _read_share(self, stream: str) -> None:
+        epoch = self.maker.snap.epochs.get(stream, 0)
+        chunks = self.share(stream, epoch)
+        old = self.maker.tables.get(stream)
+        if old is not None and np.array_equal(old.chunks, chunks):
+            return                                  # the same share (one rank, or a deal that repeats)
+        table = SampleTable(self.manifest, chunks, None if stream == ALL else stream)
+        self.maker.set_table(stream, table)
+        self.stats["rows_read"] += table.n
+        self.stats["reads"] = (self.stats["reads"] + [{"source": self._name(stream), "epoch": epoch,
+                                                         "chunks": chunks.tolist(), "rows": table.n}])[-64:]
+
+    def _start(self, snap: Snapshot, offset: int, reread=None) -> None:
+        """Make `snap` the current segment (reading the shares that changed) and plan it."""
+        old = self.maker.snap.epochs
+        self.maker.snap = snap
+        for s in self.weights:
+            if s not in self.maker.tables or (reread is None and old.get(s) != snap.epochs.get(s)) or \
+                    (reread is not None and s in reread):
+                self._read_share(s)
+        counts = {s: {b: len(r) for b, r in self.maker.groups[s].items()} for s in self.weights}
+        plan, roll = self.sampler.plan(snap, counts)
+        small = [s for s in self.weights if self.maker.tables[s].n and
+                 max(len(r) for r in self.maker.groups[s].values()) < self.sampler.max_batch]
+        if small and self.rank == 0 and not self._warned_small:
+            self._warned_small = True
+            print(f"aimv2 loader: rank {self.rank}'s share of {', '.join(self._name(s) for s in small)} has fewer "
+                  f"rows in every aspect bucket than the largest batch ({self.sampler.max_batch}); such batches "
+                  "repeat rows (a tiny manifest: add data or lower --batch-patches / --batch-size)", file=sys.stderr)
+        if len(plan) == 0:
+            t = self.maker.tables[roll]
+            area = self.sampler.area(snap.t)
+            biggest = max((len(r) for r in self.maker.groups[roll].values()), default=0)
+            raise ValueError(f"{self.manifest.root}: rank {self.rank}'s share of source {self._name(roll)!r} "
+                             f"({t.n} rows, at most {biggest} in one aspect bucket) cannot fill one batch of "
+                             f"{self.sampler.nominal(area)} images at area {area}; "
+                             "lower --batch-patches / --batch-size, use fewer ranks, or leave the source out of --mix")
+        self.maker.plan, self._roll, self._offset = plan, roll, offset
+
+    def _next_segment(self) -> None:
+        self._start(self.sampler.advance(self.maker.snap, self.maker.plan, len(self.maker.plan), self._roll), 0)
+
+    @property
+    def epoch(self) -> int:
+        """The current segment (one per `iter()`)."""
+        return self.maker.snap.segment
+
+    @property
+    def step(self) -> int:
+        """The next step within the current segment."""
+        return self._offset
+
+    @property
+    def table(self) -> SampleTable:
+        return next(iter(self.maker.tables.values()))
 
     @property
     def patch_size(self) -> int:
-        return self.table.patch_size
+        return self.manifest.patch_size
 
     @property
     def budget(self) -> int:
@@ -236,13 +347,13 @@ class Loader:
         return self.sampler.c
 
     def __len__(self) -> int:
-        """Steps in the current epoch."""
-        return self.sampler.steps(self.epoch)
+        """Steps in the current segment."""
+        return len(self.maker.plan)
 
-    def _batches(self, epoch: int, start: int, stop: int):
+    def _batches(self, start: int, stop: int):
         cfg = self.cfg
         if cfg.decoder == "dali" or cfg.workers == 0:
-            steps = (self.maker.make(epoch, s) for s in range(start, stop))
+            steps = (self.maker.make(s) for s in range(start, stop))
             if cfg.decoder == "dali" and cfg.dali_ahead:   # issue 15: decode overlapped with compute
                 from .prefetch import ahead
 
@@ -252,24 +363,24 @@ class Loader:
             yield from steps
             return
         dl = torch.utils.data.DataLoader(
-            _Steps(self.maker, epoch, start, stop), batch_size=None, num_workers=cfg.workers,
+            _Steps(self.maker, start, stop), batch_size=None, num_workers=cfg.workers,
             prefetch_factor=cfg.prefetch_factor, pin_memory=cfg.pin_memory, worker_init_fn=_worker_init,
             persistent_workers=False)
         yield from dl
 
     def __iter__(self):
-        epoch, start = self.epoch, self.step
-        stop = self.sampler.steps(epoch)
-        expect = start
-        for batch in self._batches(epoch, start, stop):
+        start, stop = self._offset, len(self.maker.plan)
+        t0 = self.maker.snap.t
+        expect = t0 + start
+        for batch in self._batches(start, stop):
             if batch.step != expect:   # the order contract with the DataLoader's round-robin
                 raise RuntimeError(f"loader produced step {batch.step}, expected {expect}")
             expect += 1
-            self.step = batch.step + 1
+            self._offset = batch.step - t0 + 1
             self._count(batch)
             yield batch
-        if self.step >= stop:
-            self.epoch, self.step = epoch + 1, 0
+        if self._offset >= stop:
+            self._next_segment()
 
     def _count(self, batch: Batch) -> None:
         s = self.stats
@@ -278,26 +389,75 @@ class Loader:
         s["patches"] += len(batch) * batch.grid[0] * batch.grid[1]
         s["replaced"] += len(batch.replaced)
         s["replaced_keys"] = (s["replaced_keys"] + [list(r) for r in batch.replaced])[-100:]
+        for src in batch.sources:
+            s["sources"][src] = s["sources"].get(src, 0) + 1
+
+    def source_epochs(self) -> dict[str, int]:
+        """Source name -> the epoch its stream is in."""
+        return {self._name(k): v for k, v in self.maker.snap.epochs.items()}
+
+    def share_info(self) -> dict:
+        """Per source: this rank's current epoch, chunks (ids into the manifest's row groups) and rows."""
+        return {self._name(s): {"epoch": self.maker.snap.epochs.get(s, 0), "chunks": t.chunks.tolist(), "rows": t.n}
+                for s, t in self.maker.tables.items()}
+
+    # ------------------------------------------------------------------------------------------ state
+    def _served_now(self) -> dict:
+        return self.sampler.advance(self.maker.snap, self.maker.plan, self._offset, None).served
 
     def state_dict(self) -> dict:
         cfg = self.cfg
-        return {"epoch": self.epoch, "step": self.step, "seed": cfg.seed, "native_res": cfg.native_res,
+        return {"version": STATE_VERSION, "epoch": self.epoch, "step": self._offset,
+                "t": self.maker.snap.t + self._offset, "served": self._served_now(),
+                "snapshot": self.maker.snap.to_dict(), "mix": dict(self.weights),
+                "seed": cfg.seed, "native_res": cfg.native_res,
                 "batch_patches": cfg.batch_patches, "batch_rule": cfg.batch_rule, "resolution": cfg.resolution,
                 "batch_size": cfg.batch_size,
-                "rank": self.rank, "world_size": self.world_size, "manifest": self.table.fingerprint,
-                "stats": {k: (list(v) if isinstance(v, list) else v) for k, v in self.stats.items()}}
+                "rank": self.rank, "world_size": self.world_size, "manifest": self.manifest.fingerprint,
+                "source_epochs": self.source_epochs(), "share": self.share_info(),
+                "stats": {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
+                          for k, v in self.stats.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`. Same world size: exactly (pixel for pixel). Another world size: every
+        source stream starts its next epoch at the saved global step (the rest of each current epoch is
+        skipped; nothing repeats within an epoch; areas and the source sequence continue unchanged)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version', 1)} was saved by an older loader "
+                             f"(this one reads version {STATE_VERSION}: per-rank shares and source streams); it "
+                             "cannot be continued exactly: finish the run with the aimv2 version that wrote it, "
+                             "or start a new run from its weights (--init)")
         cfg = self.cfg
-        mine = {"seed": cfg.seed, "native_res": cfg.native_res, "world_size": self.world_size,
-                "manifest": self.table.fingerprint}
+        mine = {"seed": cfg.seed, "native_res": cfg.native_res, "manifest": self.manifest.fingerprint,
+                "mix": {k: round(v, 12) for k, v in self.weights.items()}}
         mine.update({"batch_patches": cfg.batch_patches, "batch_rule": cfg.batch_rule} if cfg.native_res else
                     {"resolution": cfg.resolution, "batch_size": cfg.batch_size})
-        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        saved = dict(state, mix={k: round(float(v), 12) for k, v in state.get("mix", {}).items()})
+        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if diff:
             raise ValueError("loader state does not match this loader (saved, now): "
                              + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
-                             + "; resume with the same manifest, seed, batch settings and world size")
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+                             + "; resume with the same manifest, seed, mix and batch settings")
+        snap = Snapshot.from_dict(state["snapshot"])
+        if int(state["world_size"]) == self.world_size:
+            if int(state["rank"]) != self.rank:
+                raise ValueError(f"loader state of rank {state['rank']} given to rank {self.rank}: each rank "
+                                 "resumes its own state at the same world size")
+            self._start(snap, int(state["step"]), reread=set(self.weights))
+        else:
+            nxt = Snapshot(snap.segment + 1, int(state["t"]), {k: int(v) for k, v in state["served"].items()},
+                           {s: e + 1 for s, e in snap.epochs.items()}, {})
+            if self.rank == 0:
+                print(f"aimv2 loader: state saved at world size {state['world_size']}, resuming at "
+                      f"{self.world_size}: every source starts its next epoch ("
+                      + ", ".join(f"{self._name(s)} {e} -> {e + 1}" for s, e in sorted(snap.epochs.items()))
+                      + "); the rest of each current epoch is skipped, nothing repeats within an epoch",
+                      file=sys.stderr)
+            self._start(nxt, 0, reread=set(self.weights))
         if "stats" in state:
-            self.stats = {k: (list(v) if isinstance(v, list) else v) for k, v in state["stats"].items()}
+            st = state["stats"]
+            self.stats = {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
+                          for k, v in st.items()}
+            self.stats.setdefault("sources", {})
+            self.stats["rows_read"] = self.stats.get("rows_read", 0)
+            self.stats.setdefault("reads", [])

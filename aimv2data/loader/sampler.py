@@ -1,37 +1,55 @@
-"""What goes in each batch: rows, area, grid. Pure and deterministic.
+"""What goes in each batch: source, area, bucket, rows. Pure and deterministic.
 
-Every decision is a function of (seed, epoch, step) and the manifest, so that all ranks agree on the
-area and bucket of a step without talking, any worker can compute any step, and a run resumes from
-(epoch, step) alone.
+Streams. Each *source* of the mixture is its own stream with its own epochs (`mix`, default the paper's
+Table 2: DFN 60, COYO 6, HQITP 31, normalised over the sources the manifest has). Within a stream's
+epoch e, the manifest's chunks (parquet row groups) holding that source are dealt to the ranks: in an
+order keyed by (seed, stream, e, chunk), each to the rank with the fewest rows so far (balanced to
+within one chunk). A rank reads only its chunks: start-up and memory grow with rows / world, not
+with the total. Every rank computes the same deal, so every sample is in exactly one rank's share per
+epoch, and the shares change from epoch to epoch.
 
-Native resolution (AIMv2 paper, sec. 2.4): per global step draw z ~ N(0, 1) truncated to [-1, 1],
-map it linearly to [7, 12] and round: n, A = 2^n patches per image, B = C / A images per rank
-(exact because C is a power of two >= 4096; `batch_rule="area"`, the default). The grid h x w of a
-bucket at A has h*w <= A, so a step uses B*h*w <= C patches; `batch_rule="grid"` instead takes
-B = floor(C / (h*w)) (the paper's A_i read as the patches an image really has), which fills the budget
-to within one image. The bucket is drawn in proportion to the samples it has left this epoch, among
-buckets that still hold a full global batch (B * world). When none does for the drawn A, the step
-takes the next larger area that some bucket can still fill (fewer images); when not even A = 4096
-fits, the epoch ends and the leftovers (< C/4096 * world per bucket) wait for the next epoch's fresh
-permutation.
+Per global step t (the same on every rank, whatever the world size):
 
-Fixed resolution: one permutation of all rows per epoch, B * world rows per step, last partial dropped.
+* area (native resolution, paper sec. 2.4): z ~ N(0, 1) truncated to [-1, 1], mapped to [7, 12] and
+  rounded: n, A = 2^n; B = C / A images per rank (`batch_rule="area"`; exact because C is a power of two
+  >= 4096) or B = C // (h*w) (`"grid"`). Fixed resolution: A = (R/p)^2, B = batch_size.
+* source: the stream furthest behind its share, argmax_s(w_s * T - n_s) over images served so far
+  (T = sum n_s, counted as C / A per rank per step). It depends only on the past, not on this step's
+  area, so each source sees the same distribution of areas; realised shares stay within one batch of
+  the mix at every step.
+* bucket (per rank, from its own share): drawn in proportion to the rows it has left this epoch among
+  the buckets that still hold B rows; its rows are the next B of the bucket's permutation (keyed by
+  seed, stream, epoch, bucket, rank; over the rank's share only).
+* when no bucket of the rank's share holds B rows at the step's area, that stream's epoch ends on
+  this rank (the leftovers, fewer than B per bucket, wait for the next epoch's deal) and the step is
+  taken from the next epoch's share. The area is never changed: all ranks use the same A.
+
+A rank's sampler is a state machine over *segments*: stretches of steps in which no stream changes
+epoch on this rank. `plan(snapshot, counts)` replays a segment from its start (a few us a step, no
+I/O); the snapshot (global step, images served per stream, epoch and rows used per stream) is all a
+resume needs.
 """
 from __future__ import annotations
 
+import hashlib
+import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import NormalDist
 
 import numpy as np
 
-from .samples import AREAS
+from .samples import AREAS, norm_source
 
 # Stream tags: every random decision draws from its own stream so that adding one never shifts another.
-AREA, BUCKET, PERM, CROP, CAPTION, REPLACE = 1, 2, 3, 4, 5, 6
+AREA, BUCKET, PERM, CROP, CAPTION, REPLACE, DEAL = 1, 2, 3, 4, 5, 6, 7
 
 _M64 = (1 << 64) - 1
 _PHI_LO, _PHI_HI = NormalDist().cdf(-1.0), NormalDist().cdf(1.0)
+
+# AIMv2 paper, Table 2: per-source sampling probabilities in percent (alt-text + synthetic as printed).
+TABLE2_SOURCES = {"dfn": 60.0, "coyo": 6.0, "hqitp": 31.0}
+ALL = "*"     # the stream of every row, whatever its source (`mix="rows"`: sources as the manifest has them)
 
 
 def unit(*ints: int) -> float:
@@ -51,6 +69,11 @@ def rng(*ints: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(i) & _M64 for i in ints]))
 
 
+def stream_id(name: str) -> int:
+    """A stable integer per stream name (keys the deal and the permutations)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") >> 1
+
+
 def area_exponent(u: float) -> int:
     """n in [7, 12] from a uniform u: inverse CDF of N(0,1) truncated to [-1, 1], linear map, round."""
     z = NormalDist().inv_cdf(_PHI_LO + u * (_PHI_HI - _PHI_LO))
@@ -68,137 +91,250 @@ def area_probabilities() -> dict[int, float]:
     return out
 
 
+# ------------------------------------------------------------------------------------------ the mixture
+
+def parse_mix(text: str | dict | None) -> dict[str, float] | str | None:
+    """`"dfn=0.6,coyo=0.06,hqitp=0.31"` -> {name: weight}; `"rows"` -> "rows"; None / "" -> None (default)."""
+    if text is None or text == "" or text == "table2":
+        return None
+    if isinstance(text, dict):
+        out = {str(k): float(v) for k, v in text.items()}
+    elif text.strip() == "rows":
+        return "rows"
+    else:
+        out = {}
+        for part in text.split(","):
+            name, eq, w = part.partition("=")
+            try:
+                if not eq or not name.strip():
+                    raise ValueError
+                out[name.strip()] = float(w)
+            except ValueError:
+                raise ValueError(f"--mix {text!r}: {part!r} is not NAME=WEIGHT; write e.g. "
+                                 "dfn=0.60,coyo=0.06,hqitp=0.31 (or 'rows')") from None
+    bad = {k: v for k, v in out.items() if not (v >= 0 and math.isfinite(v))}
+    if bad:
+        raise ValueError(f"--mix: negative or non-finite weight {bad}; weights must be >= 0")
+    if not out or sum(out.values()) <= 0:
+        raise ValueError(f"--mix {text!r}: all weights are zero; give at least one source a positive weight")
+    return out
+
+
+def resolve_mix(mix, sources: dict[str, str]) -> tuple[dict[str, float], list[str]]:
+    """Stream weights (normalised, > 0) for a manifest with `sources` (normalised -> spelled), and notices.
+
+    None: Table 2's per-source totals over the sources present (absent ones dropped, the rest
+    renormalised); a manifest with none of them is sampled by rows, one stream. "rows": one stream of
+    all rows. A dict: its sources; one the manifest lacks is an error; manifest sources it leaves out
+    are not sampled (a notice)."""
+    mix = parse_mix(mix)
+    notes = []
+    if mix == "rows":
+        return {ALL: 1.0}, notes
+    if mix is None:
+        present = {s: w for s, w in TABLE2_SOURCES.items() if s in sources}
+        if not present:
+            return {ALL: 1.0}, notes
+        dropped = [s for s in TABLE2_SOURCES if s not in sources]
+        if dropped:
+            notes.append(f"mix: {', '.join(dropped)} not in the manifest: dropped, Table 2 renormalised over "
+                         f"{', '.join(present)}")
+        weights = present
+    else:
+        weights = {}
+        for k, w in mix.items():
+            n = norm_source(k)
+            if n not in sources:
+                raise ValueError(f"--mix names source {k!r}, which the manifest does not have (it has: "
+                                 f"{', '.join(sources.values()) or 'none'}); fix the name or drop it")
+            weights[n] = weights.get(n, 0.0) + w
+        weights = {k: w for k, w in weights.items() if w > 0}
+    left_out = [sources[s] for s in sources if s not in weights]
+    if left_out:
+        notes.append(f"mix: sources {', '.join(left_out)} have no weight and are not sampled "
+                     "(name them in --mix to include them)")
+    total = sum(weights.values())
+    return {k: weights[k] / total for k in sorted(weights)}, notes
+
+
+def choose_stream(weights: dict[str, float], served: dict[str, int]) -> str:
+    """The stream furthest behind its share of the images served so far (ties: larger weight, then name)."""
+    total = sum(served.values())
+    return max(weights, key=lambda s: (weights[s] * total - served.get(s, 0), weights[s], s))
+
+
+# ------------------------------------------------------------------------------------------- the deal
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15))
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def deal(keys: np.ndarray, rows: np.ndarray, seed: int, stream: int, epoch: int, world: int) -> np.ndarray:
+    """Rank of each chunk for (stream, epoch): chunks in an order keyed by (seed, stream, epoch, chunk key),
+    each to the rank with the fewest rows so far (ties: lowest rank). O(chunks log world); the same on
+    every rank. Ranks' shares differ by at most one chunk's rows."""
+    salt = int(_mix64(np.array([(seed * 0x100000001B3 + stream * 31 + epoch * 7 + DEAL) & _M64],
+                               dtype=np.uint64))[0])
+    h = _mix64(keys.astype(np.uint64) ^ np.uint64(salt))
+    order = np.lexsort((keys, h))
+    heap = [(0, r) for r in range(world)]
+    out = np.empty(len(keys), dtype=np.int32)
+    for i in order.tolist():
+        load, r = heapq.heappop(heap)
+        out[i] = r
+        heapq.heappush(heap, (load + int(rows[i]), r))
+    return out
+
+
+# -------------------------------------------------------------------------------------- steps and plans
+
 @dataclass(frozen=True)
 class StepSpec:
-    epoch: int
-    step: int
-    area: int                  # A actually used (h*w <= A); B = C / A
-    drawn_area: int            # A drawn for the step (differs only at the epoch tail)
+    epoch: int                 # the epoch of the step's source stream
+    step: int                  # global step t
+    area: int                  # A (h*w <= A); B = C / A
+    drawn_area: int            # = area (kept for the step log)
     bucket: int                # -1 in fixed-resolution mode
     grid: tuple[int, int]
-    rows: np.ndarray           # this rank's manifest rows, len == batch size
+    rows: np.ndarray           # this rank's rows of the stream's share table, len == batch size
+    source: str = ALL          # the stream
 
 
-class NativeSampler:
-    """Area-sampled constant-patch-budget steps; C patches per rank per step."""
+@dataclass
+class Snapshot:
+    """Where a segment starts: JSON-able, all a resume needs (with the step offset in the segment)."""
+    segment: int = 0
+    t: int = 0                                            # global step of the segment's first step
+    served: dict = field(default_factory=dict)            # stream -> images served per rank (C / A a step)
+    epochs: dict = field(default_factory=dict)            # stream -> its epoch
+    used: dict = field(default_factory=dict)              # stream -> {bucket: rows of this rank's share used}
 
-    def __init__(self, members: dict[int, np.ndarray], grids: dict[int, dict[int, tuple[int, int]]],
-                 batch_patches: int, seed: int = 0, rank: int = 0, world_size: int = 1, batch_rule: str = "area"):
-        c = int(batch_patches)
-        if c < 4096 or c & (c - 1):
-            raise ValueError(f"--batch-patches must be a power of two >= 4096 so that B = C / A is exact for "
-                             f"every A in 128..4096; got {batch_patches}")
+    def to_dict(self) -> dict:
+        return {"segment": self.segment, "t": self.t, "served": dict(self.served), "epochs": dict(self.epochs),
+                "used": {s: {str(b): n for b, n in u.items()} for s, u in self.used.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Snapshot":
+        return cls(int(d["segment"]), int(d["t"]), {k: int(v) for k, v in d["served"].items()},
+                   {k: int(v) for k, v in d["epochs"].items()},
+                   {s: {int(b): int(n) for b, n in u.items()} for s, u in d["used"].items()})
+
+
+class Sampler:
+    """Steps of one rank: native resolution (`grids` per bucket per area) or fixed (`fixed_grid`)."""
+
+    def __init__(self, weights: dict[str, float], *, native: bool, batch_patches: int = 2**16,
+                 grids: dict[int, dict[int, tuple[int, int]]] | None = None, batch_rule: str = "area",
+                 fixed_grid: tuple[int, int] | None = None, batch_size: int = 0, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        if batch_rule not in ("area", "grid"):
-            raise ValueError(f"batch_rule must be 'area' (B = C / A) or 'grid' (B = C // (h*w)), got {batch_rule!r}")
-        self.members, self.grids = members, grids
-        self.c, self.seed, self.rank, self.world = c, int(seed), int(rank), int(world_size)
-        self.rule = batch_rule
-        self.bucket_ids = np.array(sorted(members), dtype=np.int64)
-        # images per rank for (area, bucket), as arrays over bucket_ids
-        self._b = {a: np.array([self._batch(a, int(b)) for b in self.bucket_ids], dtype=np.int64) for a in AREAS}
-        self._plan_epoch, self._plan, self._perm_epoch, self._perms = None, None, None, {}
+        self.weights, self.native, self.seed = dict(weights), native, int(seed)
+        self.rank, self.world = int(rank), int(world_size)
+        self.ids = {s: stream_id(s) for s in weights}
+        if native:
+            c = int(batch_patches)
+            if c < 4096 or c & (c - 1):
+                raise ValueError(f"--batch-patches must be a power of two >= 4096 so that B = C / A is exact for "
+                                 f"every A in 128..4096; got {batch_patches}")
+            if batch_rule not in ("area", "grid"):
+                raise ValueError(f"batch_rule must be 'area' (B = C / A) or 'grid' (B = C // (h*w)), got "
+                                 f"{batch_rule!r}")
+            self.c, self.rule, self.grids = c, batch_rule, grids
+            self.max_batch = c // AREAS[0] if batch_rule == "area" else max(
+                c // (h * w) for g in grids.values() for h, w in g.values())
+        else:
+            if batch_size < 1:
+                raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+            self.grid, self.b = fixed_grid, int(batch_size)
+            self.c = self.b * fixed_grid[0] * fixed_grid[1]
+            self.max_batch = self.b
+        self._perms = {}
 
-    def _batch(self, area: int, bucket: int) -> int:
+    # per step
+    def area(self, t: int) -> int:
+        if not self.native:
+            return self.grid[0] * self.grid[1]
+        return 2 ** area_exponent(unit(self.seed, t, AREA))
+
+    def nominal(self, area: int) -> int:
+        """Images a step of this area counts for the mixture (the same on every rank)."""
+        return self.c // area if self.native else self.b
+
+    def batch(self, area: int, bucket: int) -> int:
+        if not self.native:
+            return self.b
         if self.rule == "area":
             return self.c // area
         h, w = self.grids[bucket][area]
         return self.c // (h * w)
 
-    @property
-    def max_batch(self) -> int:
-        return int(max(v.max() for v in self._b.values()))
+    def grid_of(self, area: int, bucket: int) -> tuple[int, int]:
+        return self.grids[bucket][area] if self.native else self.grid
 
-    def plan(self, epoch: int) -> np.ndarray:
-        """(steps, 5) int64: drawn area, area, bucket, start offset in the bucket's epoch order, B."""
-        if self._plan_epoch == epoch:
-            return self._plan
-        counts = np.array([len(self.members[b]) for b in self.bucket_ids], dtype=np.int64)
-        left = counts.copy()
-        rows, step = [], 0
+    # per segment
+    def plan(self, snap: Snapshot, counts: dict[str, dict[int, int]]) -> tuple[np.ndarray, str]:
+        """(steps, 5) int64 rows (area, stream index, bucket, start in the bucket's order, B) of the segment
+        that starts at `snap`, and the stream whose epoch ends after it on this rank. `counts`: rows per
+        bucket of this rank's current share of each stream."""
+        names = sorted(self.weights)
+        served = {s: snap.served.get(s, 0) for s in names}
+        buckets = {s: np.array(sorted(counts[s]), dtype=np.int64) for s in names}
+        total = {s: np.array([counts[s][b] for b in buckets[s].tolist()], dtype=np.int64) for s in names}
+        left = {s: total[s] - np.array([snap.used.get(s, {}).get(b, 0) for b in buckets[s].tolist()], dtype=np.int64)
+                for s in names}
+        need_of = {}          # (stream, area) -> B per bucket
+        out, t = [], snap.t
         while True:
-            drawn = 2 ** area_exponent(unit(self.seed, epoch, step, AREA))
-            area = drawn
-            while area <= AREAS[-1] and not (left >= self._b[area] * self.world).any():
-                area *= 2                       # epoch tail: a smaller batch of larger images
-            if area > AREAS[-1]:
-                break                           # nothing can fill even A = 4096: the epoch ends
-            need = self._b[area] * self.world
-            weights = np.where(left >= need, left, 0)
-            cum = np.cumsum(weights)
-            i = int(np.searchsorted(cum, unit(self.seed, epoch, step, BUCKET) * cum[-1], side="right"))
-            rows.append((drawn, area, int(self.bucket_ids[i]), int(counts[i] - left[i]), int(self._b[area][i])))
-            left[i] -= need[i]
-            step += 1
-        self._plan_epoch, self._plan = epoch, np.array(rows, dtype=np.int64).reshape(-1, 5)
-        return self._plan
+            s = choose_stream(self.weights, served)
+            area = self.area(t)
+            if (s, area) not in need_of:
+                need_of[s, area] = np.array([self.batch(area, b) for b in buckets[s].tolist()], dtype=np.int64)
+            need, have = need_of[s, area], left[s]
+            w = np.where(have >= need, have, 0)
+            if not w.any():
+                if not np.array_equal(have, total[s]) or not have.any():
+                    return np.array(out, dtype=np.int64).reshape(-1, 5), s
+                # A share whose every bucket is smaller than one batch (a tiny manifest): the batch cycles
+                # through the rows of one bucket (drawn by size), and the stream's epoch ends after it.
+                w = have
+            cum = np.cumsum(w)
+            i = int(np.searchsorted(cum, unit(self.seed, t, self.rank, BUCKET) * cum[-1], side="right"))
+            out.append((area, names.index(s), int(buckets[s][i]), int(total[s][i] - have[i]), int(need[i])))
+            have[i] = max(0, int(have[i]) - int(need[i]))
+            served[s] += self.nominal(area)
+            t += 1
 
-    def steps(self, epoch: int) -> int:
-        return len(self.plan(epoch))
+    def advance(self, snap: Snapshot, plan: np.ndarray, steps: int, roll: str | None) -> Snapshot:
+        """The snapshot after the first `steps` steps of `plan` (and, when `roll`, that stream's next epoch)."""
+        names = sorted(self.weights)
+        served, used = dict(snap.served), {s: dict(u) for s, u in snap.used.items()}
+        for area, si, b, _, n in plan[:steps].tolist():
+            s = names[si]
+            served[s] = served.get(s, 0) + self.nominal(area)
+            used.setdefault(s, {})[b] = used.get(s, {}).get(b, 0) + n
+        epochs = dict(snap.epochs)
+        if roll is not None:
+            epochs[roll] = epochs.get(roll, 0) + 1
+            used[roll] = {}
+        return Snapshot(snap.segment + 1 if roll is not None else snap.segment, snap.t + steps, served, epochs,
+                        used)
 
-    def bucket_order(self, epoch: int, bucket: int) -> np.ndarray:
-        if self._perm_epoch != epoch:
-            self._perm_epoch, self._perms = epoch, {}
-        if bucket not in self._perms:
-            self._perms[bucket] = rng(self.seed, epoch, bucket, PERM).permutation(self.members[bucket])
-        return self._perms[bucket]
+    def order(self, stream: str, epoch: int, bucket: int, members: np.ndarray) -> np.ndarray:
+        """This rank's permutation of its share's rows of `bucket` (keyed by stream, epoch, bucket, rank)."""
+        key = (stream, epoch, bucket)
+        if key not in self._perms:
+            if len(self._perms) > 256:
+                self._perms.clear()
+            self._perms[key] = rng(self.seed, self.ids[stream], epoch, bucket, self.rank, PERM).permutation(members)
+        return self._perms[key]
 
-    def spec(self, epoch: int, step: int) -> StepSpec:
-        plan = self.plan(epoch)
-        if not 0 <= step < len(plan):
-            raise IndexError(f"step {step} outside epoch {epoch} ({len(plan)} steps)")
-        drawn, area, bucket, start, b = (int(v) for v in plan[step])
-        lo = start + self.rank * b
-        rows = self.bucket_order(epoch, bucket)[lo:lo + b]
-        return StepSpec(epoch, step, area, drawn, bucket, self.grids[bucket][area], rows)
-
-    def replacement(self, spec: StepSpec, slot: int, attempt: int) -> int:
-        """Another row of the same bucket for a sample that failed to decode."""
-        members = self.members[spec.bucket]
-        u = unit(self.seed, spec.epoch, spec.step, self.rank, slot, attempt, REPLACE)
-        return int(members[int(u * len(members))])
-
-
-class FixedSampler:
-    """Fixed-resolution steps: batch_size rows per rank per step, one permutation per epoch."""
-
-    def __init__(self, n: int, bucket_of: np.ndarray, members: dict[int, np.ndarray], resolution: int,
-                 patch_size: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
-        if resolution % patch_size:
-            raise ValueError(f"--resolution {resolution} is not a multiple of the patch size {patch_size}")
-        if batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.n, self.bucket_of, self.members = n, bucket_of, members
-        self.b, self.seed, self.rank, self.world = int(batch_size), int(seed), int(rank), int(world_size)
-        self.max_batch = self.b
-        g = resolution // patch_size
-        self.grid = (g, g)
-        self.c = self.b * g * g
-        self._perm_epoch, self._perm = None, None
-        if self.steps(0) == 0:
-            raise ValueError(f"the manifest has {n} samples, fewer than one global batch "
-                             f"({batch_size} x {world_size} ranks)")
-
-    def steps(self, epoch: int) -> int:
-        return self.n // (self.b * self.world)
-
-    def order(self, epoch: int) -> np.ndarray:
-        if self._perm_epoch != epoch:
-            self._perm_epoch, self._perm = epoch, rng(self.seed, epoch, PERM).permutation(self.n)
-        return self._perm
-
-    def spec(self, epoch: int, step: int) -> StepSpec:
-        if not 0 <= step < self.steps(epoch):
-            raise IndexError(f"step {step} outside epoch {epoch} ({self.steps(epoch)} steps)")
-        lo = (step * self.world + self.rank) * self.b
-        area = self.grid[0] * self.grid[1]
-        return StepSpec(epoch, step, area, area, -1, self.grid, self.order(epoch)[lo:lo + self.b])
-
-    def replacement(self, spec: StepSpec, slot: int, attempt: int) -> int:
-        bucket = int(self.bucket_of[spec.rows[slot]])
-        members = self.members[bucket]
-        u = unit(self.seed, spec.epoch, spec.step, self.rank, slot, attempt, REPLACE)
+    def replacement(self, spec: StepSpec, members: np.ndarray, slot: int, attempt: int) -> int:
+        """Another row of the same bucket of the rank's share for a sample that failed to decode."""
+        u = unit(self.seed, spec.step, self.rank, slot, attempt, REPLACE)
         return int(members[int(u * len(members))])

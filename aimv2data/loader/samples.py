@@ -1,5 +1,10 @@
-"""The manifest as the loader sees it: per-sample columns as numpy arrays (numbers as they are, text as
-Arrow-style offsets + UTF-8 bytes), and the bucket table read from `_manifest.json`.
+"""The manifest as the loader sees it.
+
+`Manifest`: the cheap, whole-manifest part every rank reads alike, O(parts) and never O(rows): the
+bucket table of `_manifest.json`, and per parquet *row group* (a "chunk") its file, row count and, from
+the footer statistics of `source`, which source it holds. `SampleTable`: the rows of some chunks (one
+rank's share of one source for one epoch) as numpy arrays (numbers as they are, text as Arrow-style
+offsets + UTF-8 bytes), sorted by (shard, key).
 
 Plain numpy because forked worker processes share it copy-on-write and must not call into polars:
 polars' thread pool does not survive fork() (a child that touches it deadlocks).
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +28,7 @@ from aimv2data.manifest import layout
 AREAS = paper.AREAS  # 128 .. 4096 patches
 REQUIRED = ("key", "shard", "offset", "size", "width", "height", "bucket")
 OPTIONAL_TEXT = ("source", "caption")
+ANY = None   # a chunk whose footer does not name a single source: it may hold any source
 
 
 class ManifestError(ValueError):
@@ -35,9 +42,14 @@ class Bucket:
     grids: dict[int, tuple[int, int]]          # area A -> (h, w) patches, h*w <= A
 
 
-class SampleTable:
-    """Read-only view of MANIFEST/{_manifest.json, samples/*.parquet}, rows sorted by (shard, key); row i
-    is sample i everywhere."""
+def norm_source(name: str | None) -> str:
+    """Source names match case-insensitively, ignoring punctuation (`"DFN"` == `"dfn"`)."""
+    return re.sub(r"[^a-z0-9]", "", (name or "").lower())
+
+
+class Manifest:
+    """MANIFEST/{_manifest.json, samples/*.parquet} without reading a row: buckets, chunks (one per parquet
+    row group, in (file name, row group) order), sources. Costs one footer read per part."""
 
     def __init__(self, manifest: str | Path):
         self.root = Path(manifest)
@@ -47,82 +59,248 @@ class SampleTable:
         meta = json.loads(meta_path.read_text())
         self.meta = meta
         self.patch_size = int(meta.get("patch_size", paper.PATCH_SIZE))
-        self.buckets = _read_buckets(meta, meta_path)
-
-        files = layout.sample_files(self.root)
-        if not files:
+        self._meta_path = meta_path
+        self._buckets = None
+        self.files = layout.sample_files(self.root)
+        if not self.files:
             raise ManifestError(f"no samples/*.parquet under {self.root}: the manifest is empty or unfinished "
                                 "(rerun `aimv2 shard`, it resumes)")
-        frames = []
-        for f in files:
-            cols = pl.read_parquet_schema(f)
+        file_idx, rg_idx, rows, srcs = [], [], [], []
+        self._spelled: dict[str, str] = {}
+        self.columns: list[list[str]] = []
+        # Footers are small reads, latency-bound on network storage: a few threads read them (in file order),
+        # each keeping only what the loader needs (a footer object is ~0.2 MB; 20 k of them would be GBs).
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(8, len(self.files))) as pool:
+            summaries = list(pool.map(_footer, self.files))
+        schemas: dict[tuple, tuple] = {}
+        for i, (f, (cols, groups)) in enumerate(zip(self.files, summaries)):
             missing = [c for c in REQUIRED if c not in cols]
             if missing:
                 raise ManifestError(f"{f}: missing columns {missing}; the loader needs {list(REQUIRED)} "
                                     "(manifests/SPEC.md); rebuild the manifest with `aimv2 shard`")
+            self.columns.append(schemas.setdefault(tuple(cols), tuple(cols)))   # one copy per distinct schema
+            for g, n, src in groups:
+                if n == 0:
+                    continue
+                file_idx.append(i)
+                rg_idx.append(g)
+                rows.append(n)
+                if src not in ("", ANY):
+                    self._spelled[norm_source(src)] = src
+                    src = norm_source(src)
+                srcs.append(src)
+        if not rows:
+            raise ManifestError(f"{self.root}: the manifest has no samples")
+        self.chunk_file = np.array(file_idx, dtype=np.int32)
+        self.chunk_group = np.array(rg_idx, dtype=np.int32)
+        self.chunk_rows = np.array(rows, dtype=np.int64)
+        self.chunk_source = srcs                  # normalised name, "" (no source column) or ANY
+        self.n = int(self.chunk_rows.sum())
+        self.has_source = any("source" in c for c in self.columns)
+        self.sources = self._sources()
+        h = hashlib.sha1(f"chunks:{self.n}".encode())
+        for f, g, r in zip(self.chunk_file.tolist(), self.chunk_group.tolist(), rows):
+            h.update(f"{self.files[f].name}:{g}:{r};".encode())
+        self.fingerprint = h.hexdigest()[:16]
+
+    @property
+    def buckets(self) -> dict[int, Bucket]:
+        if self._buckets is None:
+            self._buckets = _read_buckets(self.meta, self._meta_path)
+        return self._buckets
+
+    def _sources(self) -> dict[str, str]:
+        """normalised name -> the name as the manifest spells it. From the chunks' footer statistics when
+        every chunk names one source; else from `_manifest.json` counts; else (slow, O(rows)) the column."""
+        if not self.has_source:
+            return {"": ""}
+        if all(s is not ANY for s in self.chunk_source):
+            names = {s for s in self.chunk_source}
+            spelled = dict(self._spelled)
+            return {s: spelled.get(s, s) for s in sorted(names)}
+        counts = self.meta.get("counts", {})
+        listed = counts.get("per_source") or counts.get("sources")
+        if listed:
+            return {norm_source(k): k for k in sorted(listed)}
+        names = set()
+        for f, cols in zip(self.files, self.columns):
+            if "source" in cols:
+                names |= set(pl.read_parquet(f, columns=["source"])["source"].unique().to_list())
+        return {norm_source(k): k for k in sorted(n for n in names if n is not None)}
+
+    def chunks_of(self, source: str) -> np.ndarray:
+        """Chunk ids that may hold rows of `source` (normalised name)."""
+        return np.array([i for i, s in enumerate(self.chunk_source) if s is ANY or s == source], dtype=np.int64)
+
+    def chunk_key(self, i: int) -> int:
+        """A stable 63-bit id of chunk i (file name, row group): the same whatever else is in the manifest."""
+        d = hashlib.blake2b(f"{self.files[self.chunk_file[i]].name}:{self.chunk_group[i]}".encode(), digest_size=8)
+        return int.from_bytes(d.digest(), "little") >> 1
+
+
+def _footer(path: Path) -> tuple[list[str], list[tuple[int, int, str | None]]]:
+    """(column names, [(row group, rows, its single source: the spelled name, "" without a source column,
+    ANY when the statistics do not name one)]) from a part's footer."""
+    import pyarrow.parquet as pq
+
+    md = pq.read_metadata(path)
+    names = [md.schema.column(j).path.split(".")[0] for j in range(md.num_columns)]
+    j = names.index("source") if "source" in names else None
+    groups = []
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        src = ""
+        if j is not None:
+            st = rg.column(j).statistics
+            src = (st.min if st is not None and st.has_min_max and st.min == st.max and not st.null_count
+                   else ANY)
+        groups.append((g, rg.num_rows, src))
+    return list(dict.fromkeys(names)), groups
+
+
+class SampleTable:
+    """Read-only view of the rows of some chunks (optionally only one source's). Rows are numbered in read
+    order; `order` lists them in (shard, key) order and `members` per bucket in that order, which is all
+    the sampler uses, so neither the order of a part's rows nor the split into parts changes a batch.
+    `SampleTable(manifest)` reads every chunk.
+
+    Memory (what a rank holds per row of its share): numbers ~34 B, key, caption and synthetic captions
+    as UTF-8 bytes + int32 offsets (per chunk, never concatenated: no second copy while reading), a source
+    code, 8 B of row order. Read chunk by chunk, so the peak is this plus one row group's Arrow table."""
+
+    def __init__(self, manifest, chunks=None, source: str | None = None):
+        import pyarrow.parquet as pq
+
+        m = manifest if isinstance(manifest, Manifest) else Manifest(manifest)
+        self.manifest, self.root, self.meta = m, m.root, m.meta
+        self.patch_size = m.patch_size
+        chunks = np.arange(len(m.chunk_rows)) if chunks is None else np.asarray(chunks, dtype=np.int64)
+        self.chunks = chunks
+        self.buckets = m.buckets
+        # Numbers go straight into arrays sized for every row of the chunks (untouched pages cost nothing):
+        # no per-chunk pieces to concatenate, so no freed holes between the text arrays kept.
+        cap = int(m.chunk_rows[chunks].sum())
+        num = {c: np.empty(cap, dt) for c, dt in (("bucket", np.int32), ("width", np.int32), ("height", np.int32),
+                                                  ("offset", np.int64), ("size", np.int32),
+                                                  ("orientation", np.int8), ("is_jpeg", bool), ("shard", np.int32))}
+        pos = 0
+        text: dict[str, list] = {}
+        src_codes, self.source_names = [], []
+        shard_names: dict[str, int] = {}
+        have_orient = False
+        starts = [0]
+        for f in sorted(set(m.chunk_file[chunks].tolist())):
+            cols = m.columns[f]
             want = [c for c in cols if c in REQUIRED or c in OPTIONAL_TEXT or c in ("format", "orientation")
                     or c.startswith("syn_")]
-            frames.append(pl.read_parquet(f, columns=want))
-        df = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
-        if df.height == 0:
+            pf = pq.ParquetFile(m.files[f])
+            for g in sorted(int(m.chunk_group[c]) for c in chunks if m.chunk_file[c] == f):
+                t = pf.read_row_group(g, columns=want, use_threads=False)
+                mixed = any(m.chunk_source[c] is ANY for c in chunks if m.chunk_file[c] == f and m.chunk_group[c] == g)
+                if source is not None and "source" in t.column_names and mixed:
+                    t = t.filter(_source_mask(t.column("source"), source))
+                if t.num_rows == 0:
+                    continue
+                t = t.combine_chunks()
+                nulls = {c: t.column(c).null_count for c in REQUIRED if t.column(c).null_count}
+                if nulls:
+                    raise ManifestError(f"{m.files[f]}: null values in required columns {nulls}")
+                for c, dt in (("bucket", np.int32), ("width", np.int32), ("height", np.int32),
+                              ("offset", np.int64), ("size", np.int32)):
+                    num[c][pos:pos + t.num_rows] = t.column(c).to_numpy()
+                if "orientation" in t.column_names:
+                    have_orient = True
+                    num["orientation"][pos:pos + t.num_rows] = t.column("orientation").fill_null(1).to_numpy()
+                else:
+                    num["orientation"][pos:pos + t.num_rows] = 1
+                if "format" in t.column_names:
+                    fc = t.column("format").dictionary_encode().combine_chunks()
+                    jpeg = np.array([(x or "").lower() in ("jpeg", "jpg") for x in fc.dictionary.to_pylist()] + [False])
+                    num["is_jpeg"][pos:pos + t.num_rows] = jpeg[fc.indices.fill_null(-1).to_numpy()]
+                else:
+                    num["is_jpeg"][pos:pos + t.num_rows] = True
+                sh = t.column("shard").dictionary_encode().combine_chunks()
+                remap = np.array([shard_names.setdefault(x, len(shard_names)) for x in sh.dictionary.to_pylist()],
+                                 dtype=np.int32)
+                num["shard"][pos:pos + t.num_rows] = remap[sh.indices.to_numpy()]
+                if "source" in t.column_names:
+                    sc = t.column("source").dictionary_encode().combine_chunks()
+                    names = sc.dictionary.to_pylist()
+                    for x in names:
+                        if x not in self.source_names:
+                            self.source_names.append(x)
+                    remap = np.array([self.source_names.index(x) for x in names], dtype=np.int16)
+                    idx = sc.indices.fill_null(-1).to_numpy().astype(np.int64)
+                    src_codes.append(np.where(idx >= 0, remap[idx.clip(0)] if len(remap) else -1, -1)
+                                     .astype(np.int16))
+                for c in ("key", "caption"):
+                    if c in t.column_names:
+                        text.setdefault(c, []).append(Strings.from_arrow(t.column(c)))
+                for c in t.column_names:
+                    if c.startswith("syn_"):
+                        text.setdefault(c, []).append(StringLists.from_arrow(t.column(c), c))
+                starts.append(starts[-1] + t.num_rows)
+                pos += t.num_rows
+                del t
+        self.n = starts[-1]
+        if self.n == 0 and source is None:
             raise ManifestError(f"{self.root}: the manifest has no samples")
-        # Rows in (shard, key) order, not file order: img2dataset's download threads write a shard's samples
-        # in the order they finish, so two fetches of the same list give the same rows in another order.
-        # Sorted, the same samples and the same seed give the same batches (and the same trained weights).
-        # Cost at start-up, 10M rows on 2 cores: 0.2 s when nearly in order (a fetch's output), 8 s shuffled.
-        df = df.sort(["shard", "key"], maintain_order=True)
-
-        nulls = {c: n for c, n in df.select(pl.col(list(REQUIRED)).null_count()).row(0, named=True).items() if n}
-        if nulls:
-            raise ManifestError(f"{self.root}: null values in required columns {nulls}")
-        self.n = df.height
-        self.bucket = df["bucket"].cast(pl.Int32).to_numpy()
-        self.width = df["width"].cast(pl.Int32).to_numpy()
-        self.height = df["height"].cast(pl.Int32).to_numpy()
-        self.offset = df["offset"].cast(pl.Int64).to_numpy()
-        self.size = df["size"].cast(pl.Int64).to_numpy()
-        # EXIF orientation as the shard stage read it (tag 274, what DALI applies); None: not recorded.
-        self.orientation = (df["orientation"].fill_null(1).cast(pl.Int8).to_numpy()
-                            if "orientation" in df.columns else None)
-        fmt = df["format"] if "format" in df.columns else pl.Series(["jpeg"] * self.n)
-        self.is_jpeg = fmt.str.to_lowercase().is_in(["jpeg", "jpg"]).fill_null(False).to_numpy()
+        # one column at a time, dropping its pieces: no moment holds two copies of every column
+        cat = {c: a[:self.n] for c, a in num.items()}
+        self.bucket, self.width, self.height = cat["bucket"], cat["width"], cat["height"]
+        self.offset, self.size, self.is_jpeg = cat["offset"], cat["size"], cat["is_jpeg"]
+        self.orientation = cat["orientation"] if have_orient else None
+        self.source = np.concatenate(src_codes) if src_codes else None
         if (self.width <= 0).any() or (self.height <= 0).any():
-            bad = df.filter((pl.col("width") <= 0) | (pl.col("height") <= 0))["key"].head(3).to_list()
-            raise ManifestError(f"{self.root}: samples with non-positive width/height, e.g. {bad}")
+            raise ManifestError(f"{self.root}: samples with non-positive width/height "
+                                f"({int(((self.width <= 0) | (self.height <= 0)).sum())} rows)")
         unknown = sorted(set(np.unique(self.bucket).tolist()) - set(self.buckets))
         if unknown:
             raise ManifestError(f"{self.root}: samples use buckets {unknown[:5]} that _manifest.json does not define")
+        # Shards in name order, so that shard index order is name order.
+        names = sorted(shard_names)
+        rank = np.empty(len(names), np.int32)
+        for i, nm in enumerate(names):
+            rank[shard_names[nm]] = i
+        if self.n:
+            cat["shard"][:] = rank[cat["shard"]]
+        self.shard_idx = cat["shard"]
+        self.shard_names = names
+        self.shards = [str(self._resolve(x)) for x in names]
+        starts = np.array(starts, dtype=np.int64)
+        self.syn_columns = sorted(c for c in text if c.startswith("syn_"))
+        self.text = {c: Chunked(parts, starts) for c, parts in text.items()}
+        # Rows in (shard, key) order, not read order: img2dataset's download threads write a shard's samples
+        # in the order they finish, so two fetches of the same list give the same rows in another order.
+        self.order = self._sorted_order()
+        by = np.argsort(self.bucket[self.order], kind="stable")
+        ordered = self.order[by]
+        ids, first = np.unique(self.bucket[ordered], return_index=True)
+        ends = np.append(first[1:], len(ordered))
+        self.members = {int(b): ordered[s:e] for b, s, e in zip(ids, first, ends)}
 
-        # Shards: one small table of paths, an int32 index per sample.
-        names = df["shard"].unique(maintain_order=True).to_list()
-        if any(s is None for s in names):
-            raise ManifestError(f"{self.root}: samples with a null `shard`")
-        self.shards = [str(self._resolve(s)) for s in names]
-        self.shard_idx = df["shard"].replace_strict({s: i for i, s in enumerate(names)},
-                                                    return_dtype=pl.Int32).to_numpy()
-
-        self.syn_columns = sorted(c for c in df.columns if c.startswith("syn_"))
-        self.text = {c: Strings.from_series(df[c]) for c in ("key", *OPTIONAL_TEXT) if c in df.columns}
-        self.text.update({c: StringLists.from_series(df[c]) for c in self.syn_columns})
-        # Rows per bucket in (shard, key) order; the sampler permutes these each epoch.
-        order = np.argsort(self.bucket, kind="stable")
-        ids, starts = np.unique(self.bucket[order], return_index=True)
-        ends = np.append(starts[1:], len(order))
-        self.members = {int(b): order[s:e] for b, s, e in zip(ids, starts, ends)}
-        self.fingerprint = self._fingerprint(df)
+    def _sorted_order(self) -> np.ndarray:
+        """Row ids in (shard, key) order (keys compared as UTF-8 bytes), in numpy: keys as fixed-width bytes."""
+        if self.n == 0:
+            return np.zeros(0, np.int32)
+        pieces = []
+        for p in self.text["key"].parts:
+            off = p.offsets.astype(np.int64)
+            lens = np.diff(off)
+            width = max(1, int(lens.max()))
+            pos = off[:-1, None] + np.arange(width)
+            mat = np.where(np.arange(width) < lens[:, None], p.data[np.minimum(pos, max(0, len(p.data) - 1))], 0)
+            pieces.append(mat.astype(np.uint8))
+        width = max(x.shape[1] for x in pieces)
+        keys = np.concatenate([np.pad(x, ((0, 0), (0, width - x.shape[1]))) for x in pieces])
+        keys = np.ascontiguousarray(keys).view(f"S{width}").ravel()
+        return np.lexsort((keys, self.shard_idx)).astype(np.int32)
 
     def _resolve(self, shard: str) -> Path:
         p = Path(shard)
         return p if p.is_absolute() else (self.root / p)
-
-    def _fingerprint(self, df: pl.DataFrame) -> str:
-        # Cheap and stable across library versions: row count, byte totals, first/last keys.
-        keys = df["key"]
-        h = hashlib.sha1()
-        h.update(f"{self.n}:{int(self.size.sum())}:{int(self.offset.sum())}".encode())
-        for k in keys.head(256).to_list() + keys.tail(256).to_list():
-            h.update(str(k).encode())
-        return h.hexdigest()[:16]
 
     def counts(self) -> dict[int, int]:
         return {b: len(m) for b, m in self.members.items()}
@@ -133,16 +311,42 @@ class SampleTable:
     def key(self, row: int) -> str:
         return self.text["key"][row]
 
+    def uid(self, row: int) -> int:
+        """A stable 63-bit id of the sample (its shard and key): keys its crop and caption draws, so they
+        do not depend on which rank reads it or where it sits in the manifest."""
+        d = hashlib.blake2b(f"{self.shard_names[self.shard_idx[row]]}\0{self.key(row)}".encode(), digest_size=8)
+        return int.from_bytes(d.digest(), "little") >> 1
+
     def texts(self, row: int) -> dict:
         """source, caption and synthetic captions of one row (None where absent)."""
-        return {c: col[row] for c, col in self.text.items()}
+        out = {c: col[row] for c, col in self.text.items()}
+        if self.source is not None:
+            code = int(self.source[row])
+            out["source"] = self.source_names[code] if code >= 0 else None
+        return out
 
 
-def _arrow(series: pl.Series):
+class Chunked:
+    """A text column kept as its per-chunk pieces (no concatenated copy): row -> (piece, row in piece)."""
+
+    def __init__(self, parts: list, starts: np.ndarray):
+        self.parts, self.starts = parts, starts
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int):
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[k][int(i - self.starts[k])]
+
+
+def _source_mask(col, source: str):
+    """Arrow mask of the rows whose source normalises to `source` (nulls: the unnamed source "")."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    arr = series.to_arrow(compat_level=pl.CompatLevel.oldest())
-    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    keep = [n for n in pc.unique(col).to_pylist() if n is not None and norm_source(n) == source]
+    return pc.is_in(col, value_set=pa.array(keep, type=col.type)).fill_null(source == "")
 
 
 class Strings:
@@ -152,18 +356,34 @@ class Strings:
         self.offsets, self.data, self.null = offsets, data, null
 
     @classmethod
-    def from_series(cls, series: pl.Series) -> "Strings":
-        arr = _arrow(series.cast(pl.String))
+    def from_arrow(cls, arr) -> "Strings":
+        import pyarrow as pa
+
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+            arr = arr.cast(pa.string())
         _, off, data = arr.buffers()
-        offsets = np.frombuffer(off, dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1].copy()
-        data = np.frombuffer(data, dtype=np.uint8).copy() if data is not None else np.zeros(0, np.uint8)
-        return cls(offsets, data, arr.is_null().to_numpy(zero_copy_only=False))
+        dt = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+        offsets = np.frombuffer(off, dtype=dt)[arr.offset:arr.offset + len(arr) + 1].copy()
+        data = np.frombuffer(data, dtype=np.uint8)[offsets[0]:offsets[-1]].copy() if data is not None else \
+            np.zeros(0, np.uint8)
+        offsets -= offsets[0]
+        null = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else None
+        return cls(offsets, data, null)
+
+    def to_polars(self) -> pl.Series:
+        import pyarrow as pa
+
+        off = self.offsets.astype(np.int64)
+        arr = pa.LargeStringArray.from_buffers(len(off) - 1, pa.py_buffer(off), pa.py_buffer(self.data))
+        return pl.from_arrow(arr)
 
     def __len__(self) -> int:
-        return len(self.null)
+        return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> str | None:
-        if self.null[i]:
+        if self.null is not None and self.null[i]:
             return None
         return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8")
 
@@ -175,19 +395,24 @@ class StringLists:
         self.offsets, self.values, self.null = offsets, values, null
 
     @classmethod
-    def from_series(cls, series: pl.Series) -> "StringLists":
-        if not isinstance(series.dtype, pl.List):
-            raise ManifestError(f"column {series.name} must be list[str] (synthetic captions), got {series.dtype}")
-        arr = _arrow(series)
-        offsets = arr.offsets.to_numpy().astype(np.int64)
-        values = Strings.from_series(pl.Series(arr.values))
-        return cls(offsets, values, arr.is_null().to_numpy(zero_copy_only=False))
+    def from_arrow(cls, arr, name: str = "") -> "StringLists":
+        import pyarrow as pa
+
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+            raise ManifestError(f"column {name} must be list[str] (synthetic captions), got {arr.type}")
+        offsets = arr.offsets.to_numpy().astype(np.int32 if pa.types.is_list(arr.type) else np.int64)
+        values = Strings.from_arrow(arr.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0])))
+        offsets = offsets - offsets[0]
+        null = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else None
+        return cls(offsets, values, null)
 
     def __len__(self) -> int:
-        return len(self.null)
+        return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> list[str] | None:
-        if self.null[i]:
+        if self.null is not None and self.null[i]:
             return None
         return [v for v in (self.values[j] for j in range(self.offsets[i], self.offsets[i + 1])) if v]
 

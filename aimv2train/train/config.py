@@ -58,6 +58,9 @@ class TrainConfig:
     # the loader's image decoder (not the model's multimodal decoder); --decoder is its older name
     image_decoder: str = flag("pil", "Image decoder of the loader (--decoder is an alias).", choices=IMAGE_DECODERS,
                               aliases=("--decoder",))
+    mix: str | None = flag(None, "Source mixture, e.g. dfn=0.60,coyo=0.06,hqitp=0.31: each source its own stream with "
+                           "its own epochs. Default: the paper's Table 2 (60/6/31) over the sources the manifest has; "
+                           "'rows': as the manifest has them.", metavar="SRC=W,...")
     compile: bool = flag(False, "torch.compile the model and loss (dynamic shapes with --native-res).")
     precision: str | None = flag(None, "bf16 autocast or fp32 (default: bf16 on CUDA, fp32 on CPU).",
                                  choices=("bf16", "fp32"))

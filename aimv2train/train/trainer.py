@@ -174,7 +174,7 @@ def make_loader(cfg: TrainConfig, tok: Tokenizer, info: DistInfo, resolution: in
     from aimv2data.loader import Loader
 
     kwargs = dict(tokenizer=tok, pad_id=tok.pad_id, rank=info.rank, world_size=info.world_size, seed=cfg.seed,
-                  workers=cfg.workers, decoder=cfg.image_decoder, pin_memory=torch.cuda.is_available())
+                  workers=cfg.workers, decoder=cfg.image_decoder, pin_memory=torch.cuda.is_available(), mix=cfg.mix)
     if cfg.native_res:
         loader = Loader(cfg.manifest, native_res=True, batch_patches=cfg.batch_patches, **kwargs)
     else:
@@ -340,9 +340,13 @@ def build_run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Run:
     if resume_from is not None:
         path, state = resume_from
         ck.load_training_state(path, state, model, optimizer, sharded)
-        mine = state["ranks"][info.rank]
+        # another world size (DDP / one process): rank 0's loader state carries the global data position and
+        # the loader starts each source's next epoch there; ranks that did not exist keep their fresh RNGs
+        same_world = len(state["ranks"]) == info.world_size
+        mine = state["ranks"][info.rank if same_world else 0]
         loader.load_state_dict(mine["loader"])
-        ck.set_rng_state(mine["rng"], generator)
+        if same_world or info.rank < len(state["ranks"]):
+            ck.set_rng_state(state["ranks"][info.rank]["rng"], generator)
         start = int(state["step"])
     step_fn = torch.compile(loss_module, dynamic=cfg.native_res or None) if cfg.compile else loss_module
     peak = cfg.peak_flops or matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
@@ -456,7 +460,8 @@ def _record(run: Run, batch, result: dict, dt: float, t_data: float) -> dict:
     return {"step": run.step, **result["losses"], "lr": result["lr"], "grad_norm": result["grad_norm"],
             "images_per_s": B * world / dt, "patches_per_s": B * h * w * world / dt, "mfu": flops / dt / run.peak,
             "step_time": dt, "data_time": t_data, "batch": B * world, "grid": [h, w],
-            "epoch": int(getattr(batch, "epoch", 0))}
+            "epoch": int(getattr(batch, "epoch", 0)),
+            "sources": dict(run.loader.stats["sources"]), "source_epochs": run.loader.source_epochs()}
 
 
 def _show(bar, rec: dict) -> None:
@@ -513,9 +518,10 @@ def _check_resumable(cfg: TrainConfig, resume_from, info: DistInfo, tok: Tokeniz
     path, state = resume_from
     train = state.get("train", {})
     old = train.get("config", {})
-    if train.get("world_size", 1) != info.world_size:
-        raise TrainError(f"{path} was written by {train.get('world_size')} ranks, this run has {info.world_size}: "
-                         f"resume with the same number of processes (each rank resumes its own data slice)")
+    if train.get("world_size", 1) != info.world_size and "fsdp" in (train.get("parallel"), cfg.parallel):
+        raise TrainError(f"{path} was written by {train.get('world_size')} ranks with FSDP, this run has "
+                         f"{info.world_size}: resume FSDP runs with the same number of processes (DDP and single-"
+                         f"process runs may change it)")
     mode = cfg.parallel if info.enabled else "none"
     if train.get("parallel", "none") != mode and "fsdp" in (train.get("parallel"), mode):
         raise TrainError(f"{path} was written with parallel={train.get('parallel')}, this run uses {mode}")
