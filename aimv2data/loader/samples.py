@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from ..storage import parquet_columns, read_parquet, resolve_against, upath
+
 AREAS = tuple(2**n for n in range(7, 13))  # 128 .. 4096 patches
 REQUIRED = ("key", "shard", "offset", "size", "width", "height", "bucket")
 OPTIONAL_TEXT = ("source", "caption")
@@ -37,7 +39,7 @@ class SampleTable:
     is sample i everywhere."""
 
     def __init__(self, manifest: str | Path):
-        self.root = Path(manifest)
+        self.root = upath(manifest)            # a local directory or a URL (s3://bucket/manifest)
         meta_path = self.root / "_manifest.json"
         if not meta_path.is_file():
             raise ManifestError(f"{meta_path} not found: pass a manifest directory written by `aimv2 shard`")
@@ -52,14 +54,14 @@ class SampleTable:
                                 "(rerun `aimv2 shard`, it resumes)")
         frames = []
         for f in files:
-            cols = pl.read_parquet_schema(f)
+            cols = parquet_columns(f)
             missing = [c for c in REQUIRED if c not in cols]
             if missing:
                 raise ManifestError(f"{f}: missing columns {missing}; the loader needs {list(REQUIRED)} "
                                     "(manifests/SPEC.md); rebuild the manifest with `aimv2 shard`")
             want = [c for c in cols if c in REQUIRED or c in OPTIONAL_TEXT or c in ("format", "orientation")
                     or c.startswith("syn_")]
-            frames.append(pl.read_parquet(f, columns=want))
+            frames.append(read_parquet(f, columns=want))
         df = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
         if df.height == 0:
             raise ManifestError(f"{self.root}: the manifest has no samples")
@@ -108,9 +110,9 @@ class SampleTable:
         self.members = {int(b): order[s:e] for b, s, e in zip(ids, starts, ends)}
         self.fingerprint = self._fingerprint(df)
 
-    def _resolve(self, shard: str) -> Path:
-        p = Path(shard)
-        return p if p.is_absolute() else (self.root / p)
+    def _resolve(self, shard: str) -> str:
+        # manifests/SPEC.md: a URL or an absolute path as is, else relative to the manifest directory
+        return resolve_against(self.root, shard)
 
     def _fingerprint(self, df: pl.DataFrame) -> str:
         # Cheap and stable across library versions: row count, byte totals, first/last keys.
