@@ -34,7 +34,7 @@ from pathlib import Path
 # img2dataset imports albumentations, which otherwise checks PyPI for a newer version on import.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from aimv2data import fetch_summary  # noqa: E402
+from aimv2data import fetch_summary, storage  # noqa: E402
 from aimv2data.fetch_input import (FetchError, additional_columns, check_columns,  # noqa: E402
                                    expand_url_lists, load_dfn_index, normalise, source_spec)
 from aimv2data.fetch_resize import DEFAULT_MAX_PIXELS  # noqa: E402
@@ -91,9 +91,13 @@ class FetchOptions:
 
 # -- small helpers -----------------------------------------------------------------------------
 def atomic_write(path: Path, data: bytes) -> bool:
-    """Write via a temp file + os.replace; leave the file alone (mtime too) when unchanged."""
+    """Write via a temp file + os.replace (one all-or-nothing PUT at a URL); leave the file alone (mtime
+    too) when unchanged."""
     if path.is_file() and path.read_bytes() == data:
         return False
+    if storage.is_url(path):
+        path.write_bytes(data)
+        return True
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -141,6 +145,16 @@ def check_output(out: Path) -> dict | None:
         raise FetchError(f"output directory {out} is not empty and is not an aimv2 fetch output "
                          f"(it holds: {shown}); choose an empty or new directory", "output")
     return job
+
+
+def output_path(output: str):
+    """The output as a Path, or a UPath for a URL, after checking the bucket exists and the credentials
+    work (a one-line FetchError before anything is written)."""
+    try:
+        storage.check_reachable(str(output), for_writing=True)
+        return storage.upath(output)
+    except storage.StorageError as e:
+        raise FetchError(str(e), "output") from None
 
 
 def _differences(a: dict, b: dict) -> list[str]:
@@ -204,7 +218,7 @@ def prepare(opts: FetchOptions, out: Path, job: dict | None) -> dict:
     if job is not None and job.get("prepared"):
         # Files changed on disk since the job was prepared: fine if the rows are the same.
         same = [p["name"] for p in job["parts"]] == [p["name"] for p in parts] and all(
-            pl.read_parquet(inp / p["name"]).equals(df) for p, df in zip(parts, kept_frames))
+            storage.read_parquet(inp / p["name"]).equals(df) for p, df in zip(parts, kept_frames))
         if not same:
             raise FetchError(f"output directory {out} holds a fetch of other url lists (the rows differ); "
                              "use a new --output for a new list", "url-list")
@@ -237,8 +251,19 @@ def sweep(out: Path, names: list[str]) -> list[str]:
         pending.append(n)
         for f in (tar, pq, stats):
             f.unlink(missing_ok=True)
-    shutil.rmtree(out / "_tmp", ignore_errors=True)  # img2dataset's feather scratch files
+    _remove_tree(out / "_tmp")  # img2dataset's feather scratch files
     return pending
+
+
+def _remove_tree(path) -> None:
+    if not storage.is_url(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    fs, p = storage.filesystem(str(path))
+    try:
+        fs.rm(p, recursive=True)
+    except FileNotFoundError:
+        pass
 
 
 # -- running img2dataset -----------------------------------------------------------------------
@@ -341,7 +366,7 @@ def fetch(opts: FetchOptions, console=None) -> dict:
     if opts.max_side < 0:
         raise FetchError("--max-side must be 0 (never resize) or a positive number of pixels", "max-side")
     _check_distributor(opts.distributor)
-    out = Path(opts.output)
+    out = output_path(opts.output)
     job = check_output(out)
     job = prepare(opts, out, job)
     opts.verify_hash = job["settings"]["verify_hash"]

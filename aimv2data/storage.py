@@ -178,6 +178,8 @@ def check_reachable(url: str, *, for_writing: bool = False) -> None:
     bucket = p.split("/", 1)[0]
     try:
         fs.ls(bucket, refresh=True) if not for_writing else fs.info(bucket)
+    except FileNotFoundError:
+        raise StorageError(f"{url}: bucket {bucket!r} does not exist; create it or fix the URL") from None
     except Exception as e:
         raise friendly(e, url) from None
 
