@@ -77,6 +77,8 @@ class FetchOptions:
     verify_hash: bool | None = None        # None: on for dfn (the pool's sha256), off otherwise
     keep_progressive: bool = False
     quality: int = 95
+    retry_failed: bool = False             # download again only what failed transiently (fetch_retry)
+    ray_address: str | None = None         # --distributor ray: the cluster (default: what ray.init finds)
 
     def settings(self) -> dict:
         """What defines the output: a rerun with different settings is refused, not mixed in."""
@@ -312,10 +314,19 @@ def _check_distributor(name: str) -> None:
                              f"{name} cluster; see img2dataset's distributed docs", "distributor")
 
 
-def run_img2dataset(opts: FetchOptions, out: Path, job: dict, n_shards: int) -> int | None:
-    """One img2dataset.download over DIR/_input. Returns the signal number when interrupted
+def run_img2dataset(opts: FetchOptions, out: Path, job: dict, n_shards: int, url_list=None,
+                    mode: str = "incremental", extra_columns: tuple = ()) -> int | None:
+    """One img2dataset.download over DIR/_input (or `url_list`). Returns the signal number when interrupted
     (SIGINT, SIGTERM), else None."""
     from img2dataset import download
+
+    if opts.distributor == "ray":
+        from aimv2data.cluster import ClusterError, connect_ray
+
+        try:
+            connect_ray(opts.ray_address)   # img2dataset's Ray distributor uses the cluster ray.init joined
+        except ClusterError as e:
+            raise FetchError(str(e), "ray-address") from None
 
     interrupted = None
     main_thread = threading.current_thread() is threading.main_thread()
@@ -333,17 +344,17 @@ def run_img2dataset(opts: FetchOptions, out: Path, job: dict, n_shards: int) -> 
         with _native_resizer(opts.keep_progressive), _env(OPENCV_IO_MAX_IMAGE_PIXELS=opts.max_pixels,
                                                           NO_ALBUMENTATIONS_UPDATE=1):
             download(
-                url_list=str(out / INPUT_DIR), input_format="parquet", output_folder=str(out),
+                url_list=str(url_list or out / INPUT_DIR), input_format="parquet", output_folder=str(out),
                 output_format="webdataset", url_col="url", caption_col="caption" if caption else None,
                 save_additional_columns=additional_columns(opts.source, source_spec(opts.source, opts.url_col,
-                                                           opts.caption_col), opts.verify_hash),
+                                                           opts.caption_col), opts.verify_hash) + list(extra_columns),
                 verify_hash=["src_sha256", "sha256"] if opts.verify_hash else None, compute_hash="sha256",
                 image_size=opts.max_side or 1, resize_mode="keep_ratio_largest" if opts.max_side else "no",
                 resize_only_if_bigger=True, encode_format="jpg", encode_quality=opts.quality, skip_reencode=True,
                 max_image_area=opts.max_pixels, processes_count=opts.processes, thread_count=opts.threads,
                 number_sample_per_shard=opts.shard_size, oom_shard_count=max(5, len(str(max(n_shards - 1, 0)))),
                 timeout=opts.timeout, retries=opts.retries, distributor=opts.distributor,
-                incremental_mode="incremental", enable_wandb=False, extract_exif=True, max_shard_retry=1,
+                incremental_mode=mode, enable_wandb=False, extract_exif=True, max_shard_retry=1,
             )
     except SystemExit as e:  # img2dataset's SIGINT handler exits with status 0; ours with 128+signum
         interrupted = e.code - 128 if isinstance(e.code, int) and e.code > 128 else signal.SIGINT
@@ -366,6 +377,8 @@ def fetch(opts: FetchOptions, console=None) -> dict:
     if opts.max_side < 0:
         raise FetchError("--max-side must be 0 (never resize) or a positive number of pixels", "max-side")
     _check_distributor(opts.distributor)
+    if opts.retry_failed:
+        return retry_failed(opts, console)
     out = output_path(opts.output)
     job = check_output(out)
     job = prepare(opts, out, job)
@@ -384,7 +397,7 @@ def fetch(opts: FetchOptions, console=None) -> dict:
         console.print(f"[bold]aimv2 fetch[/]: all {len(names)} shard(s) in {out} are done; nothing to fetch")
     run_s = time.perf_counter() - t0
 
-    summary = fetch_summary.build(out, job, names)
+    summary = build_summary(out, job, names)
     atomic_write(summary_path, _json_bytes(summary))
     if console is not None:
         fetched_now = sum((fetch_summary.read_stats(out / f"{n}_stats.json") or {}).get("count", 0) for n in pending)
@@ -396,4 +409,67 @@ def fetch(opts: FetchOptions, console=None) -> dict:
         missing = summary["shards"]["missing"]
         raise FetchIncomplete(f"{len(missing)} shard(s) did not finish ({', '.join(missing[:5])}"
                               f"{', ...' if len(missing) > 5 else ''}); rerun the same command to resume", summary)
+    return summary
+
+
+def build_summary(out, job: dict, names: list[str]) -> dict:
+    summary = fetch_summary.build(out, job, names)
+    if job.get("retry_rounds"):
+        from aimv2data.fetch_retry import retry_section
+
+        summary["retries"] = retry_section(out, job, names)
+    return summary
+
+
+def retry_failed(opts: FetchOptions, console=None) -> dict:
+    """`aimv2 fetch --retry-failed`: one retry round over a finished fetch (aimv2data/fetch_retry.py)."""
+    from aimv2data import fetch_retry
+
+    out = output_path(opts.output)
+    job = fetch_retry.check_retry_target(out, read_job(out) if out.is_dir() else None)
+    if opts.url_lists:   # the original command with --retry-failed added: its settings must be the record's
+        opts.verify_hash = job["settings"]["verify_hash"] if opts.verify_hash is None else opts.verify_hash
+        diff = _differences(opts.settings(), job["settings"])
+        if diff:
+            raise FetchError(f"{out} holds a fetch made with other settings ({'; '.join(diff)}); pass the original "
+                             "flags, or --retry-failed --output DIR alone", "retry-failed")
+    s = job["settings"]
+    opts.source, opts.shard_size, opts.max_side, opts.max_pixels = s["source"], s["shard_size"], s["max_side"], \
+        s["max_pixels"]
+    opts.verify_hash, opts.keep_progressive, opts.quality = s["verify_hash"], s["keep_progressive"], s["quality"]
+    if s["source"] == "parquet":
+        opts.url_col, opts.caption_col = s["url_col"], s["caption_col"]
+    names = shard_names(job["parts"], opts.shard_size)
+    retry_names = [n for r in job.get("retry_rounds", []) for n in r["shards"]]
+    pending = sweep(out, names + retry_names)
+    unfinished = [n for n in pending if n in names]
+    if unfinished:
+        raise FetchError(f"the fetch in {out} is not finished ({len(unfinished)} shard(s) missing): rerun it "
+                         "without --retry-failed first (it resumes), then retry", "retry-failed")
+    summary_path = out / fetch_summary.SUMMARY_NAME
+    shards, n = fetch_retry.prepare_round(opts, out, job, names, atomic_write, _json_bytes)
+    interrupted = None
+    if shards:
+        summary_path.unlink(missing_ok=True)   # absent while a run is in progress (img2dataset globs *.json)
+        if console is not None:
+            console.print(f"[bold]aimv2 fetch --retry-failed[/]: {n} sample(s) failed transiently; retrying them "
+                          f"into {len(shards)} new shard(s) {shards[0]}..{shards[-1]} of {out}")
+        rnd = job["retry_rounds"][-1]
+        interrupted = run_img2dataset(opts, out, job, len(names), url_list=out / INPUT_DIR / rnd["url_list"],
+                                      mode="extend", extra_columns=(fetch_retry.RETRY_COL,))
+    elif console is not None:
+        console.print(f"[bold]aimv2 fetch --retry-failed[/]: nothing left to retry in {out} "
+                      "(no sample's last attempt failed transiently)")
+    summary = build_summary(out, job, names)
+    atomic_write(summary_path, _json_bytes(summary))
+    if console is not None:
+        console.print(fetch_summary.render(summary))
+        if "retries" in summary:
+            r = summary["retries"]
+            last = r["rounds"][-1] if r["rounds"] else {}
+            console.print(f"retries: round {last.get('round')} recovered {last.get('recovered', 0)} of "
+                          f"{last.get('to_retry', 0)}; after all rounds {r['success_after_retries']} succeeded, "
+                          f"failures by reason {r['failures_by_reason_after_retries']}")
+    if interrupted:
+        raise FetchIncomplete("interrupted: rerun with --retry-failed to go on", summary, int(interrupted))
     return summary
