@@ -9,7 +9,12 @@ def bench():
 
 
 @bench.command("loader")
-@click.argument("manifest", type=click.Path(exists=True, file_okay=False))
+@click.argument("manifest")
+@click.option("--inflight", type=int, default=32, show_default=True,
+              help="Shards at URLs (s3://...): ranged reads in flight per batch.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Shards at URLs: keep fetched samples here (a second epoch reads the local disk).")
+@click.option("--cache-gb", type=float, default=0.0, show_default=True, help="Size limit of --cache-dir in GB.")
 @click.option("--native-res", is_flag=True,
               help="Native-resolution batches: area A = 2^n (n from a truncated normal on 7..12), B = C / A.")
 @click.option("--batch-patches", "-C", type=int, default=2**16, show_default=True,
@@ -32,7 +37,7 @@ def bench():
 @click.option("--steps-log", type=click.Path(dir_okay=False),
               help="Write one JSON line per step (step, area, grid_h, grid_w, batch_size, padding, ...).")
 @click.option("--json", "as_json", is_flag=True, help="End stdout with one JSON object of the figures.")
-def loader(manifest, native_res, batch_patches, batch_rule, resolution, batch_size, decoder, workers, steps, warmup, seed,
+def loader(manifest, inflight, cache_dir, cache_gb, native_res, batch_patches, batch_rule, resolution, batch_size, decoder, workers, steps, warmup, seed,
            no_draft, steps_log, as_json):
     """Stream STEPS batches from MANIFEST and report images/s, patches/s, budget use and padding."""
     from rich.console import Console
@@ -44,8 +49,9 @@ def loader(manifest, native_res, batch_patches, batch_rule, resolution, batch_si
     try:
         r = run_bench(manifest, native_res=native_res, batch_patches=batch_patches, resolution=resolution,
                       batch_size=batch_size, decoder=decoder, workers=workers, steps=steps, warmup=warmup,
-                      seed=seed, draft=not no_draft, batch_rule=batch_rule, steps_log=steps_log)
-    except (ManifestError, ValueError) as e:
+                      seed=seed, draft=not no_draft, batch_rule=batch_rule, steps_log=steps_log,
+                      read_inflight=inflight, cache_dir=cache_dir, cache_gb=cache_gb if cache_dir else 0.0)
+    except (ManifestError, ValueError, OSError) as e:
         raise click.ClickException(str(e))
     t = Table(title=f"aimv2 bench loader: {r['mode']}, {r['decoder']} ({r['device']}), workers={r['workers']}",
               show_header=False)

@@ -2,8 +2,8 @@ import click
 
 
 @click.command()
-@click.option("--manifest", "-m", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Manifest directory written by `aimv2 shard` (with captions attached).")
+@click.option("--manifest", "-m", required=True,
+              help="Manifest directory written by `aimv2 shard` (with captions attached); a local path or a URL (s3://...).")
 @click.option("--tokenizer", "-t", required=True, type=click.Path(exists=True, dir_okay=False),
               help="sentencepiece .model (`aimv2 tokenizer train`, or any existing one, e.g. SigLIP's).")
 @click.option("--model", default="tiny", show_default=True,
