@@ -118,6 +118,18 @@ def read_bytes(path) -> bytes:
         raise friendly(e, str(path)) from None
 
 
+def read_range(path, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset`: a pread locally, one ranged GET at a URL."""
+    if not is_url(path):
+        with open(local(str(path)), "rb") as f:
+            return os.pread(f.fileno(), size, offset)
+    fs, p = filesystem(str(path))
+    try:
+        return fs.cat_file(p, start=offset, end=offset + size)
+    except Exception as e:
+        raise friendly(e, str(path)) from None
+
+
 def write_bytes(path, data: bytes) -> None:
     """All-or-nothing write: temp + rename locally, one PUT to an object store."""
     if not is_url(path):

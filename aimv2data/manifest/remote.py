@@ -15,6 +15,7 @@ column holds URLs or absolute paths).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -68,6 +69,31 @@ def build_at_url(inputs: list[str], url: str, **kw) -> dict:
             report["idx"] = Counter("none" if not i else "manifest" if i.startswith(url) else "beside"
                                     for i in _idx_paths(staging))
         return report
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_manifest(url: str):
+    """A local copy of the manifest at `url` (its parquet parts and jsons, never tars) and `put(path)`,
+    which uploads one local file (or, remove=True, deletes its object) as soon as it is final."""
+    url = url.rstrip("/")
+    storage.check_reachable(url)
+    fs, root = storage.filesystem(url)
+    staging = Path(tempfile.mkdtemp(prefix="aimv2-manifest-"))
+    try:
+        _download(fs, root, staging)
+
+        def put(path: Path, remove: bool = False) -> None:
+            key = f"{root}/{Path(path).relative_to(staging).as_posix()}"
+            if remove:
+                try:
+                    fs.rm_file(key)
+                except FileNotFoundError:
+                    pass
+            else:
+                _put(fs, Path(path), key, url)
+        yield staging, put
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
