@@ -144,7 +144,15 @@ def test_fetch_shard_load_train_from_s3_equal_local(s3, tmp_path):
     assert remote_rows.select(cols).sort("key").equals(local_rows.select(cols).sort("key"))
     assert remote_rows["shard"].str.starts_with("s3://data/coyo/").all()
 
-    # the loader: same keys, same pixels; a second epoch served from the cache
+    # caption attach on both: the same synthetic captions on the same samples
+    caps = tmp_path / "caps.parquet"
+    local_rows.select("sha256", pl.col("caption").str.to_uppercase().alias("recap")).write_parquet(caps)
+    for m in ("s3://data/manifest", tmp_path / "manifest"):
+        r = cli("caption", "attach", m, "--captions", caps, "--on", "sha256", "--column", "recap")
+        assert r.exit_code == 0 and f"{local_rows.height} of {local_rows.height} samples matched" in r.output, r.output
+    assert not _fs().exists("data/manifest/_captions")              # per-part markers gone once complete
+
+    # the loader: same keys, same pixels, same captions; a second epoch served from the cache
     kw = dict(batch_size=8, resolution=56)
     lr = Loader("s3://data/manifest", cache_dir=str(tmp_path / "cache"), cache_gb=1.0, **kw)
     ll = Loader(str(tmp_path / "manifest"), **kw)

@@ -52,3 +52,24 @@ def test_shard_and_fetch_under_ray_equal_multiprocessing(ray_cluster, tmp_path):
     assert s_ray["samples"]["success"] == s_mp["samples"]["success"] > 0
     x, y = read_shards(tmp_path / "f_ray"), read_shards(tmp_path / "f_mp")
     assert x.keys() == y.keys() and all(x[k]["jpg"] == y[k]["jpg"] for k in x)
+
+
+@pytest.mark.slow
+def test_caption_generate_one_ray_task_per_part_equals_local(ray_cluster, tmp_path):
+    import polars as pl
+
+    from aimv2data.manifest.build import build_manifest
+    from aimv2data.manifest.captions import generate
+    from test_manifest_captions import tiny_captioner
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    good_tar(shards / "00000.tar", 5, seed=1)
+    good_tar(shards / "00001.tar", 5, start=5, seed=2)
+    build_manifest([str(shards)], tmp_path / "m", progress=False, idx="none")
+    tiny_captioner(tmp_path / "tinycap")
+    kw = dict(batch_size=5, max_new_tokens=5, progress=False)
+    a = generate(tmp_path / "m", str(tmp_path / "tinycap"), output=tmp_path / "ray.parquet", distributor="ray", **kw)
+    b = generate(tmp_path / "m", str(tmp_path / "tinycap"), output=tmp_path / "local.parquet", **kw)
+    assert a["captioned"] == b["captioned"] == 10
+    assert pl.read_parquet(tmp_path / "ray.parquet").sort("key").equals(pl.read_parquet(tmp_path / "local.parquet").sort("key"))
