@@ -1,9 +1,17 @@
 """Loader and shard reading from a loopback S3 server (moto, fsspec/s3fs) vs local disk, same data, same run;
-shard under Ray vs multiprocessing. Usage: taskset -c 1 python benchmarks/bench_object_storage.py
-Figures are ratios to the local baseline measured in the same run (loopback: no network latency)."""
+shard and fetch under Ray vs multiprocessing.
+
+    PYTHONPATH=. python benchmarks/bench_object_storage.py      # pins itself to core 1, moto to core 0
+
+The S3 server runs as its own process on core 0 (moto's standalone server), the measured code on core 1
+with one torch thread. Figures are ratios to the local baseline measured in the same run. Loopback has
+no network latency: what remains is the S3 protocol's CPU cost (HTTP, signing) on both sides."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,10 +46,41 @@ def fetch_times(tmp: Path) -> dict:
     return {"mp_s": round(t_mp, 2), "ray_s": round(t_ray, 2), "ray_over_mp_time": round(t_ray / t_mp, 2)}
 
 
+@contextlib.contextmanager
+def moto_process():
+    """moto's standalone server as a separate process on core 0; AWS_* pointed at it."""
+    from _s3_fixtures import S3_ENV, clear_fs_cache, free_port
+
+    port = free_port()
+    proc = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    clear_fs_cache()
+    try:
+        import fsspec
+
+        for _ in range(100):
+            try:
+                fsspec.filesystem("s3").mkdir("data")
+                break
+            except Exception:
+                time.sleep(0.2)
+                clear_fs_cache()
+        yield
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def best(fn, n=3):
+    """Best of n runs: the least disturbed by the other jobs on this machine."""
+    return min((timed(fn) for _ in range(n)), key=lambda rt: rt[1])
+
+
 def main():
+    os.sched_setaffinity(0, {1})
     import fsspec
 
-    from _s3_fixtures import s3_server
     from _shard_fixtures import good_tar
     from aimv2data.loader.loader import Loader
     from aimv2data.manifest.build import build_manifest
@@ -52,14 +91,14 @@ def main():
     for i in range(n_tars):
         good_tar(tmp / "shards" / f"{i:05d}.tar", per, start=per * i, seed=i)
     out = {}
-    with s3_server() as _:
+    with moto_process():
         fs = fsspec.filesystem("s3")
         fs.put(str(tmp / "shards") + "/", "data/shards/", recursive=True)
         # warm-up (imports, first-call costs) so neither timed build pays them
         build_manifest([str(tmp / "shards" / "00000.tar")], tmp / "warm", progress=False)
         build_manifest(["s3://data/shards/00000.tar"], "s3://data/warm", progress=False)
-        _, t_local = timed(lambda: build_manifest([str(tmp / "shards")], tmp / "m", progress=False))
-        _, t_s3 = timed(lambda: build_manifest(["s3://data/shards"], "s3://data/m", progress=False))
+        _, t_local = best(lambda: build_manifest([str(tmp / "shards")], tmp / "m", progress=False, idx="manifest"), 1)
+        _, t_s3 = best(lambda: build_manifest(["s3://data/shards"], "s3://data/m", progress=False), 1)
         n = n_tars * per
         out["shard_samples_per_s"] = {"local": round(n / t_local, 1), "s3": round(n / t_s3, 1),
                                       "s3_over_local": round(t_local / t_s3, 3)}
@@ -71,11 +110,11 @@ def main():
                 imgs += len(b)
             return imgs
 
-        for inflight in (1, 32):
+        for inflight in (1, 8, 32):
             ll = Loader(str(tmp / "m"), **kw)
             lr = Loader("s3://data/m", read_inflight=inflight, **kw)
-            i1, tl = timed(lambda: epoch(ll))
-            i2, tr = timed(lambda: epoch(lr))
+            i1, tl = best(lambda: epoch(ll))
+            i2, tr = best(lambda: epoch(lr))
             out[f"loader_images_per_s_inflight_{inflight}"] = {"local": round(i1 / tl, 1), "s3": round(i2 / tr, 1),
                                                                "s3_over_local": round(tl / tr, 3)}
         lc = Loader("s3://data/m", cache_dir=str(tmp / "cache"), cache_gb=1.0, **kw)

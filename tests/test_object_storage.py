@@ -166,8 +166,13 @@ def test_fetch_shard_load_train_from_s3_equal_local(s3, tmp_path):
     res = cli("bench", "loader", "s3://data/manifest", "-B", 8, "-R", 56, "--steps", 3, "--warmup", 1, "--json")
     assert res.exit_code == 0, res.output
 
+    res = cli("stats", "s3://data/manifest")
+    assert res.exit_code == 0 and str(local_rows.height) in res.output, res.output
     tok = tmp_path / "tok.model"
+    assert cli("tokenizer", "train", "s3://data/manifest", "-o", tmp_path / "tok_s3.model", "--vocab-size", 256,
+               "--soft-limit").exit_code == 0
     train_tokenizer(tmp_path / "manifest", tok, vocab_size=256, soft_limit=True)
+    assert (tmp_path / "tok_s3.model").read_bytes() == tok.read_bytes()    # same captions, same tokenizer
     losses = []
     for m in ("s3://data/manifest", str(tmp_path / "manifest")):
         out = tmp_path / ("run_s3" if m.startswith("s3") else "run_local")
