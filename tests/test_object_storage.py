@@ -187,3 +187,18 @@ def _fs():
 
     return fsspec.filesystem("s3")
 
+
+
+def test_endpoint_from_fsspec_configuration(s3, tmp_path):
+    """FSSPEC_S3_ENDPOINT_URL (fsspec's own configuration, read when fsspec is imported) works as well as
+    AWS_ENDPOINT_URL."""
+    import subprocess
+    import sys
+
+    storage.write_bytes("s3://data/cfg/hello.txt", b"hi")
+    env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"}
+    env["FSSPEC_S3_ENDPOINT_URL"] = s3
+    code = "from aimv2data import storage; print(storage.read_bytes('s3://data/cfg/hello.txt').decode())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0 and out.stdout.strip() == "hi", out.stderr[-500:]

@@ -379,7 +379,7 @@ def build_manifest(inputs: list[str], output: str | Path, *, workers: int = 1, p
     if storage.is_url(output):
         from aimv2data.manifest.remote import build_at_url
 
-        return build_at_url(inputs, str(output), workers=workers, part=part, merge=merge, progress=progress,
+        return build_at_url(inputs, str(output), build_manifest, ManifestBuildError, workers=workers, part=part, merge=merge, progress=progress,
                             argv=argv, distributor=distributor, ray_address=ray_address, **options)
     if distributor not in DISTRIBUTORS:
         raise ManifestBuildError(f"--distributor {distributor!r}: use one of {', '.join(DISTRIBUTORS)}")
@@ -406,7 +406,7 @@ def build_manifest(inputs: list[str], output: str | Path, *, workers: int = 1, p
     if distributor == "ray" and todo:
         from aimv2data.manifest.remote import ray_results
 
-        _collect(ray_results(tasks, ray_address), bar, done_now, failed, on_tar_done)
+        _collect(ray_results(tasks, ray_address, process_tar), bar, done_now, failed, on_tar_done)
     elif workers > 1 and len(todo) > 1:
         import multiprocessing as mp
         # spawn, not fork: the parent may hold polars/arrow thread pools, which do not survive a fork

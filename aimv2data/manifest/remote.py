@@ -25,9 +25,10 @@ from pathlib import Path
 from aimv2data import storage
 
 
-def build_at_url(inputs: list[str], url: str, **kw) -> dict:
-    from aimv2data.manifest.build import ManifestBuildError, build_manifest
-
+def build_at_url(inputs: list[str], url: str, build_manifest, error, **kw) -> dict:
+    """`build_manifest` into a local staging copy of `url`, uploading as it goes (`error`: the exception
+    class for bad input; both passed in by manifest.build, which imports this module)."""
+    ManifestBuildError = error
     url = url.rstrip("/")
     try:
         storage.check_reachable(url, for_writing=True)
@@ -128,12 +129,10 @@ def _put(fs, local: Path, key: str, url: str) -> None:
 
 # --- Ray ---------------------------------------------------------------------------------------------
 
-def _tar_task(job, output, opts):
+def _tar_task(job, output, opts, process_tar):
     """On a Ray worker: process one tar straight into `output` when this node sees it (one machine, or a
     shared filesystem); else into a private directory, returning the files' bytes for the driver to write
     (possible when the `shard` column holds absolute paths or URLs, as for every manifest at a URL)."""
-    from aimv2data.manifest.build import process_tar
-
     if os.path.isdir(output) and os.access(output, os.W_OK):
         try:
             return job, process_tar(job, output, opts), {}, None, None
@@ -153,7 +152,7 @@ def _tar_task(job, output, opts):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ray_results(tasks, ray_address: str | None):
+def ray_results(tasks, ray_address: str | None, process_tar):
     """Yield (job, summary, error) per tar as Ray tasks finish; each tar's files land in its output dir,
     `_parts/<part>.json` last."""
     import ray
@@ -163,7 +162,7 @@ def ray_results(tasks, ray_address: str | None):
 
     connect_ray(ray_address)
     remote = ray.remote(num_cpus=1, max_retries=2)(_tar_task)
-    refs = [remote.remote(job, out, opts) for job, out, opts in tasks]
+    refs = [remote.remote(job, out, opts, process_tar) for job, out, opts in tasks]
     output = {id(r): Path(out) for r, (_, out, _) in zip(refs, tasks)}
     pending = list(refs)
     while pending:
