@@ -34,6 +34,9 @@ import click
 @click.option("--workers", default=4, show_default=True, help="Loader worker processes per rank (0: in-process).")
 @click.option("--decoder", type=click.Choice(["pil", "dali"]), default="pil", show_default=True,
               help="Image decoder of the loader.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Shards at URLs (s3://...): cache fetched samples on local disk here (later epochs read it).")
+@click.option("--cache-gb", type=float, default=0.0, show_default=True, help="Size limit of --cache-dir in GB.")
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the model and loss (dynamic shapes with --native-res).")
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default=None,
@@ -52,7 +55,7 @@ import click
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute block activations in backward (less memory).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (the summary is still printed).")
 def train(manifest, tokenizer, model, steps, out, stage, native_res, batch_patches, resolution, batch_size, init,
-          resume, stop_at, seed, device, workers, decoder, compile_, precision, parallel, lr, min_lr, warmup,
+          resume, stop_at, seed, device, workers, decoder, cache_dir, cache_gb, compile_, precision, parallel, lr, min_lr, warmup,
           weight_decay, clip, save_every, keep, grad_checkpointing, no_progress):
     """Pre-train (or adapt) an AIMv2 encoder with its multimodal decoder.
 
@@ -70,7 +73,7 @@ def train(manifest, tokenizer, model, steps, out, stage, native_res, batch_patch
     cfg = TrainConfig(manifest=manifest, tokenizer=tokenizer, out=out, model=model, steps=steps, stage=stage,
                       native_res=native_res, batch_patches=batch_patches, resolution=resolution,
                       batch_size=batch_size, init=init, resume=resume, stop_at=stop_at, seed=seed, device=device,
-                      workers=workers, decoder=decoder, compile=compile_, precision=precision, parallel=parallel,
+                      workers=workers, decoder=decoder, cache_dir=cache_dir, cache_gb=cache_gb, compile=compile_, precision=precision, parallel=parallel,
                       lr=lr, min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip,
                       save_every=save_every, keep=keep, grad_checkpointing=grad_checkpointing,
                       progress=not no_progress)

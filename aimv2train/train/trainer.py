@@ -66,6 +66,8 @@ class TrainConfig:
     device: str | None = None  # None: cuda if available else cpu
     workers: int = 4
     decoder: str = "pil"
+    cache_dir: str | None = None  # shards at URLs: cache fetched samples on local disk here (loader)
+    cache_gb: float = 0.0  # size limit of cache_dir in GB (oldest evicted first)
     compile: bool = False
     precision: str | None = None  # None: bf16 on cuda, fp32 on cpu
     parallel: str = "ddp"  # ddp | fsdp (under torchrun)
@@ -207,7 +209,8 @@ def make_loader(cfg: TrainConfig, tok: Tokenizer, info: DistInfo, resolution: in
     from aimv2data.loader import Loader
 
     kwargs = dict(tokenizer=tok, pad_id=tok.pad_id, rank=info.rank, world_size=info.world_size, seed=cfg.seed,
-                  workers=cfg.workers, decoder=cfg.decoder, pin_memory=torch.cuda.is_available())
+                  workers=cfg.workers, decoder=cfg.decoder, pin_memory=torch.cuda.is_available(),
+                  cache_dir=cfg.cache_dir, cache_gb=cfg.cache_gb if cfg.cache_dir else 0.0)
     if cfg.native_res:
         loader = Loader(cfg.manifest, native_res=True, batch_patches=cfg.batch_patches, **kwargs)
     else:
