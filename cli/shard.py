@@ -60,6 +60,9 @@ def shard(inputs, output, patch_size, workers, distributor, ray_address, part, v
     console = Console(stderr=True)
     try:
         if merge_only:
+            if "://" in output and not output.startswith("file://"):
+                raise ManifestBuildError(f"--merge-only takes a local MANIFEST; for {output} rerun the same "
+                                         "`aimv2 shard` command: it skips finished tars and merges")
             m = merge_manifest(output, list(inputs) or None, argv=sys.argv[1:])
             c = m["counts"]
             console.print(f"merged {c['shards']} tars: {c['samples']} samples, {c['rejects']} rejects "

@@ -202,3 +202,65 @@ def test_endpoint_from_fsspec_configuration(s3, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0 and out.stdout.strip() == "hi", out.stderr[-500:]
+
+
+def test_store_errors_are_retried_with_backoff_then_reported(s3, tmp_path):
+    """A throttled/5xx read is retried; one that keeps failing comes back as an error value (the loader
+    replaces and counts that sample), after a bounded number of attempts."""
+    import fsspec
+
+    from aimv2data.loader.reader import ShardReader
+
+    fsspec.filesystem("s3").pipe_file("data/r/flaky.tar", bytes(range(200)))
+    reader = ShardReader(["s3://data/r/flaky.tar"], retries=3, backoff_s=0.001)
+    real = reader._filesystem()
+    calls = []
+
+    class Flaky:                     # the real s3fs client, answering 503 to the first `fail` calls
+        def __init__(self, fail):
+            self.fail = fail
+
+        def _strip_protocol(self, p):
+            return real._strip_protocol(p)
+
+        def cat_ranges(self, paths, starts, ends, **kw):
+            calls.append(len(paths))
+            if len(calls) <= self.fail:
+                return [OSError("503 Slow Down")] * len(paths)
+            return real.cat_ranges(paths, starts, ends, **kw)
+
+    reader._fs = Flaky(fail=2)
+    assert reader.read_many([(0, 10, 5)]) == [bytes(range(10, 15))] and len(calls) == 3
+    assert reader.stats["retries"] == 2
+    calls.clear()
+    reader._fs = Flaky(fail=99)
+    err = reader.read_many([(0, 10, 5)])[0]
+    assert isinstance(err, OSError) and "after 4 attempt(s)" in str(err) and "503" in str(err)
+    assert len(calls) == 4 and reader.stats["failed"] == 1
+
+
+@pytest.mark.slow
+def test_missing_shard_object_costs_its_samples_not_the_run(s3, tmp_path):
+    """A tar deleted from the bucket after sharding: its samples are replaced and counted, batches still come,
+    and loader worker processes read from the store as the main process does."""
+    import fsspec
+
+    from _shard_fixtures import good_tar
+    from aimv2data.loader.loader import Loader
+    from aimv2data.manifest.build import build_manifest
+
+    (tmp_path / "s").mkdir()
+    good_tar(tmp_path / "s" / "00000.tar", 40)
+    good_tar(tmp_path / "s" / "00001.tar", 4, start=40, seed=1)
+    fs = fsspec.filesystem("s3")
+    fs.put(str(tmp_path / "s") + "/", "data/gone/s/", recursive=True)
+    build_manifest(["s3://data/gone/s"], "s3://data/gone/m", progress=False, idx="none")
+    build_manifest([str(tmp_path / "s")], tmp_path / "m", progress=False, idx="none")
+    a = list(Loader("s3://data/gone/m", batch_size=8, resolution=28, workers=2))
+    b = list(Loader(str(tmp_path / "m"), batch_size=8, resolution=28))
+    assert len(a) == len(b) and all(x.keys == y.keys and torch.equal(x.images, y.images) for x, y in zip(a, b))
+    fs.rm_file("data/gone/s/00001.tar")
+    loader = Loader("s3://data/gone/m", batch_size=8, resolution=28, read_retries=1)
+    batches = list(loader)
+    assert len(batches) == len(b) and loader.stats["replaced"] > 0
+    assert all(reason.startswith("read:") and "00001.tar" in reason for _, reason in loader.stats["replaced_keys"])
