@@ -167,7 +167,6 @@ def _differences(a: dict, b: dict) -> list[str]:
 def prepare(opts: FetchOptions, out: Path, job: dict | None) -> dict:
     """Validate the inputs, then write (or reuse) DIR/_input/part-NNNNN.parquet and the job file.
     Every check that can fail runs before DIR is created or changed."""
-    import polars as pl
 
     if opts.source not in ("coyo", "dfn", "parquet"):
         raise FetchError(f"unknown source {opts.source!r}: use coyo, dfn or parquet", "source")

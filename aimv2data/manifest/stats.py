@@ -25,7 +25,6 @@ _COLUMNS = ("source", "format", "mode", "bucket", "width", "height", "orientatio
 
 
 def _read(path):
-    import polars as pl
 
     from aimv2data.storage import parquet_columns, read_parquet
 
