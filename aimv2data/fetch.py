@@ -113,8 +113,8 @@ def _json_bytes(obj) -> bytes:
 def _fingerprint(paths: list[Path]) -> list[list]:
     out = []
     for p in paths:
-        st = p.stat()
-        out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+        size, version = storage.stat(p)     # mtime locally, ETag for an object
+        out.append([str(p) if storage.is_url(p) else str(p.resolve()), size, version])
     return out
 
 
