@@ -388,6 +388,10 @@ def build_manifest(inputs: list[str], output: str | Path, *, workers: int = 1, p
     part = parse_part(part)
     output = Path(storage.local(str(output)))
     jobs = resolve_inputs(list(inputs))
+    if distributor == "ray":
+        from aimv2data.cluster import connect_ray
+
+        connect_ray(ray_address)               # an address that does not answer: refused before anything is written
     mine = jobs[part[0]::part[1]] if part else jobs
     output.mkdir(parents=True, exist_ok=True)
 
