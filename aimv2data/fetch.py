@@ -376,6 +376,13 @@ def fetch(opts: FetchOptions, console=None) -> dict:
     if opts.max_side < 0:
         raise FetchError("--max-side must be 0 (never resize) or a positive number of pixels", "max-side")
     _check_distributor(opts.distributor)
+    if opts.distributor == "ray":          # a cluster that does not answer: refused before anything is written
+        from aimv2data.cluster import ClusterError, connect_ray
+
+        try:
+            connect_ray(opts.ray_address)
+        except ClusterError as e:
+            raise FetchError(str(e), "ray-address") from None
     if opts.retry_failed:
         return retry_failed(opts, console)
     out = output_path(opts.output)

@@ -108,8 +108,18 @@ def test_ray_address_that_does_not_answer(tmp_path):
     pytest.importorskip("ray")
     from aimv2data.cluster import ClusterError, connect_ray
 
+    addr = f"127.0.0.1:{free_port()}"
     with pytest.raises(ClusterError, match="no Ray cluster answers"):
-        connect_ray(f"127.0.0.1:{free_port()}")
+        connect_ray(addr)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "a.tar").write_bytes(b"")
+    lst = tmp_path / "l.parquet"
+    pl.DataFrame({"url": ["http://127.0.0.1:1/a.jpg"]}).write_parquet(lst)
+    for args in (["shard", tmp_path / "s", "-o", tmp_path / "m"],
+                 ["fetch", "--source", "parquet", "--url-list", lst, "--output", tmp_path / "f"]):
+        res = cli(*args, "--distributor", "ray", "--ray-address", addr)
+        assert res.exit_code != 0 and "no Ray cluster answers" in res.output
+    assert not (tmp_path / "m").exists() and not (tmp_path / "f").exists()   # nothing written
 
 
 # -- end to end -----------------------------------------------------------------------------------
