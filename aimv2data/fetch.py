@@ -34,8 +34,7 @@ from pathlib import Path
 # img2dataset imports albumentations, which otherwise checks PyPI for a newer version on import.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from aimv2data import fetch_summary  # noqa: E402
-from aimv2data.atomic import write_bytes_atomic  # noqa: E402
+from aimv2data import fetch_summary, storage  # noqa: E402
 from aimv2data.fetch_input import (FetchError, additional_columns, check_columns,  # noqa: E402
                                    expand_url_lists, load_dfn_index, normalise, source_spec)
 from aimv2data.fetch_resize import DEFAULT_MAX_PIXELS  # noqa: E402
@@ -78,6 +77,8 @@ class FetchOptions:
     verify_hash: bool | None = None        # None: on for dfn (the pool's sha256), off otherwise
     keep_progressive: bool = False
     quality: int = 95
+    retry_failed: bool = False             # download again only what failed transiently (fetch_retry)
+    ray_address: str | None = None         # --distributor ray: the cluster (default: what ray.init finds)
 
     def settings(self) -> dict:
         """What defines the output: a rerun with different settings is refused, not mixed in."""
@@ -92,10 +93,11 @@ class FetchOptions:
 
 # -- small helpers -----------------------------------------------------------------------------
 def write_if_changed(path: Path, data: bytes) -> bool:
-    """Write atomically (aimv2data/atomic.py); leave the file alone (mtime too) when unchanged."""
+    """Write all-or-nothing (storage.write_bytes: temp + rename locally, one PUT at a URL); leave the file
+    alone (mtime too) when unchanged."""
     if path.is_file() and path.read_bytes() == data:
         return False
-    write_bytes_atomic(path, data)
+    storage.write_bytes(path, data)
     return True
 
 
@@ -106,8 +108,8 @@ def _json_bytes(obj) -> bytes:
 def _fingerprint(paths: list[Path]) -> list[list]:
     out = []
     for p in paths:
-        st = p.stat()
-        out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+        size, version = storage.stat(p)     # mtime locally, ETag for an object
+        out.append([str(p) if storage.is_url(p) else str(p.resolve()), size, version])
     return out
 
 
@@ -142,6 +144,16 @@ def check_output(out: Path) -> dict | None:
     return job
 
 
+def output_path(output: str):
+    """The output as a Path, or a UPath for a URL, after checking the bucket exists and the credentials
+    work (a one-line FetchError before anything is written)."""
+    try:
+        storage.check_reachable(str(output), for_writing=True)
+        return storage.upath(output)
+    except storage.StorageError as e:
+        raise FetchError(str(e), "output") from None
+
+
 def _differences(a: dict, b: dict) -> list[str]:
     return [f"{k}: {b.get(k)!r} -> {a.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
@@ -150,7 +162,6 @@ def _differences(a: dict, b: dict) -> list[str]:
 def prepare(opts: FetchOptions, out: Path, job: dict | None) -> dict:
     """Validate the inputs, then write (or reuse) DIR/_input/part-NNNNN.parquet and the job file.
     Every check that can fail runs before DIR is created or changed."""
-    import polars as pl
 
     if opts.source not in ("coyo", "dfn", "parquet"):
         raise FetchError(f"unknown source {opts.source!r}: use coyo, dfn or parquet", "source")
@@ -203,7 +214,7 @@ def prepare(opts: FetchOptions, out: Path, job: dict | None) -> dict:
     if job is not None and job.get("prepared"):
         # Files changed on disk since the job was prepared: fine if the rows are the same.
         same = [p["name"] for p in job["parts"]] == [p["name"] for p in parts] and all(
-            pl.read_parquet(inp / p["name"]).equals(df) for p, df in zip(parts, kept_frames))
+            storage.read_parquet(inp / p["name"]).equals(df) for p, df in zip(parts, kept_frames))
         if not same:
             raise FetchError(f"output directory {out} holds a fetch of other url lists (the rows differ); "
                              "use a new --output for a new list", "url-list")
@@ -236,8 +247,19 @@ def sweep(out: Path, names: list[str]) -> list[str]:
         pending.append(n)
         for f in (tar, pq, stats):
             f.unlink(missing_ok=True)
-    shutil.rmtree(out / "_tmp", ignore_errors=True)  # img2dataset's feather scratch files
+    _remove_tree(out / "_tmp")  # img2dataset's feather scratch files
     return pending
+
+
+def _remove_tree(path) -> None:
+    if not storage.is_url(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    fs, p = storage.filesystem(str(path))
+    try:
+        fs.rm(p, recursive=True)
+    except FileNotFoundError:
+        pass
 
 
 # -- running img2dataset -----------------------------------------------------------------------
@@ -286,10 +308,19 @@ def _check_distributor(name: str) -> None:
                              f"{name} cluster; see img2dataset's distributed docs", "distributor")
 
 
-def run_img2dataset(opts: FetchOptions, out: Path, job: dict, n_shards: int) -> int | None:
-    """One img2dataset.download over DIR/_input. Returns the signal number when interrupted
+def run_img2dataset(opts: FetchOptions, out: Path, job: dict, n_shards: int, url_list=None,
+                    mode: str = "incremental", extra_columns: tuple = ()) -> int | None:
+    """One img2dataset.download over DIR/_input (or `url_list`). Returns the signal number when interrupted
     (SIGINT, SIGTERM), else None."""
     from img2dataset import download
+
+    if opts.distributor == "ray":
+        from aimv2data.cluster import ClusterError, connect_ray
+
+        try:
+            connect_ray(opts.ray_address)   # img2dataset's Ray distributor uses the cluster ray.init joined
+        except ClusterError as e:
+            raise FetchError(str(e), "ray-address") from None
 
     interrupted = None
     main_thread = threading.current_thread() is threading.main_thread()
@@ -307,17 +338,17 @@ def run_img2dataset(opts: FetchOptions, out: Path, job: dict, n_shards: int) -> 
         with _native_resizer(opts.keep_progressive), _env(OPENCV_IO_MAX_IMAGE_PIXELS=opts.max_pixels,
                                                           NO_ALBUMENTATIONS_UPDATE=1):
             download(
-                url_list=str(out / INPUT_DIR), input_format="parquet", output_folder=str(out),
+                url_list=str(url_list or out / INPUT_DIR), input_format="parquet", output_folder=str(out),
                 output_format="webdataset", url_col="url", caption_col="caption" if caption else None,
                 save_additional_columns=additional_columns(opts.source, source_spec(opts.source, opts.url_col,
-                                                           opts.caption_col), opts.verify_hash),
+                                                           opts.caption_col), opts.verify_hash) + list(extra_columns),
                 verify_hash=["src_sha256", "sha256"] if opts.verify_hash else None, compute_hash="sha256",
                 image_size=opts.max_side or 1, resize_mode="keep_ratio_largest" if opts.max_side else "no",
                 resize_only_if_bigger=True, encode_format="jpg", encode_quality=opts.quality, skip_reencode=True,
                 max_image_area=opts.max_pixels, processes_count=opts.processes, thread_count=opts.threads,
                 number_sample_per_shard=opts.shard_size, oom_shard_count=max(5, len(str(max(n_shards - 1, 0)))),
                 timeout=opts.timeout, retries=opts.retries, distributor=opts.distributor,
-                incremental_mode="incremental", enable_wandb=False, extract_exif=True, max_shard_retry=1,
+                incremental_mode=mode, enable_wandb=False, extract_exif=True, max_shard_retry=1,
             )
     except SystemExit as e:  # img2dataset's SIGINT handler exits with status 0; ours with 128+signum
         interrupted = e.code - 128 if isinstance(e.code, int) and e.code > 128 else signal.SIGINT
@@ -340,7 +371,16 @@ def fetch(opts: FetchOptions, console=None) -> dict:
     if opts.max_side < 0:
         raise FetchError("--max-side must be 0 (never resize) or a positive number of pixels", "max-side")
     _check_distributor(opts.distributor)
-    out = Path(opts.output)
+    if opts.distributor == "ray":          # a cluster that does not answer: refused before anything is written
+        from aimv2data.cluster import ClusterError, connect_ray
+
+        try:
+            connect_ray(opts.ray_address)
+        except ClusterError as e:
+            raise FetchError(str(e), "ray-address") from None
+    if opts.retry_failed:
+        return retry_failed(opts, console)
+    out = output_path(opts.output)
     job = check_output(out)
     job = prepare(opts, out, job)
     opts.verify_hash = job["settings"]["verify_hash"]
@@ -370,4 +410,67 @@ def fetch(opts: FetchOptions, console=None) -> dict:
         missing = summary["shards"]["missing"]
         raise FetchIncomplete(f"{len(missing)} shard(s) did not finish ({', '.join(missing[:5])}"
                               f"{', ...' if len(missing) > 5 else ''}); rerun the same command to resume", summary)
+    return summary
+
+
+def build_summary(out, job: dict, names: list[str]) -> dict:
+    summary = fetch_summary.build(out, job, names)
+    if job.get("retry_rounds"):
+        from aimv2data.fetch_retry import retry_section
+
+        summary["retries"] = retry_section(out, job, names)
+    return summary
+
+
+def retry_failed(opts: FetchOptions, console=None) -> dict:
+    """`aimv2 fetch --retry-failed`: one retry round over a finished fetch (aimv2data/fetch_retry.py)."""
+    from aimv2data import fetch_retry
+
+    out = output_path(opts.output)
+    job = fetch_retry.check_retry_target(out, read_job(out) if out.is_dir() else None)
+    if opts.url_lists:   # the original command with --retry-failed added: its settings must be the record's
+        opts.verify_hash = job["settings"]["verify_hash"] if opts.verify_hash is None else opts.verify_hash
+        diff = _differences(opts.settings(), job["settings"])
+        if diff:
+            raise FetchError(f"{out} holds a fetch made with other settings ({'; '.join(diff)}); pass the original "
+                             "flags, or --retry-failed --output DIR alone", "retry-failed")
+    s = job["settings"]
+    opts.source, opts.shard_size, opts.max_side, opts.max_pixels = s["source"], s["shard_size"], s["max_side"], \
+        s["max_pixels"]
+    opts.verify_hash, opts.keep_progressive, opts.quality = s["verify_hash"], s["keep_progressive"], s["quality"]
+    if s["source"] == "parquet":
+        opts.url_col, opts.caption_col = s["url_col"], s["caption_col"]
+    names = shard_names(job["parts"], opts.shard_size)
+    retry_names = [n for r in job.get("retry_rounds", []) for n in r["shards"]]
+    pending = sweep(out, names + retry_names)
+    unfinished = [n for n in pending if n in names]
+    if unfinished:
+        raise FetchError(f"the fetch in {out} is not finished ({len(unfinished)} shard(s) missing): rerun it "
+                         "without --retry-failed first (it resumes), then retry", "retry-failed")
+    summary_path = out / fetch_summary.SUMMARY_NAME
+    shards, n = fetch_retry.prepare_round(opts, out, job, names, atomic_write, _json_bytes)
+    interrupted = None
+    if shards:
+        summary_path.unlink(missing_ok=True)   # absent while a run is in progress (img2dataset globs *.json)
+        if console is not None:
+            console.print(f"[bold]aimv2 fetch --retry-failed[/]: {n} sample(s) failed transiently; retrying them "
+                          f"into {len(shards)} new shard(s) {shards[0]}..{shards[-1]} of {out}")
+        rnd = job["retry_rounds"][-1]
+        interrupted = run_img2dataset(opts, out, job, len(names), url_list=out / INPUT_DIR / rnd["url_list"],
+                                      mode="extend", extra_columns=(fetch_retry.RETRY_COL,))
+    elif console is not None:
+        console.print(f"[bold]aimv2 fetch --retry-failed[/]: nothing left to retry in {out} "
+                      "(no sample's last attempt failed transiently)")
+    summary = build_summary(out, job, names)
+    atomic_write(summary_path, _json_bytes(summary))
+    if console is not None:
+        console.print(fetch_summary.render(summary))
+        if "retries" in summary:
+            r = summary["retries"]
+            last = r["rounds"][-1] if r["rounds"] else {}
+            console.print(f"retries: round {last.get('round')} recovered {last.get('recovered', 0)} of "
+                          f"{last.get('to_retry', 0)}; after all rounds {r['success_after_retries']} succeeded, "
+                          f"failures by reason {r['failures_by_reason_after_retries']}")
+    if interrupted:
+        raise FetchIncomplete("interrupted: rerun with --retry-failed to go on", summary, int(interrupted))
     return summary

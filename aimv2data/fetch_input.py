@@ -65,11 +65,20 @@ def source_spec(source: str, url_col: str = "url", caption_col: str | None = "ca
 
 
 def expand_url_lists(paths: list[str | Path]) -> list[Path]:
-    """Files as given; directories expand to their *.parquet, sorted. Missing paths are errors."""
+    """Files as given; directories expand to their *.parquet, sorted. Missing paths are errors. Local
+    paths or URLs (s3://bucket/lists/)."""
+    from aimv2data import storage
+
     if not paths:
         raise FetchError("no url list given: pass --url-list PATH (a parquet file or a directory of them)", "url-list")
     out: list[Path] = []
-    for p in map(Path, paths):
+    for given in paths:
+        try:
+            p = storage.upath(given)
+            if storage.is_url(given):
+                storage.check_reachable(str(given))
+        except storage.StorageError as e:
+            raise FetchError(str(e), "url-list") from None
         if p.is_dir():
             found = sorted(p.glob("*.parquet"))
             if not found:
@@ -84,10 +93,11 @@ def expand_url_lists(paths: list[str | Path]) -> list[Path]:
 
 def check_columns(path: Path, spec: SourceSpec, source: str) -> list[str]:
     """Read only the schema; name every missing column and list those present."""
-    import polars as pl
+
+    from aimv2data.storage import parquet_columns
 
     try:
-        names = list(pl.read_parquet_schema(path))
+        names = parquet_columns(path)
     except Exception as e:
         raise FetchError(f"cannot read url list {path} as parquet ({type(e).__name__}: {e}). "
                          "Url lists must be parquet files.", "url-list") from e
@@ -152,9 +162,11 @@ def normalise(path: Path, source: str, spec: SourceSpec, names: list[str], index
     counted; for dfn, rows with a malformed uid are dropped and counted, then the index applied."""
     import polars as pl
 
+    from aimv2data.storage import read_parquet
+
     cols = {**spec.required, **{k: v for k, v in spec.optional.items() if k in names}}
     try:
-        df = pl.read_parquet(path, columns=list(cols))
+        df = read_parquet(path, columns=list(cols))
     except Exception as e:
         raise FetchError(f"cannot read url list {path} ({type(e).__name__}: {e})", "url-list") from e
     df = df.rename(cols)

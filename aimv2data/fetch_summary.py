@@ -79,11 +79,14 @@ def failure_examples(out: Path, shard_names: list[str], per_reason: int = 3) -> 
     """A few named failures per reason (key, url, message) from img2dataset's per-shard parquet."""
     import polars as pl
 
+    from aimv2data.storage import read_parquet
+
     files = [out / f"{n}.parquet" for n in shard_names if (out / f"{n}.parquet").is_file()]
     if not files:
         return {}
-    df = (pl.scan_parquet(files).select("key", "url", "status", "error_message")
-          .filter(pl.col("status") != "success").sort("key").collect())
+    cols = ["key", "url", "status", "error_message"]
+    df = (pl.concat([read_parquet(f, columns=cols) for f in files], how="vertical_relaxed")
+          .filter(pl.col("status") != "success").sort("key"))
     examples: dict[str, list[dict]] = {}
     for key, url, _, msg in df.iter_rows():
         lst = examples.setdefault(reason_class(msg), [])
@@ -113,7 +116,7 @@ def build(out: Path, job: dict, shard_names: list[str]) -> dict:
     return {
         "format": SUMMARY_FORMAT,
         "complete": not missing,
-        "output": str(out.resolve()),
+        "output": str(out) if "://" in str(out) else str(out.resolve()),
         "source": job["settings"]["source"],
         "settings": job["settings"],
         "input": job["input"],

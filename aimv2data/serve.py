@@ -100,8 +100,12 @@ class LoopbackServer:
     to make a run slow enough to interrupt; `/hostile/slow.jpg` stalls for `slow_s`."""
 
     def __init__(self, routes: dict[str, bytes | Route] | None = None, directory: str | Path | None = None,
-                 port: int = 0, delay: float = 0.0, slow_s: float = 30.0, hostile: bool = True):
+                 port: int = 0, delay: float = 0.0, slow_s: float = 30.0, hostile: bool = True,
+                 flaky: dict[str, list] | None = None):
         self.routes = dict(routes or {})
+        # path -> what its first requests get, in order: an HTTP status (e.g. 503), or "stall" (no answer
+        # for slow_s, a client time-out); later requests get the route. For --retry-failed tests.
+        self.flaky = dict(flaky or {})
         self.directory = Path(directory).resolve() if directory is not None else None
         self.port, self.delay, self.slow_s, self.hostile = port, delay, slow_s, hostile
         self.hits: Counter[str] = Counter()
@@ -180,7 +184,14 @@ class _Handler(BaseHTTPRequestHandler):
         srv = self.loopback
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
         srv.hits[path] += 1
-        if path == "/hostile/slow.jpg" and srv.hostile:
+        early = srv.flaky.get(path, [])
+        if srv.hits[path] <= len(early):
+            what = early[srv.hits[path] - 1]
+            if what == "stall":
+                srv.sleep(srv.slow_s)
+                return  # hang up without a response
+            route = (int(what), {"Content-Type": "text/plain"}, b"try again later")
+        elif path == "/hostile/slow.jpg" and srv.hostile:
             srv.sleep(srv.slow_s)
             if srv.stopping:
                 return  # hang up without a response

@@ -9,7 +9,12 @@ def bench():
 
 
 @bench.command("loader")
-@click.argument("manifest", type=click.Path(exists=True, file_okay=False))
+@click.argument("manifest")
+@click.option("--inflight", type=int, default=32, show_default=True,
+              help="Shards at URLs (s3://...): ranged reads in flight per batch.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Shards at URLs: keep fetched samples here (a second epoch reads the local disk).")
+@click.option("--cache-gb", type=float, default=0.0, show_default=True, help="Size limit of --cache-dir in GB.")
 @click.option("--native-res", is_flag=True,
               help="Native-resolution batches: area A = 2^n (n from a truncated normal on 7..12), B = C / A.")
 @click.option("--batch-patches", "-C", type=int, default=2**16, show_default=True,
@@ -35,8 +40,8 @@ def bench():
               help="Source mixture, e.g. dfn=0.60,coyo=0.06,hqitp=0.31 (each source its own stream with its own "
               "epochs); default: the paper's Table 2 over the sources present; 'rows': sources as the manifest has them.")
 @click.option("--json", "as_json", is_flag=True, help="End stdout with one JSON object of the figures.")
-def loader(manifest, native_res, batch_patches, batch_rule, resolution, batch_size, decoder, workers, steps, warmup, seed,
-           no_draft, steps_log, mix, as_json):
+def loader(manifest, inflight, cache_dir, cache_gb, native_res, batch_patches, batch_rule, resolution, batch_size,
+           decoder, workers, steps, warmup, seed, no_draft, steps_log, mix, as_json):
     """Stream STEPS batches from MANIFEST and report images/s, patches/s, budget use and padding."""
     from rich.console import Console
     from rich.table import Table
@@ -47,8 +52,9 @@ def loader(manifest, native_res, batch_patches, batch_rule, resolution, batch_si
     try:
         r = run_bench(manifest, native_res=native_res, batch_patches=batch_patches, resolution=resolution,
                       batch_size=batch_size, decoder=decoder, workers=workers, steps=steps, warmup=warmup,
-                      seed=seed, draft=not no_draft, batch_rule=batch_rule, steps_log=steps_log, mix=mix)
-    except (ManifestError, ValueError) as e:
+                      seed=seed, draft=not no_draft, batch_rule=batch_rule, steps_log=steps_log, mix=mix,
+                      read_inflight=inflight, cache_dir=cache_dir, cache_gb=cache_gb if cache_dir else 0.0)
+    except (ManifestError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None
     t = Table(title=f"aimv2 bench loader: {r['mode']}, {r['decoder']} ({r['device']}), workers={r['workers']}",
               show_header=False)

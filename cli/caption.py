@@ -9,7 +9,7 @@ def caption():
 
 
 @caption.command()
-@click.argument("manifest", type=click.Path(exists=True, file_okay=False))
+@click.argument("manifest")
 @click.option("--captions", "captions_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Caption set: .parquet or .jsonl with a key column and a caption column (str or list[str]).")
 @click.option("--on", type=click.Choice(JOIN_KEYS), required=True,
@@ -17,18 +17,22 @@ def caption():
 @click.option("--column", required=True, help="Caption column in the set, e.g. re_caption.")
 @click.option("--name", help="Set name; the manifest column becomes syn_<name>. Default: --column.")
 @click.option("--key-column", help="Key column in the set when it is not named like --on.")
-def attach(manifest, captions_file, on, column, name, key_column):
+@click.option("--memory-limit", default="1GB", show_default=True,
+              help="Memory for the join (DuckDB; spills to disk beyond it), whatever the caption set's size.")
+def attach(manifest, captions_file, on, column, name, key_column, memory_limit):
     """Join a caption set into MANIFEST as syn_<name> (list[str]); several captions per sample allowed.
 
-    Rewrites each samples part atomically; re-attaching a name replaces it. Reports matched and unmatched
-    rows and records the set in _manifest.json.
+    MANIFEST: a local directory or a URL (s3://bucket/manifest). Rewrites each samples part atomically, one
+    at a time (an interrupted attach resumes with the parts left); re-attaching a name replaces it. Reports
+    matched and unmatched rows and records the set in _manifest.json.
     """
     from aimv2data.manifest.captions import CaptionError
     from aimv2data.manifest.captions import attach as do_attach
 
     try:
-        r = do_attach(manifest, captions_file, on=on, column=column, name=name, key_column=key_column)
-    except CaptionError as e:
+        r = do_attach(manifest, captions_file, on=on, column=column, name=name, key_column=key_column,
+                      memory_limit=memory_limit)
+    except (CaptionError, OSError) as e:
         raise click.ClickException(str(e)) from None
     total = r["matched_rows"] + r["unmatched_rows"]
     pct = 100 * r["matched_rows"] / total if total else 0.0
@@ -38,19 +42,22 @@ def attach(manifest, captions_file, on, column, name, key_column):
 
 
 @caption.command()
-@click.argument("manifest", type=click.Path(exists=True, file_okay=False))
+@click.argument("manifest")
 @click.option("--model", required=True, type=click.Path(exists=True, file_okay=False),
               help="Local HF image-to-text model folder (save_pretrained: config, weights, image processor, "
               "tokenizer), e.g. a BLIP, GIT or VisionEncoderDecoder captioner. Nothing is downloaded.")
-@click.option("--output", type=click.Path(dir_okay=False),
-              help="Caption set to write (.parquet or .jsonl). Default: MANIFEST/captions/<model>.parquet.")
+@click.option("--output",
+              help="Caption set to write (.parquet or .jsonl; a path or a URL). Default: MANIFEST/captions/<model>.parquet.")
+@click.option("--distributor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: one Ray task per manifest part (a GPU per task where the cluster has GPUs).")
+@click.option("--ray-address", default=None, help="--distributor ray: the cluster; default: what ray.init finds.")
 @click.option("--name", default="caption", show_default=True, help="Caption column name in the output set.")
 @click.option("--batch-size", default=16, show_default=True, help="Images per generate() call.")
 @click.option("--max-new-tokens", default=30, show_default=True, help="Caption length limit in tokens.")
 @click.option("--num-beams", default=1, show_default=True, help="Beam search width (1 = greedy).")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda when available), cpu, cuda, cuda:1, ...")
 @click.option("--limit", type=int, help="Caption only the first N samples (for a quick look).")
-def generate(manifest, model, output, name, batch_size, max_new_tokens, num_beams, device, limit):
+def generate(manifest, model, output, distributor, ray_address, name, batch_size, max_new_tokens, num_beams, device, limit):
     """Caption MANIFEST's images with a local model; writes a caption set that `attach` takes.
 
     Images are read by offset from the tars. Interrupted runs resume (work is kept per samples part in
@@ -61,8 +68,9 @@ def generate(manifest, model, output, name, batch_size, max_new_tokens, num_beam
 
     try:
         r = do_generate(manifest, model, output=output, name=name, batch_size=batch_size,
-                        max_new_tokens=max_new_tokens, num_beams=num_beams, device=device, limit=limit)
-    except CaptionError as e:
+                        max_new_tokens=max_new_tokens, num_beams=num_beams, device=device, limit=limit,
+                        distributor=distributor, ray_address=ray_address)
+    except (CaptionError, OSError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"{r['captioned']} captions by {r['model']} on {r['device']} -> {r['output']}"
                + (f"; {r['failed']} images could not be read" if r["failed"] else ""))

@@ -4,14 +4,22 @@ import click
 
 
 @click.command()
-@click.option("--source", type=click.Choice(["coyo", "dfn", "parquet"]), required=True,
+@click.option("--source", type=click.Choice(["coyo", "dfn", "parquet"]),
               help="coyo: COYO-700M parquet (id, url, text, width, height). dfn: DataComp pool parquet (uid, url, "
                    "text, original_width, original_height, sha256) filtered by --dfn-index. parquet: any parquet, "
                    "columns named by --url-col/--caption-col.")
-@click.option("--url-list", "url_lists", multiple=True, required=True, metavar="PATH",
+@click.option("--url-list", "url_lists", multiple=True, metavar="PATH",
               help="A url list parquet, or a directory of them (*.parquet, in name order). Repeatable.")
 @click.option("--output", required=True, metavar="DIR",
-              help="Output directory: new, empty, or an earlier fetch of the same lists with the same flags (resumes).")
+              help="Output directory: new, empty, or an earlier fetch of the same lists with the same flags (resumes). "
+              "A local path or a URL (s3://bucket/prefix; credentials and endpoint from the standard AWS_* "
+              "variables and config files, never printed or stored).")
+@click.option("--retry-failed", is_flag=True,
+              help="Download again only the samples whose last attempt failed transiently (time-out, connection "
+              "error, HTTP 429/5xx) into new shards of DIR; 404/403, non-images and bombs are left alone. With the "
+              "original flags, or with --output DIR alone (the rest is read from DIR's own record).")
+@click.option("--ray-address", default=None,
+              help="--distributor ray: the Ray cluster (host:port or ray://...); default: what ray.init finds.")
 @click.option("--dfn-index", metavar="FILE.npy",
               help="dfn: the DFN uid index, a sorted .npy of dtype u8,u8 (uid high half, low half). Only pool "
                    "rows whose uid is in it are fetched; the rest are never requested.")
@@ -30,7 +38,8 @@ import click
               help="Refuse images with more pixels than this, from their header, before decoding "
                    "(decompression-bomb guard; the default is Pillow's own limit).")
 @click.option("--distributor", type=click.Choice(["multiprocessing", "pyspark", "ray"]), default="multiprocessing",
-              show_default=True, help="img2dataset's distributor; pyspark/ray spread shards over a cluster you run.")
+              show_default=True, help="img2dataset's distributor; ray spreads shards over a Ray cluster (--ray-address); "
+              "pyspark over a Spark session you start (untested here, see docs/fetch.md).")
 @click.option("--timeout", type=click.IntRange(min=1), default=10, show_default=True, help="Seconds before a download gives up.")
 @click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True, help="Extra attempts per failed download.")
 @click.option("--verify-hash/--no-verify-hash", default=None,
@@ -53,6 +62,8 @@ def fetch(**kw):
     from aimv2data.fetch import FetchError, FetchIncomplete, FetchOptions, fetch as run
 
     kw["url_lists"] = list(kw["url_lists"])
+    if not kw["retry_failed"] and (not kw["source"] or not kw["url_lists"]):
+        raise click.UsageError("--source and --url-list are required (except with --retry-failed --output DIR)")
     kw["caption_col"] = kw["caption_col"] or None
     try:
         run(FetchOptions(**kw), console=Console())

@@ -8,10 +8,17 @@ from aimv2data.manifest.inspect_image import DEFAULT_MAX_PIXELS, VERIFY_LEVELS
 
 @click.command()
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
-              help="Manifest directory to create or resume (MANIFEST/_manifest.json, samples/, rejects/).")
+@click.option("-o", "--output", required=True,
+              help="Manifest directory to create or resume (MANIFEST/_manifest.json, samples/, rejects/): a local "
+              "path or a URL (s3://bucket/manifest; credentials and endpoint from the standard AWS_* variables "
+              "and config files).")
 @click.option("--patch-size", default=14, show_default=True, help="Patch size in pixels, recorded for readers.")
 @click.option("--workers", default=1, show_default=True, help="Processes; each shards whole tars.")
+@click.option("--distributor", type=click.Choice(["multiprocessing", "ray"]), default="multiprocessing",
+              show_default=True, help="ray: one Ray task per tar on the cluster of --ray-address (same parts, "
+              "resume and merge as multiprocessing).")
+@click.option("--ray-address", default=None, help="Ray cluster address for --distributor ray (host:port or "
+              "ray://...); default: what ray.init finds (RAY_ADDRESS, a local `ray start`, else a new local one).")
 @click.option("--part", metavar="i/N", help="Process only tars i, i+N, i+2N, ... of the sorted inputs "
               "(0 <= i < N), e.g. --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT. The merge runs "
               "by itself once every tar is done.")
@@ -34,32 +41,39 @@ from aimv2data.manifest.inspect_image import DEFAULT_MAX_PIXELS, VERIFY_LEVELS
               "MANIFEST/idx/ when that folder is read-only or holds a foreign .idx), in MANIFEST/idx/, or nowhere.")
 @click.option("--merge-only", is_flag=True, help="Only write _manifest.json from finished parts (INPUT optional: "
               "without it, every finished part in MANIFEST is merged).")
-def shard(inputs, output, patch_size, workers, part, verify, max_pixels, min_side, max_aspect, num_buckets,
+def shard(inputs, output, patch_size, workers, distributor, ray_address, part, verify, max_pixels, min_side, max_aspect, num_buckets,
           bucket_max_aspect, absolute_paths, source, idx, merge_only):
     """Index webdataset tars into a native-resolution manifest (manifests/SPEC.md).
 
-    INPUT: folders of shards (what `aimv2 fetch` writes), .tar files, or quoted glob patterns. Per tar:
+    INPUT: folders of shards (what `aimv2 fetch` writes), .tar files, or quoted glob patterns; local or URLs
+    (s3://bucket/shards, read in ranged blocks, never copied to disk). Per tar:
     member offsets, display size from headers (EXIF applied), a cheap integrity check, an aspect bucket,
     alt-text; bad samples go to MANIFEST/rejects with a reason. Reruns skip finished tars.
     """
     from rich.console import Console
     from rich.table import Table
 
+    from aimv2data.cluster import ClusterError
     from aimv2data.manifest.build import ManifestBuildError, build_manifest, merge_manifest
+    from aimv2data.storage import StorageError
 
     console = Console(stderr=True)
     try:
         if merge_only:
+            if "://" in output and not output.startswith("file://"):
+                raise ManifestBuildError(f"--merge-only takes a local MANIFEST; for {output} rerun the same "
+                                         "`aimv2 shard` command: it skips finished tars and merges")
             m = merge_manifest(output, list(inputs) or None, argv=sys.argv[1:])
             c = m["counts"]
             console.print(f"merged {c['shards']} tars: {c['samples']} samples, {c['rejects']} rejects "
                           f"-> {output}/_manifest.json")
             return
         r = build_manifest(inputs, output, workers=workers, part=part, argv=sys.argv[1:], patch_size=patch_size,
+                           distributor=distributor, ray_address=ray_address,
                            verify=verify, max_pixels=max_pixels, min_side=min_side, max_aspect=max_aspect,
                            num_buckets=num_buckets, bucket_max_aspect=bucket_max_aspect,
                            absolute_paths=absolute_paths, source=source, idx=idx)
-    except (ManifestBuildError, ValueError) as e:
+    except (ManifestBuildError, ValueError, StorageError, ClusterError) as e:
         raise click.ClickException(str(e)) from None
 
     t = Table(title=f"aimv2 shard -> {output}", show_header=False)

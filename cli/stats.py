@@ -5,7 +5,7 @@ import click
 
 
 @click.command()
-@click.argument("manifest", type=click.Path(exists=True, file_okay=False))
+@click.argument("manifest")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False),
               help="Also write PNG plots (buckets, sizes, aspects, caption lengths) into this folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object instead of tables.")

@@ -7,7 +7,7 @@ def tokenizer():
 
 
 @tokenizer.command("train")
-@click.argument("manifest", type=click.Path(exists=True, file_okay=False))
+@click.argument("manifest")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
               help="Where to write the sentencepiece .model (written atomically).")
 @click.option("--vocab-size", default=32000, show_default=True,

@@ -176,3 +176,30 @@ def test_generate_resumes_from_finished_parts(manifest, tmp_path):
     caps = pl.read_ndjson(out)
     assert r["captioned"] == 12 and caps.height == 12
     assert (caps["caption"] == "kept from before").sum() == 6
+
+
+def test_interrupted_attach_resumes_with_the_parts_left(manifest, tmp_path, monkeypatch):
+    import aimv2data.manifest.captions as C
+
+    pl.DataFrame({"uid": [f"g{i}" for i in range(12)], "re_caption": [f"cap {i}" for i in range(12)]}
+                 ).write_parquet(tmp_path / "set.parquet")
+    real, written = C.write_parquet_atomic, []
+
+    def dies_after_one(table, path):
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        real(table, path)
+
+    monkeypatch.setattr(C, "write_parquet_atomic", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        attach(manifest, tmp_path / "set.parquet", on="uid", column="re_caption", name="recap")
+    assert "recap" not in json.loads((manifest / "_manifest.json").read_text()).get("caption_sets", {})
+    assert len(list((manifest / "_captions" / "recap").glob("*.done"))) == 1      # one part done and marked
+
+    monkeypatch.setattr(C, "write_parquet_atomic", lambda t, p: (written.append(p), real(t, p)))
+    r = attach(manifest, tmp_path / "set.parquet", on="uid", column="re_caption", name="recap")
+    assert len(written) == 2 and written[0] != written[1]                          # the second part only
+    assert r["matched_rows"] == 12 and not (manifest / "_captions").exists()
+    s = samples(manifest)
+    assert dict(zip(s["uid"], s["syn_recap"].to_list())) == {f"g{i}": [f"cap {i}"] for i in range(12)}

@@ -28,14 +28,14 @@ def cpu_model() -> str:
 def run_bench(manifest, *, native_res: bool, batch_patches: int, resolution: int, batch_size: int,
               decoder: str, workers: int, steps: int, warmup: int = 2, seed: int = 0,
               draft: bool = True, batch_rule: str = "area", steps_log: str | None = None,
-              progress: bool = True, mix: str | None = None) -> dict:
+              progress: bool = True, **loader_kw) -> dict:
     from tqdm import tqdm
 
     from .loader import Loader
 
     loader = Loader(manifest, native_res=native_res, batch_patches=batch_patches, resolution=resolution,
                     batch_size=batch_size, decoder=decoder, workers=workers, seed=seed, draft=draft,
-                    batch_rule=batch_rule, mix=mix)
+                    batch_rule=batch_rule, **loader_kw)
     c = loader.budget
     log = None
     if steps_log:

@@ -65,6 +65,10 @@ class LoaderConfig:
     max_replacements: int = 16          # per slot, before the step fails
     dali_device: int | None | str = "auto"
     dali_ahead: bool = True             # dali: decode the next steps in a thread while this one is used
+    read_inflight: int = 32             # shards at URLs: ranged reads in flight per batch
+    read_retries: int = 4               # shards at URLs: retries (with back-off) of a failed read
+    cache_dir: str | None = None        # shards at URLs: keep fetched samples on local disk here ...
+    cache_gb: float = 0.0               # ... up to this many GB (oldest evicted first)
 
 
 def dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -93,7 +97,9 @@ class StepMaker:
     def set_table(self, stream: str, table: SampleTable) -> None:
         self.tables[stream] = table
         self.groups[stream] = table.members if self.cfg.native_res else {0: table.order}
-        self.readers[stream] = ShardReader(table.shards)
+        cfg = self.cfg
+        self.readers[stream] = ShardReader(table.shards, inflight=cfg.read_inflight, retries=cfg.read_retries,
+                                           cache_dir=cfg.cache_dir, cache_bytes=int(cfg.cache_gb * 1e9))
 
     def spec(self, i: int) -> StepSpec:
         if not 0 <= i < len(self.plan):
@@ -139,19 +145,19 @@ class StepMaker:
         return random_resized_crop(w, h, cfg.resolution, rng(cfg.seed, spec.epoch, uid, CROP),
                                    cfg.scale, cfg.ratio, cfg.hflip)
 
-    def _read(self, spec: StepSpec, row: int) -> bytes:
-        t = self.tables[spec.source]
-        return self.readers[spec.source].read(int(t.shard_idx[row]), int(t.offset[row]), int(t.size[row]))
-
     def _decode(self, spec: StepSpec, rows: list[int]) -> tuple[torch.Tensor, dict[int, str], list[Crop]]:
         table = self.tables[spec.source]
         datas, crops, failed = [], [], {}
+        t = table
+        # one call for the whole batch: reads from object storage are all in flight together
+        got = self.readers[spec.source].read_many([(int(t.shard_idx[r]), int(t.offset[r]), int(t.size[r]))
+                                                   for r in rows])
         for i, r in enumerate(rows):
-            try:
-                datas.append(self._read(spec, r))
-            except OSError as e:
-                failed[i] = f"read: {e}"
+            if isinstance(got[i], BaseException):
+                failed[i] = f"read: {got[i]}"
                 datas.append(b"")
+            else:
+                datas.append(got[i])
             crops.append(self.crop(spec, r))
         orient = None if table.orientation is None else [int(table.orientation[r]) for r in rows]
         ok = [i for i in range(len(rows)) if i not in failed]

@@ -25,6 +25,8 @@ import polars as pl
 from aimv2data import paper
 from aimv2data.manifest import layout
 
+from ..storage import is_url, open_file, resolve_against, upath
+
 AREAS = paper.AREAS  # 128 .. 4096 patches
 REQUIRED = ("key", "shard", "offset", "size", "width", "height", "bucket")
 OPTIONAL_TEXT = ("source", "caption")
@@ -52,7 +54,7 @@ class Manifest:
     row group, in (file name, row group) order), sources. Costs one footer read per part."""
 
     def __init__(self, manifest: str | Path):
-        self.root = Path(manifest)
+        self.root = upath(manifest)            # a local directory or a URL (s3://bucket/manifest)
         meta_path = layout.manifest_json(self.root)
         if not meta_path.is_file():
             raise ManifestError(f"{meta_path} not found: pass a manifest directory written by `aimv2 shard`")
@@ -140,12 +142,17 @@ class Manifest:
         return int.from_bytes(d.digest(), "little") >> 1
 
 
+def _parquet_source(path):
+    """What pyarrow reads a part from: the local path, or a ranged-read file object at a URL."""
+    return open_file(str(path)) if is_url(path) else str(path)
+
+
 def _footer(path: Path) -> tuple[list[str], list[tuple[int, int, str | None]]]:
     """(column names, [(row group, rows, its single source: the spelled name, "" without a source column,
     ANY when the statistics do not name one)]) from a part's footer."""
     import pyarrow.parquet as pq
 
-    md = pq.read_metadata(path)
+    md = pq.read_metadata(_parquet_source(path))
     names = [md.schema.column(j).path.split(".")[0] for j in range(md.num_columns)]
     j = names.index("source") if "source" in names else None
     groups = []
@@ -195,7 +202,7 @@ class SampleTable:
             cols = m.columns[f]
             want = [c for c in cols if c in REQUIRED or c in OPTIONAL_TEXT or c in ("format", "orientation")
                     or c.startswith("syn_")]
-            pf = pq.ParquetFile(m.files[f])
+            pf = pq.ParquetFile(_parquet_source(m.files[f]))
             for g in sorted(int(m.chunk_group[c]) for c in chunks if m.chunk_file[c] == f):
                 t = pf.read_row_group(g, columns=want, use_threads=False)
                 mixed = any(m.chunk_source[c] is ANY for c in chunks if m.chunk_file[c] == f and m.chunk_group[c] == g)
@@ -298,9 +305,9 @@ class SampleTable:
         keys = np.ascontiguousarray(keys).view(f"S{width}").ravel()
         return np.lexsort((keys, self.shard_idx)).astype(np.int32)
 
-    def _resolve(self, shard: str) -> Path:
-        p = Path(shard)
-        return p if p.is_absolute() else (self.root / p)
+    def _resolve(self, shard: str) -> str:
+        # manifests/SPEC.md: a URL or an absolute path as is, else relative to the manifest directory
+        return resolve_against(self.root, shard)
 
     def counts(self) -> dict[int, int]:
         return {b: len(m) for b, m in self.members.items()}

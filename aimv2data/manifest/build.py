@@ -22,15 +22,18 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from aimv2data import storage
 from aimv2data.buckets import AREAS, make_table
 from aimv2data.paper import PATCH_SIZE
 from aimv2data.manifest.inspect_image import DEFAULT_MAX_PIXELS, VERIFY_LEVELS, Rejected, inspect_image
 from aimv2data.manifest import layout
 from aimv2data.manifest.schema import (REJECT_SCHEMA, SAMPLE_SCHEMA, SCHEMA_VERSION, SYN_PREFIX, SYN_TYPE,
                                        read_json, write_json_atomic, write_parquet_atomic)
-from aimv2data.manifest.tarindex import IMAGE_EXTS, TarUnreadable, index_tar, split_name, write_dali_index
+from aimv2data.manifest.tarindex import (IMAGE_EXTS, TarUnreadable, index_tar, open_tar, split_name,
+                                         write_dali_index)
 
 IDX_MODES = ("beside", "manifest", "none")
+DISTRIBUTORS = ("multiprocessing", "ray")
 
 
 class ManifestBuildError(RuntimeError):
@@ -85,6 +88,15 @@ def resolve_inputs(inputs: list[str]) -> list[TarJob]:
         raise ManifestBuildError("no INPUT given: pass fetched shard folders, .tar files or glob patterns")
     jobs, seen = [], set()
     for inp in inputs:
+        if storage.is_url(inp):
+            tars, source = _remote_tars(inp)
+            for t in tars:
+                if t not in seen:
+                    seen.add(t)
+                    stem = t.rsplit("/", 1)[-1].split(".")[0] or "tar"
+                    jobs.append(TarJob(t, source, f"{stem}-{hashlib.sha1(t.encode()).hexdigest()[:8]}"))
+            continue
+        inp = storage.local(inp)
         p = Path(inp)
         if p.is_dir():
             tars = sorted(str(t) for t in p.glob("*.tar"))
@@ -107,6 +119,30 @@ def resolve_inputs(inputs: list[str]) -> list[TarJob]:
             stem = Path(real).name.split(".")[0] or "tar"
             jobs.append(TarJob(real, source, f"{stem}-{hashlib.sha1(real.encode()).hexdigest()[:8]}"))
     return jobs
+
+
+def _remote_tars(inp: str) -> tuple[list[str], str]:
+    """The tars a URL names (a prefix holding *.tar, one .tar, or a glob), as URLs, and the source name."""
+    fs, p = storage.filesystem(inp)
+    try:
+        if fs.isdir(p):
+            tars = sorted(fs.glob(p.rstrip("/") + "/*.tar"))
+            if not tars:
+                raise ManifestBuildError(f"{inp}: a prefix without *.tar objects; pass a prefix of webdataset "
+                                         "shards (what `aimv2 fetch` writes) or the .tar URLs themselves")
+        elif fs.isfile(p):
+            tars = [p]
+        else:
+            tars = sorted(t for t in fs.glob(p) if t.endswith(".tar"))
+            if not tars:
+                storage.check_reachable(inp)
+                raise ManifestBuildError(f"{inp}: no such object or prefix, and nothing matches it as a pattern")
+    except ManifestBuildError:
+        raise
+    except Exception as e:
+        raise ManifestBuildError(str(storage.friendly(e, inp))) from None
+    urls = [fs.unstrip_protocol(t) for t in tars]
+    return urls, urls[0].rstrip("/").rsplit("/", 2)[-2]
 
 
 def parse_part(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -181,8 +217,9 @@ def process_tar(job: TarJob, output: str, opts: ShardOptions) -> dict:
     output = Path(output)
     paths = _paths(output, job.part)
     table = make_table(opts.num_buckets, opts.bucket_max_aspect)
-    shard = job.path if opts.absolute_paths else os.path.relpath(job.path, output)
-    st = os.stat(job.path)
+    # a tar at a URL is always referred to by its URL (manifests/SPEC.md)
+    shard = job.path if opts.absolute_paths or storage.is_url(job.path) else os.path.relpath(job.path, output)
+    tar_size, tar_version = storage.stat(job.path)
     rows, rejects, kept_samples = [], [], []
     counts: Counter = Counter()
     default_source = opts.source or job.source
@@ -213,7 +250,7 @@ def process_tar(job: TarJob, output: str, opts: ShardOptions) -> dict:
             reject("tar_tail", index.tail_problem)
         counts["members_ignored"] += index.ignored
 
-        with open(job.path, "rb") as f:
+        with open_tar(job.path) as f:
             def read(m):
                 f.seek(m.offset)
                 return f.read(m.size)
@@ -262,7 +299,7 @@ def process_tar(job: TarJob, output: str, opts: ShardOptions) -> dict:
     idx_path = _write_idx(job, output, opts, kept_samples)
 
     summary = {
-        "tar": job.path, "shard": shard, "part": job.part, "tar_size": st.st_size, "tar_mtime_ns": st.st_mtime_ns,
+        "tar": job.path, "shard": shard, "part": job.part, "tar_size": tar_size, "tar_mtime_ns": tar_version,
         "fingerprint": opts.fingerprint(), "options": dataclasses.asdict(opts),
         "samples": len(rows), "rejects": len(rejects), "idx": idx_path,
         "per_reason": dict(Counter(r["reason"] for r in rejects)),
@@ -291,7 +328,7 @@ def _write_idx(job: TarJob, output: Path, opts: ShardOptions, kept) -> str | Non
     holds an .idx this manifest did not write; then MANIFEST/idx/<part>.idx."""
     if opts.idx == "none" or not kept:
         return None
-    if opts.idx == "beside":
+    if opts.idx == "beside" and not storage.is_url(job.path):   # beside a tar at a URL: in MANIFEST/idx
         tar = Path(job.path)
         beside = tar.with_name(tar.name.split(".")[0] + ".idx")
         done = _paths(output, job.part)["done"]
@@ -322,25 +359,38 @@ def _done_summary(job: TarJob, output: Path, opts: ShardOptions) -> dict | None:
         return None
     try:
         s = read_json(p["done"])
-        st = os.stat(job.path)
+        size, version = storage.stat(job.path)
     except (OSError, ValueError):
         return None
-    same = (s.get("fingerprint") == opts.fingerprint() and s.get("tar_size") == st.st_size
-            and s.get("tar_mtime_ns") == st.st_mtime_ns)
+    same = (s.get("fingerprint") == opts.fingerprint() and s.get("tar_size") == size
+            and s.get("tar_mtime_ns") == version)
     return s if same else None
 
 
 # --- the whole build -------------------------------------------------------------------------------
 
 def build_manifest(inputs: list[str], output: str | Path, *, workers: int = 1, part=None, merge: bool = True,
-                   progress: bool = True, argv: list[str] | None = None, **options) -> dict:
+                   progress: bool = True, argv: list[str] | None = None, distributor: str = "multiprocessing",
+                   ray_address: str | None = None, on_tar_done=None, **options) -> dict:
     """Build (or resume) the manifest of `inputs` in `output`. Returns a report dict: tars processed /
-    skipped / failed, samples, rejects by reason, seconds, and whether _manifest.json was written."""
+    skipped / failed, samples, rejects by reason, seconds, and whether _manifest.json was written.
+    `output` may be a URL (aimv2data.manifest.remote); `distributor="ray"` runs one Ray task per tar."""
+    if storage.is_url(output):
+        from aimv2data.manifest.remote import build_at_url
+
+        return build_at_url(inputs, str(output), build_manifest, ManifestBuildError, workers=workers, part=part, merge=merge, progress=progress,
+                            argv=argv, distributor=distributor, ray_address=ray_address, **options)
+    if distributor not in DISTRIBUTORS:
+        raise ManifestBuildError(f"--distributor {distributor!r}: use one of {', '.join(DISTRIBUTORS)}")
     opts = ShardOptions(**options)
     opts.validate()
     part = parse_part(part)
-    output = Path(output)
+    output = Path(storage.local(str(output)))
     jobs = resolve_inputs(list(inputs))
+    if distributor == "ray":
+        from aimv2data.cluster import connect_ray
+
+        connect_ray(ray_address)               # an address that does not answer: refused before anything is written
     mine = jobs[part[0]::part[1]] if part else jobs
     output.mkdir(parents=True, exist_ok=True)
 
@@ -356,14 +406,18 @@ def build_manifest(inputs: list[str], output: str | Path, *, workers: int = 1, p
     from tqdm import tqdm
     bar = tqdm(total=len(todo), unit="tar", desc="shard", disable=not progress or not todo, dynamic_ncols=True)
     tasks = [(j, str(output), opts) for j in todo]
-    if workers > 1 and len(todo) > 1:
+    if distributor == "ray" and todo:
+        from aimv2data.manifest.remote import ray_results
+
+        _collect(ray_results(tasks, ray_address, process_tar), bar, done_now, failed, on_tar_done)
+    elif workers > 1 and len(todo) > 1:
         import multiprocessing as mp
         # spawn, not fork: the parent may hold polars/arrow thread pools, which do not survive a fork
         with mp.get_context("spawn").Pool(min(workers, len(todo))) as pool:
             results = pool.imap_unordered(_process_star, tasks)
-            _collect(results, bar, done_now, failed)
+            _collect(results, bar, done_now, failed, on_tar_done)
     else:
-        _collect(map(_process_star, tasks), bar, done_now, failed)
+        _collect(map(_process_star, tasks), bar, done_now, failed, on_tar_done)
     bar.close()
     summaries += done_now
     seconds = time.perf_counter() - t0
@@ -387,12 +441,14 @@ def build_manifest(inputs: list[str], output: str | Path, *, workers: int = 1, p
     return report
 
 
-def _collect(results, bar, done_now, failed):
+def _collect(results, bar, done_now, failed, on_tar_done=None):
     for job, summary, err in results:
         if err:
             failed.append((job.path, err))
         else:
             done_now.append(summary)
+            if on_tar_done is not None:
+                on_tar_done(summary)
         bar.update(1)
         bar.set_postfix(kept=sum(s["samples"] for s in done_now), rejected=sum(s["rejects"] for s in done_now))
 
@@ -473,7 +529,7 @@ def merge_manifest(output: str | Path, inputs: list[str] | None = None, *, opts:
             "per_reason": dict(tot["per_reason"].most_common()),
             "counters": dict(tot["counters"]),
         },
-        "inputs": [os.path.abspath(i) for i in inputs] if inputs else old.get("inputs", []),
+        "inputs": [i if storage.is_url(i) else os.path.abspath(storage.local(i)) for i in inputs] if inputs else old.get("inputs", []),
         "args": {**dataclasses.asdict(opts), "argv": argv if argv is not None else old.get("args", {}).get("argv")},
         "caption_sets": caption_sets,
     }

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from aimv2data import storage
 from aimv2data.atomic import atomic_write
 from aimv2data.manifest import layout
 from aimv2data.manifest.schema import SYN_PREFIX, SYN_TYPE, read_json, write_json_atomic, write_parquet_atomic
@@ -44,37 +44,6 @@ def _sample_parts(path: Path) -> list[Path]:
     return parts
 
 
-def read_caption_set(file: str | Path, key_column: str, column: str) -> tuple[pa.Array, pa.Array, int]:
-    """(keys as string, captions as list<string> per key, rows read). Null/blank captions are dropped,
-    exact duplicates per key are kept once, order is kept."""
-    import polars as pl
-
-    file = Path(file)
-    if not file.is_file():
-        raise CaptionError(f"caption set {file} not found")
-    suffix = "".join(file.suffixes[-2:]).lower()
-    if suffix.endswith(".parquet"):
-        names = pl.read_parquet_schema(file)
-        _need(file, names, key_column, column)
-        df = pl.read_parquet(file, columns=[key_column, column])
-    elif suffix.endswith((".jsonl", ".ndjson", ".json")):
-        df = pl.read_ndjson(file, infer_schema_length=None)
-        _need(file, df.columns, key_column, column)
-        df = df.select(key_column, column)
-    else:
-        raise CaptionError(f"{file}: caption sets are .parquet or .jsonl files")
-    rows = df.height
-    df = df.rename({key_column: "_k", column: "_c"})
-    if isinstance(df.schema["_c"], pl.List):
-        df = df.explode("_c")
-    df = (df.with_columns(pl.col("_k").cast(pl.String), pl.col("_c").cast(pl.String).str.strip_chars())
-            .filter(pl.col("_k").is_not_null() & pl.col("_c").is_not_null() & (pl.col("_c") != ""))
-            .unique(maintain_order=True)
-            .group_by("_k", maintain_order=True).agg(pl.col("_c")))
-    t = df.to_arrow()
-    return t["_k"].combine_chunks().cast(pa.string()), t["_c"].combine_chunks().cast(SYN_TYPE), rows
-
-
 def _need(file, names, *cols):
     missing = [c for c in cols if c not in names]
     if missing:
@@ -83,10 +52,27 @@ def _need(file, names, *cols):
 
 
 def attach(manifest: str | Path, captions: str | Path, on: str, column: str, name: str | None = None,
-           key_column: str | None = None) -> dict:
-    """Join a caption set into every samples part as `syn_<name>`; returns matched/unmatched counts."""
-    manifest = Path(manifest)
-    meta = _manifest(manifest)
+           key_column: str | None = None, memory_limit: str = "1GB") -> dict:
+    """Join a caption set into every samples part as `syn_<name>`; returns matched/unmatched counts.
+
+    Memory stays bounded whatever the set's size: the join runs in DuckDB under `memory_limit`, spilling
+    to disk, and parts are rewritten one at a time. Work is per part: a part is rewritten atomically and
+    marked done in MANIFEST/_captions/<name>/, so an interrupted attach resumes with the parts left.
+    A manifest at a URL is worked on in a local copy of its parquet parts, each part uploaded when done,
+    _manifest.json last."""
+    if storage.is_url(manifest):
+        from aimv2data.manifest.remote import staged_manifest
+
+        with staged_manifest(str(manifest)) as (local, put):
+            return _attach(local, captions, on, column, name, key_column, memory_limit, put, str(manifest))
+    return _attach(Path(storage.local(str(manifest))), captions, on, column, name, key_column, memory_limit)
+
+
+def _attach(manifest: Path, captions, on, column, name, key_column, memory_limit, put=None, shown=None) -> dict:
+    import duckdb
+    import tempfile
+
+    _manifest(manifest)
     if on not in JOIN_KEYS:
         raise CaptionError(f"--on must be one of {', '.join(JOIN_KEYS)}, got {on!r}")
     name = name or column
@@ -94,32 +80,121 @@ def attach(manifest: str | Path, captions: str | Path, on: str, column: str, nam
         raise CaptionError(f"caption set name {name!r}: use lower-case letters, digits and _ (it becomes "
                            f"the column {SYN_PREFIX}<name>); pass --name")
     col = SYN_PREFIX + name
-    keys, lists, rows_read = read_caption_set(captions, key_column or on, column)
-    used = np.zeros(len(keys), dtype=bool)
-    matched = total = n_captions = 0
-    for part in _sample_parts(manifest):
-        t = pq.read_table(part)
-        idx = pc.index_in(t[on].cast(pa.string()), value_set=keys)
-        syn = lists.take(idx)
-        if col in t.column_names:   # re-attaching a set replaces it
-            t = t.drop_columns([col])
-        t = t.append_column(pa.field(col, SYN_TYPE), syn)
-        write_parquet_atomic(t, part)
-        hit = idx.drop_null().to_numpy()
-        used[hit] = True
-        matched += len(hit)
-        total += t.num_rows
-        n_captions += int(pc.sum(pc.list_value_length(syn)).as_py() or 0)
+    key_column = key_column or on
+    set_file = _caption_file(captions)
+    parts = _sample_parts(manifest)
+    work = manifest / "_captions" / name
+    job = {"file": str(captions), "fingerprint": list(storage.stat(str(captions))), "on": on,
+           "key_column": key_column, "column": column}
+    if work.is_dir() and (work / "job.json").is_file() and read_json(work / "job.json") != job:
+        for f in work.glob("*.done"):                 # an attach of another set under this name: start over
+            f.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(job, work / "job.json")
+    if put:
+        put(work / "job.json")
+
+    with tempfile.TemporaryDirectory(prefix="aimv2-attach-") as tmp:
+        con = duckdb.connect()
+        con.execute(f"SET memory_limit='{memory_limit}'")
+        con.execute(f"SET temp_directory='{tmp}/spill'")
+        con.execute("SET preserve_insertion_order=false")
+        src = _caption_relation(con, set_file, key_column, column)
+        con.execute(f"CREATE TEMP VIEW c AS {src}")
+        listing = ", ".join(f"('{str(p)}', {i})" for i, p in enumerate(parts))
+        con.execute(f"CREATE TEMP VIEW parts(filename, pid) AS VALUES {listing}")
+        con.execute(f"""COPY (
+            SELECT m.pid, m.file_row_number AS row, list(c.cap ORDER BY c.ord) AS syn, any_value(m.k) AS k
+            FROM (SELECT p.pid, r.file_row_number, CAST(r."{on}" AS VARCHAR) AS k
+                  FROM read_parquet([{", ".join(f"'{p}'" for p in parts)}], filename=true,
+                                    file_row_number=true, union_by_name=true) r JOIN parts p USING (filename)) m
+            JOIN c ON m.k = c.k GROUP BY m.pid, m.file_row_number
+        ) TO '{tmp}/matches' (FORMAT parquet, PARTITION_BY (pid))""")
+        keys = con.execute("SELECT count(DISTINCT k) FROM c").fetchone()[0]
+        rows_read = con.execute(f"SELECT count(*) FROM {_reader(set_file, key_column, column)}").fetchone()[0]
+        used = matched = n_captions = 0
+        if any(Path(tmp, "matches").glob("pid=*")):
+            used, matched, n_captions = con.execute(
+                f"SELECT count(DISTINCT k), count(*), sum(len(syn)) FROM read_parquet('{tmp}/matches/*/*.parquet')"
+            ).fetchone()
+        con.close()
+        total = 0
+        for i, part in enumerate(parts):
+            n = pq.ParquetFile(part).metadata.num_rows
+            total += n
+            done = work / f"{part.name}.done"
+            if done.is_file():
+                continue
+            t = pq.read_table(part)
+            syn = pa.nulls(n, SYN_TYPE)
+            found = sorted(Path(tmp, "matches", f"pid={i}").glob("*.parquet"))
+            if found:
+                m = pq.read_table(found).select(["row", "syn"])
+                where = np.full(n, -1, dtype=np.int64)
+                where[m["row"].to_numpy()] = np.arange(m.num_rows)
+                idx = pa.array(where, mask=where < 0)
+                syn = m["syn"].combine_chunks().cast(SYN_TYPE).take(idx)
+            if col in t.column_names:   # re-attaching a set replaces it
+                t = t.drop_columns([col])
+            t = t.append_column(pa.field(col, SYN_TYPE), syn)
+            write_parquet_atomic(t, part)
+            done.write_text("")
+            if put:
+                put(part)
+                put(done)
     report = {"name": name, "column": col, "file": str(Path(captions).resolve()), "on": on,
-              "key_column": key_column or on, "file_column": column, "rows_read": rows_read,
-              "keys": len(keys), "matched_rows": matched, "unmatched_rows": total - matched,
-              "captions": n_captions, "unused_keys": int((~used).sum()),
+              "key_column": key_column, "file_column": column, "rows_read": rows_read,
+              "keys": keys, "matched_rows": matched, "unmatched_rows": total - matched,
+              "captions": int(n_captions or 0), "unused_keys": keys - used,
               "attached": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     meta = _manifest(manifest)   # re-read: keep whatever changed meanwhile
     meta.setdefault("caption_sets", {})[name] = report
     meta.get("caption_sets_incomplete", {}).pop(name, None)
     write_json_atomic(meta, layout.manifest_json(manifest))
+    if put:
+        put(layout.manifest_json(manifest))
+    for f in work.glob("*"):
+        f.unlink()
+        if put:
+            put(f, remove=True)
+    work.rmdir()
+    try:
+        work.parent.rmdir()
+    except OSError:
+        pass
     return report
+
+
+def _caption_file(captions) -> Path:
+    file = Path(captions)
+    if not file.is_file():
+        raise CaptionError(f"caption set {file} not found")
+    suffix = "".join(file.suffixes[-2:]).lower()
+    if not suffix.endswith((".parquet", ".jsonl", ".ndjson", ".json")):
+        raise CaptionError(f"{file}: caption sets are .parquet or .jsonl files")
+    return file
+
+
+def _reader(file: Path, key_column: str, column: str) -> str:
+    if str(file).lower().endswith(".parquet"):
+        return f"read_parquet('{file}', file_row_number=true)"
+    return f"(SELECT *, row_number() OVER () AS file_row_number FROM read_json_auto('{file}', format='newline_delimited'))"
+
+
+def _caption_relation(con, file: Path, key_column: str, column: str) -> str:
+    """SQL of (k, cap, ord): one row per distinct (key, caption), first occurrence order; null/blank dropped;
+    a list column counts as several captions."""
+    src = _reader(file, key_column, column)
+    types = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()}
+    _need(file, [c for c in types if c != "file_row_number"], key_column, column)
+    kind = types[column]
+    if kind.endswith("[]"):
+        flat = (f"SELECT CAST(\"{key_column}\" AS VARCHAR) AS k, unnest(\"{column}\") AS cap, "
+                f"file_row_number * 1000000 + unnest(range(len(\"{column}\"))) AS ord FROM {src}")
+    else:
+        flat = f"SELECT CAST(\"{key_column}\" AS VARCHAR) AS k, \"{column}\" AS cap, file_row_number * 1000000 AS ord FROM {src}"
+    return (f"SELECT k, cap, min(ord) AS ord FROM (SELECT k, trim(CAST(cap AS VARCHAR)) AS cap, ord FROM ({flat})) "
+            f"WHERE k IS NOT NULL AND cap IS NOT NULL AND cap <> '' GROUP BY k, cap")
 
 
 # --- generate --------------------------------------------------------------------------------------
@@ -148,88 +223,147 @@ def _load_captioner(model_path: str, device: str):
     return model.to(device).eval(), images, decode, device
 
 
-def _open_image(f, offset: int, size: int):
+def caption_part(root: str, part: str, model: str, *, name: str = "caption", batch_size: int = 16,
+                 max_new_tokens: int = 30, num_beams: int = 1, device: str = "auto", limit: int | None = None,
+                 loaded=None) -> tuple[bytes, int, list[str], str]:
+    """Caption one samples part (local path or URL; its shards resolved against the manifest `root`).
+    Returns (caption-set rows as parquet bytes, failed, failure notes, device). Runs anywhere: in this
+    process, or as one Ray task per part."""
+    import io
+
+    import polars as pl
+    import torch
+
+    net, images, decode, device = loaded or _load_captioner(model, device)
+    cols = ["key", "uid", "url", "sha256", "shard", "offset", "size"]
+    df = storage.read_parquet(part, columns=cols)
+    if limit is not None:
+        df = df.head(limit)
+    texts: list[str | None] = []
+    failures, failed = [], 0
+    for start in range(0, df.height, batch_size):
+        chunk = df.slice(start, batch_size)
+        ims, ok = [], []
+        for r in chunk.iter_rows(named=True):
+            shard = storage.resolve_against(root, r["shard"])
+            try:
+                ims.append(_image(storage.read_range(shard, r["offset"], r["size"])))
+                ok.append(True)
+            except Exception as e:   # skipped, counted, named
+                ok.append(False)
+                failures.append(f"{r['key']} ({shard}): {type(e).__name__}: {e}")
+        out = []
+        if ims:
+            pixels = images(images=ims, return_tensors="pt")
+            with torch.inference_mode():
+                ids = net.generate(**{k: v.to(device) for k, v in pixels.items()},
+                                   max_new_tokens=max_new_tokens, num_beams=num_beams)
+            out = [t.strip() for t in decode(ids, skip_special_tokens=True)]
+        it = iter(out)
+        texts += [next(it) if good else None for good in ok]
+        failed += ok.count(False)
+    res = df.select("key", "uid", "url", "sha256").with_columns(
+        pl.Series(name, texts, dtype=pl.String), pl.lit(Path(model).name).alias("model"))
+    buf = io.BytesIO()
+    res.filter(pl.col(name).is_not_null()).write_parquet(buf)
+    return buf.getvalue(), failed, failures, device
+
+
+def _image(data: bytes):
     import io
 
     from PIL import Image, ImageOps
 
-    f.seek(offset)
-    im = Image.open(io.BytesIO(f.read(size)))
-    return ImageOps.exif_transpose(im).convert("RGB")
+    return ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
 
 
 def generate(manifest: str | Path, model: str, *, output: str | Path | None = None, name: str = "caption",
              batch_size: int = 16, max_new_tokens: int = 30, num_beams: int = 1, device: str = "auto",
-             limit: int | None = None, progress: bool = True) -> dict:
+             limit: int | None = None, progress: bool = True, distributor: str = "local",
+             ray_address: str | None = None) -> dict:
     """Caption every sample of the manifest; write a caption set (key, uid, url, sha256, <name>, model).
-    Work is saved per samples part in OUTPUT.parts/, so an interrupted run resumes."""
+    Work is saved per samples part in OUTPUT.parts/, so an interrupted run resumes; memory holds one part.
+    `distributor="ray"`: one Ray task per part (a GPU each where the cluster has them). The manifest and
+    OUTPUT may be URLs."""
     import polars as pl
-    import torch
     from tqdm import tqdm
 
-    manifest = Path(manifest)
-    _manifest(manifest)
-    parts = _sample_parts(manifest)
-    output = Path(output) if output else manifest / "captions" / f"{Path(model).name}.parquet"
-    if output.suffix not in (".parquet", ".jsonl"):
+    root = str(manifest).rstrip("/")
+    meta = storage.upath(root) / "_manifest.json"
+    if not meta.is_file():
+        raise CaptionError(f"{meta} not found: build the manifest with `aimv2 shard` first")
+    parts = sorted(str(p) for p in (storage.upath(root) / "samples").glob("*.parquet"))
+    if not parts:
+        raise CaptionError(f"{root}/samples has no parquet parts; build the manifest with `aimv2 shard` first")
+    output = str(output) if output else storage.join(root, "captions", f"{Path(model).name}.parquet")
+    if not output.endswith((".parquet", ".jsonl")):
         raise CaptionError(f"--output {output}: write a .parquet or .jsonl caption set")
-    work = output.with_name(output.name + ".parts")
-    work.mkdir(parents=True, exist_ok=True)
-    net, images, decode, device = _load_captioner(model, device)
+    if not Path(model).is_dir():
+        raise CaptionError(f"--model {model}: not a folder; pass a local model saved with save_pretrained "
+                           "(config, weights, image processor and tokenizer)")
+    work = storage.upath(output + ".parts")
+    if not storage.is_url(work):
+        work.mkdir(parents=True, exist_ok=True)
+    kw = dict(name=name, batch_size=batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams, device=device)
 
-    cols = ["key", "uid", "url", "sha256", "shard", "offset", "size"]
-    n_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
-    todo = min(n_rows, limit) if limit else n_rows
-    bar = tqdm(total=todo, unit="img", desc="caption", disable=not progress, dynamic_ncols=True)
-    done = failed = 0
-    failures = []
-    for part in parts:
-        if limit and done >= limit:
+    counts = [pq.ParquetFile(storage.open_file(p)).metadata.num_rows if storage.is_url(p)
+              else pq.ParquetFile(p).metadata.num_rows for p in parts]
+    todo, left = [], limit
+    for p, n in zip(parts, counts):
+        if left is not None and left <= 0:
             break
-        target = work / part.name
-        df = pl.read_parquet(part, columns=cols)
-        if limit:
-            df = df.head(limit - done)
-        if target.is_file():
-            done += df.height
-            bar.update(df.height)
-            continue
-        texts: list[str | None] = []
-        for start in range(0, df.height, batch_size):
-            chunk = df.slice(start, batch_size)
-            ims, ok = [], []
-            for r in chunk.iter_rows(named=True):
-                shard = Path(r["shard"]) if Path(r["shard"]).is_absolute() else manifest / r["shard"]
-                try:
-                    with open(shard, "rb") as f:
-                        ims.append(_open_image(f, r["offset"], r["size"]))
-                    ok.append(True)
-                except Exception as e:   # skipped, counted, named
-                    ok.append(False)
-                    failures.append(f"{r['key']} ({shard}): {type(e).__name__}: {e}")
-            out = []
-            if ims:
-                pixels = images(images=ims, return_tensors="pt")
-                with torch.inference_mode():
-                    ids = net.generate(**{k: v.to(device) for k, v in pixels.items()},
-                                       max_new_tokens=max_new_tokens, num_beams=num_beams)
-                out = [t.strip() for t in decode(ids, skip_special_tokens=True)]
-            it = iter(out)
-            texts += [next(it) if good else None for good in ok]
-            failed += ok.count(False)
-            done += len(ok)
-            bar.update(len(ok))
-        res = df.select("key", "uid", "url", "sha256").with_columns(
-            pl.Series(name, texts, dtype=pl.String), pl.lit(Path(model).name).alias("model"))
-        write_parquet_atomic(res.filter(pl.col(name).is_not_null()).to_arrow(), target)
+        take = n if left is None else min(n, left)
+        left = None if left is None else left - take
+        if not (work / Path(p).name).is_file():
+            todo.append((p, take if limit else None))
+    bar = tqdm(total=len(todo), unit="part", desc="caption", disable=not progress, dynamic_ncols=True)
+    failed, failures, used = 0, [], device
+    for p, data, f, notes, dev in _run_parts(root, todo, model, kw, distributor, ray_address):
+        storage.write_bytes(str(work / Path(p).name), data)
+        failed, used = failed + f, dev
+        failures += notes
+        bar.update(1)
     bar.close()
 
-    merged = pl.concat([pl.read_parquet(p) for p in sorted(work.glob("*.parquet"))]) if any(work.glob("*.parquet")) \
-        else pl.DataFrame(schema={"key": pl.String, "uid": pl.String, "url": pl.String, "sha256": pl.String,
-                                  name: pl.String, "model": pl.String})
-    atomic_write(output, merged.write_ndjson if output.suffix == ".jsonl" else merged.write_parquet)
-    for p in work.glob("*.parquet"):
-        p.unlink()
-    work.rmdir()
-    return {"output": str(output), "captioned": merged.height, "failed": failed, "failures": failures[:20],
-            "model": str(model), "device": device, "column": name}
+    done = sorted(str(f) for f in work.glob("*.parquet"))
+    merged = pl.concat([storage.read_parquet(f) for f in done]) if done else pl.DataFrame(
+        schema={"key": pl.String, "uid": pl.String, "url": pl.String, "sha256": pl.String, name: pl.String,
+                "model": pl.String})
+    import io
+
+    buf = io.BytesIO()
+    merged.write_ndjson(buf) if output.endswith(".jsonl") else merged.write_parquet(buf)
+    storage.write_bytes(output, buf.getvalue())
+    for f in done:
+        storage.upath(f).unlink()
+    if not storage.is_url(work):
+        work.rmdir()
+    if used == "auto":
+        import torch
+
+        used = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"output": output, "captioned": merged.height, "failed": failed, "failures": failures[:20],
+            "model": str(model), "device": used, "column": name}
+
+
+def _run_parts(root, todo, model, kw, distributor, ray_address):
+    """Yield (part, parquet bytes, failed, failure notes, device) per part, as they finish."""
+    if distributor == "ray":
+        import ray
+
+        from aimv2data.cluster import connect_ray
+
+        connect_ray(ray_address)
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)(caption_part)
+        refs = {task.remote(root, p, model, limit=lim, **kw): p for p, lim in todo}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            yield (refs[ready[0]], *ray.get(ready[0]))
+        return
+    if distributor != "local":
+        raise CaptionError(f"--distributor {distributor!r}: use local or ray")
+    loaded = _load_captioner(model, kw["device"]) if todo else None
+    for p, lim in todo:
+        yield (p, *caption_part(root, p, model, limit=lim, loaded=loaded, **kw))

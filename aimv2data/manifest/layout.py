@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from aimv2data import storage
+
 MANIFEST_JSON = "_manifest.json"
 SAMPLES = "samples"
 REJECTS = "rejects"
@@ -23,7 +25,7 @@ REJECTS_GLOB = f"{REJECTS}/*.parquet"
 
 
 def manifest_json(root: str | os.PathLike) -> Path:
-    return Path(root) / MANIFEST_JSON
+    return storage.upath(root) / MANIFEST_JSON
 
 
 def is_manifest(root: str | os.PathLike) -> bool:
@@ -41,11 +43,11 @@ def read_manifest_json(root: str | os.PathLike) -> dict | None:
 
 def sample_files(root: str | os.PathLike) -> list[Path]:
     """MANIFEST/samples/*.parquet in name order (temp files of writers in progress never match)."""
-    return sorted((Path(root) / SAMPLES).glob("*.parquet"))
+    return sorted((storage.upath(root) / SAMPLES).glob("*.parquet"))
 
 
 def reject_files(root: str | os.PathLike) -> list[Path]:
-    return sorted((Path(root) / REJECTS).glob("*.parquet"))
+    return sorted((storage.upath(root) / REJECTS).glob("*.parquet"))
 
 
 def part_paths(root: str | os.PathLike, part: str) -> dict[str, Path]:

@@ -2,13 +2,15 @@
 length, rejects by reason. Numbers as a dict (and text via the CLI), plots as PNGs."""
 from __future__ import annotations
 
+import json
+
 import math
 from pathlib import Path
 
 import numpy as np
 
 from aimv2data.manifest import layout
-from aimv2data.manifest.schema import SYN_PREFIX, read_json
+from aimv2data.manifest.schema import SYN_PREFIX
 
 ASPECT_BINS = np.linspace(-3, 3, 25)   # log2(w/h) in quarter-octave bins: 1:8 .. 8:1
 
@@ -24,24 +26,27 @@ _COLUMNS = ("source", "format", "mode", "bucket", "width", "height", "orientatio
 
 
 def _read(path):
-    import polars as pl
 
-    names = pl.read_parquet_schema(path)
-    return pl.read_parquet(path, columns=[c for c in names if c in _COLUMNS or c.startswith(SYN_PREFIX)])
+    from aimv2data.storage import parquet_columns, read_parquet
+
+    names = parquet_columns(path)
+    return read_parquet(path, columns=[c for c in names if c in _COLUMNS or c.startswith(SYN_PREFIX)])
 
 
 def compute_stats(manifest: str | Path) -> dict:
     import polars as pl
 
-    manifest = Path(manifest)
+    from aimv2data.storage import read_parquet, upath
+
+    manifest = upath(manifest)                 # a local directory or a URL
     meta_path = layout.manifest_json(manifest)
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} not found: pass a manifest directory written by `aimv2 shard`")
-    meta = read_json(meta_path)
+    meta = json.loads(meta_path.read_text())
     samples = layout.sample_files(manifest)
     rejects = layout.reject_files(manifest)
     s = pl.concat([_read(p) for p in samples], how="diagonal_relaxed") if samples else pl.DataFrame()
-    r = pl.concat([pl.read_parquet(p, columns=["reason", "source"]) for p in rejects]) if rejects else pl.DataFrame()
+    r = pl.concat([read_parquet(p, columns=["reason", "source"]) for p in rejects]) if rejects else pl.DataFrame()
     n = s.height
 
     def counts(df, col):

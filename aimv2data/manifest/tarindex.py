@@ -18,6 +18,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+from aimv2data import storage
 from aimv2data.atomic import write_text_atomic
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -109,12 +110,16 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return out
 
 
+# A tar at a URL is read through fsspec in read-ahead blocks of this size: streamed, never on disk.
+REMOTE_BLOCK = 16 << 20
+
+
 def index_tar(path: str) -> TarIndex:
-    file_size = os.path.getsize(path)
+    file_size = storage.stat(path)[0]
     samples: dict[str, Sample] = {}
     truncated: list[Member] = []
     ignored, tail_problem, end = 0, None, None
-    with open(path, "rb") as f:
+    with open_tar(path) as f:
         pos, long_name, pax = 0, None, {}
         while True:
             f.seek(pos)
@@ -187,10 +192,17 @@ def index_tar(path: str) -> TarIndex:
     return TarIndex(path, file_size, list(samples.values()), truncated, tail_problem, ignored)
 
 
+def open_tar(path: str):
+    """A local tar, or one at a URL read in ranged, read-ahead blocks."""
+    if storage.is_url(path):
+        return storage.open_file(path, "rb", block_size=REMOTE_BLOCK, cache_type="readahead")
+    return open(path, "rb")
+
+
 def _unreadable_reason(path: str, size: int, why: str) -> str:
     if size == 0:
         return "empty file (0 bytes)"
-    with open(path, "rb") as f:
+    with open_tar(path) as f:
         head = f.read(4)
     if head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head == b"\xfd7zX" or head == b"\x28\xb5\x2f\xfd":
         return "compressed tar: byte offsets need an uncompressed .tar (decompress it first)"
@@ -200,7 +212,7 @@ def _unreadable_reason(path: str, size: int, why: str) -> str:
 def _tail_problem(path: str, start: int, file_size: int) -> str | None:
     """Bytes after the last readable member are fine if they are the zero blocks that end an archive;
     anything else is a header that could not be parsed (a truncated or damaged tar)."""
-    with open(path, "rb") as f:
+    with open_tar(path) as f:
         f.seek(start)
         while True:
             chunk = f.read(1 << 20)

@@ -28,8 +28,8 @@ def flag(default=None, help: str = "", **cli):
 
 @dataclass
 class TrainConfig:
-    manifest: str = flag(REQUIRED, "Manifest directory written by `aimv2 shard` (with captions attached).",
-                         short="-m", path="existing_dir")
+    manifest: str = flag(REQUIRED, "Manifest directory written by `aimv2 shard` (with captions attached); a local "
+                         "path or a URL (s3://...).", short="-m")
     tokenizer: str = flag(REQUIRED, "sentencepiece .model (`aimv2 tokenizer train`, or any existing one, e.g. "
                           "SigLIP's).", short="-t", path="existing_file")
     out: str = flag(REQUIRED, "Run directory: metrics.jsonl, checkpoints/, run.json, summary.json.",
@@ -61,6 +61,9 @@ class TrainConfig:
     mix: str | None = flag(None, "Source mixture, e.g. dfn=0.60,coyo=0.06,hqitp=0.31: each source its own stream with "
                            "its own epochs. Default: the paper's Table 2 (60/6/31) over the sources the manifest has; "
                            "'rows': as the manifest has them.", metavar="SRC=W,...")
+    cache_dir: str | None = flag(None, "Shards at URLs (s3://...): cache fetched samples on local disk here (later "
+                                 "epochs read it).", path="dir")
+    cache_gb: float = flag(0.0, "Size limit of --cache-dir in GB.")
     compile: bool = flag(False, "torch.compile the model and loss (dynamic shapes with --native-res).")
     precision: str | None = flag(None, "bf16 autocast or fp32 (default: bf16 on CUDA, fp32 on CPU).",
                                  choices=("bf16", "fp32"))

@@ -101,7 +101,9 @@ def caption_columns(schema: dict) -> list[str]:
 
 
 def _sample_files(manifest: str | os.PathLike) -> list[Path]:
-    root = Path(manifest)
+    from aimv2data.storage import upath
+
+    root = upath(manifest)                     # a local directory or a URL (s3://bucket/manifest)
     files = sample_files(root)
     if not files:
         raise FileNotFoundError(f"no samples/*.parquet under {root}: pass a manifest directory made by "
@@ -115,12 +117,14 @@ def iter_captions(manifest: str | os.PathLike, columns: Sequence[str] | None = N
     `counts` (if given) is filled with captions yielded per column."""
     import polars as pl
 
+    from aimv2data.storage import parquet_columns, read_parquet
+
     for f in _sample_files(manifest):
-        schema = pl.read_parquet_schema(f)
+        schema = parquet_columns(f)
         cols = caption_columns(schema) if columns is None else [c for c in columns if c in schema]
         if not cols:
             continue
-        df = pl.read_parquet(f, columns=cols)
+        df = read_parquet(f, columns=cols)
         for c in cols:
             s = df[c]
             if s.dtype == pl.List(pl.String) or isinstance(s.dtype, pl.List):
@@ -153,11 +157,11 @@ def train_tokenizer(manifest: str | os.PathLike, output: str | os.PathLike, voca
     `soft_limit`: `vocab_size` is an upper bound (sentencepiece's hard_vocab_limit=false), for corpora
     too small to fill it; otherwise too small a corpus is an error that names the largest size it allows.
     """
-    manifest = Path(manifest)
+    from aimv2data.storage import parquet_columns
+
     all_cols = set()
-    import polars as pl
     for f in _sample_files(manifest):
-        all_cols.update(caption_columns(pl.read_parquet_schema(f)))
+        all_cols.update(caption_columns(parquet_columns(f)))
     if columns is not None:
         missing = [c for c in columns if c not in all_cols]
         if missing:

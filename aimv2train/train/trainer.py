@@ -174,7 +174,8 @@ def make_loader(cfg: TrainConfig, tok: Tokenizer, info: DistInfo, resolution: in
     from aimv2data.loader import Loader
 
     kwargs = dict(tokenizer=tok, pad_id=tok.pad_id, rank=info.rank, world_size=info.world_size, seed=cfg.seed,
-                  workers=cfg.workers, decoder=cfg.image_decoder, pin_memory=torch.cuda.is_available(), mix=cfg.mix)
+                  workers=cfg.workers, decoder=cfg.image_decoder, pin_memory=torch.cuda.is_available(), mix=cfg.mix,
+                  cache_dir=cfg.cache_dir, cache_gb=cfg.cache_gb if cfg.cache_dir else 0.0)
     if cfg.native_res:
         loader = Loader(cfg.manifest, native_res=True, batch_patches=cfg.batch_patches, **kwargs)
     else:
