@@ -97,3 +97,5 @@ def train(manifest, tokenizer, model, steps, out, stage, native_res, batch_patch
     t.add_row("checkpoint", str(s.get("checkpoint")))
     t.add_row("run", f"{s['run']} (metrics.jsonl; curves: aimv2 plot {s['run']})")
     Console().print(t)
+    if s["status"] == "interrupted":  # 130 (SIGINT) / 143 (SIGTERM): resumable, not finished (docs/contracts.md)
+        raise SystemExit(s["exit_code"])

@@ -58,10 +58,9 @@ class MetricsLog:
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            keep = [r for r in read_records(self.path) if r.get("step", 0) <= resume_step]
             tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
             os.replace(tmp, self.path)
         self._f = open(self.path, "a")
 
@@ -76,13 +75,34 @@ class MetricsLog:
             self._f = None
 
 
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl. A torn LAST line (the disk filled or the process died mid-write)
+    is dropped: the step it logged is redone after a resume. A damaged line elsewhere is an error
+    naming the file and line."""
+    lines = Path(path).read_text(errors="replace").splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            if all(not rest.strip() for rest in lines[i + 1:]):
+                break
+            raise ValueError(f"{path}, line {i + 1}: not a JSON record ({line[:60]!r}); the lines after it are "
+                             "intact: delete or repair that line") from None
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     p = Path(path)
     if p.is_dir():
         p = p / "metrics.jsonl"
     if not p.is_file():
         raise FileNotFoundError(f"{p} not found: is this a run directory written by `aimv2 train --out`?")
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return read_records(p)
 
 
 def is_finite(*values: float) -> bool:

@@ -15,8 +15,6 @@ import contextlib
 import json
 import math
 import os
-import signal
-import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -30,10 +28,11 @@ from ..model.config import ModelConfig, model_config, preset_name
 from .distributed import DistInfo, all_reduce_mean, init_distributed, pick_device, shutdown, wrap_model
 from ..model.flops import step_flops
 from ..model.masks import sample_prefix_lengths
-from .metrics import MetricsLog, matmul_peak, summarize
+from .metrics import MetricsLog, matmul_peak, read_records, summarize
 from ..model.aimv2 import AIMv2, count_params
 from .optim import build_optimizer
 from ..model.posemb import resize_learned
+from .preempt import StopRequest, notice
 from .presets import STAGES, HParams, resolve
 from .schedule import WarmupCosine
 from .tokenizer import Tokenizer
@@ -264,7 +263,10 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
         raise TrainError(f"{out} already holds a run (newest checkpoint {existing[-1][1].name}): pass --resume "
                          f"to continue it or choose another --out")
     if cfg.resume:
-        resume_from = ck.latest_checkpoint(ckpt_dir)
+        try:  # a damaged newest checkpoint: the newest intact one, with a notice; none intact: refuse
+            resume_from = ck.latest_checkpoint(ckpt_dir, notify=notice)
+        except ck.NoIntactCheckpoint as e:
+            raise TrainError(str(e)) from None
     if resume_from is not None:
         _check_resumable(cfg, resume_from, info, tok)
 
@@ -396,6 +398,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     summary = {"status": "non_finite" if failure else status, "rank": info.rank, "step": step, "steps": cfg.steps,
                "checkpoint": str(saved_path) if saved_path else None, "last_good_step": last_saved,
                "run": str(out), **header, **summarize(records)}
+    if status == "interrupted":  # 130 / 143: a scheduler requeues, `train && export` stops (preempt.py)
+        summary.update(signal=stop.signal_name or "SIGTERM", exit_code=stop.exit_code or 143)
     if info.is_main:
         _write_json(out / "summary.json", summary)
     if failure:
@@ -403,31 +407,6 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
                  f"--resume and a lower --lr" if saved_path else "no checkpoint was written before it")
         raise NonFiniteLoss(f"{failure}: stopping, nothing of this step was applied; {where}.")
     return summary
-
-
-class StopRequest:
-    """SIGTERM (a scheduler's preemption notice, torchrun's shutdown) or Ctrl-C: finish the step, save a
-    checkpoint, end with status "interrupted". A second signal interrupts at once."""
-
-    def __init__(self):
-        self.requested, self._old, self._pid = False, {}, os.getpid()
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if os.getpid() != self._pid:  # a forked loader worker inherited the handler: the trainer decides
-            return
-        if self.requested:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
-        self.requested = True
-        warnings.warn(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
-                      f"(again to stop at once)", stacklevel=2)
-
-    def restore(self):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
 
 
 def _check_resumable(cfg: TrainConfig, resume_from, info: DistInfo, tok: Tokenizer) -> None:
@@ -458,7 +437,7 @@ def _check_resumable(cfg: TrainConfig, resume_from, info: DistInfo, tok: Tokeniz
 def _read_records(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_records(path)
 
 
 def _write_json(path: Path, obj: dict) -> None:
