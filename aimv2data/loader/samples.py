@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from ..manifest.integrity import check_rows, read_part, read_schema, sample_parts
+
 AREAS = tuple(2**n for n in range(7, 13))  # 128 .. 4096 patches
 REQUIRED = ("key", "shard", "offset", "size", "width", "height", "bucket")
 OPTIONAL_TEXT = ("source", "caption")
@@ -46,23 +48,24 @@ class SampleTable:
         self.patch_size = int(meta.get("patch_size", 14))
         self.buckets = _read_buckets(meta, meta_path)
 
-        files = sorted((self.root / "samples").glob("*.parquet"))
+        files = sample_parts(self.root, meta)   # the parts _manifest.json lists, no more, no fewer
         if not files:
             raise ManifestError(f"no samples/*.parquet under {self.root}: the manifest is empty or unfinished "
                                 "(rerun `aimv2 shard`, it resumes)")
         frames = []
         for f in files:
-            cols = pl.read_parquet_schema(f)
+            cols = read_schema(f)
             missing = [c for c in REQUIRED if c not in cols]
             if missing:
                 raise ManifestError(f"{f}: missing columns {missing}; the loader needs {list(REQUIRED)} "
                                     "(manifests/SPEC.md); rebuild the manifest with `aimv2 shard`")
             want = [c for c in cols if c in REQUIRED or c in OPTIONAL_TEXT or c in ("format", "orientation")
                     or c.startswith("syn_")]
-            frames.append(pl.read_parquet(f, columns=want))
+            frames.append(read_part(f, want))
         df = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
         if df.height == 0:
             raise ManifestError(f"{self.root}: the manifest has no samples")
+        check_rows(self.root, meta, df.height)
         # Rows in (shard, key) order, not file order: img2dataset's download threads write a shard's samples
         # in the order they finish, so two fetches of the same list give the same rows in another order.
         # Sorted, the same samples and the same seed give the same batches (and the same trained weights).

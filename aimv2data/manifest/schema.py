@@ -52,7 +52,7 @@ REJECT_SCHEMA = pa.schema([
 ])
 
 REASONS = (
-    "tar_unreadable", "tar_truncated", "tar_tail", "missing_image", "duplicate_member",
+    "tar_unreadable", "tar_truncated", "tar_tail", "tar_damaged", "missing_from_tar", "missing_image", "duplicate_member",
     "empty_file", "not_an_image", "unsupported_format", "truncated", "corrupt", "decompression_bomb",
     "animated", "too_small", "extreme_aspect",
 )
@@ -69,7 +69,7 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)  # readers can verify pages
         os.replace(tmp, path)
     finally:
         if tmp.exists():

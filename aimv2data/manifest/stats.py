@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aimv2data.manifest.integrity import check_rows, read_part, read_schema, sample_parts
 from aimv2data.manifest.schema import SYN_PREFIX, read_json
 
 ASPECT_BINS = np.linspace(-3, 3, 25)   # log2(w/h) in quarter-octave bins: 1:8 .. 8:1
@@ -25,8 +26,8 @@ _COLUMNS = ("source", "format", "mode", "bucket", "width", "height", "orientatio
 def _read(path):
     import polars as pl
 
-    names = pl.read_parquet_schema(path)
-    return pl.read_parquet(path, columns=[c for c in names if c in _COLUMNS or c.startswith(SYN_PREFIX)])
+    names = read_schema(path)
+    return read_part(path, [c for c in names if c in _COLUMNS or c.startswith(SYN_PREFIX)])
 
 
 def compute_stats(manifest: str | Path) -> dict:
@@ -37,11 +38,12 @@ def compute_stats(manifest: str | Path) -> dict:
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} not found: pass a manifest directory written by `aimv2 shard`")
     meta = read_json(meta_path)
-    samples = sorted((manifest / "samples").glob("*.parquet"))
+    samples = sample_parts(manifest, meta)
     rejects = sorted((manifest / "rejects").glob("*.parquet"))
     s = pl.concat([_read(p) for p in samples], how="diagonal_relaxed") if samples else pl.DataFrame()
-    r = pl.concat([pl.read_parquet(p, columns=["reason", "source"]) for p in rejects]) if rejects else pl.DataFrame()
+    r = pl.concat([read_part(p, ["reason", "source"]) for p in rejects]) if rejects else pl.DataFrame()
     n = s.height
+    check_rows(manifest, meta, n)
 
     def counts(df, col):
         if df.height == 0 or col not in df.columns:

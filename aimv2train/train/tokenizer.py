@@ -97,8 +97,12 @@ def caption_columns(schema: dict) -> list[str]:
 
 
 def _sample_files(manifest: str | os.PathLike) -> list[Path]:
+    from aimv2data.manifest.integrity import sample_parts
+    from aimv2data.manifest.schema import read_json
+
     root = Path(manifest)
-    files = sorted((root / "samples").glob("*.parquet"))
+    meta = root / "_manifest.json"
+    files = sample_parts(root, read_json(meta)) if meta.is_file() else sorted((root / "samples").glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no samples/*.parquet under {root}: pass a manifest directory made by "
                                 f"`aimv2 shard`")
@@ -111,12 +115,14 @@ def iter_captions(manifest: str | os.PathLike, columns: Sequence[str] | None = N
     `counts` (if given) is filled with captions yielded per column."""
     import polars as pl
 
+    from aimv2data.manifest.integrity import read_part, read_schema
+
     for f in _sample_files(manifest):
-        schema = pl.read_parquet_schema(f)
+        schema = read_schema(f)
         cols = caption_columns(schema) if columns is None else [c for c in columns if c in schema]
         if not cols:
             continue
-        df = pl.read_parquet(f, columns=cols)
+        df = read_part(f, cols)
         for c in cols:
             s = df[c]
             if s.dtype == pl.List(pl.String) or isinstance(s.dtype, pl.List):
@@ -151,9 +157,9 @@ def train_tokenizer(manifest: str | os.PathLike, output: str | os.PathLike, voca
     """
     manifest = Path(manifest)
     all_cols = set()
-    import polars as pl
+    from aimv2data.manifest.integrity import read_schema
     for f in _sample_files(manifest):
-        all_cols.update(caption_columns(pl.read_parquet_schema(f)))
+        all_cols.update(caption_columns(read_schema(f)))
     if columns is not None:
         missing = [c for c in columns if c not in all_cols]
         if missing:
