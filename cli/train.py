@@ -51,9 +51,15 @@ import click
 @click.option("--keep", default=2, show_default=True, help="Checkpoints kept (0: all).")
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute block activations in backward (less memory).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (the summary is still printed).")
+@click.option("--warn-replaced", default=0.02, show_default=True,
+              help="Warn at the end when more than this share of drawn samples were replacements for samples "
+                   "that could not be read or decoded (the count is in the progress line and metrics.jsonl).")
+@click.option("--allow-no-captions", is_flag=True,
+              help="Train on a manifest without a single caption (refused otherwise: the text loss would "
+                   "learn empty captions).")
 def train(manifest, tokenizer, model, steps, out, stage, native_res, batch_patches, resolution, batch_size, init,
           resume, stop_at, seed, device, workers, decoder, compile_, precision, parallel, lr, min_lr, warmup,
-          weight_decay, clip, save_every, keep, grad_checkpointing, no_progress):
+          weight_decay, clip, save_every, keep, grad_checkpointing, no_progress, warn_replaced, allow_no_captions):
     """Pre-train (or adapt) an AIMv2 encoder with its multimodal decoder.
 
     \b
@@ -73,7 +79,7 @@ def train(manifest, tokenizer, model, steps, out, stage, native_res, batch_patch
                       workers=workers, decoder=decoder, compile=compile_, precision=precision, parallel=parallel,
                       lr=lr, min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip,
                       save_every=save_every, keep=keep, grad_checkpointing=grad_checkpointing,
-                      progress=not no_progress)
+                      progress=not no_progress, warn_replaced=warn_replaced, allow_no_captions=allow_no_captions)
     try:
         s = run(cfg)
     except NonFiniteLoss as e:
@@ -94,6 +100,9 @@ def train(manifest, tokenizer, model, steps, out, stage, native_res, batch_patch
         t.add_row("throughput", f"{s['steps_per_s']:.2f} steps/s, {s['images_per_s']:.1f} images/s, "
                   f"{s['patches_per_s']:.0f} patches/s")
         t.add_row("MFU", f"{100 * s['mfu']:.1f}% of a measured {s['peak_flops'] / 1e9:.0f} GFLOP/s matmul peak")
+    if "replaced" in s:
+        t.add_row("replaced", f"{s['replaced']} of {s['draws']} samples drawn ({100 * s['replaced_share']:.1f}%) "
+                  "could not be read or decoded and were replaced")
     t.add_row("checkpoint", str(s.get("checkpoint")))
     t.add_row("run", f"{s['run']} (metrics.jsonl; curves: aimv2 plot {s['run']})")
     Console().print(t)

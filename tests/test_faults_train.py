@@ -3,6 +3,7 @@ workers, exit codes, damaged checkpoints, a torn metrics.jsonl, hidden replaceme
 manifests. Each test reproduces a fault that once lost or hid work."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,3 +189,57 @@ def test_checkpoints_respect_the_umask(data, tmp_path):
         os.umask(old)
     for _, p in ck.list_checkpoints(tmp_path / "checkpoints"):
         assert p.stat().st_mode & 0o777 == 0o644
+
+
+# --------------------------------------------------------------------------- 10, 12: what the data does
+
+def _variant(data, name: str, edit) -> Path:
+    """A copy of the fixture manifest beside it (relative shard paths still resolve) with its samples
+    parts rewritten by `edit(df) -> df`."""
+    import polars as pl
+
+    manifest, _ = data
+    dst = manifest.parent / name
+    if not dst.exists():
+        shutil.copytree(manifest, dst)
+        for f in sorted((dst / "samples").glob("*.parquet")):
+            edit(pl.read_parquet(f)).write_parquet(f)
+    return dst
+
+
+def test_replacements_are_visible_and_warned_about(data, tmp_path, capsys):
+    """A third of the rows of the larger buckets point at a tar that is gone: every step's replacements are in metrics.jsonl,
+    the summary gives the share, and above --warn-replaced the run ends with a warning."""
+    import polars as pl
+
+    def lose_a_tar(df):
+        # a third of the rows of every bucket of 5 or more: each keeps good rows to replace them with
+        gone = (pl.int_range(pl.len()).over("bucket") % 3 == 0) & (pl.len().over("bucket") >= 5)
+        return df.with_columns(pl.when(gone).then(pl.lit("../shards/deleted.tar")).otherwise(pl.col("shard"))
+                               .alias("shard"))
+
+    manifest = _variant(data, "lost_tar", lose_a_tar)
+    s = train(cfg(data, tmp_path, manifest=str(manifest), steps=4))
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all("replaced" in r for r in recs) and sum(r["replaced"] for r in recs) == s["replaced"] > 0
+    assert s["draws"] == 32 and s["replaced_share"] == s["replaced"] / 32 > 0.02
+    assert "deleted.tar" in json.dumps(s["replaced_examples"])
+    err = capsys.readouterr().err
+    assert "aimv2 train: warning:" in err and "above --warn-replaced 2%" in err
+    s = train(cfg(data, tmp_path / "quiet", manifest=str(manifest), steps=2, warn_replaced=0.9))
+    assert "replaced_warning" not in s and "warning" not in capsys.readouterr().err
+
+
+def test_train_refuses_a_manifest_without_captions(data, tmp_path):
+    import polars as pl
+
+    def drop_captions(df):
+        return df.with_columns(pl.lit(None, dtype=pl.String).alias("caption"),
+                               pl.lit(None, dtype=pl.List(pl.String)).alias("syn_demo"))
+
+    manifest = _variant(data, "no_captions", drop_captions)
+    with pytest.raises(TrainError, match="none of its 80 samples has a caption.*--allow-no-captions"):
+        train(cfg(data, tmp_path / "a", manifest=str(manifest), steps=2))
+    assert not (tmp_path / "a" / "run.json").exists()
+    s = train(cfg(data, tmp_path / "b", manifest=str(manifest), steps=2, allow_no_captions=True))
+    assert s["status"] == "done"

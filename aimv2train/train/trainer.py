@@ -32,6 +32,7 @@ from .metrics import MetricsLog, matmul_peak, read_records, summarize
 from ..model.aimv2 import AIMv2, count_params
 from .optim import build_optimizer
 from ..model.posemb import resize_learned
+from .health import caption_coverage, global_count, replaced_summary
 from .preempt import StopRequest, notice
 from .presets import STAGES, HParams, resolve
 from .schedule import WarmupCosine
@@ -78,6 +79,8 @@ class TrainConfig:
     grad_checkpointing: bool = False
     progress: bool = True
     peak_flops: float | None = None  # skip the matmul measurement (tests); FLOP/s per device
+    warn_replaced: float = 0.02  # warn when more than this share of draws were replacements (health.py)
+    allow_no_captions: bool = False  # train on a manifest without a single caption (text loss on empty ones)
 
     def resolved_stage(self) -> str:
         return self.stage or ("native" if self.native_res else "pretrain")
@@ -283,6 +286,11 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     schedule = WarmupCosine(hp.peak_lr, hp.min_lr, hp.warmup, hp.steps)
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + info.rank)  # prefix lengths
     loader = make_loader(cfg, tok, info, resolution, mcfg.encoder.patch_size)
+    captioned, n_samples = caption_coverage(loader.table)
+    if captioned == 0 and not cfg.allow_no_captions:
+        raise TrainError(f"{cfg.manifest}: none of its {n_samples} samples has a caption, so the text loss would "
+                         "train on empty captions; attach captions (`aimv2 caption attach`) or pass "
+                         "--allow-no-captions")
 
     start = 0
     if resume_from is not None:
@@ -335,6 +343,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     step = start
     batches = iter(loader)
     t_prev = time.perf_counter()
+    replaced_total = 0
     stop = StopRequest()
     try:
         while step < end:
@@ -377,11 +386,14 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
                    "grad_norm": grad_norm, "images_per_s": B * info.world_size / dt,
                    "patches_per_s": B * h * w * info.world_size / dt, "mfu": flops / dt / peak,
                    "step_time": dt, "data_time": t_data, "batch": B * info.world_size, "grid": [h, w],
-                   "epoch": int(getattr(batch, "epoch", 0))}
+                   "epoch": int(getattr(batch, "epoch", 0)),
+                   "replaced": global_count(len(getattr(batch, "replaced", ())), info, device)}
+            replaced_total += rec["replaced"]
             log.write(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", img=f"{rec['loss_img']:.3f}", txt=f"{rec['loss_text']:.3f}",
-                            lr=f"{lr:.2e}", mfu=f"{100 * rec['mfu']:.1f}%", refresh=False)
+                            lr=f"{lr:.2e}", mfu=f"{100 * rec['mfu']:.1f}%", repl=replaced_total,
+                            refresh=False)
             interrupted = logged[3] > 0
             if step == end or interrupted or (cfg.save_every and step % cfg.save_every == 0):
                 saved_path, last_saved = save(step), step
@@ -397,7 +409,10 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     records = _read_records(out / "metrics.jsonl") if info.is_main else []
     summary = {"status": "non_finite" if failure else status, "rank": info.rank, "step": step, "steps": cfg.steps,
                "checkpoint": str(saved_path) if saved_path else None, "last_good_step": last_saved,
-               "run": str(out), **header, **summarize(records)}
+               "run": str(out), **header, **summarize(records),
+               **replaced_summary(records, loader.stats["replaced_keys"], cfg.warn_replaced)}
+    if info.is_main and summary.get("replaced_warning"):
+        notice("warning: " + summary["replaced_warning"])
     if status == "interrupted":  # 130 / 143: a scheduler requeues, `train && export` stops (preempt.py)
         summary.update(signal=stop.signal_name or "SIGTERM", exit_code=stop.exit_code or 143)
     if info.is_main:
