@@ -22,6 +22,7 @@ from PIL import Image, ImageOps
 
 from ..batch import normalize_
 from .geometry import Crop, draft_scale
+from .validate import jpeg_problem
 
 # Pillow's decompression-bomb limit stays as it is: the manifest builder's default cap is the same 2x
 # MAX_IMAGE_PIXELS, so nothing it kept is refused here, and a process that imports the loader keeps
@@ -43,6 +44,8 @@ class PilDecoder:
     def decode(self, data: bytes, crop: Crop, orientation: int | None = None) -> np.ndarray:
         """Encoded bytes -> uint8 (H, W, 3) of the crop, resized (bicubic) and flipped as asked.
         `orientation`: the manifest's EXIF orientation (None: read it from the file)."""
+        if (damaged := jpeg_problem(data)) is not None:  # the rule the dali decoder applies too
+            raise ValueError(damaged)
         im = Image.open(io.BytesIO(data))
         if self.draft and im.format == "JPEG":
             d = draft_scale(crop, self.reducing_gap)
