@@ -196,3 +196,26 @@ def test_damaged_part_is_named_and_redone_by_shard(tmp_path, capsys):
     assert r["processed"] == 2 and r["skipped"] == 0   # it used to say "2 already done"
     assert capsys.readouterr().err.count("damaged; redoing") == 2
     assert SampleTable(out).n == 12
+
+
+# ---------------------------------------------------------------------------------- interruption
+
+@pytest.mark.slow
+def test_sigterm_to_shard_exits_143_leaves_no_temp_files_and_resumes(tmp_path):
+    src = shards(tmp_path, n_tars=6, per=40)
+    out = tmp_path / "m"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "cli.main", "shard", str(src), "-o", str(out), "--idx", "none", "--verify", "decode"]
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and not list((out / "_parts").glob("*.json")):
+        time.sleep(0.02)
+    if p.poll() is not None:
+        pytest.skip("the run ended before it could be interrupted")
+    os.killpg(p.pid, 15)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err[-1500:]
+    assert "interrupted (SIGTERM)" in err and "Traceback" not in err
+    assert not [f for f in out.rglob("*.tmp")]
+    r = subprocess.run(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert r.returncode == 0 and json.loads((out / "_manifest.json").read_text())["counts"]["samples"] == 240

@@ -40,7 +40,9 @@ class StopRequest:
         if os.getpid() != self._pid:  # a forked process inherited the handler: the trainer decides
             return
         if self.requested:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
+            stop = KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
+            stop.signum = signum  # the CLI exits 128 + signum
+            raise stop
         self.requested, self.signum = True, signum
         notice(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
                f"(send it again to stop at once, without a checkpoint)")
