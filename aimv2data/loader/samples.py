@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,13 @@ class SampleTable:
         if any(s is None for s in names):
             raise ManifestError(f"{self.root}: samples with a null `shard`")
         self.shards = [str(self._resolve(s)) for s in names]
+        # Tars moved or deleted since the build: all gone is a one-line error here (not 16 failed
+        # replacements deep in a step); some gone is what the loader's replacements are for, counted.
+        self.missing_shards = [p for p in self.shards if not os.path.exists(p)]
+        if len(self.missing_shards) == len(self.shards):
+            raise ManifestError(f"{self.root}: none of its {len(self.shards)} tars exists (e.g. {self.shards[0]}); "
+                                "were they moved? `shard` paths are relative to the manifest directory: move them "
+                                "back, or rebuild the manifest with `aimv2 shard` over their new place")
         self.shard_idx = df["shard"].replace_strict({s: i for i, s in enumerate(names)},
                                                     return_dtype=pl.Int32).to_numpy()
 

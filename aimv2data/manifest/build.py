@@ -386,6 +386,7 @@ def build_manifest(inputs: list[str], output: str | Path, *, workers: int = 1, p
     output = Path(output)
     jobs = resolve_inputs(list(inputs))
     mine = jobs[part[0]::part[1]] if part else jobs
+    _check_output_is_ours(output)
     try:
         with output_lock(output, part, argv):
             # before writing anything: a refusal must leave the manifest as it was
@@ -542,6 +543,21 @@ def merge_manifest(output: str | Path, inputs: list[str] | None = None, *, opts:
     write_json_atomic(manifest, output / "_manifest.json")
     _remove_stale_temps(output)
     return manifest
+
+
+MANIFEST_ENTRIES = ("_manifest.json", "_parts", "samples", "rejects", "shards.parquet", "idx", "captions", ".lock")
+
+
+def _check_output_is_ours(output: Path) -> None:
+    """-o must be new, empty, or a manifest (being) built: never a folder of other files it would mix into."""
+    if not output.is_dir():
+        if output.exists():
+            raise ManifestBuildError(f"-o {output} is a file; pass a directory for the manifest")
+        return
+    entries = [p.name for p in output.iterdir()]
+    if entries and not any(e in MANIFEST_ENTRIES or e.startswith(".lock") for e in entries):
+        raise ManifestBuildError(f"-o {output} is a non-empty folder that holds no manifest (e.g. {sorted(entries)[0]}); "
+                                 "pass a new or empty directory, or an existing manifest to resume")
 
 
 def _check_no_strangers(output: Path, parts: set[str]) -> None:

@@ -155,6 +155,8 @@ def train_tokenizer(manifest: str | os.PathLike, output: str | os.PathLike, voca
     `soft_limit`: `vocab_size` is an upper bound (sentencepiece's hard_vocab_limit=false), for corpora
     too small to fill it; otherwise too small a corpus is an error that names the largest size it allows.
     """
+    if vocab_size < 4:  # pad, eos, unk and at least one piece
+        raise ValueError(f"--vocab-size must be at least 4 (pad, eos, unk and one piece), got {vocab_size}")
     manifest = Path(manifest)
     all_cols = set()
     from aimv2data.manifest.integrity import read_schema

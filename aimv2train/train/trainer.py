@@ -118,6 +118,23 @@ def _check(cfg: TrainConfig) -> None:
         raise TrainError(f"--save-every must be >= 0 (0: only at the end / --stop-at), got {cfg.save_every}")
     if cfg.precision not in (None, "bf16", "fp32"):
         raise TrainError(f"--precision must be bf16 or fp32, got {cfg.precision!r}")
+    _check_values(cfg)
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    """Values that would otherwise be ignored or fail late (after run.json is written)."""
+    if cfg.resolution is not None and cfg.resolution < 1:
+        raise TrainError(f"--resolution must be positive, got {cfg.resolution}")
+    if cfg.resolution is not None and cfg.native_res:
+        raise TrainError("--resolution has no effect with --native-res (image sizes come from --batch-patches): "
+                         "drop one of them")
+    for flag, value, low in (("--steps", cfg.steps, 1), ("--batch-size", cfg.batch_size, 1),
+                             ("--batch-patches", cfg.batch_patches, 1), ("--workers", cfg.workers, 0),
+                             ("--keep", cfg.keep, 0)):
+        if value < low:
+            raise TrainError(f"{flag} must be >= {low}, got {value}")
+    if not 0 <= cfg.warn_replaced <= 1:
+        raise TrainError(f"--warn-replaced is a share of the samples drawn, in [0, 1]; got {cfg.warn_replaced}")
 
 
 def build_model(cfg: TrainConfig, tok: Tokenizer, resolution: int) -> AIMv2:
