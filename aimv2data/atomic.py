@@ -2,6 +2,7 @@
 resumed run) sees the old file or the new one, never half of one."""
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -35,6 +36,20 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """Whether `e` (or what caused it) is a full disk or quota. torch.save reports ENOSPC only as
+    "unexpected pos N vs M" from its zip writer, chained to "file write failed"."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if "No space left" in text or "unexpected pos" in text or "file write failed" in text:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:

@@ -150,7 +150,8 @@ def test_highres_stage_resamples_the_position_table(data, straight, tmp_path):
 
 
 def test_native_stage_gives_finite_losses(data, straight, tmp_path):
-    s = train(cfg(data, tmp_path, native_res=True, batch_patches=4096, init=str(straight[0]), steps=3))
+    s = train(cfg(data, tmp_path, native_res=True, resolution=None, batch_patches=4096, init=str(straight[0]),
+                  steps=3))
     assert s["stage"] == "native" and "position table dropped" in s["init"]
     recs = metrics(tmp_path)
     assert len(recs) == 3

@@ -54,12 +54,15 @@ def _take(path: Path, exclusive: bool, argv: list[str] | None):
             return None
         raise
     if exclusive:
-        f.seek(0)
-        f.truncate()
-        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                            "argv": argv if argv is not None else sys.argv}) + "\n")
-        f.flush()
+        try:  # who holds it, for the message a second run prints; best effort (a full disk may refuse it)
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                "argv": argv if argv is not None else sys.argv}) + "\n")
+            f.flush()
+        except OSError:
+            pass
     return f
 
 
@@ -102,4 +105,7 @@ def output_lock(output: str | os.PathLike, part: tuple[int, int] | None = None, 
     finally:
         for f in reversed(held):
             if f is not None:
-                f.close()
+                try:
+                    f.close()  # releases the flock
+                except OSError:  # an unflushed holder line on a full disk; the descriptor is closed anyway
+                    pass

@@ -263,6 +263,10 @@ def write_dali_index(path: str, samples: list[Sample]) -> None:
     for row in rows:
         lines.append(" ".join(f"{ext} {m.offset} {m.size}" + (f" {m.name}" if v12 else "") for ext, m in row))
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+    finally:  # a full disk must not leave the temp file beside the user's tars
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from aimv2data.atomic import atomic_write, is_disk_full
 
 from . import checkpoint as ck
 from ..model.config import ModelConfig, model_config, preset_name
@@ -262,8 +263,24 @@ def train(cfg: TrainConfig) -> dict:
     info = init_distributed(device)
     try:
         return _train(cfg, info, device)
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
+            raise
+        raise TrainError(_disk_full_message(cfg.out, e)) from None
     finally:
         shutdown()
+
+
+def _disk_full_message(out: str, e: BaseException) -> str:
+    import shutil
+
+    try:
+        free = f"{shutil.disk_usage(out).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return (f"no space left on the filesystem of {out} ({free}) while writing the run ({type(e).__name__}); "
+            f"nothing half-written was left, the newest complete checkpoint in {out}/checkpoints is intact: "
+            f"free space and rerun the same command with --resume")
 
 
 def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
@@ -324,11 +341,11 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     else:
         peak = matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     end = cfg.stop_at or cfg.steps
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start if cfg.resume else None, enabled=info.is_main)
-    if info.is_main:
+    if info.is_main:  # before metrics.jsonl: a disk that cannot take run.json leaves no empty log either
         _write_json(out / "run.json", {"train": asdict(cfg), "hparams": hp.to_dict(), "model": mcfg.to_dict(),
                                          "world_size": info.world_size, "device": str(device),
                                          "precision": precision, "peak_flops": peak})
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start if cfg.resume else None, enabled=info.is_main)
     train_meta = {"config": asdict(cfg), "hparams": hp.to_dict(), "schedule": schedule.state_dict(),
                   "world_size": info.world_size, "parallel": cfg.parallel if info.enabled else "none",
                   "stage": stage}
@@ -473,7 +490,5 @@ def _read_records(path: Path) -> list[dict]:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, default=str) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))  # no temp file left on a full disk
