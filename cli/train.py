@@ -50,7 +50,10 @@ import click
               help="Checkpoint every K steps (always also at the end and at --stop-at; 0: only those).")
 @click.option("--keep", default=2, show_default=True, help="Checkpoints kept (0: all).")
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute block activations in backward (less memory).")
-@click.option("--no-progress", is_flag=True, help="No progress bar (the summary is still printed).")
+@click.option("--no-progress", is_flag=True, help="No progress bar; instead one log line (step, loss, images/s, "
+              "replacements, ETA) every --log-interval seconds, for batch jobs. The summary is still printed.")
+@click.option("--log-interval", default=60.0, show_default=True,
+              help="Seconds between the log lines of --no-progress (0: none).")
 @click.option("--warn-replaced", default=0.02, show_default=True,
               help="Warn at the end when more than this share of drawn samples were replacements for samples "
                    "that could not be read or decoded (the count is in the progress line and metrics.jsonl).")
@@ -59,7 +62,8 @@ import click
                    "learn empty captions).")
 def train(manifest, tokenizer, model, steps, out, stage, native_res, batch_patches, resolution, batch_size, init,
           resume, stop_at, seed, device, workers, decoder, compile_, precision, parallel, lr, min_lr, warmup,
-          weight_decay, clip, save_every, keep, grad_checkpointing, no_progress, warn_replaced, allow_no_captions):
+          weight_decay, clip, save_every, keep, grad_checkpointing, no_progress, log_interval, warn_replaced,
+          allow_no_captions):
     """Pre-train (or adapt) an AIMv2 encoder with its multimodal decoder.
 
     \b
@@ -79,7 +83,8 @@ def train(manifest, tokenizer, model, steps, out, stage, native_res, batch_patch
                       workers=workers, decoder=decoder, compile=compile_, precision=precision, parallel=parallel,
                       lr=lr, min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip,
                       save_every=save_every, keep=keep, grad_checkpointing=grad_checkpointing,
-                      progress=not no_progress, warn_replaced=warn_replaced, allow_no_captions=allow_no_captions)
+                      progress=not no_progress, log_interval=log_interval, warn_replaced=warn_replaced,
+                      allow_no_captions=allow_no_captions)
     try:
         s = run(cfg)
     except NonFiniteLoss as e:

@@ -243,3 +243,24 @@ def test_train_refuses_a_manifest_without_captions(data, tmp_path):
     assert not (tmp_path / "a" / "run.json").exists()
     s = train(cfg(data, tmp_path / "b", manifest=str(manifest), steps=2, allow_no_captions=True))
     assert s["status"] == "done"
+
+
+# ------------------------------------------------------------------------ 16, 17: for the people who run it
+
+def test_no_progress_prints_periodic_log_lines(data, tmp_path, capsys):
+    train(cfg(data, tmp_path, steps=4, log_interval=1e-9))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("aimv2 train: step ")]
+    assert len(lines) == 4 and lines[-1].startswith("aimv2 train: step 4/4 (100.0%)")
+    assert all("images/s" in ln and "replaced 0" in ln and "ETA" in ln for ln in lines)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_writes_respect_the_umask(tmp_path, umask, mode):
+    from aimv2data.atomic import atomic_write
+
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "x.npy", lambda t: Path(t).write_bytes(b"1"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.npy").stat().st_mode & 0o777 == mode

@@ -34,6 +34,7 @@ from ..model.aimv2 import AIMv2, count_params
 from .optim import build_optimizer
 from ..model.posemb import resize_learned
 from .health import caption_coverage, global_count, replaced_summary
+from .logline import PeriodicLine
 from .preempt import StopRequest, notice
 from .presets import STAGES, HParams, resolve
 from .schedule import WarmupCosine
@@ -82,6 +83,7 @@ class TrainConfig:
     peak_flops: float | None = None  # skip the matmul measurement (tests); FLOP/s per device
     warn_replaced: float = 0.02  # warn when more than this share of draws were replacements (health.py)
     allow_no_captions: bool = False  # train on a manifest without a single caption (text loss on empty ones)
+    log_interval: float = 60.0  # with progress=False: one log line every this many seconds (0: none)
 
     def resolved_stage(self) -> str:
         return self.stage or ("native" if self.native_res else "pretrain")
@@ -378,6 +380,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     batches = iter(loader)
     t_prev = time.perf_counter()
     replaced_total = 0
+    line = PeriodicLine(start, end, cfg.log_interval, enabled=info.is_main and not cfg.progress)
     stop = StopRequest()
     try:
         while step < end:
@@ -425,6 +428,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
             replaced_total += rec["replaced"]
             log.write(rec)
             bar.update(1)
+            line.update(step, rec, replaced_total)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", img=f"{rec['loss_img']:.3f}", txt=f"{rec['loss_text']:.3f}",
                             lr=f"{lr:.2e}", mfu=f"{100 * rec['mfu']:.1f}%", repl=replaced_total,
                             refresh=False)
