@@ -15,7 +15,7 @@ def bench():
 @click.option("--batch-patches", "-C", type=int, default=2**16, show_default=True,
               help="C: patches per step per rank in --native-res mode (a power of two >= 4096).")
 @click.option("--batch-rule", type=click.Choice(["area", "grid"]), default="area", show_default=True,
-              help="--native-res batch size: area = C / A (exact, the issue's rule); grid = C // (h*w), which "
+              help="--native-res batch size: area = C / A (exact, the paper's rule); grid = C // (h*w), which "
               "fills the budget when a bucket's grid h*w is below A.")
 @click.option("--resolution", "-R", type=int, default=224, show_default=True,
               help="Fixed-resolution RandomResizedCrop size in pixels (224; 336/448 for high-res).")
