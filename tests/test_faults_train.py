@@ -51,7 +51,7 @@ def snapshot(root: Path) -> dict:
 # ------------------------------------------------------------------------------------ 1, 2: signals
 
 def _cli(*args, **kw):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": kw.pop("cache")}
     return subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 
@@ -64,7 +64,8 @@ def test_sigterm_to_process_group_with_workers_saves_and_exits_143(data, tmp_pat
     manifest, tok = data
     run = tmp_path / "run"
     p = _cli("train", "-m", str(manifest), "-t", str(tok), "--steps", "400", "--resolution", "56", "--batch-size",
-             "8", "--workers", "2", "--save-every", "0", "--no-progress", "-o", str(run), start_new_session=True)
+             "8", "--workers", "2", "--save-every", "0", "--no-progress", "-o", str(run), start_new_session=True,
+             cache=str(tmp_path / "cache"))
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and p.poll() is None:
@@ -117,8 +118,8 @@ def test_cli_interrupted_run_exits_non_zero(data, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer.LossModule, "forward", preempted)
     manifest, tok = data
     r = CliRunner().invoke(train_cmd, ["-m", str(manifest), "-t", str(tok), "--steps", "12", "--resolution", "56",
-                                       "--batch-size", "8", "--workers", "0", "--no-progress", "-o",
-                                       str(tmp_path / "run")])
+                                       "--batch-size", "8", "--workers", "0", "--no-progress", "--peak-flops",
+                                       "1e11", "-o", str(tmp_path / "run")])
     assert r.exit_code == 143, r.output
 
 
@@ -264,3 +265,20 @@ def test_atomic_writes_respect_the_umask(tmp_path, umask, mode):
     finally:
         os.umask(old)
     assert (tmp_path / "x.npy").stat().st_mode & 0o777 == mode
+
+
+# ----------------------------------------------------------------------------------- 19: MFU reference
+
+def test_mfu_reference_is_stable_between_runs(tmp_path, monkeypatch):
+    """One matmul measurement per start ranged 4x run to run; the reference is the best ever measured on
+    the machine (cached), so a slow start does not inflate MFU."""
+    from aimv2train.train import metrics
+
+    cache = tmp_path / "peak.json"
+    for measured in (200e9, 75e9, 150e9):
+        monkeypatch.setattr(metrics, "matmul_peak", lambda *a, m=measured, **k: m)
+        peak, source = metrics.reference_peak(torch.device("cpu"), torch.float32, cache=cache)
+        assert peak == 200e9 and str(cache) in source
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    assert metrics.reference_peak(torch.device("cuda"), torch.bfloat16) == (989.4e12, "datasheet bf16 dense peak of "
+                                                                               "NVIDIA H100 80GB HBM3")

@@ -29,7 +29,7 @@ from ..model.config import ModelConfig, model_config, preset_name
 from .distributed import DistInfo, all_reduce_mean, init_distributed, pick_device, shutdown, wrap_model
 from ..model.flops import step_flops
 from ..model.masks import sample_prefix_lengths
-from .metrics import MetricsLog, matmul_peak, read_records, summarize
+from .metrics import MetricsLog, read_records, reference_peak, summarize
 from ..model.aimv2 import AIMv2, count_params
 from .optim import build_optimizer
 from ..model.posemb import resize_learned
@@ -80,7 +80,7 @@ class TrainConfig:
     keep: int = 2
     grad_checkpointing: bool = False
     progress: bool = True
-    peak_flops: float | None = None  # skip the matmul measurement (tests); FLOP/s per device
+    peak_flops: float | None = None  # MFU reference, FLOP/s per device (None: metrics.reference_peak)
     warn_replaced: float = 0.02  # warn when more than this share of draws were replacements (health.py)
     allow_no_captions: bool = False  # train on a manifest without a single caption (text loss on empty ones)
     log_interval: float = 60.0  # with progress=False: one log line every this many seconds (0: none)
@@ -339,9 +339,9 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     step_fn = torch.compile(loss_module, dynamic=cfg.native_res or None) if cfg.compile else loss_module
 
     if cfg.peak_flops:
-        peak = cfg.peak_flops
-    else:
-        peak = matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+        peak, peak_source = cfg.peak_flops, "--peak-flops"
+    else:  # a stable reference, so MFU compares between runs (metrics.reference_peak)
+        peak, peak_source = reference_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     end = cfg.stop_at or cfg.steps
     if info.is_main:  # before metrics.jsonl: a disk that cannot take run.json leaves no empty log either
         _write_json(out / "run.json", {"train": asdict(cfg), "hparams": hp.to_dict(), "model": mcfg.to_dict(),
@@ -365,7 +365,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
               "world": f"{info.world_size} x {device.type} ({cfg.parallel if info.enabled else 'single process'})",
               "precision": precision, "lr": f"{hp.peak_lr:g} peak, {hp.warmup} warmup, cosine to {hp.min_lr:g}",
               "weight_decay": hp.weight_decay, "resumed_from": start or None, "init": init_note,
-              "peak_flops": peak}
+              "peak_flops": peak, "peak_source": peak_source}
 
     from tqdm.auto import tqdm
 
