@@ -282,3 +282,15 @@ def test_mfu_reference_is_stable_between_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
     assert metrics.reference_peak(torch.device("cuda"), torch.bfloat16) == (989.4e12, "datasheet bf16 dense peak of "
                                                                                "NVIDIA H100 80GB HBM3")
+
+
+def test_export_refuses_a_damaged_checkpoint(data, tmp_path):
+    from aimv2train.eval.export import export
+    from aimv2train.eval.weights import ExportError
+
+    train(cfg(data, tmp_path / "run", steps=2))
+    (p,) = [p for _, p in ck.list_checkpoints(tmp_path / "run" / "checkpoints")]
+    damage(p)
+    with pytest.raises(ExportError, match="CRC mismatch|damaged"):
+        export(p, "hf", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

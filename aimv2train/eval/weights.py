@@ -46,7 +46,14 @@ def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> tupl
 
 
 def load_weights(path: Path, heads: int | None = None):
-    """interop.load_encoder with an error that says what to do."""
+    """interop.load_encoder with an error that says what to do. One of our checkpoints is first checked
+    against its CRC-32s: damaged bytes would otherwise export (or embed) silently."""
+    p = Path(path)
+    if p.is_file() and ck.is_zip_checkpoint(p):
+        try:
+            ck.verify_checkpoint(p)
+        except ck.CheckpointDamaged as e:
+            raise ExportError(f"{e}; use an intact one (`--step`, or the previous file in its checkpoints/)") from None
     try:
         return load_encoder(path, heads=heads)
     except (ValueError, FileNotFoundError) as e:

@@ -198,6 +198,12 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
         raise CheckpointDamaged(f"checkpoint {path} is damaged (CRC mismatch in {bad})")
 
 
+def is_zip_checkpoint(path: str | os.PathLike) -> bool:
+    """A torch.save'd file (zip archive); not safetensors or a legacy pickle."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     verify_checkpoint(path)
     try:
