@@ -25,8 +25,10 @@ def bench():
               help="pil: Pillow(-SIMD) in worker processes; dali: a DALI pipeline (GPU if present, else CPU).")
 @click.option("--workers", "-j", type=int, default=0, show_default=True,
               help="pil: worker processes (0 = decode in this process); dali: pipeline threads (0 = 1).")
-@click.option("--steps", "-s", type=click.IntRange(min=1), default=50, show_default=True, help="Timed steps.")
-@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Untimed steps first (worker start-up).")
+@click.option("--steps", "-s", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Timed steps.")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Untimed steps first (worker start-up).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed.")
 @click.option("--no-draft", is_flag=True, help="pil: decode JPEGs at full size (no reduced-scale draft).")
 @click.option("--steps-log", type=click.Path(dir_okay=False),

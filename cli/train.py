@@ -86,7 +86,8 @@ def train(manifest, tokenizer, model, steps, out, stage, native_res, batch_patch
                       workers=workers, decoder=decoder, compile=compile_, precision=precision, parallel=parallel,
                       lr=lr, min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip,
                       save_every=save_every, keep=keep, grad_checkpointing=grad_checkpointing,
-                      progress=not no_progress, log_interval=log_interval, peak_flops=peak_flops, warn_replaced=warn_replaced,
+                      progress=not no_progress, log_interval=log_interval, peak_flops=peak_flops,
+                      warn_replaced=warn_replaced,
                       allow_no_captions=allow_no_captions)
     try:
         s = run(cfg)

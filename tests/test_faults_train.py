@@ -209,7 +209,8 @@ def _variant(data, name: str, edit) -> Path:
 
 
 def test_replacements_are_visible_and_warned_about(data, tmp_path, capsys):
-    """A third of the rows of the larger buckets point at a tar that is gone: every step's replacements are in metrics.jsonl,
+    """A third of the rows of the larger buckets point at a tar that is gone: every step's replacements are in
+    metrics.jsonl,
     the summary gives the share, and above --warn-replaced the run ends with a warning."""
     import polars as pl
 
@@ -280,8 +281,8 @@ def test_mfu_reference_is_stable_between_runs(tmp_path, monkeypatch):
         peak, source = metrics.reference_peak(torch.device("cpu"), torch.float32, cache=cache)
         assert peak == 200e9 and str(cache) in source
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
-    assert metrics.reference_peak(torch.device("cuda"), torch.bfloat16) == (989.4e12, "datasheet bf16 dense peak of "
-                                                                               "NVIDIA H100 80GB HBM3")
+    peak, source = metrics.reference_peak(torch.device("cuda"), torch.bfloat16)
+    assert (peak, source) == (989.4e12, "datasheet bf16 dense peak of NVIDIA H100 80GB HBM3")
 
 
 def test_export_refuses_a_damaged_checkpoint(data, tmp_path):

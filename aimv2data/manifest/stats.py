@@ -24,8 +24,6 @@ _COLUMNS = ("source", "format", "mode", "bucket", "width", "height", "orientatio
 
 
 def _read(path):
-    import polars as pl
-
     names = read_schema(path)
     return read_part(path, [c for c in names if c in _COLUMNS or c.startswith(SYN_PREFIX)])
 

@@ -47,7 +47,8 @@ DATASHEET_BF16 = (("H200", 989.4e12), ("H100 PCIe", 756.5e12), ("H100 NVL", 835.
                   ("A100", 312e12), ("L40S", 362.05e12), ("A10G", 70e12), ("L4", 121e12))
 
 
-def reference_peak(device: torch.device, dtype: torch.dtype, cache: str | os.PathLike | None = None) -> tuple[float, str]:
+def reference_peak(device: torch.device, dtype: torch.dtype,
+                   cache: str | os.PathLike | None = None) -> tuple[float, str]:
     """The FLOP/s MFU divides by, and where it comes from. A GPU with a datasheet entry: its dense bf16
     peak. Otherwise (CPUs, unknown GPUs) one matmul measurement per start ranged 4x run to run on a shared
     machine, so the reference is the best measurement ever made on this machine for this device and
@@ -61,7 +62,9 @@ def reference_peak(device: torch.device, dtype: torch.dtype, cache: str | os.Pat
                 return flops, f"datasheet bf16 dense peak of {name}"
     import platform
 
-    cache = Path(cache) if cache else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "aimv2" / "peak_flops.json"
+    if cache is None:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "aimv2" / "peak_flops.json"
+    cache = Path(cache)
     key = f"{platform.node()}|{device.type}|{_device_model(device)}|{dtype}|{torch.get_num_threads()} threads"
     try:
         known = json.loads(cache.read_text())
