@@ -130,3 +130,15 @@ def test_fetch_and_shard_share_one_max_pixels_default():
 
     defaults = [p.default for c in (fetch, shard) for p in c.params if p.name == "max_pixels"]
     assert defaults == [fetch_default, shard_default] and fetch_default == shard_default
+
+
+def test_embed_a_lone_non_image_says_why(tmp_path):
+    from aimv2train.model.config import model_config
+    from aimv2train.model.encoder import Encoder
+    from aimv2train.model.interop import save_encoder
+
+    ckpt = save_encoder(Encoder(model_config("tiny").encoder), tmp_path / "enc.pt")
+    (tmp_path / "photo.jpg").write_text("<html>404</html>")
+    r = run("embed", tmp_path / "photo.jpg", "-c", ckpt, "-o", tmp_path / "x.npy")
+    msg = one_line_error(r)
+    assert "no image could be embedded" in msg and "photo.jpg:" in msg

@@ -47,3 +47,15 @@ def test_model_card_says_how_to_preprocess(tmp_path):
             assert not (tmp_path / name / "preprocessor_config.json").exists()
         else:
             assert "centre crop" in card and (tmp_path / name / "preprocessor_config.json").is_file()
+
+
+def test_fetch_progress_has_a_total():
+    """Item 17: img2dataset's shard bar had no total, so no share done and no ETA."""
+    import img2dataset.distributor as dist
+
+    from aimv2data.fetch import _shard_progress
+
+    with _shard_progress(7):
+        bar = dist.tqdm(iter(()), disable=True)
+        assert bar.total == 7
+    assert dist.tqdm(iter(()), disable=True).total is None   # given back
