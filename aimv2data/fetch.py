@@ -308,8 +308,23 @@ def _check_distributor(name: str) -> None:
                              f"{name} cluster; see img2dataset's distributed docs", "distributor")
 
 
+@contextlib.contextmanager
+def _shard_progress(total: int | None):
+    """img2dataset's progress bar counts shards without a total, so it shows no share done and no ETA;
+    give its tqdm the number of shards this run fetches for the call."""
+    import img2dataset.distributor as dist
+
+    original = dist.tqdm
+    if total:
+        dist.tqdm = functools.partial(original, total=total, unit="shard", desc="fetch", dynamic_ncols=True)
+    try:
+        yield
+    finally:
+        dist.tqdm = original
+
+
 def run_img2dataset(opts: FetchOptions, out: Path, job: dict, n_shards: int, url_list=None,
-                    mode: str = "incremental", extra_columns: tuple = ()) -> int | None:
+                    mode: str = "incremental", extra_columns: tuple = (), todo: int | None = None) -> int | None:
     """One img2dataset.download over DIR/_input (or `url_list`). Returns the signal number when interrupted
     (SIGINT, SIGTERM), else None."""
     from img2dataset import download
@@ -335,8 +350,8 @@ def run_img2dataset(opts: FetchOptions, out: Path, job: dict, n_shards: int, url
     try:
         # OpenCV's decoder reads this cap (in every spawned worker) and refuses larger images up
         # front: the second line of defence behind NativeResizer's header check.
-        with _native_resizer(opts.keep_progressive), _env(OPENCV_IO_MAX_IMAGE_PIXELS=opts.max_pixels,
-                                                          NO_ALBUMENTATIONS_UPDATE=1):
+        with _native_resizer(opts.keep_progressive), _shard_progress(todo), _env(
+                OPENCV_IO_MAX_IMAGE_PIXELS=opts.max_pixels, NO_ALBUMENTATIONS_UPDATE=1):
             download(
                 url_list=str(url_list or out / INPUT_DIR), input_format="parquet", output_folder=str(out),
                 output_format="webdataset", url_col="url", caption_col="caption" if caption else None,
@@ -393,7 +408,7 @@ def fetch(opts: FetchOptions, console=None) -> dict:
         summary_path.unlink(missing_ok=True)  # absent while a run is in progress
         if console is not None:
             console.print(f"[bold]aimv2 fetch[/]: {len(pending)} of {len(names)} shard(s) to fetch into {out}")
-        interrupted = run_img2dataset(opts, out, job, len(names))
+        interrupted = run_img2dataset(opts, out, job, len(names), todo=len(pending))
     elif console is not None:
         console.print(f"[bold]aimv2 fetch[/]: all {len(names)} shard(s) in {out} are done; nothing to fetch")
     run_s = time.perf_counter() - t0

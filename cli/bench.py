@@ -20,7 +20,7 @@ def bench():
 @click.option("--batch-patches", "-C", type=int, default=2**16, show_default=True,
               help="C: patches per step per rank in --native-res mode (a power of two >= 4096).")
 @click.option("--batch-rule", type=click.Choice(["area", "grid"]), default="area", show_default=True,
-              help="--native-res batch size: area = C / A (exact, the issue's rule); grid = C // (h*w), which "
+              help="--native-res batch size: area = C / A (exact, the paper's rule); grid = C // (h*w), which "
               "fills the budget when a bucket's grid h*w is below A.")
 @click.option("--resolution", "-R", type=int, default=224, show_default=True,
               help="Fixed-resolution RandomResizedCrop size in pixels (224; 336/448 for high-res).")
@@ -30,8 +30,10 @@ def bench():
               help="pil: Pillow(-SIMD) in worker processes; dali: a DALI pipeline (GPU if present, else CPU).")
 @click.option("--workers", "-j", type=int, default=0, show_default=True,
               help="pil: worker processes (0 = decode in this process); dali: pipeline threads (0 = 1).")
-@click.option("--steps", "-s", type=int, default=50, show_default=True, help="Timed steps.")
-@click.option("--warmup", type=int, default=2, show_default=True, help="Untimed steps first (worker start-up).")
+@click.option("--steps", "-s", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Timed steps.")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Untimed steps first (worker start-up).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed.")
 @click.option("--no-draft", is_flag=True, help="pil: decode JPEGs at full size (no reduced-scale draft).")
 @click.option("--steps-log", type=click.Path(dir_okay=False),

@@ -14,7 +14,8 @@ def demo(out):
     images), served by a loopback HTTP server: corpus -> fetch (COYO-style list) -> fetch (DFN-style pool +
     uid index) -> shard -> attach synthetic captions -> sentencepiece tokenizer -> train a tiny AIMv2 at
     56 px -> continue at native resolution -> probe both trunks and a random one on held-out patterns ->
-    export a transformers folder. Offline, a few minutes on 2 cores; a rerun skips steps that are done."""
+    export a transformers folder. Offline; about 70 s on 2 CPU cores (benchmarks/RESULTS.md); a rerun
+    skips steps that are done."""
     from rich.console import Console
     from rich.table import Table
 

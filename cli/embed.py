@@ -16,7 +16,7 @@ import click
 @click.option("--native-res", is_flag=True,
               help="Keep each image's aspect ratio on a patch grid of at most --max-patches patches "
                    "(the default for sin-cos / native-resolution models).")
-@click.option("--max-patches", type=int, default=1024, show_default=True,
+@click.option("--max-patches", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Patch budget A for --native-res (h*w <= A); smaller images keep their own size.")
 @click.option("--batch-size", type=int, default=16, show_default=True,
               help="Images per forward pass (native resolution batches runs of equal grids).")
@@ -33,6 +33,8 @@ def embed(images, checkpoint, output, tokens, resolution, native_res, max_patche
 
     if resolution is not None and native_res:
         raise click.UsageError("--resolution and --native-res are exclusive: pick one")
+    if not output.endswith((".npy", ".npz")):  # before the work, not after it
+        raise click.UsageError(f"--output must end in .npy or .npz, got {output}")
     console = Console(stderr=True)
     try:
         encoder = load_weights(checkpoint, heads=heads)

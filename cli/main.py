@@ -3,6 +3,8 @@ it is run, so `aimv2 --help` stays fast (torch and DALI are heavy imports)."""
 from __future__ import annotations
 
 import importlib
+import signal
+import threading
 
 import click
 
@@ -26,7 +28,32 @@ COMMANDS: dict[str, str] = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so `finally` blocks remove temp files and release locks."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 class LazyGroup(click.Group):
+    def invoke(self, ctx):
+        """Interrupted commands exit 130 (SIGINT) or 143 (SIGTERM) with one line, not click's "Aborted!"
+        and 1; `train` and `fetch` install their own handlers (save / resume) and exit the same way."""
+        main = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            name = ctx.invoked_subcommand or "aimv2"
+            term = isinstance(e, Terminated) or getattr(e, "signum", None) == signal.SIGTERM
+            click.echo(f"aimv2 {name}: interrupted ({'SIGTERM' if term else 'SIGINT'}); what was written is "
+                       "complete, rerun the same command to resume", err=True)
+            raise SystemExit(143 if term else 130) from None
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, old)
+
     def list_commands(self, ctx):
         return sorted(COMMANDS)
 

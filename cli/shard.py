@@ -81,10 +81,13 @@ def shard(inputs, output, patch_size, workers, distributor, ray_address, part, v
     t.add_row("tars", f"{r['processed']} processed, {r['skipped']} already done, {len(r['failed'])} failed{scope}")
     rate = r["samples_processed"] / r["seconds"] if r["seconds"] > 0 else 0.0
     t.add_row("this run", f"{r['samples_processed']} samples in {r['seconds']:.1f} s ({rate:.0f}/s, {workers} workers)")
-    total = r["samples"] + r["rejects"]
+    total = r["samples"] + r["rejects"] - r.get("tar_problems", 0)   # samples, not rows about a whole tar
     t.add_row("kept", f"{r['samples']} of {total}" + (f" ({100 * r['samples'] / total:.1f}%)" if total else ""))
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["per_reason"].items(), key=lambda kv: -kv[1]))
     t.add_row("rejected", f"{r['rejects']}" + (f": {reasons}" if reasons else ""))
+    if r["per_reason"].get("missing_from_tar"):
+        t.add_row("[red]lost[/]", f"{r['per_reason']['missing_from_tar']} samples img2dataset's NNNNN.parquet lists "
+                  "are not in their (damaged or truncated) tar: see MANIFEST/rejects")
     where = {"beside": "beside their tar", "manifest": "in MANIFEST/idx/",
              "none": "without (no kept sample or --idx none)"}
     t.add_row("DALI .idx", ", ".join(f"{v} tars {where[k]}" for k, v in r["idx"].items()) or "-")

@@ -84,10 +84,18 @@ def train(**settings):
             vals = [(short, s[f"val_{k}_end"]) for k, (short, _) in LOSS_TERMS.items() if f"val_{k}_end" in s]
             t.add_row("val loss", f"{s['val_loss_end']:.4f} (" + ", ".join(f"{n} {v:.4f}" for n, v in vals)
                       + f"; step {s['val_step']})")
-        t.add_row("MFU", f"{100 * s['mfu']:.1f}% of a measured {s['peak_flops'] / 1e9:.0f} GFLOP/s matmul peak")
+        t.add_row("MFU", f"{100 * s['mfu']:.1f}% of {s['peak_flops'] / 1e9:.0f} GFLOP/s "
+                  f"({s.get('peak_source', 'measured matmul peak')})")
+    if "replaced" in s:
+        t.add_row("replaced", f"{s['replaced']} of {s['draws']} samples drawn ({100 * s['replaced_share']:.1f}%) "
+                  "could not be read or decoded and were replaced")
     if "val_loss_end" in s:
         t.add_row("val loss", f"{s['val_loss_end']:.4f} (image {s['val_loss_img_end']:.4f} / text "
                   f"{s['val_loss_text_end']:.4f}, step {s['val_step']})")
     t.add_row("checkpoint", str(s.get("checkpoint")))
     t.add_row("run", f"{s['run']} (metrics.jsonl; curves: aimv2 plot {s['run']})")
     Console().print(t)
+    if s["status"] == "interrupted":  # 130 (SIGINT) / 143 (SIGTERM): resumable, not finished (docs/contracts.md)
+        raise SystemExit(s["exit_code"])
+    if s["status"] == "interrupted":  # 130 (SIGINT) / 143 (SIGTERM): resumable, not finished (docs/contracts.md)
+        raise SystemExit(s["exit_code"])

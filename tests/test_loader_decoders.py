@@ -132,3 +132,36 @@ def test_dali_error_path_rebuilds_and_names_the_bad_sample():
     assert torch.equal(images[[0, 2, 3]], clean)
     again, failed = dec.decode_batch(good, crops[:3])                  # the rebuilt pipeline works
     assert failed == {} and torch.equal(again, clean)
+
+
+def test_both_decoders_accept_and_reject_the_same_damaged_jpegs():
+    """Random bytes over the middle of JPEGs (issue 12): libjpeg calls most such damage a warning, Pillow
+    raised on some and DALI (CPU) on none, so `dali` trained on files `pil` replaced. Both now apply the
+    same rule (loader/validate.py) and fail the same slots."""
+    import io
+    import random
+
+    from PIL import Image
+    from skimage import data as photos
+
+    from aimv2data.loader.decode_dali import DaliDecoder
+    from aimv2data.loader.decode_pil import PilDecoder
+    from aimv2data.loader.geometry import cover
+    from aimv2data.loader.validate import jpeg_problem
+
+    rng = random.Random(0)
+    datas = []
+    b = io.BytesIO()
+    Image.fromarray(photos.astronaut()).save(b, "JPEG", quality=90)
+    assert jpeg_problem(b.getvalue()) is None
+    for i in range(24):
+        raw = bytearray(b.getvalue())
+        pos = rng.randrange(len(raw) // 4, 3 * len(raw) // 4)
+        raw[pos:pos + 64] = bytes(rng.randrange(256) for _ in range(64))
+        datas.append(bytes(raw))
+    datas.append(datas[0][: len(datas[0]) // 2])            # truncated: no EOI
+    crops = [cover(512, 512, 112, 112, False)] * len(datas)
+    _, pil_failed = PilDecoder().decode_batch(datas, crops)
+    _, dali_failed = DaliDecoder(len(datas), 1, device_id=None).decode_batch(datas, crops)
+    assert sorted(pil_failed) == sorted(dali_failed)
+    assert 3 <= len(pil_failed) < len(datas) and len(datas) - 1 in pil_failed

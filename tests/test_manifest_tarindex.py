@@ -59,7 +59,7 @@ def test_ustar_prefix_names_and_non_files(tmp_path):
         assert f.read(m.size) == tf.extractfile(deep).read()
 
 
-def test_damaged_header_mid_tar_stops_with_a_reason(tmp_path):
+def test_damaged_header_mid_tar_resynchronises_on_the_next_header(tmp_path):
     good = tmp_path / "good.tar"
     F.good_tar(good, 6)
     idx = index_tar(str(good))
@@ -70,8 +70,29 @@ def test_damaged_header_mid_tar_stops_with_a_reason(tmp_path):
     bad = tmp_path / "bad.tar"
     bad.write_bytes(bytes(data))
     t = index_tar(str(bad))
-    assert [s.key for s in t.samples] == [s.key for s in idx.samples[:4]]
-    assert "checksum" in t.tail_problem and str(hdr) in t.tail_problem
+    with_image = [s.key for s in t.samples if s.image()[1] is not None]
+    assert with_image == [s.key for s in idx.samples[:4] + idx.samples[5:]]  # only the victim's image is lost
+    assert t.tail_problem is None and len(t.damaged) == 1
+    assert "checksum" in t.damaged[0] and str(hdr) in t.damaged[0]
+    for s in t.samples:  # offsets after the resync are still right
+        for m in s.members.values():
+            assert data[m.offset:m.offset + m.size] == bytes(good.read_bytes()[m.offset:m.offset + m.size])
+
+
+def test_garbage_over_a_header_loses_only_the_members_under_it(tmp_path):
+    """4 KB of random bytes over one member header (the fault-injection case): the index resumes at the
+    next valid header instead of stopping there."""
+    good = tmp_path / "good.tar"
+    F.good_tar(good, 30)
+    idx = index_tar(str(good))
+    data = bytearray(good.read_bytes())
+    hdr = idx.samples[10].members["jpg"].offset - 512
+    data[hdr:hdr + 4096] = os.urandom(4096)
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(bytes(data))
+    t = index_tar(str(bad))
+    lost = {s.key for s in idx.samples} - {s.key for s in t.samples if s.image()[1] is not None}
+    assert 1 <= len(lost) <= 3 and t.damaged and t.tail_problem is None
 
 
 def test_samples_group_by_key_like_webdataset():

@@ -150,7 +150,8 @@ def test_highres_stage_resamples_the_position_table(data, straight, tmp_path):
 
 
 def test_native_stage_gives_finite_losses(data, straight, tmp_path):
-    s = train(cfg(data, tmp_path, native_res=True, batch_patches=4096, init=str(straight[0]), steps=3))
+    s = train(cfg(data, tmp_path, native_res=True, resolution=None, batch_patches=4096, init=str(straight[0]),
+                  steps=3))
     assert s["stage"] == "native" and "position table dropped" in s["init"]
     recs = metrics(tmp_path)
     assert len(recs) == 3
@@ -162,7 +163,7 @@ def test_native_stage_gives_finite_losses(data, straight, tmp_path):
     assert "encoder.pos_embed" not in state["model"] and state["config"]["encoder"]["pos_embed"] == "sincos"
 
 
-def test_sigterm_checkpoints_and_resumes_exactly(data, straight, tmp_path, monkeypatch):
+def test_sigterm_checkpoints_and_resumes_exactly(data, straight, tmp_path, monkeypatch, capsys):
     """A preemption notice (SIGTERM) during step 5: the step completes, a checkpoint is written, the run
     ends "interrupted"; the same command with --resume finishes it with the uninterrupted run's numbers."""
     import os
@@ -179,10 +180,11 @@ def test_sigterm_checkpoints_and_resumes_exactly(data, straight, tmp_path, monke
         return real_forward(self, *args)
 
     monkeypatch.setattr(trainer.LossModule, "forward", preempted)
-    with pytest.warns(UserWarning, match="SIGTERM: saving a checkpoint"):
-        s = train(cfg(data, tmp_path))
+    s = train(cfg(data, tmp_path))
     monkeypatch.undo()
+    assert "aimv2 train: SIGTERM: saving a checkpoint" in capsys.readouterr().err  # a message, not a warning
     assert s["status"] == "interrupted" and s["step"] == 5
+    assert s["signal"] == "SIGTERM" and s["exit_code"] == 143
     assert [st for st, _ in ck.list_checkpoints(tmp_path / "checkpoints")] == [5]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back
     train(cfg(data, tmp_path, resume=True))

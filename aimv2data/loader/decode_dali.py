@@ -26,6 +26,7 @@ from PIL import Image
 
 from ..batch import MEAN, STD
 from .geometry import Crop
+from .validate import jpeg_problem
 
 
 def cuda_device() -> int | None:
@@ -127,7 +128,10 @@ class DaliDecoder:
 
 
 def _screen(data: bytes) -> str | None:
-    """None if PIL can parse the image's headers, else why not."""
+    """None if PIL can parse the image's headers and a JPEG passes the damage rule the pil decoder also
+    applies (validate.py), else why not."""
+    if (damaged := jpeg_problem(data)) is not None:
+        return damaged
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.size  # noqa: B018 - reading the size parses the header: that is the check

@@ -26,6 +26,7 @@ from PIL import Image, ImageOps
 from ..batch import MEAN, STD
 from . import decode_turbo
 from .geometry import Crop, draft_scale
+from .validate import jpeg_problem
 
 # Pillow's decompression-bomb limit stays as it is: the manifest builder's default cap is the same 2x
 # MAX_IMAGE_PIXELS, so nothing it kept is refused here, and a process that imports the loader keeps
@@ -60,6 +61,8 @@ class PilDecoder:
     def decode(self, data: bytes, crop: Crop, orientation: int | None = None) -> np.ndarray:
         """Encoded bytes -> uint8 (H, W, 3) of the crop, resized (bicubic) and flipped as asked.
         `orientation`: the manifest's EXIF orientation (None: read it from the file)."""
+        if (damaged := jpeg_problem(data)) is not None:  # the rule the dali decoder applies too
+            raise ValueError(damaged)
         im = None
         if self.turbo and orientation is not None:     # JPEG at the smallest M/8 scale (decode_turbo.py)
             im = decode_turbo.decode_scaled(data, crop, self.reducing_gap, scale=self.draft)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -232,6 +233,16 @@ class _Steps(torch.utils.data.IterableDataset):
 
 def _worker_init(_):
     torch.set_num_threads(1)   # one core per worker: decoding is the work, not torch ops
+    ignore_stop_signals()
+
+
+def ignore_stop_signals() -> None:
+    """SIGTERM/SIGINT sent to the whole process group (Slurm preemption, scancel, Ctrl-C) must reach only
+    the main process, which finishes its step and saves; a worker that died of it would make the
+    DataLoader raise in the middle of that step. torch's worker SIGTERM handler is replaced; workers
+    still end when the main process closes their queues or exits (torch's parent watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Loader:

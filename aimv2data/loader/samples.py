@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ import polars as pl
 from aimv2data import paper
 from aimv2data.manifest import layout
 
+from ..manifest.integrity import ManifestMismatch, check_rows, sample_parts
 from ..storage import is_url, open_file, resolve_against, upath
 
 AREAS = paper.AREAS  # 128 .. 4096 patches
@@ -63,7 +65,7 @@ class Manifest:
         self.patch_size = int(meta.get("patch_size", paper.PATCH_SIZE))
         self._meta_path = meta_path
         self._buckets = None
-        self.files = layout.sample_files(self.root)
+        self.files = sample_parts(self.root, meta)   # the parts _manifest.json lists, no more, no fewer
         if not self.files:
             raise ManifestError(f"no samples/*.parquet under {self.root}: the manifest is empty or unfinished "
                                 "(rerun `aimv2 shard`, it resumes)")
@@ -75,7 +77,7 @@ class Manifest:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=min(8, len(self.files))) as pool:
-            summaries = list(pool.map(_footer, self.files))
+            summaries = list(pool.map(_named_footer, self.files))
         schemas: dict[tuple, tuple] = {}
         for i, (f, (cols, groups)) in enumerate(zip(self.files, summaries)):
             missing = [c for c in REQUIRED if c not in cols]
@@ -100,6 +102,7 @@ class Manifest:
         self.chunk_rows = np.array(rows, dtype=np.int64)
         self.chunk_source = srcs                  # normalised name, "" (no source column) or ANY
         self.n = int(self.chunk_rows.sum())
+        check_rows(self.root, meta, self.n)     # parts changed after the merge: refuse, say so
         self.has_source = any("source" in c for c in self.columns)
         self.sources = self._sources()
         h = hashlib.sha1(f"chunks:{self.n}".encode())
@@ -145,6 +148,16 @@ class Manifest:
 def _parquet_source(path):
     """What pyarrow reads a part from: the local path, or a ranged-read file object at a URL."""
     return open_file(str(path)) if is_url(path) else str(path)
+
+
+def _named_footer(path):
+    """_footer with a damaged part named in one line (not a 40-line arrow traceback)."""
+    try:
+        return _footer(path)
+    except Exception as e:  # noqa: BLE001 - arrow raises many kinds for damaged bytes
+        raise ManifestMismatch(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}): the "
+                               "part is damaged; rerun `aimv2 shard` with the same inputs, it redoes damaged "
+                               "parts") from None
 
 
 def _footer(path: Path) -> tuple[list[str], list[tuple[int, int, str | None]]]:
@@ -276,6 +289,14 @@ class SampleTable:
         self.shard_idx = cat["shard"]
         self.shard_names = names
         self.shards = [str(self._resolve(x)) for x in names]
+        # Tars moved or deleted since the build: all gone is a one-line error here (not 16 failed
+        # replacements deep in a step); some gone is what the loader's replacements are for, counted.
+        self.missing_shards = [s for s in self.shards if not is_url(s) and not os.path.exists(s)]
+        if self.shards and len(self.missing_shards) == len(self.shards):
+            raise ManifestError(f"{m.root}: none of the {len(self.shards)} tars of this share exists (e.g. "
+                                f"{self.shards[0]}); were they moved? `shard` paths are relative to the manifest "
+                                "directory: move them back, or rebuild the manifest with `aimv2 shard` over their "
+                                "new place")
         starts = np.array(starts, dtype=np.int64)
         self.syn_columns = sorted(c for c in text if c.startswith("syn_"))
         self.text = {c: Chunked(parts, starts) for c, parts in text.items()}

@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import os
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from aimv2data.manifest.inspect_image import DEFAULT_MAX_PIXELS, VERIFY_LEVELS, 
 from aimv2data.manifest import layout
 from aimv2data.manifest.schema import (REJECT_SCHEMA, SAMPLE_SCHEMA, SCHEMA_VERSION, SYN_PREFIX, SYN_TYPE,
                                        read_json, write_json_atomic, write_parquet_atomic)
+from aimv2data.manifest.lock import LockHeld, output_lock
 from aimv2data.manifest.tarindex import (IMAGE_EXTS, TarUnreadable, index_tar, open_tar, split_name,
                                          write_dali_index)
 
@@ -248,6 +250,8 @@ def process_tar(job: TarJob, output: str, opts: ShardOptions) -> dict:
                 counts["members_truncated"] += 1
         if index.tail_problem:
             reject("tar_tail", index.tail_problem)
+        for what in index.damaged:
+            reject("tar_damaged", what)
         counts["members_ignored"] += index.ignored
 
         with open_tar(job.path) as f:
@@ -294,6 +298,11 @@ def process_tar(job: TarJob, output: str, opts: ShardOptions) -> dict:
                 })
                 kept_samples.append(s)
 
+    seen = set() if index is None else {s.key for s in index.samples} | {split_name(m.name)[0] for m in index.truncated}
+    for key in _lost_keys(job.path, seen):
+        reject("missing_from_tar", f"listed as downloaded in {Path(job.path).with_suffix('.parquet').name}, "
+               "absent from the tar (lost with a damaged or truncated part of it)", key=key)
+
     write_parquet_atomic(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), paths["samples"])
     write_parquet_atomic(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), paths["rejects"])
     idx_path = _write_idx(job, output, opts, kept_samples)
@@ -312,6 +321,26 @@ def process_tar(job: TarJob, output: str, opts: ShardOptions) -> dict:
     }
     write_json_atomic(summary, paths["done"])   # last: its presence means the tar is done
     return summary
+
+
+TAR_LEVEL = ("tar_unreadable", "tar_tail", "tar_damaged")   # reject rows about the tar, not one sample
+
+
+def _lost_keys(tar: str, seen: set[str]) -> list[str]:
+    """Keys img2dataset's `NNNNN.parquet` (beside `NNNNN.tar`) lists as downloaded that the tar does not
+    hold: what a damaged or truncated tar lost. [] when there is no such parquet."""
+    listing = Path(tar).with_suffix(".parquet")
+    if not listing.is_file():
+        return []
+    try:
+        cols = pq.read_schema(listing).names
+        if "key" not in cols:
+            return []
+        t = pq.read_table(listing, columns=[c for c in ("key", "status") if c in cols]).to_pydict()
+    except Exception:   # an unreadable listing costs the count, not the tar
+        return []
+    status = t.get("status") or ["success"] * len(t["key"])
+    return [k for k, st in zip(t["key"], status) if k is not None and st == "success" and k not in seen]
 
 
 def _uid(meta: dict) -> str | None:
@@ -364,7 +393,21 @@ def _done_summary(job: TarJob, output: Path, opts: ShardOptions) -> dict | None:
         return None
     same = (s.get("fingerprint") == opts.fingerprint() and s.get("tar_size") == size
             and s.get("tar_mtime_ns") == version)
+    if same and not (_part_intact(p["samples"], s.get("samples")) and _part_intact(p["rejects"], s.get("rejects"))):
+        print(f"aimv2 shard: {p['samples'].parent.name}/part-{job.part}.parquet or its rejects part is damaged; "
+              f"redoing {job.path}", file=sys.stderr, flush=True)
+        return None
     return s if same else None
+
+
+def _part_intact(path: Path, rows: int | None) -> bool:
+    """The part reads back completely (footer, every page; pages carry CRCs) with the rows its summary
+    recorded. A part file that merely exists is not proof of a done tar."""
+    try:
+        t = pq.read_table(path, page_checksum_verification=True)
+    except Exception:
+        return False
+    return rows is None or t.num_rows == rows
 
 
 # --- the whole build -------------------------------------------------------------------------------
@@ -392,8 +435,17 @@ def build_manifest(inputs: list[str], output: str | Path, *, workers: int = 1, p
 
         connect_ray(ray_address)               # an address that does not answer: refused before anything is written
     mine = jobs[part[0]::part[1]] if part else jobs
-    output.mkdir(parents=True, exist_ok=True)
+    _check_output_is_ours(output)
+    try:
+        with output_lock(output, part, argv):
+            # before writing anything: a refusal must leave the manifest as it was
+            _check_no_strangers(output, {j.part for j in jobs})
+            return _build(jobs, mine, output, opts, workers, part, merge, progress, inputs, argv)
+    except LockHeld as e:
+        raise ManifestBuildError(str(e)) from None
 
+
+def _build(jobs, mine, output, opts, workers, part, merge, progress, inputs, argv) -> dict:
     t0 = time.perf_counter()
     summaries, todo = [], []
     for j in mine:
@@ -428,6 +480,7 @@ def build_manifest(inputs: list[str], output: str | Path, *, workers: int = 1, p
         "rejects": sum(s["rejects"] for s in summaries),
         "per_reason": dict(sum((Counter(s["per_reason"]) for s in summaries), Counter())),
         "samples_processed": sum(s["samples"] + s["rejects"] for s in done_now),
+        "tar_problems": sum(s["per_reason"].get(r, 0) for s in summaries for r in TAR_LEVEL),
         "seconds": round(seconds, 3), "merged": False, "missing": None, "output": str(output),
         "idx": Counter("none" if not s["idx"] else ("manifest" if s["idx"].startswith(str(output.resolve()))
                                                    else "beside") for s in summaries),
@@ -436,7 +489,7 @@ def build_manifest(inputs: list[str], output: str | Path, *, workers: int = 1, p
         missing = [j for j in jobs if _done_summary(j, output, opts) is None]
         report["missing"] = len(missing)
         if not missing:
-            merge_manifest(output, list(inputs), opts=opts, argv=argv)
+            merge_manifest(output, list(inputs), opts=opts, argv=argv, _locked=True)
             report["merged"] = True
     return report
 
@@ -456,9 +509,15 @@ def _collect(results, bar, done_now, failed, on_tar_done=None):
 # --- merge -----------------------------------------------------------------------------------------
 
 def merge_manifest(output: str | Path, inputs: list[str] | None = None, *, opts: ShardOptions | None = None,
-                   argv: list[str] | None = None) -> dict:
+                   argv: list[str] | None = None, _locked: bool = False) -> dict:
     """Write _manifest.json and shards.parquet from the per-tar summaries. With `inputs`, every tar they
     resolve to must be done; without, the tars recorded under _parts/ are the manifest."""
+    if not _locked:
+        try:
+            with output_lock(output, None, argv):
+                return merge_manifest(output, inputs, opts=opts, argv=argv, _locked=True)
+        except LockHeld as e:
+            raise ManifestBuildError(str(e)) from None
     output = Path(output)
     if inputs:
         jobs = resolve_inputs(list(inputs))
@@ -518,6 +577,7 @@ def merge_manifest(output: str | Path, inputs: list[str] | None = None, *, opts:
         "buckets": table.to_json(AREAS),
         "files": {"samples": layout.SAMPLES_GLOB, "rejects": layout.REJECTS_GLOB, "shards": layout.SHARDS},
         "paths": "absolute" if opts.absolute_paths else "relative",
+        "parts": sorted(f"part-{s['part']}.parquet" for s in summaries),   # readers check samples/ against it
         "counts": {
             "shards": len(summaries),
             "samples": sum(s["samples"] for s in summaries),
@@ -538,6 +598,21 @@ def merge_manifest(output: str | Path, inputs: list[str] | None = None, *, opts:
     write_json_atomic(manifest, layout.manifest_json(output))
     _remove_stale_temps(output)
     return manifest
+
+
+MANIFEST_ENTRIES = ("_manifest.json", "_parts", "samples", "rejects", "shards.parquet", "idx", "captions", ".lock")
+
+
+def _check_output_is_ours(output: Path) -> None:
+    """-o must be new, empty, or a manifest (being) built: never a folder of other files it would mix into."""
+    if not output.is_dir():
+        if output.exists():
+            raise ManifestBuildError(f"-o {output} is a file; pass a directory for the manifest")
+        return
+    entries = [p.name for p in output.iterdir()]
+    if entries and not any(e in MANIFEST_ENTRIES or e.startswith(".lock") for e in entries):
+        raise ManifestBuildError(f"-o {output} is a non-empty folder that holds no manifest (e.g. {sorted(entries)[0]}); "
+                                 "pass a new or empty directory, or an existing manifest to resume")
 
 
 def _check_no_strangers(output: Path, parts: set[str]) -> None:

@@ -208,16 +208,21 @@ def _load_captioner(model_path: str, device: str):
     if not Path(model_path).is_dir():
         raise CaptionError(f"--model {model_path}: not a folder; pass a local model saved with save_pretrained "
                            "(config, weights, image processor and tokenizer)")
-    model = AutoModelForImageTextToText.from_pretrained(model_path, local_files_only=True)
     try:
-        proc = AutoProcessor.from_pretrained(model_path, local_files_only=True)
-    except Exception:
-        proc = None
-    if proc is not None and hasattr(proc, "image_processor") and hasattr(proc, "batch_decode"):
-        images, decode = proc.image_processor, proc.batch_decode
-    else:
-        images = AutoImageProcessor.from_pretrained(model_path, local_files_only=True)
-        decode = AutoTokenizer.from_pretrained(model_path, local_files_only=True).batch_decode
+        model = AutoModelForImageTextToText.from_pretrained(model_path, local_files_only=True)
+        try:
+            proc = AutoProcessor.from_pretrained(model_path, local_files_only=True)
+        except Exception:
+            proc = None
+        if proc is not None and hasattr(proc, "image_processor") and hasattr(proc, "batch_decode"):
+            images, decode = proc.image_processor, proc.batch_decode
+        else:
+            images = AutoImageProcessor.from_pretrained(model_path, local_files_only=True)
+            decode = AutoTokenizer.from_pretrained(model_path, local_files_only=True).batch_decode
+    except (OSError, ValueError, KeyError, TypeError) as e:  # not a (complete) image-to-text model
+        raise CaptionError(f"--model {model_path} is not an image-to-text captioner transformers can load "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:150]}); pass a folder saved with "
+                           "save_pretrained (config, weights, image processor, tokenizer)") from None
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), images, decode, device
@@ -302,8 +307,6 @@ def generate(manifest: str | Path, model: str, *, output: str | Path | None = No
         raise CaptionError(f"--model {model}: not a folder; pass a local model saved with save_pretrained "
                            "(config, weights, image processor and tokenizer)")
     work = storage.upath(output + ".parts")
-    if not storage.is_url(work):
-        work.mkdir(parents=True, exist_ok=True)
     kw = dict(name=name, batch_size=batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams, device=device)
 
     counts = [pq.ParquetFile(storage.open_file(p)).metadata.num_rows if storage.is_url(p)

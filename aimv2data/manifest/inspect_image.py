@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 VERIFY_LEVELS = ("header", "draft", "decode")
-DEFAULT_MAX_PIXELS = 89_478_485          # PIL's own decompression-bomb threshold (0.25 GiB of RGB)
+DEFAULT_MAX_PIXELS = 178_956_970         # fetch's default too (fetch_resize.py): 2x PIL's MAX_IMAGE_PIXELS,
+                                         # where PIL itself refuses; an image fetch keeps, shard keeps
 
 # Content signatures: the member extension is not trusted, the bytes are.
 _SIGNATURES = (

@@ -53,7 +53,7 @@ REJECT_SCHEMA = pa.schema([
 ])
 
 REASONS = (
-    "tar_unreadable", "tar_truncated", "tar_tail", "missing_image", "duplicate_member",
+    "tar_unreadable", "tar_truncated", "tar_tail", "tar_damaged", "missing_from_tar", "missing_image", "duplicate_member",
     "empty_file", "not_an_image", "unsupported_format", "truncated", "corrupt", "decompression_bomb",
     "animated", "too_small", "extreme_aspect",
 )
@@ -63,7 +63,8 @@ SYN_TYPE = pa.list_(pa.string())
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd",
+                                                  write_page_checksum=True))  # readers can verify pages
 
 
 def read_json(path: Path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from aimv2data.manifest import layout
+from aimv2data.manifest.integrity import check_rows, read_part, read_schema, sample_parts
 from aimv2data.manifest.schema import SYN_PREFIX
 
 ASPECT_BINS = np.linspace(-3, 3, 25)   # log2(w/h) in quarter-octave bins: 1:8 .. 8:1
@@ -26,11 +27,8 @@ _COLUMNS = ("source", "format", "mode", "bucket", "width", "height", "orientatio
 
 
 def _read(path):
-
-    from aimv2data.storage import parquet_columns, read_parquet
-
-    names = parquet_columns(path)
-    return read_parquet(path, columns=[c for c in names if c in _COLUMNS or c.startswith(SYN_PREFIX)])
+    names = read_schema(path)
+    return read_part(path, [c for c in names if c in _COLUMNS or c.startswith(SYN_PREFIX)])
 
 
 def compute_stats(manifest: str | Path) -> dict:
@@ -43,11 +41,12 @@ def compute_stats(manifest: str | Path) -> dict:
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} not found: pass a manifest directory written by `aimv2 shard`")
     meta = json.loads(meta_path.read_text())
-    samples = layout.sample_files(manifest)
+    samples = sample_parts(manifest, meta)
     rejects = layout.reject_files(manifest)
     s = pl.concat([_read(p) for p in samples], how="diagonal_relaxed") if samples else pl.DataFrame()
-    r = pl.concat([read_parquet(p, columns=["reason", "source"]) for p in rejects]) if rejects else pl.DataFrame()
+    r = pl.concat([read_part(p, ["reason", "source"]) for p in rejects]) if rejects else pl.DataFrame()
     n = s.height
+    check_rows(manifest, meta, n)
 
     def counts(df, col):
         if df.height == 0 or col not in df.columns:

@@ -7,7 +7,10 @@ tests check every offset against `tarfile.extractfile`. The offset of a member i
 so `open(tar).seek(offset).read(size)` is the member.
 
 A truncated tar is indexed as far as it is complete: members whose data runs past the end of the file,
-and unreadable bytes after the last good header, are reported as problems instead of raising.
+and unreadable bytes after the last good header, are reported as problems instead of raising. A damaged
+header in the middle does not end the index: it resynchronises on the next 512-byte block that is a
+valid ustar header (magic + checksum), and the skipped byte range is reported in `damaged`; only the
+members whose headers were in that range are lost.
 
 Samples follow the webdataset/DALI convention: the key is the member path up to the first dot of its
 basename, the extension is the rest (`a/b.seg.png` -> key `a/b`, ext `seg.png`).
@@ -59,6 +62,7 @@ class TarIndex:
     truncated: list[Member]          # members whose data runs past the end of the file
     tail_problem: str | None         # why bytes after the last member could not be read, if any
     ignored: int                     # non-file entries and hidden files (no key)
+    damaged: list[str] = field(default_factory=list)   # byte ranges skipped to resynchronise, described
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -118,6 +122,7 @@ def index_tar(path: str) -> TarIndex:
     file_size = storage.stat(path)[0]
     samples: dict[str, Sample] = {}
     truncated: list[Member] = []
+    damaged: list[str] = []
     ignored, tail_problem, end = 0, None, None
     with open_tar(path) as f:
         pos, long_name, pax = 0, None, {}
@@ -135,16 +140,27 @@ def index_tar(path: str) -> TarIndex:
                     tail_problem = f"tar header at byte {pos} is cut off: truncated or damaged tar"
                 break
             if hdr == _ZERO:
-                end = pos
-                break
+                nxt = _resync(f, pos + BLOCK)
+                if nxt is None:                 # the end-of-archive blocks (what follows is checked below)
+                    end = pos
+                    break
+                damaged.append(f"bytes {pos}..{nxt} are zeros, not tar headers; resumed at the header at {nxt}")
+                pos, pax, long_name = nxt, {}, None
+                continue
             try:
                 _check_header(hdr)
                 size = _number(hdr[124:136])
             except _BadHeader as e:
                 if pos == 0:
                     raise TarUnreadable(_unreadable_reason(path, file_size, str(e))) from None
-                tail_problem = f"tar header at byte {pos} is unreadable ({e}): truncated or damaged tar"
-                break
+                nxt = _resync(f, pos + BLOCK)
+                if nxt is None:
+                    tail_problem = f"tar header at byte {pos} is unreadable ({e}): truncated or damaged tar"
+                    break
+                damaged.append(f"tar header at byte {pos} is unreadable ({e}); bytes {pos}..{nxt} skipped, "
+                               f"resumed at the next valid header")
+                pos, pax, long_name = nxt, {}, None
+                continue
             kind = hdr[156:157]
             data = pos + BLOCK
             if kind in (b"x", b"g", b"L", b"K"):  # pax / global pax / GNU long name / GNU long link
@@ -189,7 +205,32 @@ def index_tar(path: str) -> TarIndex:
                 s.members[ext] = member
     if end is not None and end < file_size:
         tail_problem = _tail_problem(path, end, file_size)
-    return TarIndex(path, file_size, list(samples.values()), truncated, tail_problem, ignored)
+    return TarIndex(path, file_size, list(samples.values()), truncated, tail_problem, ignored, damaged)
+
+
+def _is_header(block: bytes) -> bool:
+    if len(block) < BLOCK or block[257:262] != b"ustar":
+        return False
+    try:
+        _check_header(block)
+    except _BadHeader:
+        return False
+    return True
+
+
+def _resync(f, start: int) -> int | None:
+    """Offset of the first 512-aligned block at or after `start` that is a valid ustar header, or None.
+    Member data (JPEG bytes) passing both the magic and the checksum test by chance is negligible."""
+    pos = start
+    while True:
+        f.seek(pos)
+        chunk = f.read(1 << 20)
+        if len(chunk) < BLOCK:
+            return None
+        for i in range(0, len(chunk) - BLOCK + 1, BLOCK):
+            if chunk[i + 257:i + 262] == b"ustar" and _is_header(chunk[i:i + BLOCK]):
+                return pos + i
+        pos += len(chunk) // BLOCK * BLOCK
 
 
 def open_tar(path: str):

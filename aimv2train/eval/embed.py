@@ -94,7 +94,8 @@ def write_embeddings(emb: Embeddings, output: str | os.PathLike, meta: dict) -> 
     if output.suffix not in (".npy", ".npz"):
         raise ValueError(f"--output must end in .npy or .npz, got {output.name}")
     if not emb.rows:
-        raise ValueError("no image could be embedded; nothing written")
+        why = "; ".join(f"{Path(p).name}: {r}" for p, r in emb.skipped[:3])
+        raise ValueError("no image could be embedded; nothing written" + (f" ({why})" if why else ""))
     pooled = np.stack(emb.pooled).astype(np.float32)
     if output.suffix == ".npy":
         if emb.tokens:

@@ -207,6 +207,7 @@ def model_card(name: str, encoder, fmt: str, info: dict, probe: dict | None, pro
                      "--output RUN/probe.json`, then export again.")
     lines.append("")
 
+    lines += preprocessing_section(c, fmt)
     lines += ["## Use", ""]
     if fmt == "hf":
         lines += ["```python", "from transformers import Aimv2VisionModel", "",
@@ -222,6 +223,27 @@ def model_card(name: str, encoder, fmt: str, info: dict, probe: dict | None, pro
     lines += ["## Files", "", "| file | sha256 |", "|---|---|"]
     lines += [f"| {f} | `{h}` |" for f, h in files.items()]
     return "\n".join(lines) + "\n"
+
+
+def preprocessing_section(c, fmt: str) -> list[str]:
+    """How to turn an image into pixel_values so that features match `aimv2 embed` (and training)."""
+    p = c.patch_size
+    lines = ["## Preprocessing", ""]
+    if c.pos_embed == "sincos":
+        lines += [f"Native resolution: choose a patch grid (h, w) keeping the image's aspect ratio with h*w <= A "
+                  f"(the patch budget; `aimv2 embed --max-patches A`, default 1024), then resize the whole image "
+                  f"**directly, bicubic, to (h*{p}, w*{p}) pixels (width w*{p}, height h*{p}) without cropping**, "
+                  "and normalise with the CLIP mean/std. A resize-then-crop differs by about 1e-2 in the features. "
+                  "transformers has no image processor for this, so none is shipped: "
+                  "`aimv2train.model.preprocess.native_resolution` does it."]
+    else:
+        lines += [f"Shorter side to {c.img_size} px (bicubic), centre crop {c.img_size} x {c.img_size}, CLIP "
+                  "mean/std normalisation" + (": what the shipped `preprocessor_config.json` (CLIPImageProcessor) "
+                                              "does." if fmt == "hf" else ".")]
+    lines += ["", "**EXIF orientation**: `aimv2 embed` and training display images as their EXIF orientation tag "
+                  "says; transformers' image processors do not (a rotated photo differs by up to 0.7 per feature). "
+                  "Apply `PIL.ImageOps.exif_transpose(image)` before the processor.", ""]
+    return lines
 
 
 def preprocessor_config(cfg) -> dict:

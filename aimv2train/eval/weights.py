@@ -48,8 +48,16 @@ def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> tupl
 
 def load_weights(path: str | os.PathLike, heads: int | None = None, step: int | None = None):
     """The encoder of a run (its newest checkpoint, or `step`), of one checkpoint, or of anything
-    interop.load_encoder reads (a file, a transformers folder), with an error that says what to do."""
+    interop.load_encoder reads (a file, a transformers folder), with an error that says what to do. One of
+    our checkpoints is first checked against its CRC-32s: damaged bytes would otherwise export (or embed)
+    silently."""
     path, _ = resolve_checkpoint(path, step)
+    p = Path(path)
+    if p.is_file() and ck.is_zip_checkpoint(p):
+        try:
+            ck.verify_checkpoint(p)
+        except ck.CheckpointDamaged as e:
+            raise ExportError(f"{e}; use an intact one (`--step`, or the previous file in its checkpoints/)") from None
     try:
         return load_encoder(path, heads=heads)
     except (ValueError, FileNotFoundError) as e:

@@ -21,7 +21,6 @@ import os
 import random
 import re
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -182,20 +181,62 @@ def prune(directory: Path, keep: int) -> None:
             shutil.rmtree(p.with_suffix(".dcp"), ignore_errors=True)
 
 
+class CheckpointDamaged(ValueError):
+    """A checkpoint file that fails its integrity check or cannot be unpickled."""
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise CheckpointDamaged unless every member of the checkpoint's zip archive matches the CRC-32 that
+    torch.save recorded for it. torch.load itself never checks them: bytes damaged inside a tensor
+    load silently and the run goes NaN."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointDamaged(f"checkpoint {path} is damaged ({type(e).__name__}: {e})") from None
+    if bad is not None:
+        raise CheckpointDamaged(f"checkpoint {path} is damaged (CRC mismatch in {bad})")
+
+
+def is_zip_checkpoint(path: str | os.PathLike) -> bool:
+    """A torch.save'd file (zip archive); not safetensors or a legacy pickle."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
+    verify_checkpoint(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which and why
-        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
+        raise CheckpointDamaged(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
 
 
-def latest_checkpoint(directory: str | os.PathLike) -> tuple[Path, dict] | None:
-    """The newest checkpoint that reads back (an unreadable newer one is reported and skipped)."""
-    for _step, p in reversed(list_checkpoints(directory)):
+class NoIntactCheckpoint(RuntimeError):
+    """Checkpoints exist but none reads back: resuming would silently restart from step 0."""
+
+
+def latest_checkpoint(directory: str | os.PathLike, notify=None) -> tuple[Path, dict] | None:
+    """The newest checkpoint that passes its integrity check (each damaged newer one is reported through
+    `notify`, one line, and skipped). None when there is none at all; NoIntactCheckpoint when every one
+    is damaged, so the caller can refuse before touching the run."""
+    found = list_checkpoints(directory)
+    damaged = []
+    for step, p in reversed(found):
         try:
-            return p, read_checkpoint(p)
+            state = read_checkpoint(p)
         except ValueError as e:
-            warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
+            damaged.append(str(e))
+            continue
+        if damaged and notify is not None:
+            notify(f"{len(damaged)} newer checkpoint(s) damaged ({damaged[0]}); resuming from {p.name}")
+        return p, state
+    if found:
+        raise NoIntactCheckpoint(
+            f"none of the {len(found)} checkpoints in {directory} is intact ({damaged[0]}); nothing was "
+            f"changed: restore a good copy into {directory}, or start a new run with another --out")
     return None
 
 

@@ -79,7 +79,14 @@ class TrainConfig:
     keep: int = flag(2, "Checkpoints kept (0: all).")
     grad_checkpointing: bool = flag(False, "Recompute block activations in backward (less memory).")
     progress: bool = flag(True, "No progress bar (the summary is still printed).", name="--no-progress")
-    peak_flops: float | None = flag(None, "FLOP/s of one device for MFU; skips the matmul measurement at start-up.")
+    peak_flops: float | None = flag(None, "FLOP/s of one device for MFU (default: the GPU's datasheet bf16 peak, else "
+                                    "the best matmul measured on this machine, metrics.reference_peak).")
+    warn_replaced: float = flag(0.02, "Warn when more than this share of the samples drawn were replacements for "
+                                "unreadable ones (0-1).")
+    allow_no_captions: bool = flag(False, "Train on a manifest without a single caption (the text loss then trains "
+                                   "on empty captions).")
+    log_interval: float = flag(60.0, "With --no-progress: one log line (step, loss, images/s, replacements, ETA) "
+                               "every this many seconds (0: none).")
     report_to: str = flag("", "Also log every metric to these trackers, comma-separated: tensorboard (event files "
                           "in RUN/tensorboard), wandb (honours WANDB_MODE etc.; offline works without network). "
                           "Rank 0 only.")

@@ -107,10 +107,14 @@ def pick_device(requested: str | None, info: DistInfo | None = None) -> torch.de
     local = (info or launch_info()).local_rank
     if requested in (None, "auto"):
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"--device {requested!r} is not a device: use cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+            raise ValueError(f"--device {requested} was asked for, but torch sees no CUDA device "
+                             "(drop --device to use what there is)")
         if device.index is None:
             device = torch.device("cuda", local)
         torch.cuda.set_device(device)

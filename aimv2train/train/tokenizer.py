@@ -20,7 +20,7 @@ import sentencepiece as spm
 import torch
 
 from aimv2data.atomic import write_bytes_atomic
-from aimv2data.manifest.layout import sample_files
+from aimv2data.manifest.layout import read_manifest_json, sample_files
 from aimv2data.paper import TEXT_LEN
 
 MAX_TEXT_LEN = TEXT_LEN  # 77 (aimv2data/paper.py)
@@ -101,10 +101,12 @@ def caption_columns(schema: dict) -> list[str]:
 
 
 def _sample_files(manifest: str | os.PathLike) -> list[Path]:
+    from aimv2data.manifest.integrity import sample_parts
     from aimv2data.storage import upath
 
     root = upath(manifest)                     # a local directory or a URL (s3://bucket/manifest)
-    files = sample_files(root)
+    meta = read_manifest_json(root)
+    files = sample_parts(root, meta) if meta is not None else sample_files(root)
     if not files:
         raise FileNotFoundError(f"no samples/*.parquet under {root}: pass a manifest directory made by "
                                 f"`aimv2 shard`")
@@ -117,14 +119,14 @@ def iter_captions(manifest: str | os.PathLike, columns: Sequence[str] | None = N
     `counts` (if given) is filled with captions yielded per column."""
     import polars as pl
 
-    from aimv2data.storage import parquet_columns, read_parquet
+    from aimv2data.manifest.integrity import read_part, read_schema
 
     for f in _sample_files(manifest):
-        schema = parquet_columns(f)
+        schema = read_schema(f)
         cols = caption_columns(schema) if columns is None else [c for c in columns if c in schema]
         if not cols:
             continue
-        df = read_parquet(f, columns=cols)
+        df = read_part(f, cols)
         for c in cols:
             s = df[c]
             if s.dtype == pl.List(pl.String) or isinstance(s.dtype, pl.List):
@@ -157,11 +159,13 @@ def train_tokenizer(manifest: str | os.PathLike, output: str | os.PathLike, voca
     `soft_limit`: `vocab_size` is an upper bound (sentencepiece's hard_vocab_limit=false), for corpora
     too small to fill it; otherwise too small a corpus is an error that names the largest size it allows.
     """
-    from aimv2data.storage import parquet_columns
+    if vocab_size < 4:  # pad, eos, unk and at least one piece
+        raise ValueError(f"--vocab-size must be at least 4 (pad, eos, unk and one piece), got {vocab_size}")
+    from aimv2data.manifest.integrity import read_schema
 
     all_cols = set()
     for f in _sample_files(manifest):
-        all_cols.update(caption_columns(parquet_columns(f)))
+        all_cols.update(caption_columns(read_schema(f)))
     if columns is not None:
         missing = [c for c in columns if c not in all_cols]
         if missing:

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import signal
-import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -29,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aimv2data.atomic import read_jsonl, write_json_atomic
+from aimv2data.atomic import is_disk_full, read_jsonl, write_json_atomic
 
 from . import checkpoint as ck
 from .config import TrainConfig
@@ -38,9 +35,12 @@ from .distributed import DistInfo, all_reduce_mean, cpu_threads, init_distribute
 from ..model.flops import step_flops
 from ..model.config import ATTENTION_KINDS
 from ..model.masks import sample_prefix_lengths
-from .metrics import MetricsLog, matmul_peak, summarize
+from .health import caption_coverage, global_count, replaced_summary
+from .logline import PeriodicLine
+from .metrics import MetricsLog, reference_peak, summarize
 from ..model.aimv2 import LOSS_TERMS, TOTAL_LOSS, AIMv2, count_params
 from .optim import build_optimizer
+from .preempt import StopRequest, notice
 from .presets import STAGES, HParams, resolve
 from .schedule import WarmupCosine
 from .tokenizer import Tokenizer
@@ -97,6 +97,23 @@ def _check(cfg: TrainConfig) -> None:
         parse_report_to(cfg.report_to)
     except TrackingError as e:
         raise TrainError(str(e)) from None
+    _check_values(cfg)
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    """Values that would otherwise be ignored or fail late (after run.json is written)."""
+    if cfg.resolution is not None and cfg.resolution < 1:
+        raise TrainError(f"--resolution must be positive, got {cfg.resolution}")
+    if cfg.resolution is not None and cfg.native_res:
+        raise TrainError("--resolution has no effect with --native-res (image sizes come from --batch-patches): "
+                         "drop one of them")
+    for flag, value, low in (("--steps", cfg.steps, 1), ("--batch-size", cfg.batch_size, 1),
+                             ("--batch-patches", cfg.batch_patches, 1), ("--workers", cfg.workers, 0),
+                             ("--keep", cfg.keep, 0)):
+        if value < low:
+            raise TrainError(f"{flag} must be >= {low}, got {value}")
+    if not 0 <= cfg.warn_replaced <= 1:
+        raise TrainError(f"--warn-replaced is a share of the samples drawn, in [0, 1]; got {cfg.warn_replaced}")
 
 
 def build_model(cfg: TrainConfig, tok: Tokenizer, resolution: int) -> AIMv2:
@@ -229,9 +246,25 @@ def train(cfg: TrainConfig) -> dict:
     info = init_distributed(device)
     try:
         return _train(cfg, info, device)
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
+            raise
+        raise TrainError(_disk_full_message(cfg.out, e)) from None
     finally:
         shutdown()
         torch.set_num_threads(threads_before)
+
+
+def _disk_full_message(out: str, e: BaseException) -> str:
+    import shutil
+
+    try:
+        free = f"{shutil.disk_usage(out).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return (f"no space left on the filesystem of {out} ({free}) while writing the run ({type(e).__name__}); "
+            f"nothing half-written was left, the newest complete checkpoint in {out}/checkpoints is intact: "
+            f"free space and rerun the same command with --resume")
 
 
 def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
@@ -246,24 +279,25 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
                            wandb_project=cfg.wandb_project, enabled=info.is_main)
     except TrackingError as e:
         raise TrainError(str(e)) from None
-    log = MetricsLog(out / "metrics.jsonl", resume_step=resume_step, enabled=info.is_main, sinks=sinks)
-    if info.is_main:
+    if info.is_main:  # before metrics.jsonl: a disk that cannot take run.json leaves no empty log either
         _write_json(out / "run.json", run_info)
+    log = MetricsLog(out / "metrics.jsonl", resume_step=resume_step, enabled=info.is_main, sinks=sinks)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=run.end, initial=run.start, disable=not (info.is_main and cfg.progress), desc="train",
                unit="step", dynamic_ncols=True)
+    line = PeriodicLine(run.start, run.end, cfg.log_interval, enabled=info.is_main and not cfg.progress)
     stop = StopRequest()
     failure = None
     try:
-        status = train_loop(run, log, bar, stop)
+        status = train_loop(run, log, bar, line, stop)
     except StepFailed as e:
         status, failure = "non_finite", str(e)
     finally:
         stop.restore()
         bar.close()
         log.close()
-    return _finish(run, status, failure)
+    return _finish(run, status, failure, stop)
 
 
 @dataclass
@@ -290,6 +324,7 @@ class Run:
     step: int = 0                # steps done so far
     saved: tuple[Path | None, int | None] = (None, None)   # newest checkpoint written or resumed, its step
     validator: Validator | None = None   # held-out losses (--val-manifest), validate.py
+    replaced: int = 0            # samples replaced (unreadable) since this process started, all ranks
 
     @property
     def out(self) -> Path:
@@ -336,6 +371,11 @@ def build_run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Run:
     optimizer = build_optimizer(model, hp.peak_lr, hp.weight_decay, hp.betas, hp.eps)
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + info.rank)
     loader = make_loader(cfg, tok, info, resolution, model.cfg.encoder.patch_size)
+    captioned, n_samples = caption_coverage(loader.table)
+    if captioned == 0 and not cfg.allow_no_captions:
+        raise TrainError(f"{cfg.manifest}: none of its {n_samples} samples has a caption, so the text loss would "
+                         "train on empty captions; attach captions (`aimv2 caption attach`) or pass "
+                         "--allow-no-captions")
 
     start = 0
     if resume_from is not None:
@@ -350,12 +390,15 @@ def build_run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Run:
             ck.set_rng_state(state["ranks"][info.rank]["rng"], generator)
         start = int(state["step"])
     step_fn = torch.compile(loss_module, dynamic=cfg.native_res or None) if cfg.compile else loss_module
-    peak = cfg.peak_flops or matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    if cfg.peak_flops:
+        peak, peak_source = cfg.peak_flops, "--peak-flops"
+    else:  # a stable reference, so MFU compares between runs (metrics.reference_peak)
+        peak, peak_source = reference_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     run = Run(cfg, info, device, stage, precision, resolution, hp, model, loss_module, step_fn, optimizer,
               WarmupCosine(hp.peak_lr, hp.min_lr, hp.warmup, hp.steps), generator, loader, sharded, start, peak,
               step=start, saved=(resume_from[0], start) if resume_from else (None, None),
               validator=_validator(cfg, tok, info, device, precision, resolution))
-    run.header = _header(run, init_note)
+    run.header = {**_header(run, init_note), "peak_source": peak_source}
     return run
 
 
@@ -366,7 +409,12 @@ def _resume_point(cfg: TrainConfig, info: DistInfo, tok: Tokenizer) -> tuple[Pat
     if existing and not cfg.resume:
         raise TrainError(f"{cfg.out} already holds a run (newest checkpoint {existing[-1][1].name}): pass --resume "
                          f"to continue it or choose another --out")
-    resume_from = ck.latest_checkpoint(ckpt_dir) if cfg.resume else None
+    resume_from = None
+    if cfg.resume:
+        try:  # a damaged newest checkpoint: the newest intact one, with a notice; none intact: refuse
+            resume_from = ck.latest_checkpoint(ckpt_dir, notify=notice)
+        except ck.NoIntactCheckpoint as e:
+            raise TrainError(str(e)) from None
     if resume_from is not None:
         _check_resumable(cfg, resume_from, info, tok)
     return resume_from
@@ -419,7 +467,7 @@ def train_step(run: Run, batch, stop: StopRequest) -> dict:
     return {"losses": logged, "lr": lr, "grad_norm": grad_norm, "stop": reduced[-1] > 0}
 
 
-def train_loop(run: Run, log: MetricsLog, bar, stop: StopRequest) -> str:
+def train_loop(run: Run, log: MetricsLog, bar, line: PeriodicLine, stop: StopRequest) -> str:
     """Steps until run.end (or a stop request): log each, checkpoint every --save-every, at the end and
     when stopped. Returns the status: done, stopped (--stop-at) or interrupted."""
     cfg = run.cfg
@@ -438,7 +486,9 @@ def train_loop(run: Run, log: MetricsLog, bar, stop: StopRequest) -> str:
             rec.update(run.validator(run.model))
             t_prev = time.perf_counter()  # validation is not part of the next step's time
         log.write(rec)
-        _show(bar, rec)
+        run.replaced += rec["replaced"]
+        _show(bar, rec, run.replaced)
+        line.update(run.step, rec, run.replaced)
         if run.step == run.end or result["stop"] or (cfg.save_every and run.step % cfg.save_every == 0):
             run.save()
             t_prev = time.perf_counter()  # the save is not part of the next step's time
@@ -462,17 +512,18 @@ def _record(run: Run, batch, result: dict, dt: float, t_data: float) -> dict:
             "images_per_s": B * world / dt, "patches_per_s": B * h * w * world / dt, "mfu": flops / dt / run.peak,
             "step_time": dt, "data_time": t_data, "batch": B * world, "grid": [h, w],
             "epoch": int(getattr(batch, "epoch", 0)),
-            "sources": dict(run.loader.stats["sources"]), "source_epochs": run.loader.source_epochs()}
+            "sources": dict(run.loader.stats["sources"]), "source_epochs": run.loader.source_epochs(),
+            "replaced": global_count(len(getattr(batch, "replaced", ())), run.info, run.device)}
 
 
-def _show(bar, rec: dict) -> None:
+def _show(bar, rec: dict, replaced: int) -> None:
     terms = {short: f"{rec[k]:.3f}" for k, (short, _) in LOSS_TERMS.items() if k in rec}
     bar.update(1)
     bar.set_postfix(loss=f"{rec[TOTAL_LOSS]:.4f}", **terms, lr=f"{rec['lr']:.2e}", mfu=f"{100 * rec['mfu']:.1f}%",
-                    refresh=False)
+                    repl=replaced, refresh=False)
 
 
-def _finish(run: Run, status: str, failure: str | None) -> dict:
+def _finish(run: Run, status: str, failure: str | None, stop: StopRequest) -> dict:
     """The run summary (RUN/summary.json on rank 0); raises NonFiniteLoss after writing it on failure."""
     info, out = run.info, run.out
     metrics = out / "metrics.jsonl"
@@ -480,7 +531,12 @@ def _finish(run: Run, status: str, failure: str | None) -> dict:
     saved_path, last_saved = run.saved
     summary = {"status": status, "rank": info.rank, "step": run.step, "steps": run.cfg.steps,
                "checkpoint": str(saved_path) if saved_path else None, "last_good_step": last_saved,
-               "run": str(out), **run.header, **summarize(records)}
+               "run": str(out), **run.header, **summarize(records),
+               **replaced_summary(records, run.loader.stats["replaced_keys"], run.cfg.warn_replaced)}
+    if info.is_main and summary.get("replaced_warning"):
+        notice("warning: " + summary["replaced_warning"])
+    if status == "interrupted":  # 130 / 143: a scheduler requeues, `train && export` stops (preempt.py)
+        summary.update(signal=stop.signal_name or "SIGTERM", exit_code=stop.exit_code or 143)
     if info.is_main:
         _write_json(out / "summary.json", summary)
     if failure:
@@ -488,31 +544,6 @@ def _finish(run: Run, status: str, failure: str | None) -> dict:
                  f"--resume and a lower --lr" if saved_path else "no checkpoint was written before it")
         raise NonFiniteLoss(f"{failure}: stopping, nothing of this step was applied; {where}.")
     return summary
-
-
-class StopRequest:
-    """SIGTERM (a scheduler's preemption notice, torchrun's shutdown) or Ctrl-C: finish the step, save a
-    checkpoint, end with status "interrupted". A second signal interrupts at once."""
-
-    def __init__(self):
-        self.requested, self._old, self._pid = False, {}, os.getpid()
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if os.getpid() != self._pid:  # a forked loader worker inherited the handler: the trainer decides
-            return
-        if self.requested:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
-        self.requested = True
-        warnings.warn(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
-                      f"(again to stop at once)", stacklevel=2)
-
-    def restore(self):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
 
 
 def _check_resumable(cfg: TrainConfig, resume_from, info: DistInfo, tok: Tokenizer) -> None:

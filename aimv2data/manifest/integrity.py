@@ -1,0 +1,70 @@
+"""Reader-side checks of a manifest: the sample parts on disk are the ones `_manifest.json` lists, and
+every part read names itself when it is damaged. Used by the loader, `stats` and the tokenizer, so no
+reader trains on a manifest whose parts disagree with its own summary (e.g. a refused re-shard that left
+a second copy of every sample) or dies in a 40-line polars traceback that names no file.
+
+Only the manifest contract (manifests/SPEC.md) is used: `_manifest.json` `parts` (written since this
+check exists) and `counts.samples`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from aimv2data import storage
+from aimv2data.manifest import layout
+
+
+class ManifestMismatch(ValueError):
+    """The samples/ parts disagree with _manifest.json, or a part cannot be read."""
+
+
+def sample_parts(root: str | Path, meta: dict) -> list[Path]:
+    """samples/*.parquet of the manifest at `root`, checked against `meta` (its _manifest.json): a part
+    on disk that the manifest does not list, or one it lists that is missing, is an error naming them."""
+    files = layout.sample_files(root)
+    listed = meta.get("parts")
+    if listed is None:   # a manifest from before the list: only the row count can be compared (count_rows)
+        return files
+    on_disk = {f.name for f in files}
+    extra, missing = sorted(on_disk - set(listed)), sorted(set(listed) - on_disk)
+    if extra or missing:
+        what = "; ".join(x for x in (
+            f"{len(extra)} part(s) not in _manifest.json (e.g. samples/{extra[0]})" if extra else "",
+            f"{len(missing)} listed part(s) missing (e.g. samples/{missing[0]})" if missing else "") if x)
+        raise ManifestMismatch(f"{root}: samples/ disagrees with _manifest.json: {what}; rerun `aimv2 shard` with "
+                               "the manifest's inputs (it refuses strays and says which), or remove the stray parts")
+    return files
+
+
+def check_rows(root: str | Path, meta: dict, rows: int) -> None:
+    """The rows read must be the `counts.samples` the manifest was merged with."""
+    want = (meta.get("counts") or {}).get("samples")
+    if want is not None and rows != want:
+        raise ManifestMismatch(f"{root}: samples/*.parquet hold {rows} rows, _manifest.json counts {want}: the parts "
+                               "changed after the merge; rerun `aimv2 shard` with the manifest's inputs")
+
+
+def read_part(path: str | Path, columns=None):
+    """pl.read_parquet of one part; a damaged file is a one-line error naming it."""
+    import polars as pl
+
+    try:
+        return storage.read_parquet(path, columns=columns)
+    except Exception as e:  # noqa: BLE001 - polars/arrow raise many kinds for damaged bytes
+        raise ManifestMismatch(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}): the "
+                               "part is damaged; rerun `aimv2 shard` with the same inputs, it redoes damaged "
+                               "parts") from None
+
+
+def read_schema(path: str | Path) -> dict:
+    import polars as pl
+
+    try:
+        if storage.is_url(path):
+            with storage.open_file(str(path)) as f:
+                return dict(pl.read_parquet(f, n_rows=0).schema)
+        return dict(pl.read_parquet_schema(path))
+    except Exception as e:  # noqa: BLE001
+        raise ManifestMismatch(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}): the "
+                               "part is damaged; rerun `aimv2 shard` with the same inputs, it redoes damaged "
+                               "parts") from None

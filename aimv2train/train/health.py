@@ -1,0 +1,50 @@
+"""What the data does to a run, made visible: replaced samples and caption coverage.
+
+The loader replaces a sample it cannot read or decode (a deleted tar, damaged bytes) with another of
+the same bucket, so a step never fails on one bad image; but a run that trains mostly on replacements
+is not the run that was asked for. Every step logs `replaced` (global count) in metrics.jsonl, the
+progress line shows the running total, the summary the share of all draws, and above
+`--warn-replaced` (a share, default 2 %) the run ends with a one-line warning naming examples.
+
+The text objective needs captions: a manifest without a single one would train the decoder on empty
+strings (eos only) and report "done"; `train` refuses it unless `--allow-no-captions`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def global_count(n: int, info, device) -> int:
+    """`n` summed over ranks (one tiny all-reduce; none in a single process)."""
+    if not info.enabled:
+        return n
+    from .distributed import all_reduce_mean
+
+    t = all_reduce_mean(torch.tensor([float(n)], device=device), info)
+    return int(round(float(t[0]) * info.world_size))
+
+
+def replaced_summary(records: list[dict], examples: list, warn_share: float) -> dict:
+    """Totals from metrics.jsonl records (so a resumed run counts its earlier part too)."""
+    draws = sum(r.get("batch", 0) for r in records)
+    replaced = sum(r.get("replaced", 0) for r in records)
+    share = replaced / draws if draws else 0.0
+    out = {"replaced": replaced, "draws": draws, "replaced_share": share,
+           "replaced_examples": [list(e) for e in examples[:5]]}
+    if share > warn_share:
+        eg = "; ".join(f"{k}: {why}" for k, why in examples[:2])
+        out["replaced_warning"] = (f"{replaced} of {draws} draws ({100 * share:.1f}%) were replacements for samples "
+                                   f"that could not be read or decoded (above --warn-replaced "
+                                   f"{100 * warn_share:g}%){', e.g. ' + eg if eg else ''}; check the shards "
+                                   f"(`aimv2 stats`, or rebuild with `aimv2 shard`)")
+    return out
+
+
+def caption_coverage(table) -> tuple[int, int]:
+    """(samples with at least one non-empty caption column, samples) of a loader SampleTable."""
+    has = np.zeros(table.n, dtype=bool)
+    for name, col in table.text.items():
+        if name == "caption" or name.startswith("syn_"):
+            has |= ~np.asarray(col.null, dtype=bool)
+    return int(has.sum()), int(table.n)
