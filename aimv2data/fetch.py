@@ -413,7 +413,7 @@ def fetch(opts: FetchOptions, console=None) -> dict:
         console.print(f"[bold]aimv2 fetch[/]: all {len(names)} shard(s) in {out} are done; nothing to fetch")
     run_s = time.perf_counter() - t0
 
-    summary = fetch_summary.build(out, job, names)
+    summary = build_summary(out, job, names)
     write_if_changed(summary_path, _json_bytes(summary))
     if console is not None:
         fetched_now = sum((fetch_summary.read_stats(out / f"{n}_stats.json") or {}).get("count", 0) for n in pending)
@@ -463,7 +463,7 @@ def retry_failed(opts: FetchOptions, console=None) -> dict:
         raise FetchError(f"the fetch in {out} is not finished ({len(unfinished)} shard(s) missing): rerun it "
                          "without --retry-failed first (it resumes), then retry", "retry-failed")
     summary_path = out / fetch_summary.SUMMARY_NAME
-    shards, n = fetch_retry.prepare_round(opts, out, job, names, atomic_write, _json_bytes)
+    shards, n = fetch_retry.prepare_round(opts, out, job, names, write_if_changed, _json_bytes)
     interrupted = None
     if shards:
         summary_path.unlink(missing_ok=True)   # absent while a run is in progress (img2dataset globs *.json)
@@ -477,7 +477,7 @@ def retry_failed(opts: FetchOptions, console=None) -> dict:
         console.print(f"[bold]aimv2 fetch --retry-failed[/]: nothing left to retry in {out} "
                       "(no sample's last attempt failed transiently)")
     summary = build_summary(out, job, names)
-    atomic_write(summary_path, _json_bytes(summary))
+    write_if_changed(summary_path, _json_bytes(summary))
     if console is not None:
         console.print(fetch_summary.render(summary))
         if "retries" in summary:

@@ -221,7 +221,8 @@ def report(results, base, rows, parts) -> dict:
         per_part = r["footers_cpu_s"] / r["parts"]
         startup = r["startup_cpu_s"] if s == 1 else per_part * parts + (r["startup_cpu_s"] - r["footers_cpu_s"]) * s
         peak = r["peak_above_base"] * s
-        table.append({"W": r["world"], "startup_cpu_s": round(startup, 2), "startup_wall_s": r["startup_s"], "peak_above_base_GB": round(peak / 1e9, 3),
+        table.append({"W": r["world"], "startup_cpu_s": round(startup, 2), "startup_wall_s": r["startup_s"],
+                      "peak_above_base_GB": round(peak / 1e9, 3),
                       "vmhwm_GB": round((base["vmhwm_bytes"] + peak) / 1e9, 3), "bytes_per_served_row":
                       r["bytes_per_row"], "rows_read": int(r["rows_read"] * s), "first_100_specs_s":
                       r["first_100_specs_s"], "measured_rows": r["rows"]})

@@ -113,8 +113,8 @@ def main():
         for inflight in (1, 8, 32):
             ll = Loader(str(tmp / "m"), **kw)
             lr = Loader("s3://data/m", read_inflight=inflight, **kw)
-            i1, tl = best(lambda: epoch(ll))
-            i2, tr = best(lambda: epoch(lr))
+            i1, tl = best(lambda ll=ll: epoch(ll))
+            i2, tr = best(lambda lr=lr: epoch(lr))
             out[f"loader_images_per_s_inflight_{inflight}"] = {"local": round(i1 / tl, 1), "s3": round(i2 / tr, 1),
                                                                "s3_over_local": round(tl / tr, 3)}
         lc = Loader("s3://data/m", cache_dir=str(tmp / "cache"), cache_gb=1.0, **kw)

@@ -65,7 +65,7 @@ def run_case(cores: str, env: dict, policy: str, steps: int, ranks: int, busy: b
     hog = subprocess.Popen([*pre, "taskset", "-c", cores, "yes"], stdout=subprocess.DEVNULL) if busy else None
     try:
         procs = []
-        for r in range(ranks):
+        for _r in range(ranks):
             e = {**os.environ, **env, "LOCAL_WORLD_SIZE": str(ranks)}
             procs.append(subprocess.Popen([*pre, "taskset", "-c", cores, sys.executable, __file__, "--child", policy,
                                            "--steps", str(steps)], env=e, stdout=subprocess.PIPE, text=True))

@@ -37,7 +37,8 @@ def bench():
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed.")
 @click.option("--no-draft", is_flag=True, help="pil: decode JPEGs at full size (no reduced-scale draft).")
 @click.option("--steps-log", type=click.Path(dir_okay=False),
-              help="Write one JSON line per step (step, area, grid_h, grid_w, batch_size, padding, sources: {name: images}, ...).")
+              help="Write one JSON line per step (step, area, grid_h, grid_w, batch_size, padding, "
+                   "sources: {name: images}, ...).")
 @click.option("--mix", default=None, metavar="SRC=W,...",
               help="Source mixture, e.g. dfn=0.60,coyo=0.06,hqitp=0.31 (each source its own stream with its own "
               "epochs); default: the paper's Table 2 over the sources present; 'rows': sources as the manifest has them.")

@@ -41,7 +41,8 @@ from aimv2data.manifest.inspect_image import DEFAULT_MAX_PIXELS, VERIFY_LEVELS
               "MANIFEST/idx/ when that folder is read-only or holds a foreign .idx), in MANIFEST/idx/, or nowhere.")
 @click.option("--merge-only", is_flag=True, help="Only write _manifest.json from finished parts (INPUT optional: "
               "without it, every finished part in MANIFEST is merged).")
-def shard(inputs, output, patch_size, workers, distributor, ray_address, part, verify, max_pixels, min_side, max_aspect, num_buckets,
+def shard(inputs, output, patch_size, workers, distributor, ray_address, part, verify, max_pixels, min_side, max_aspect,
+          num_buckets,
           bucket_max_aspect, absolute_paths, source, idx, merge_only):
     """Index webdataset tars into a native-resolution manifest (manifests/SPEC.md).
 

@@ -62,7 +62,8 @@ def main() -> None:
             return f"configs/{size}/{name}"
 
         write(d / "pretrain.toml",
-              HEADER.format(size=size, title="pre-training at 224 px", where="Table A1, paper §2", path=rel("pretrain.toml"), init=""),
+              HEADER.format(size=size, title="pre-training at 224 px", where="Table A1, paper §2",
+                            path=rel("pretrain.toml"), init=""),
               [("stage", "pretrain", ""), *common(size),
                ("steps", p.total_steps, f"{p.source}: 1.5M iterations"),
                ("warmup", p.warmup, p.source),

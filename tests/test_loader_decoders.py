@@ -154,7 +154,7 @@ def test_both_decoders_accept_and_reject_the_same_damaged_jpegs():
     b = io.BytesIO()
     Image.fromarray(photos.astronaut()).save(b, "JPEG", quality=90)
     assert jpeg_problem(b.getvalue()) is None
-    for i in range(24):
+    for _i in range(24):
         raw = bytearray(b.getvalue())
         pos = rng.randrange(len(raw) // 4, 3 * len(raw) // 4)
         raw[pos:pos + 64] = bytes(rng.randrange(256) for _ in range(64))

@@ -95,7 +95,7 @@ def test_choose_stream_tracks_the_mix_within_one_batch():
     w = {"coyo": 0.1, "dfn": 0.9}
     served = {"coyo": 0, "dfn": 0}
     rng = np.random.default_rng(1)
-    for t in range(10_000):
+    for _t in range(10_000):
         s = choose_stream(w, served)
         served[s] += int(rng.choice([1, 2, 4, 8, 16, 32]))
         total = sum(served.values())
@@ -130,6 +130,6 @@ def test_grid_batch_rule_fills_the_budget_to_within_one_image():
     grids = {0: {a: (int(a**0.5), int(0.8 * a) // int(a**0.5)) for a in AREAS}}
     s = Sampler({"*": 1.0}, native=True, batch_patches=65536, grids=grids, batch_rule="grid", seed=0)
     plan, _ = s.plan(Snapshot(epochs={"*": 0}), {"*": {0: 100_000}})
-    for area, _, b, _, n in plan.tolist():
+    for area, _, _b, _, n in plan.tolist():
         h, w = grids[0][area]
         assert 65536 - h * w < n * h * w <= 65536

@@ -167,7 +167,7 @@ def test_fetch_shard_load_train_from_s3_equal_local(s3, tmp_path):
     kw = dict(batch_size=8, resolution=56)
     lr = Loader("s3://data/manifest", cache_dir=str(tmp_path / "cache"), cache_gb=1.0, **kw)
     ll = Loader(str(tmp_path / "manifest"), **kw)
-    for epoch in range(2):
+    for _epoch in range(2):
         xs, ys = list(lr), list(ll)
         assert len(xs) == len(ys) == 10
         for x, y in zip(xs, ys):

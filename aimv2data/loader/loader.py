@@ -268,7 +268,7 @@ class Loader:
         else:
             if cfg.resolution % p:
                 raise ValueError(f"--resolution {cfg.resolution} is not a multiple of the patch size {p}")
-            m.buckets   # the bucket table is part of the contract in both modes
+            _ = m.buckets   # the bucket table is part of the contract in both modes (read, checked)
             self.sampler = Sampler(self.weights, native=False, fixed_grid=(cfg.resolution // p,) * 2,
                                    batch_size=cfg.batch_size, seed=cfg.seed, rank=self.rank,
                                    world_size=self.world_size)

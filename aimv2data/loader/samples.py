@@ -227,7 +227,7 @@ class SampleTable:
                 nulls = {c: t.column(c).null_count for c in REQUIRED if t.column(c).null_count}
                 if nulls:
                     raise ManifestError(f"{m.files[f]}: null values in required columns {nulls}")
-                for c, dt in (("bucket", np.int32), ("width", np.int32), ("height", np.int32),
+                for c, _dt in (("bucket", np.int32), ("width", np.int32), ("height", np.int32),
                               ("offset", np.int64), ("size", np.int32)):
                     num[c][pos:pos + t.num_rows] = t.column(c).to_numpy()
                 if "orientation" in t.column_names:

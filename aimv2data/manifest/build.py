@@ -421,7 +421,8 @@ def build_manifest(inputs: list[str], output: str | Path, *, workers: int = 1, p
     if storage.is_url(output):
         from aimv2data.manifest.remote import build_at_url
 
-        return build_at_url(inputs, str(output), build_manifest, ManifestBuildError, workers=workers, part=part, merge=merge, progress=progress,
+        return build_at_url(inputs, str(output), build_manifest, ManifestBuildError, workers=workers, part=part,
+                            merge=merge, progress=progress,
                             argv=argv, distributor=distributor, ray_address=ray_address, **options)
     if distributor not in DISTRIBUTORS:
         raise ManifestBuildError(f"--distributor {distributor!r}: use one of {', '.join(DISTRIBUTORS)}")
@@ -440,12 +441,14 @@ def build_manifest(inputs: list[str], output: str | Path, *, workers: int = 1, p
         with output_lock(output, part, argv):
             # before writing anything: a refusal must leave the manifest as it was
             _check_no_strangers(output, {j.part for j in jobs})
-            return _build(jobs, mine, output, opts, workers, part, merge, progress, inputs, argv)
+            return _build(jobs, mine, output, opts, workers, part, merge, progress, inputs, argv,
+                          distributor, ray_address, on_tar_done)
     except LockHeld as e:
         raise ManifestBuildError(str(e)) from None
 
 
-def _build(jobs, mine, output, opts, workers, part, merge, progress, inputs, argv) -> dict:
+def _build(jobs, mine, output, opts, workers, part, merge, progress, inputs, argv, distributor, ray_address,
+           on_tar_done) -> dict:
     t0 = time.perf_counter()
     summaries, todo = [], []
     for j in mine:
@@ -589,7 +592,8 @@ def merge_manifest(output: str | Path, inputs: list[str] | None = None, *, opts:
             "per_reason": dict(tot["per_reason"].most_common()),
             "counters": dict(tot["counters"]),
         },
-        "inputs": [i if storage.is_url(i) else os.path.abspath(storage.local(i)) for i in inputs] if inputs else old.get("inputs", []),
+        "inputs": ([i if storage.is_url(i) else os.path.abspath(storage.local(i)) for i in inputs] if inputs
+                   else old.get("inputs", [])),
         "args": {**dataclasses.asdict(opts), "argv": argv if argv is not None else old.get("args", {}).get("argv")},
         "caption_sets": caption_sets,
     }

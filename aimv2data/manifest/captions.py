@@ -19,7 +19,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aimv2data import storage
-from aimv2data.atomic import atomic_write
 from aimv2data.manifest import layout
 from aimv2data.manifest.schema import SYN_PREFIX, SYN_TYPE, read_json, write_json_atomic, write_parquet_atomic
 

@@ -46,7 +46,6 @@ def check_rows(root: str | Path, meta: dict, rows: int) -> None:
 
 def read_part(path: str | Path, columns=None):
     """pl.read_parquet of one part; a damaged file is a one-line error naming it."""
-    import polars as pl
 
     try:
         return storage.read_parquet(path, columns=columns)

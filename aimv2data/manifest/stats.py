@@ -34,7 +34,7 @@ def _read(path):
 def compute_stats(manifest: str | Path) -> dict:
     import polars as pl
 
-    from aimv2data.storage import read_parquet, upath
+    from aimv2data.storage import upath
 
     manifest = upath(manifest)                 # a local directory or a URL
     meta_path = layout.manifest_json(manifest)

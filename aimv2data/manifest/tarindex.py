@@ -17,7 +17,6 @@ basename, the extension is the rest (`a/b.seg.png` -> key `a/b`, ext `seg.png`).
 """
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass, field
 

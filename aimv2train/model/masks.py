@@ -70,7 +70,8 @@ def prefix_block_mask(prefix_len: torch.Tensor, num_patches: int, block: int = B
     alone (O(B (I/128)^2), no (B, I, I) tensor is ever built, which create_block_mask would evaluate):
     a key tile wholly below the diagonal tile (j < i) or wholly inside the prefix (its last key < M) is
     full (no mask applied); the diagonal tile, tiles that start inside the prefix and tiles that reach
-    past the last patch are partial (mask_mod and the bounds decide per element); the rest are skipped, so the kernel does about half the dense square's work.
+    past the last patch are partial (mask_mod and the bounds decide per element); the rest are skipped, so the
+    kernel does about half the dense square's work.
     tests/test_model_attention.py checks it against create_block_mask and the dense mask."""
     from torch.nn.attention.flex_attention import BlockMask
 

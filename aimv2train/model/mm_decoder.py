@@ -1,6 +1,7 @@
 """The multimodal decoder (paper §2.2): encoder tokens linearly projected to the decoder width,
 caption tokens embedded with learned positions, the sequence [image | text] under causal
-self-attention (SDPA's is_causal=True, no mask tensor: the flash kernel on GPU), final RMSNorm. Image tokens get no extra position here: the encoder gave them one.
+self-attention (SDPA's is_causal=True, no mask tensor: the flash kernel on GPU), final RMSNorm. Image tokens
+get no extra position here: the encoder gave them one.
 """
 from __future__ import annotations
 

@@ -224,7 +224,7 @@ def latest_checkpoint(directory: str | os.PathLike, notify=None) -> tuple[Path, 
     is damaged, so the caller can refuse before touching the run."""
     found = list_checkpoints(directory)
     damaged = []
-    for step, p in reversed(found):
+    for _step, p in reversed(found):
         try:
             state = read_checkpoint(p)
         except ValueError as e:
