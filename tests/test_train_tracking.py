@@ -173,7 +173,7 @@ def test_two_ranks_validate_together_and_only_rank0_reports(data, tmp_path):
         assert r.stdout.count("val loss") == 1 and "throughput" in r.stdout  # rank 0's summary
         runs[mode] = [m for m in metrics(out) if "val_loss" in m]
     n_val = len(__import__("polars").read_parquet(val_m / "samples/*.parquet"))
-    for mode, recs in runs.items():
+    for recs in runs.values():
         assert [m["step"] for m in recs] == [2, 4]
         assert all(m["val_images"] == 2 * min(4, n_val // 2) for m in recs)  # both ranks' slices
     for a, b in zip(runs["ddp"], runs["fsdp"]):
