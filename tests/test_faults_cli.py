@@ -49,13 +49,13 @@ def moved(data):
 
 def test_train_on_a_manifest_whose_tars_moved(data, moved, tmp_path):
     r = run(*train_args((moved, data[1]), tmp_path / "run"))
-    assert "none of its 1 tars exists" in one_line_error(r)
+    assert "none of the 1 tars of this share exists" in one_line_error(r)
     assert not (tmp_path / "run").exists()        # no run.json, no empty metrics.jsonl
 
 
 def test_bench_loader_on_a_manifest_whose_tars_moved(moved):
     r = run("bench", "loader", moved, "--steps", 2, "--resolution", 56, "--batch-size", 8)
-    assert "none of its 1 tars exists" in one_line_error(r)
+    assert "none of the 1 tars of this share exists" in one_line_error(r)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -101,8 +101,8 @@ def test_dali_ahead_decodes_the_next_steps_while_the_consumer_holds_one(manifest
     ahead_done = threading.Event()
     make = loader.maker.make
 
-    def recording(epoch, step):
-        b = make(epoch, step)
+    def recording(step):
+        b = make(step)
         made.append(step)
         threads.add(threading.current_thread().name)
         if len(made) >= 3:

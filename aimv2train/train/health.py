@@ -46,5 +46,6 @@ def caption_coverage(table) -> tuple[int, int]:
     has = np.zeros(table.n, dtype=bool)
     for name, col in table.text.items():
         if name == "caption" or name.startswith("syn_"):
-            has |= ~np.asarray(col.null, dtype=bool)
+            parts = getattr(col, "parts", [col])   # the loader keeps text per chunk (samples.Chunked)
+            has |= ~np.concatenate([np.asarray(p.null, dtype=bool) for p in parts]) if parts else False
     return int(has.sum()), int(table.n)
