@@ -47,5 +47,7 @@ def caption_coverage(table) -> tuple[int, int]:
     for name, col in table.text.items():
         if name == "caption" or name.startswith("syn_"):
             parts = getattr(col, "parts", [col])   # the loader keeps text per chunk (samples.Chunked)
-            has |= ~np.concatenate([np.asarray(p.null, dtype=bool) for p in parts]) if parts else False
+            nulls = [np.broadcast_to(np.asarray(p.null, dtype=bool), (len(p.offsets) - 1,)) for p in parts]
+            if nulls:
+                has |= ~np.concatenate(nulls)
     return int(has.sum()), int(table.n)
