@@ -172,7 +172,7 @@ def test_fetch_shard_load_train_from_s3_equal_local(s3, tmp_path):
         assert len(xs) == len(ys) == 10
         for x, y in zip(xs, ys):
             assert x.keys == y.keys and x.captions == y.captions and torch.equal(x.images, y.images)
-    assert lr.maker.reader.stats["cache_hits"] > 0 and lr.stats["replaced"] == 0
+    assert sum(r.stats["cache_hits"] for r in lr.maker.readers.values()) > 0 and lr.stats["replaced"] == 0
 
     res = cli("bench", "loader", "s3://data/manifest", "-B", 8, "-R", 56, "--steps", 3, "--warmup", 1, "--json")
     assert res.exit_code == 0, res.output

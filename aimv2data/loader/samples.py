@@ -340,9 +340,11 @@ class SampleTable:
         return self.text["key"][row]
 
     def uid(self, row: int) -> int:
-        """A stable 63-bit id of the sample (its shard and key): keys its crop and caption draws, so they
-        do not depend on which rank reads it or where it sits in the manifest."""
-        d = hashlib.blake2b(f"{self.shard_names[self.shard_idx[row]]}\0{self.key(row)}".encode(), digest_size=8)
+        """A stable 63-bit id of the sample (its tar's folder and file name, and its key): keys its crop and
+        caption draws, so they depend neither on which rank reads it, nor where it sits in the manifest, nor
+        where the tars are stored (a relative path, an absolute one or an s3:// URL give the same draws)."""
+        where = "/".join(self.shard_names[self.shard_idx[row]].replace("\\", "/").rstrip("/").split("/")[-2:])
+        d = hashlib.blake2b(f"{where}\0{self.key(row)}".encode(), digest_size=8)
         return int.from_bytes(d.digest(), "little") >> 1
 
     def texts(self, row: int) -> dict:
