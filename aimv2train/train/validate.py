@@ -8,7 +8,8 @@ model reports) in the same metrics.jsonl line as the step they follow.
 Deterministic, so two evaluations differ only because the weights did:
 - fixed crops, no augmentation: fixed resolution takes the centred square crop (RandomResizedCrop with
   scale = ratio = 1 falls back to exactly that), native resolution the centred cover crop; no flip;
-- the loader is re-read from epoch 0, step 0 each time (same batches, same captions chosen);
+- the loader is rewound to its initial state (`load_state_dict` of the `state_dict` taken at construction)
+  each time: the same steps, shares, batches and captions chosen;
 - the prefix lengths M come from a generator re-seeded with `seed` at each evaluation.
 Every rank evaluates its slice of the same steps; the losses are image-weighted means over ranks.
 `aimv2 shard split` makes a held-out manifest (a hash of the key, so no sample is in both halves).
@@ -52,6 +53,7 @@ class Validator:
         except ValueError as e:
             raise ValueError(f"--val-manifest {manifest}: {e}") from None
         self.patch_size = self.loader.patch_size
+        self._start = self.loader.state_dict()  # rewound to before each evaluation: the same batches every time
         self.steps = len(self.loader) if max_batches is None else min(len(self.loader), max_batches)
 
     @torch.no_grad()
@@ -59,7 +61,7 @@ class Validator:
         was_training = model.training
         model.eval()
         generator = torch.Generator().manual_seed(self.seed)
-        self.loader.epoch, self.loader.step = 0, 0  # the same batches every time
+        self.loader.load_state_dict(self._start)  # the same batches every time
         sums: dict[str, float] = {}
         images = 0
         try:
