@@ -80,10 +80,6 @@ def train(**settings):
         t.add_row("  " + " / ".join(n for n, _ in ends), " / ".join(f"{v:.4f}" for _, v in ends))
         t.add_row("throughput", f"{s['steps_per_s']:.2f} steps/s, {s['images_per_s']:.1f} images/s, "
                   f"{s['patches_per_s']:.0f} patches/s")
-        if "val_loss_end" in s:
-            vals = [(short, s[f"val_{k}_end"]) for k, (short, _) in LOSS_TERMS.items() if f"val_{k}_end" in s]
-            t.add_row("val loss", f"{s['val_loss_end']:.4f} (" + ", ".join(f"{n} {v:.4f}" for n, v in vals)
-                      + f"; step {s['val_step']})")
         t.add_row("MFU", f"{100 * s['mfu']:.1f}% of a measured {s['peak_flops'] / 1e9:.0f} GFLOP/s matmul peak")
     if "val_loss_end" in s:
         t.add_row("val loss", f"{s['val_loss_end']:.4f} (image {s['val_loss_img_end']:.4f} / text "
