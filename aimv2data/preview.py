@@ -245,7 +245,7 @@ def _index(out: Path, manifest: str, sheets: list[tuple[Path, Shown]], areas: li
     parts += [f"<li><a href='#{p.stem}'>A = {s.batch.area or s.batch.grid[0] * s.batch.grid[1]}: "
               f"{e(_headline(s))}</a></li>" for p, s in areas]
     parts.append("</ul>")
-    for p, s in sheets + areas:
+    for p, _ in sheets + areas:
         parts.append(f"<h3 id='{p.stem}'>{e(p.name)}</h3><a href='{p.name}'><img src='{p.name}'></a>")
     path = out / "index.html"
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(parts) + "\n"))
