@@ -1,9 +1,12 @@
 """`aimv2 preview`: look at what the loader feeds the model, as PNG pages and an index.html.
 
-Batches are made by the real loader (`Loader.maker.make(epoch, step)`: the same sampler, crops, decoder
-and caption choice as training), then de-normalised for display. Two kinds of page:
+Batches are made by the real loader (`Loader.maker.make(i)`, step i of the loader's current segment: the
+same sampler, rank share, source mixture, crops, decoder and caption choice as training; iterating the
+loader yields exactly these batches), then de-normalised for display. Steps are taken in training order
+from the loader's segment `epoch` on (`Loader.epoch`: a stretch of steps in which no source stream
+changes epoch; 0 is the first). Two kinds of page:
 
-- contact sheets (`batch_e{epoch}_s{step}.png`), one per previewed step: each image exactly as the model
+- contact sheets (`batch_e{segment}_s{step}.png`), one per previewed step: each image exactly as the model
   gets it (crop, resize, flip), with the patch grid drawn over it, and per image its source, aspect
   bucket, key, the share of the source the crop kept, the flip, how much a small source was upscaled,
   and the caption chosen (with which caption set it came from);
@@ -29,6 +32,8 @@ import numpy as np
 from .atomic import atomic_write
 from .batch import Batch, denormalize
 from .loader import Loader
+from .loader.sampler import ALL, StepSpec
+from .loader.samples import AREAS
 
 
 @dataclass
@@ -38,11 +43,12 @@ class Shown:
     budget: int                  # C, patches per rank per step
     bucket: int                  # the step's bucket (-1: fixed resolution, several)
     notes: list[dict]            # per image: source, bucket, aspect, key, kept, flip, caption, kind
+    stream: str = ""             # the mixture's source stream the step was drawn from ("" : one stream of all rows)
 
 
-def _annotate(loader: Loader, epoch: int, step: int, batch: Batch) -> list[dict]:
-    spec = loader.sampler.spec(epoch, step)
-    t = loader.table
+def _annotate(loader: Loader, spec: StepSpec, batch: Batch) -> list[dict]:
+    """Per image: recomputed from the step's spec and the rank's share table, as `StepMaker.make` does."""
+    t = loader.maker.tables[spec.source]
     notes = []
     for i, key in enumerate(batch.keys):
         row = int(spec.rows[i])
@@ -53,7 +59,7 @@ def _annotate(loader: Loader, epoch: int, step: int, batch: Batch) -> list[dict]
         crop = loader.maker.crop(spec, row)
         x0, y0, x1, y1 = crop.box
         texts = t.texts(row)
-        _, kind = loader.maker.captions.choose(epoch, row, texts.get("source"), texts.get("caption"),
+        _, kind = loader.maker.captions.choose(spec.epoch, t.uid(row), texts.get("source"), texts.get("caption"),
                                                {c: texts[c] for c in t.syn_columns})
         b = int(t.bucket[row])
         notes.append({"key": key, "source": batch.sources[i], "bucket": b, "aspect": t.buckets[b].aspect,
@@ -63,22 +69,28 @@ def _annotate(loader: Loader, epoch: int, step: int, batch: Batch) -> list[dict]
     return notes
 
 
-def _steps_by_area(loader: Loader, epoch: int) -> dict[int, list[int]]:
-    """area -> the steps of `epoch` at that area, in order."""
-    if loader.cfg.native_res:
-        areas = loader.sampler.plan(epoch)[:, 1]
-        out: dict[int, list[int]] = {}
-        for s, a in enumerate(areas.tolist()):
-            out.setdefault(int(a), []).append(s)
-        return dict(sorted(out.items()))
-    g = loader.sampler.grid
-    return {g[0] * g[1]: list(range(loader.sampler.steps(epoch)))}
+def _goto(loader: Loader, segment: int) -> None:
+    """Move a loader forward to the start of `segment` (no decoding: the sampler replays the plans)."""
+    if segment < loader.epoch:
+        raise ValueError(f"--epoch {segment}: the loader is already at segment {loader.epoch}")
+    while loader.epoch < segment:
+        loader._next_segment()   # what `iter(loader)` does after a segment's last step
 
 
-def _show(loader: Loader, epoch: int, step: int) -> Shown:
-    batch = loader.maker.make(epoch, step)
-    spec = loader.sampler.spec(epoch, step)
-    return Shown(batch, loader.budget, int(spec.bucket), _annotate(loader, epoch, step, batch))
+def _steps_by_area(loader: Loader) -> dict[int, list[int]]:
+    """area -> the steps (indices into the loader's current segment) at that area, in order."""
+    out: dict[int, list[int]] = {}
+    for i, a in enumerate(loader.maker.plan[:, 0].tolist()):
+        out.setdefault(int(a), []).append(i)
+    return dict(sorted(out.items()))
+
+
+def _show(loader: Loader, i: int) -> Shown:
+    """Step i of the loader's current segment: the batch the loader yields there, annotated."""
+    batch = loader.maker.make(i)
+    spec = loader.maker.spec(i)
+    stream = "" if spec.source == ALL else loader.manifest.sources.get(spec.source, spec.source)
+    return Shown(batch, loader.budget, int(spec.bucket), _annotate(loader, spec, batch), stream)
 
 
 def _pixels(batch: Batch, n: int | None = None) -> np.ndarray:
@@ -93,7 +105,8 @@ def _headline(s: Shown) -> str:
     used = len(b) * h * w
     area = b.area or h * w
     exp = f" = 2^{int(math.log2(area))}" if area & (area - 1) == 0 else ""
-    return (f"epoch {b.epoch} step {b.step}: area A = {area}{exp} patches, grid {h} x {w} = {h * w} per image, "
+    src = f"source {s.stream} (its epoch {b.epoch})" if s.stream else f"epoch {b.epoch}"
+    return (f"step {b.step}, {src}: area A = {area}{exp} patches, grid {h} x {w} = {h * w} per image, "
             f"{len(b)} images x {h * w} = {used} of C = {s.budget} patches ({100 * used / s.budget:.1f}%)")
 
 
@@ -188,20 +201,20 @@ def area_page(s: Shown, loader: Loader, path: Path) -> Path:
                    f"{c - used} unused", fontsize=9)
 
     right = fig.add_subplot(gs[:, 1])
-    t = loader.table
-    buckets = sorted(t.members)
+    bk = loader.manifest.buckets
+    buckets = sorted({k for g in loader.maker.groups.values() for k, rows in g.items() if len(rows)})
     if loader.cfg.native_res:
-        aspects = [t.buckets[k].aspect for k in buckets]
-        fills = [t.buckets[k].grids[area][0] * t.buckets[k].grids[area][1] / area for k in buckets]
+        aspects = [bk[k].aspect for k in buckets]
+        fills = [bk[k].grids[area][0] * bk[k].grids[area][1] / area for k in buckets]
         colors = ["#d95f02" if k == s.bucket else "#7f9fbf" for k in buckets]
         right.bar(range(len(buckets)), fills, color=colors)
         right.set_xticks(range(len(buckets)))
-        right.set_xticklabels([f"{a:.2f}: {t.buckets[k].grids[area][0]} x {t.buckets[k].grids[area][1]}"
+        right.set_xticklabels([f"{a:.2f}: {bk[k].grids[area][0]} x {bk[k].grids[area][1]}"
                                for k, a in zip(buckets, aspects)], fontsize=7, rotation=90)
         right.set_ylim(0, 1.05)
         right.set_ylabel("h*w / A: the share of the area the grid uses")
         right.set_xlabel("bucket w/h and its grid h x w at this area (orange: this step's bucket)")
-        right.set_title(f"A = {area}: the grid of every bucket in this manifest", fontsize=9)
+        right.set_title(f"A = {area}: the grid of every bucket this rank reads", fontsize=9)
         right.grid(axis="y", alpha=0.3)
     else:
         right.axis("off")
@@ -239,42 +252,57 @@ def _index(out: Path, manifest: str, sheets: list[tuple[Path, Shown]], areas: li
     return path
 
 
+def _areas_made(loader: Loader) -> set[int]:
+    """Every area the loader can draw: 2^7..2^12 (native resolution) or (R / p)^2 (fixed)."""
+    return set(AREAS) if loader.cfg.native_res else {loader.sampler.area(0)}
+
+
 def preview(manifest: str | os.PathLike, out: str | os.PathLike, *, batches: int = 4, per_sheet: int = 16,
-            areas: list[int] | None = None, epoch: int = 0, area_pages: bool = True, **loader_kwargs) -> dict:
-    """Write contact sheets of the first `batches` steps of `epoch` (those at `areas` when given), a page
-    per area, and index.html into `out`. `loader_kwargs` are Loader's (native_res, batch_patches,
-    resolution, batch_size, seed, decoder, ...). Returns {"index", "sheets", "areas", ...}."""
+            areas: list[int] | None = None, epoch: int = 0, area_pages: bool = True, scan: int = 1024,
+            **loader_kwargs) -> dict:
+    """Write contact sheets of the first `batches` steps from the loader's segment `epoch` on (those at
+    `areas` when given), a page per area (the first step at it), and index.html into `out`. Steps are
+    taken in the order `iter(loader)` yields them, across segments, looking at most `scan` steps ahead
+    (the sampler replays them; only the shown steps are decoded). `loader_kwargs` are Loader's
+    (native_res, batch_patches, resolution, batch_size, seed, mix, rank, world_size, decoder, ...).
+    Returns {"index", "sheets", "areas", ...}."""
     loader = Loader(str(manifest), workers=0, **loader_kwargs)
-    by_area = _steps_by_area(loader, epoch)
-    if not by_area:
-        raise ValueError(f"{manifest}: epoch {epoch} has no steps with these loader settings")
+    made = _areas_made(loader)
     if areas:
-        missing = [a for a in areas if a not in by_area]
-        if missing:
-            raise ValueError(f"--areas {missing}: epoch {epoch} has no step at that area (it has "
-                             f"{', '.join(map(str, by_area))})")
-        by_area = {a: by_area[a] for a in areas}
-    chosen = sorted(s for steps in by_area.values() for s in steps)[:batches]
+        bad = sorted(set(areas) - made)
+        if bad:
+            raise ValueError(f"--areas {bad}: the loader makes no step at that area with these settings (it "
+                             f"draws {', '.join(map(str, sorted(made)))})")
+    want = set(areas) if areas else made
+    _goto(loader, epoch)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sheets, pages, cache = [], [], {}
-
-    def shown(step):
-        if step not in cache:
-            cache[step] = _show(loader, epoch, step)
-        return cache[step]
-
-    for step in chosen:
-        s = shown(step)
-        sheets.append((contact_sheet(s, out / f"batch_e{epoch}_s{step:05d}.png", per_sheet), s))
-    if area_pages:
-        for area, steps in by_area.items():
-            s = shown(steps[0])
-            pages.append((area_page(s, loader, out / f"area_{area:04d}.png"), s))
+    t0 = loader.maker.snap.t
+    sheets, first, counts = [], {}, {}
+    while True:
+        for i, a in enumerate(loader.maker.plan[:, 0].tolist()):
+            counts[a] = counts.get(a, 0) + 1
+            if a not in want or (len(sheets) >= batches and (a in first or not area_pages)):
+                continue
+            s = _show(loader, i)
+            if len(sheets) < batches:
+                sheets.append((contact_sheet(s, out / f"batch_e{epoch}_s{s.batch.step:05d}.png", per_sheet), s))
+            if area_pages and a not in first:
+                first[a] = s
+        scanned = loader.maker.snap.t + len(loader) - t0
+        if (len(sheets) >= batches and (not area_pages or set(first) == want)) or scanned >= scan:
+            break
+        loader._next_segment()
+    if areas and area_pages and set(first) != want:
+        raise ValueError(f"--areas {sorted(want - set(first))}: no step at that area in the {scanned} steps from "
+                         f"epoch {epoch} on (they have areas {', '.join(map(str, sorted(counts)))}); raise --scan")
+    pages = [(area_page(s, loader, out / f"area_{a:04d}.png"), s) for a, s in sorted(first.items())]
     mode = "native resolution" if loader.cfg.native_res else f"fixed resolution {loader.cfg.resolution} px"
     settings = {"manifest": str(manifest), "mode": mode, "patch budget C": loader.budget,
-                "seed": loader.cfg.seed, "epoch": epoch, "steps in the epoch": loader.sampler.steps(epoch),
-                "steps per area": ", ".join(f"A={a}: {len(v)}" for a, v in _steps_by_area(loader, epoch).items())}
+                "seed": loader.cfg.seed, "rank / world size": f"{loader.rank} / {loader.world_size}",
+                "mix": ", ".join(f"{loader._name(k)} {w:.3f}" for k, w in loader.weights.items()),
+                "from epoch (loader segment)": epoch, "steps scanned": f"{scanned} (global steps {t0}..{t0 + scanned - 1})",
+                "steps per area": ", ".join(f"A={a}: {n}" for a, n in sorted(counts.items()))}
     index = _index(out, str(manifest), sheets, pages, settings)
     summary = {"index": str(index), "sheets": [str(p) for p, _ in sheets], "areas": [str(p) for p, _ in pages],
                "settings": settings}

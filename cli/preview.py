@@ -16,14 +16,22 @@ import click
 @click.option("--batch-size", "-B", type=int, default=256, show_default=True,
               help="Images per step at fixed resolution.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed (as `aimv2 train --seed`).")
-@click.option("--epoch", type=int, default=0, show_default=True, help="Which epoch's steps to show.")
+@click.option("--mix", default=None, metavar="SRC=W,...",
+              help="Source mixture (as `aimv2 train --mix`), e.g. dfn=0.60,coyo=0.06,hqitp=0.31; default: the "
+              "paper's Table 2 over the sources present; 'rows': sources as the manifest has them.")
+@click.option("--epoch", type=int, default=0, show_default=True,
+              help="Start at this loader segment (a stretch of steps in which no source changes epoch; 0 is "
+              "the first; one per `iter(loader)`), then go on in the order training reads the steps.")
 @click.option("--batches", type=int, default=4, show_default=True, help="Contact sheets: the first N steps.")
+@click.option("--scan", type=int, default=1024, show_default=True,
+              help="Look at most this many steps ahead for the sheets and the area pages (only the shown steps "
+              "are decoded).")
 @click.option("--per-sheet", type=int, default=16, show_default=True, help="Images shown per contact sheet.")
 @click.option("--areas", default="", help="Only steps at these areas, comma-separated (e.g. 256,1024).")
 @click.option("--decoder", type=click.Choice(["pil", "dali"]), default="pil", show_default=True,
               help="Image decoder (as the loader's).")
-def preview(manifest, output, native_res, batch_patches, batch_rule, resolution, batch_size, seed, epoch, batches,
-            per_sheet, areas, decoder):
+def preview(manifest, output, native_res, batch_patches, batch_rule, resolution, batch_size, seed, mix, epoch,
+            batches, scan, per_sheet, areas, decoder):
     """See the batches the loader makes from MANIFEST: PNG contact sheets of real batches (each image as the
     model gets it: crop, resize, flip; with area, grid, bucket, source and the caption chosen), a page per
     area showing how a step fills the patch budget, and OUTPUT/index.html linking them."""
@@ -38,7 +46,7 @@ def preview(manifest, output, native_res, batch_patches, batch_rule, resolution,
           else dict(resolution=resolution, batch_size=batch_size))
     try:
         r = run(manifest, output, batches=batches, per_sheet=per_sheet, areas=area_list, epoch=epoch, seed=seed,
-                decoder=decoder, **kw)
+                scan=scan, mix=mix, decoder=decoder, **kw)
     except (ManifestError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"{len(r['sheets'])} contact sheets, {len(r['areas'])} area pages -> {r['index']}")

@@ -89,13 +89,8 @@ def train(**settings):
     if "replaced" in s:
         t.add_row("replaced", f"{s['replaced']} of {s['draws']} samples drawn ({100 * s['replaced_share']:.1f}%) "
                   "could not be read or decoded and were replaced")
-    if "val_loss_end" in s:
-        t.add_row("val loss", f"{s['val_loss_end']:.4f} (image {s['val_loss_img_end']:.4f} / text "
-                  f"{s['val_loss_text_end']:.4f}, step {s['val_step']})")
     t.add_row("checkpoint", str(s.get("checkpoint")))
     t.add_row("run", f"{s['run']} (metrics.jsonl; curves: aimv2 plot {s['run']})")
     Console().print(t)
-    if s["status"] == "interrupted":  # 130 (SIGINT) / 143 (SIGTERM): resumable, not finished (docs/contracts.md)
-        raise SystemExit(s["exit_code"])
     if s["status"] == "interrupted":  # 130 (SIGINT) / 143 (SIGTERM): resumable, not finished (docs/contracts.md)
         raise SystemExit(s["exit_code"])

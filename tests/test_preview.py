@@ -25,14 +25,19 @@ def manifest(tmp_path_factory):
 
 def test_shown_batch_is_the_training_batch_with_true_annotations(manifest):
     loader = Loader(str(manifest), native_res=True, batch_patches=4096, seed=5, workers=0)
-    step = pv._steps_by_area(loader, 0)[512][0]
-    shown = pv._show(loader, 0, step)
-    batches = iter(loader)  # the trainer's path: iterate the loader
-    for _ in range(step + 1):
-        batch = next(batches)
+    while 512 not in pv._steps_by_area(loader):  # the first step at area 512 (a later segment with seed 5)
+        pv._goto(loader, loader.epoch + 1)
+    assert loader.epoch > 0
+    i = pv._steps_by_area(loader)[512][0]
+    shown = pv._show(loader, i)
+    spec = loader.maker.spec(i)
+    trainer = Loader(str(manifest), native_res=True, batch_patches=4096, seed=5, workers=0)
+    # the trainer's path: one `for batch in loader` per segment, until that step
+    batch = next(b for _ in range(100) for b in trainer if b.step == spec.step)
     assert torch.equal(shown.batch.images, batch.images) and shown.batch.captions == batch.captions
+    assert shown.batch.step == batch.step == spec.step and shown.batch.epoch == batch.epoch
     assert shown.batch.area == 512 and len(shown.batch) == 4096 // 512
-    t = loader.table
+    t = loader.maker.tables[spec.source]
     for note, key in zip(shown.notes, batch.keys):
         assert note["key"] == key and not note["replaced"]
         assert note["bucket"] == shown.bucket  # native resolution: one bucket per step
@@ -40,7 +45,13 @@ def test_shown_batch_is_the_training_batch_with_true_annotations(manifest):
         H, W = batch.images.shape[2:]  # resize to cover: output px per source px = max of the two ratios
         assert note["upscale"] == pytest.approx(max(W / note["src"][0], H / note["src"][1]), rel=1e-6)
         assert note["kind"] in ("alt", "syn_demo")
-    assert {t.key(int(r)) for r in loader.sampler.spec(0, step).rows} == set(batch.keys)
+    assert {t.key(int(r)) for r in spec.rows} == set(batch.keys)
+    # the caption set named is the one whose caption the batch carries
+    for note, row in zip(shown.notes, spec.rows):
+        texts = t.texts(int(row))
+        assert note["caption"] == (texts["caption"] if note["kind"] == "alt" else note["caption"])
+        if note["kind"] != "alt":
+            assert note["caption"] in texts[note["kind"]]
 
 
 def test_preview_writes_sheets_area_pages_and_index(manifest, tmp_path):
@@ -52,12 +63,16 @@ def test_preview_writes_sheets_area_pages_and_index(manifest, tmp_path):
     index = (tmp_path / "index.html").read_text()
     for p in s["sheets"] + s["areas"]:
         with Image.open(p) as im:  # a real PNG, big enough to read
-            assert im.format == "PNG" and im.width > 800 and im.height > 300
+            # (a sheet of a wide bucket, w/h ~3, is one short row of images: ~1600 x 290 px)
+            assert im.format == "PNG" and im.width > 800 and im.height > 250
         assert f"src='{Path(p).name}'" in index
     assert "A = 512" in index and "of C = 4096 patches" in index
     r = CliRunner().invoke(main, ["preview", str(manifest), "-o", str(tmp_path / "x"), "--native-res", "-C", "4096",
-                                  "--areas", "128"])
+                                  "--areas", "8192"])
     assert r.exit_code != 0 and "no step at that area" in r.output
+    r = CliRunner().invoke(main, ["preview", str(manifest), "-o", str(tmp_path / "y"), "--native-res", "-C", "4096",
+                                  "--areas", "128", "--scan", "1", "--batches", "1"])
+    assert r.exit_code != 0 and "no step at that area in the 2 steps" in r.output  # seed 0, segment 0: 512, 4096
 
 
 def test_fixed_resolution_preview_and_stats_link(manifest, tmp_path):

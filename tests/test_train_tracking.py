@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("track_data")
-    manifest, tok = _train_fixtures.build(root)
+    manifest, tok = _train_fixtures.build(root, tars=2)  # two parts: two ranks each get a share (loader.py)
     split_manifest(manifest, root / "split", 0.15)
     return root / "split/train", root / "split/val", tok
 

@@ -8,9 +8,12 @@ model reports) in the same metrics.jsonl line as the step they follow.
 Deterministic, so two evaluations differ only because the weights did:
 - fixed crops, no augmentation: fixed resolution takes the centred square crop (RandomResizedCrop with
   scale = ratio = 1 falls back to exactly that), native resolution the centred cover crop; no flip;
-- the loader is re-read from epoch 0, step 0 each time (same batches, same captions chosen);
+- the loader is rewound to its initial state (`load_state_dict` of the `state_dict` taken at construction)
+  each time: the same steps, shares, batches and captions chosen;
 - the prefix lengths M come from a generator re-seeded with `seed` at each evaluation.
-Every rank evaluates its slice of the same steps; the losses are image-weighted means over ranks.
+Every rank evaluates its slice of the same steps (as many as the rank with the shortest first loader
+segment has: each rank reads its own share, and FSDP's all-gathers need every rank in every forward);
+the losses are image-weighted means over ranks.
 `aimv2 shard split` makes a held-out manifest (a hash of the key, so no sample is in both halves).
 """
 from __future__ import annotations
@@ -24,6 +27,15 @@ from ..model.masks import sample_prefix_lengths
 from .distributed import DistInfo, all_reduce_mean
 
 VAL_SEED = 1234  # the validation crops, captions and prefix lengths; independent of --seed
+
+
+def min_over_ranks(n: int, info: DistInfo, device: torch.device) -> int:
+    """The smallest `n` over the ranks (n itself without a process group)."""
+    if not info.enabled:
+        return n
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return int(t.item())
 
 
 class Validator:
@@ -52,14 +64,16 @@ class Validator:
         except ValueError as e:
             raise ValueError(f"--val-manifest {manifest}: {e}") from None
         self.patch_size = self.loader.patch_size
-        self.steps = len(self.loader) if max_batches is None else min(len(self.loader), max_batches)
+        self._start = self.loader.state_dict()  # rewound to before each evaluation: the same batches every time
+        steps = len(self.loader) if max_batches is None else min(len(self.loader), max_batches)
+        self.steps = min_over_ranks(steps, info, device)
 
     @torch.no_grad()
     def __call__(self, model) -> dict[str, float]:
         was_training = model.training
         model.eval()
         generator = torch.Generator().manual_seed(self.seed)
-        self.loader.epoch, self.loader.step = 0, 0  # the same batches every time
+        self.loader.load_state_dict(self._start)  # the same batches every time
         sums: dict[str, float] = {}
         images = 0
         try:
