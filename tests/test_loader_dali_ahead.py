@@ -101,22 +101,23 @@ def test_dali_ahead_decodes_the_next_steps_while_the_consumer_holds_one(manifest
     ahead_done = threading.Event()
     make = loader.maker.make
 
-    def recording(epoch, step):
-        b = make(epoch, step)
-        made.append(step)
+    def recording(i):                                           # step i of the current segment (segment 0: t = i)
+        b = make(i)
+        made.append(i)
         threads.add(threading.current_thread().name)
         if len(made) >= 3:
             ahead_done.set()
         return b
 
     loader.maker.make = recording
+    steps = len(loader)                                         # segment 0's steps (iterating moves to the next)
     it = iter(loader)
     first = next(it)
     assert first.step == 0
     assert ahead_done.wait(30), made                            # steps 1 and 2 made without being asked
     assert made[:3] == [0, 1, 2] and threads == {"aimv2-decode-ahead"}   # made off the consumer's thread
     rest = list(it)
-    assert [b.step for b in rest] == list(range(1, len(loader)))
+    assert [b.step for b in rest] == list(range(1, steps))
 
 
 def test_dali_ahead_resumes_after_a_break_like_the_synchronous_path(manifest):
