@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import socket
 
+from aimv2data.environment import keep_signal_handlers
+
 
 class ClusterError(RuntimeError):
     """Ray is missing or the cluster does not answer; the message says what to do."""
@@ -29,7 +31,8 @@ def connect_ray(address: str | None = None) -> None:
             raise ClusterError(f"--ray-address {address}: no Ray cluster answers there; start one (`ray start "
                                "--head`) or pass the head node's GCS address host:port") from None
     try:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        with keep_signal_handlers():   # ray.init's own SIGTERM handler would replace our exit 143
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ClusterError(f"--ray-address {address or '(ray.init default)'}: cannot connect to Ray ({first[:200]})") \

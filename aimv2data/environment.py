@@ -5,11 +5,14 @@ so the only honest answer to "am I on Pillow-SIMD?" is to ask which distribution
 that was imported."""
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 import os
 import platform
 import shutil
+import signal
 import subprocess
+import threading
 
 
 def pil_info() -> dict:
@@ -118,3 +121,19 @@ def report() -> dict:
         "torch": torch_info(),
         "packages": versions(),
     }
+
+
+@contextlib.contextmanager
+def keep_signal_handlers():
+    """SIGTERM / SIGINT handlers as they were before the block. ray.init and wandb.init install their own;
+    what a signal does to our commands (save, exit 130/143) stays ours. Main thread only (where they can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            if h is not None:
+                signal.signal(s, h)

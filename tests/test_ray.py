@@ -12,8 +12,11 @@ from _shard_fixtures import good_tar
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200_000_000, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
+    from aimv2data.environment import keep_signal_handlers
+
+    with keep_signal_handlers():  # ray.init's SIGTERM handler must not outlive this test in the pytest process
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200_000_000, _node_ip_address="127.0.0.1",
+                 log_to_driver=False)
     try:
         yield ray
     finally:

@@ -16,13 +16,12 @@ Tags: a key `k` is logged as `train/k`, a key `val_k` as `val/k`; lists of numbe
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import signal
-import threading
 from pathlib import Path
 from typing import Protocol
+
+from aimv2data.environment import keep_signal_handlers
 
 TRACKERS = ("tensorboard", "wandb")
 INSTALL = {"tensorboard": "tensorboard", "wandb": "wandb"}  # tracker -> the package that provides it
@@ -102,7 +101,7 @@ class WandbSink:
         self.wandb = _require("wandb", "wandb")
         id_file = run_dir / "wandb_id"
         run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
-        with _keep_signal_handlers():  # wandb.init installs its own SIGTERM handler; preemption is the trainer's
+        with keep_signal_handlers():  # wandb.init installs its own SIGTERM handler; preemption is the trainer's
             self.run = self.wandb.init(project=project, dir=str(run_dir), name=run_dir.name, config=config,
                                        id=run_id, resume="allow" if run_id else None)
         if self.run is not None and getattr(self.run, "id", None):
@@ -113,21 +112,6 @@ class WandbSink:
 
     def close(self) -> None:
         self.run.finish()
-
-
-@contextlib.contextmanager
-def _keep_signal_handlers():
-    """SIGTERM / SIGINT handlers as they were before the block (main thread only, where they can be set)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in saved.items():
-            if h is not None:
-                signal.signal(s, h)
 
 
 def open_sinks(report_to, run_dir: str | os.PathLike, *, config: dict | None = None, resume_step: int | None = None,
