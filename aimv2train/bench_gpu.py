@@ -193,7 +193,8 @@ def time_steps(step_fn, opt, params, batch, device, precision: str, steps: int, 
     return times
 
 
-def _step_config(sizes: Sizes, device: torch.device, res: str, attention: str, compiled: bool, peak: float) -> dict:
+def _step_config(sizes: Sizes, device: torch.device, res: str, attention: str, compiled: bool, peak: float,
+                 native_dynamic: str = "auto") -> dict:
     from .model.flops import step_flops
 
     native = res == "native"
@@ -201,11 +202,15 @@ def _step_config(sizes: Sizes, device: torch.device, res: str, attention: str, c
     B = max(1, sizes.batch_patches // (grid[0] * grid[1])) if native else sizes.batch
     precision = "bf16" if device.type == "cuda" else "fp32"
     row = {"resolution": res, "grid": list(grid), "attention": attention, "compile": compiled}
+    # as the trainer's --compile-dynamic (train.trainer.compile_step): auto is static on CUDA
+    dynamic = {"true": True, "false": False}.get(native_dynamic, device.type != "cuda")
+    if compiled and native:
+        row["dynamic"] = dynamic
     while True:
         model, loss_module, opt = _build(sizes, device, "sincos" if native else "learned",
                                          224 if native else sizes.resolution)
         model.set_attention(attention)
-        step_fn = torch.compile(loss_module, dynamic=True if native else None) if compiled else loss_module
+        step_fn = torch.compile(loss_module, dynamic=dynamic if native else None) if compiled else loss_module
         params = [p for p in model.parameters() if p.requires_grad]
         try:
             t_first = time.perf_counter()
@@ -234,7 +239,8 @@ def _step_config(sizes: Sizes, device: torch.device, res: str, attention: str, c
     return row
 
 
-def part_steps(device: torch.device, sizes: Sizes, ctx: dict, budget: Budget, dry_run: bool, **_) -> dict:
+def part_steps(device: torch.device, sizes: Sizes, ctx: dict, budget: Budget, dry_run: bool,
+               rows_wanted: tuple[str, ...] = (), native_dynamic: str = "auto", **_) -> dict:
     """Eager rows first (cheap), compiled rows while the budget allows (each compiles the whole step)."""
     peak = ctx.get("peak") or 1.0
     rows = []
@@ -242,6 +248,8 @@ def part_steps(device: torch.device, sizes: Sizes, ctx: dict, budget: Budget, dr
         for res in ("fixed", "native"):
             for attention in ("flex", "sdpa"):
                 base = {"resolution": res, "attention": attention, "compile": compiled}
+                if rows_wanted and _row_key(res, attention, compiled) not in rows_wanted:
+                    continue
                 if attention == "flex" and device.type != "cuda":
                     rows.append({**base, "status": "skipped",
                                  "reason": "FlexAttention has no backward on CPU (the GPU check runs it)"})
@@ -255,11 +263,16 @@ def part_steps(device: torch.device, sizes: Sizes, ctx: dict, budget: Budget, dr
                     rows.append({**base, "status": "skipped", "reason": f"time budget: {budget.left():.0f} s left"})
                     continue
                 try:
-                    rows.append({**_step_config(sizes, device, res, attention, compiled, peak), "status": "ok"})
+                    rows.append({**_step_config(sizes, device, res, attention, compiled, peak, native_dynamic),
+                                 "status": "ok"})
                 except Exception as e:
                     rows.append({**base, "status": "error", "reason": _reason(e)})
                 print(f"  steps: {_row_line(rows[-1])}", flush=True)
     return {"rows": rows, "peak_tflops": peak / 1e12}
+
+
+def _row_key(res: str, attention: str, compiled: bool) -> str:
+    return f"{res}-{attention}-{'compiled' if compiled else 'eager'}"
 
 
 def part_parity(device: torch.device, sizes: Sizes, **_) -> dict:
@@ -450,7 +463,8 @@ def _reason(e: BaseException) -> str:
 
 
 def run(out: str | os.PathLike, *, dry_run: bool = False, device: str | None = None,
-        parts: tuple[str, ...] = PARTS, budget_s: float = 420.0, workdir: str | os.PathLike | None = None) -> dict:
+        parts: tuple[str, ...] = PARTS, budget_s: float = 420.0, workdir: str | os.PathLike | None = None,
+        rows: tuple[str, ...] = (), native_dynamic: str = "auto") -> dict:
     """Run the check; every part ends "ok", "skipped" (with a reason) or "error" (with a reason)."""
     from aimv2data.atomic import atomic_write
 
@@ -476,7 +490,7 @@ def run(out: str | os.PathLike, *, dry_run: bool = False, device: str | None = N
             print(f"[{name}] ...", flush=True)
             try:
                 body = PART_FUNCS[name](device=dev, sizes=sizes, ctx=ctx, budget=budget, dry_run=dry_run,
-                                        workdir=work)
+                                        workdir=work, rows_wanted=rows, native_dynamic=native_dynamic)
                 rec = {"status": body.pop("status", "ok"), **body}
             except Exception as e:
                 rec = {"status": "error", "reason": _reason(e)}
@@ -544,12 +558,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--budget", type=float, default=420.0,
                     help="wall-clock seconds for the whole check; compiled configurations that would not fit are skipped")
+    ap.add_argument("--rows", default="", help="steps: comma-separated subset of RES-ATTN-MODE rows, e.g. "
+                    "native-flex-compiled,native-sdpa-compiled (default: all eight)")
+    ap.add_argument("--native-dynamic", choices=("auto", "true", "false"), default="auto",
+                    help="torch.compile's dynamic= for the native-resolution rows, as `aimv2 train --compile-dynamic`: "
+                    "true (one dynamic-shape graph), false (static, one graph per grid), auto (false on CUDA)")
     a = ap.parse_args(argv)
     parts = tuple(p.strip() for p in a.parts.split(",") if p.strip())
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         ap.error(f"--parts: unknown {unknown}; choose from {list(PARTS)}")
-    result = run(a.out, dry_run=a.dry_run, device=a.device, parts=parts, budget_s=a.budget)
+    rows = tuple(r.strip() for r in a.rows.split(",") if r.strip())
+    result = run(a.out, dry_run=a.dry_run, device=a.device, parts=parts, budget_s=a.budget, rows=rows,
+                 native_dynamic=a.native_dynamic)
     print(f"wrote {a.out}")
     return 1 if any(r.get("status") == "error" for r in result["parts"].values()) else 0
 

@@ -12,6 +12,7 @@ from ..model.config import ATTENTION_KINDS
 STAGE_NAMES = ("pretrain", "highres", "native")   # presets.STAGES defines each
 PARALLEL_MODES = ("ddp", "fsdp")
 IMAGE_DECODERS = ("pil", "dali")                 # the loader's image decoders (aimv2data/loader/decode_*.py)
+COMPILE_DYNAMIC = ("auto", "true", "false")
 
 
 REQUIRED = object()  # marker: the field has no default (a required flag)
@@ -64,7 +65,11 @@ class TrainConfig:
     cache_dir: str | None = flag(None, "Shards at URLs (s3://...): cache fetched samples on local disk here (later "
                                  "epochs read it).", path="dir")
     cache_gb: float = flag(0.0, "Size limit of --cache-dir in GB.")
-    compile: bool = flag(False, "torch.compile the model and loss (dynamic shapes with --native-res).")
+    compile: bool = flag(False, "torch.compile the model and loss (with --native-res see --compile-dynamic).")
+    compile_dynamic: str = flag("auto", "With --compile --native-res: true (one dynamic-shape graph for every grid), "
+                                "false (one static graph per grid the sampler can draw, compiled on first use), "
+                                "auto (false on CUDA, where torch 2.11's Inductor fails on the dynamic step; true "
+                                "on CPU).", choices=COMPILE_DYNAMIC)
     precision: str | None = flag(None, "bf16 autocast or fp32 (default: bf16 on CUDA, fp32 on CPU).",
                                  choices=("bf16", "fp32"))
     parallel: str = flag("ddp", "Under torchrun: DDP (replicated) or FSDP2 (fully_shard, sharded state, DCP "

@@ -389,7 +389,7 @@ def build_run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Run:
         if same_world or info.rank < len(state["ranks"]):
             ck.set_rng_state(state["ranks"][info.rank]["rng"], generator)
         start = int(state["step"])
-    step_fn = torch.compile(loss_module, dynamic=cfg.native_res or None) if cfg.compile else loss_module
+    step_fn = compile_step(loss_module, cfg, loader, device) if cfg.compile else loss_module
     if cfg.peak_flops:
         peak, peak_source = cfg.peak_flops, "--peak-flops"
     else:  # a stable reference, so MFU compares between runs (metrics.reference_peak)
@@ -400,6 +400,21 @@ def build_run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Run:
               validator=_validator(cfg, tok, info, device, precision, resolution))
     run.header = {**_header(run, init_note), "peak_source": peak_source}
     return run
+
+
+def compile_step(loss_module, cfg: TrainConfig, loader, device: torch.device):
+    """torch.compile of the step. Fixed resolution: one shape. Native resolution: one dynamic graph, or one
+    static graph per grid the sampler can draw (`--compile-dynamic`). Static is auto's choice on CUDA: the
+    dynamic-shape step fails in Inductor (tiling_utils assertion, torch 2.11 on an H100) and the static graphs
+    ran faster there (benchmarks/RESULTS.md, "GPU check"); dynamo's recompile limit (8) is raised to the
+    grid count, or it would run later grids eagerly."""
+    if not cfg.native_res:
+        return torch.compile(loss_module)
+    dynamic = {"true": True, "false": False}.get(cfg.compile_dynamic, device.type != "cuda")
+    if not dynamic:
+        n_grids = len({g for by_area in loader.sampler.grids.values() for g in by_area.values()})
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, n_grids + 1)
+    return torch.compile(loss_module, dynamic=dynamic)
 
 
 def _resume_point(cfg: TrainConfig, info: DistInfo, tok: Tokenizer) -> tuple[Path, dict] | None:
