@@ -1,8 +1,10 @@
 """The loader at DFN scale (issue 13): rank 0's start-up, peak memory and bytes per served row at W = 1, 8, 64.
 
     python benchmarks/bench_loader_scale.py --rows 10000000 --parts 100 --out /tmp/scale   # writes, measures, deletes
+    python benchmarks/bench_loader_scale.py ... --keep          # then --keep --reuse measures the same manifest again
 
-Writes a synthetic manifest in the SPEC 1.0 layout (metadata only, no tars: every column of samples/*.parquet,
+Writes a synthetic manifest in the SPEC 1.0 layout (metadata only, empty files where the tars would be, since
+the loader refuses a share none of whose tars exists: every column of samples/*.parquet,
 an alt-text of ~70 characters and one synthetic caption of ~140 characters per row, one source per part as
 `aimv2 shard` writes them: one part per input tar), then for each world size W runs, in a fresh
 subprocess, `Loader(MANIFEST, native_res=True, batch_patches=65536, rank=0, world_size=W)` (default mix:
@@ -36,9 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 SOURCES = (("dfn", 0.6), ("coyo", 0.2), ("hqitp", 0.2))   # row shares: far from the 60/6/31 mix
 ROW_GROUP = 10_000
-# Memory the loader keeps per manifest part for its chunk table (footer summaries): ~3.3 KB with 10 row
-# groups a part, measured by reading 1,500 footers in a row (RSS after a warm-up plateau of ~10-20 MB).
-PART_BYTES = 3_300
+# Memory per manifest part (10 row groups a part): Manifest()'s VmHWM grew 0.8 KB a part from 100 to 1,500
+# parts (footer summaries, file paths, chunk arrays), plus the loader's per-chunk keys and source lists.
+PART_BYTES = 1_000
 
 
 def write_manifest(root: Path, rows: int, parts: int, seed: int = 0) -> Path:
@@ -50,6 +52,8 @@ def write_manifest(root: Path, rows: int, parts: int, seed: int = 0) -> Path:
     table = make_table()
     samples = root / "samples"
     samples.mkdir(parents=True, exist_ok=True)
+    # empty stand-ins for the tars: the loader refuses a share none of whose tars exists (no bytes are read)
+    (root.parent / "tars").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     words = "a photo of the small red dog with green grass under blue sky near old stone house in".split()
     base = " ".join(rng.choice(words, 4000))
@@ -62,6 +66,7 @@ def write_manifest(root: Path, rows: int, parts: int, seed: int = 0) -> Path:
         if n <= 0:
             break
         src = SOURCES[int(np.searchsorted(bounds, (k + 0.5) / parts, side="right")) - 1][0]
+        (root.parent / "tars" / f"{k:06d}.tar").touch()
         per_source[src] = per_source.get(src, 0) + n
         w = rng.integers(64, 1024, n, dtype=np.int32)
         h = (w / np.exp(rng.uniform(-1.2, 1.2, n))).clip(16, 4096).astype(np.int32)
@@ -143,12 +148,12 @@ def _vmhwm() -> int:
     return 0
 
 
-def _sub(manifest: Path, world: int) -> dict:
+def _sub(manifest: Path, world: int, cpu: str = "1") -> dict:
     cmd = [sys.executable, __file__, "--measure", str(manifest), "--world", str(world),
            "--warm", str(Path(manifest).parent / "tiny")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "POLARS_MAX_THREADS": "1"}
-    if shutil.which("taskset"):
-        cmd = ["taskset", "-c", "1", *cmd]
+    if cpu and shutil.which("taskset"):
+        cmd = ["taskset", "-c", cpu, *cmd]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -162,6 +167,7 @@ def main():
     ap.add_argument("--out", default="/tmp/aimv2_scale_manifest")
     ap.add_argument("--keep", action="store_true", help="keep the manifest")
     ap.add_argument("--reuse", action="store_true", help="measure a manifest --keep left in --out")
+    ap.add_argument("--cpu", default="1", help="taskset CPU list of each measuring process ('' = not pinned)")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--world", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--warm", help=argparse.SUPPRESS)
@@ -186,7 +192,7 @@ def main():
         bytes_on_disk = sum(f.stat().st_size for f in (out / "full" / "samples").glob("*.parquet"))
         print(f"manifest: {a.rows} rows, {a.parts} parts, {bytes_on_disk / 1e9:.2f} GB, "
               f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        base = _sub(out / "tiny", 1)
+        base = _sub(out / "tiny", 1, a.cpu)
         results = []
         for w in (int(x) for x in a.worlds.split(",")):
             man = out / "full"
@@ -201,7 +207,7 @@ def main():
                     (sub / "samples" / f.name).symlink_to(f)
                 shutil.copy(out / "full" / "_manifest.json", sub / "_manifest.json")
                 man = sub
-            r = _sub(man, w)
+            r = _sub(man, w, a.cpu)
             r["scale"] = a.rows / r["rows"]
             r["peak_above_base"] = r["vmhwm_bytes"] - base["vmhwm_bytes"]
             r["bytes_per_row"] = round(r["peak_above_base"] / max(1, r["rows_read"]), 1)

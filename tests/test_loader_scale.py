@@ -148,3 +148,38 @@ def test_bad_input_is_a_one_line_error(skewed, tmp_path):
     tiny = Loader(skewed, mix="dfn=1", native_res=True, batch_patches=2**20, rank=0, world_size=2)
     b = next(iter(tiny))
     assert len(b) * b.area == 2**20 and len(set(b.keys)) <= 50
+
+
+def test_footers_are_summarised_and_dropped(skewed, tmp_path):
+    """Start-up memory: no parsed footer outlives the footer pass (without waiting for the cyclic GC), and a
+    nested column before `source` does not hide the source statistics."""
+    import gc
+    import shutil
+
+    import polars as pl
+
+    from aimv2data.loader.samples import Manifest
+
+    gc.collect()
+    gc.disable()
+    try:
+        m = Manifest(skewed)
+        alive = [o for o in gc.get_objects() if type(o).__name__ in ("FileMetaData", "ParquetSchema")]
+    finally:
+        gc.enable()
+    assert not alive
+    moved = tmp_path / "manifest"
+    shutil.copytree(skewed, moved)
+    for f in sorted((moved / "samples").glob("*.parquet")):
+        df = pl.read_parquet(f)
+        df.select("syn_demo", *[c for c in df.columns if c != "syn_demo"]).write_parquet(f)
+    m2 = Manifest(moved)
+    assert m2.chunk_source == m.chunk_source and m2.sources == m.sources == {"coyo": "coyo", "dfn": "dfn"}
+
+
+def test_reading_a_share_leaves_arrows_default_memory_pool_as_it_was(skewed):
+    import pyarrow as pa
+
+    before = pa.default_memory_pool().backend_name
+    Loader(skewed, native_res=True, batch_patches=4096, rank=0, world_size=2)
+    assert pa.default_memory_pool().backend_name == before

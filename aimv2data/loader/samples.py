@@ -17,6 +17,10 @@ import hashlib
 import json
 import os
 import re
+import threading
+from array import array
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,32 +73,7 @@ class Manifest:
         if not self.files:
             raise ManifestError(f"no samples/*.parquet under {self.root}: the manifest is empty or unfinished "
                                 "(rerun `aimv2 shard`, it resumes)")
-        file_idx, rg_idx, rows, srcs = [], [], [], []
-        self._spelled: dict[str, str] = {}
-        self.columns: list[list[str]] = []
-        # Footers are small reads, latency-bound on network storage: a few threads read them (in file order),
-        # each keeping only what the loader needs (a footer object is ~0.2 MB; 20 k of them would be GBs).
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=min(8, len(self.files))) as pool:
-            summaries = list(pool.map(_named_footer, self.files))
-        schemas: dict[tuple, tuple] = {}
-        for i, (f, (cols, groups)) in enumerate(zip(self.files, summaries)):
-            missing = [c for c in REQUIRED if c not in cols]
-            if missing:
-                raise ManifestError(f"{f}: missing columns {missing}; the loader needs {list(REQUIRED)} "
-                                    "(manifests/SPEC.md); rebuild the manifest with `aimv2 shard`")
-            self.columns.append(schemas.setdefault(tuple(cols), tuple(cols)))   # one copy per distinct schema
-            for g, n, src in groups:
-                if n == 0:
-                    continue
-                file_idx.append(i)
-                rg_idx.append(g)
-                rows.append(n)
-                if src not in ("", ANY):
-                    self._spelled[norm_source(src)] = src
-                    src = norm_source(src)
-                srcs.append(src)
+        file_idx, rg_idx, rows, srcs = self._read_footers()
         if not rows:
             raise ManifestError(f"{self.root}: the manifest has no samples")
         self.chunk_file = np.array(file_idx, dtype=np.int32)
@@ -109,6 +88,38 @@ class Manifest:
         for f, g, r in zip(self.chunk_file.tolist(), self.chunk_group.tolist(), rows):
             h.update(f"{self.files[f].name}:{g}:{r};".encode())
         self.fingerprint = h.hexdigest()[:16]
+
+    def _read_footers(self):
+        """Per chunk: file, row group, rows, source. Footers are small reads, latency-bound on network storage:
+        a few threads read them (in file order). Each summary is folded in as it comes and dropped, the
+        numbers go to compact arrays and a source name is one shared string: what is kept is O(chunks) small
+        numbers, and no list of every part's summary builds up at start-up."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        file_idx, rg_idx, rows, srcs = array("i"), array("i"), array("q"), []
+        normalised: dict[str, str] = {}           # as spelled -> normalised (one object per name)
+        schemas: dict[tuple, tuple] = {}
+        self._spelled: dict[str, str] = {}
+        self.columns: list[tuple[str, ...]] = []
+        with ThreadPoolExecutor(max_workers=min(8, len(self.files))) as pool:
+            for i, (f, (cols, groups)) in enumerate(zip(self.files, _in_order(pool, _named_footer, self.files))):
+                missing = [c for c in REQUIRED if c not in cols]
+                if missing:
+                    raise ManifestError(f"{f}: missing columns {missing}; the loader needs {list(REQUIRED)} "
+                                        "(manifests/SPEC.md); rebuild the manifest with `aimv2 shard`")
+                self.columns.append(schemas.setdefault(tuple(cols), tuple(cols)))   # one copy per distinct schema
+                for g, n, src in groups:
+                    if n == 0:
+                        continue
+                    file_idx.append(i)
+                    rg_idx.append(g)
+                    rows.append(n)
+                    if src not in ("", ANY):
+                        norm = normalised.setdefault(src, norm_source(src))
+                        self._spelled[norm] = src
+                        src = norm
+                    srcs.append(src)
+        return file_idx, rg_idx, rows, srcs
 
     @property
     def buckets(self) -> dict[int, Bucket]:
@@ -145,6 +156,18 @@ class Manifest:
         return int.from_bytes(d.digest(), "little") >> 1
 
 
+def _in_order(pool, fn, items, ahead: int = 32):
+    """fn over items, results in order, at most `ahead` in flight (`pool.map` submits every item at once:
+    a future per part, ~2 KB each, alive until the whole pass ends)."""
+    pending = deque()
+    for x in items:
+        pending.append(pool.submit(fn, x))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def _parquet_source(path):
     """What pyarrow reads a part from: the local path, or a ranged-read file object at a URL."""
     return open_file(str(path)) if is_url(path) else str(path)
@@ -166,7 +189,7 @@ def _footer(path: Path) -> tuple[list[str], list[tuple[int, int, str | None]]]:
     import pyarrow.parquet as pq
 
     md = pq.read_metadata(_parquet_source(path))
-    names = [md.schema.column(j).path.split(".")[0] for j in range(md.num_columns)]
+    names = [p.split(".")[0] for p in _leaf_paths(md)]
     j = names.index("source") if "source" in names else None
     groups = []
     for g in range(md.num_row_groups):
@@ -180,6 +203,37 @@ def _footer(path: Path) -> tuple[list[str], list[tuple[int, int, str | None]]]:
     return list(dict.fromkeys(names)), groups
 
 
+_POOL_LOCK = threading.RLock()
+
+
+@contextmanager
+def _system_pool():
+    """Arrow allocates from the C library's malloc while a share is read. Its default pool (mimalloc) kept
+    ~35 MB resident after the first row groups, whatever the share's size, although at most ~6 MB were in
+    use at once: a fixed cost on every rank's peak. With malloc, what arrow frees is reused by the numpy
+    arrays the rows end in. The default pool is process-wide: put back on the way out, and one share is
+    read at a time per process (two loaders in threads would otherwise restore each other's pools)."""
+    import pyarrow as pa
+
+    with _POOL_LOCK:
+        old = pa.default_memory_pool()
+        pa.set_memory_pool(pa.system_memory_pool())
+        try:
+            yield
+        finally:
+            pa.set_memory_pool(old)
+
+
+def _leaf_paths(md) -> list[str]:
+    """Leaf column paths of a footer, from its first row group's column chunks: `md.schema` and `md`
+    reference each other, so each footer touched through it (~0.2 MB parsed) stays alive until the cyclic GC
+    runs, which at 100 parts was ~18 MB of every rank's peak. A part without row groups has no chunks to ask."""
+    if md.num_row_groups == 0:
+        return list(md.schema.to_arrow_schema().names)
+    rg = md.row_group(0)
+    return [rg.column(j).path_in_schema for j in range(md.num_columns)]
+
+
 class SampleTable:
     """Read-only view of the rows of some chunks (optionally only one source's). Rows are numbered in read
     order; `order` lists them in (shard, key) order and `members` per bucket in that order, which is all
@@ -191,8 +245,6 @@ class SampleTable:
     code, 8 B of row order. Read chunk by chunk, so the peak is this plus one row group's Arrow table."""
 
     def __init__(self, manifest, chunks=None, source: str | None = None):
-        import pyarrow.parquet as pq
-
         m = manifest if isinstance(manifest, Manifest) else Manifest(manifest)
         self.manifest, self.root, self.meta = m, m.root, m.meta
         self.patch_size = m.patch_size
@@ -205,6 +257,57 @@ class SampleTable:
         num = {c: np.empty(cap, dt) for c, dt in (("bucket", np.int32), ("width", np.int32), ("height", np.int32),
                                                   ("offset", np.int64), ("size", np.int32),
                                                   ("orientation", np.int8), ("is_jpeg", bool), ("shard", np.int32))}
+        with _system_pool():
+            starts, text, src_codes, shard_names, have_orient = self._read_chunks(m, chunks, source, num)
+        self.n = starts[-1]
+        if self.n == 0 and source is None:
+            raise ManifestError(f"{self.root}: the manifest has no samples")
+        # one column at a time, dropping its pieces: no moment holds two copies of every column
+        cat = {c: a[:self.n] for c, a in num.items()}
+        self.bucket, self.width, self.height = cat["bucket"], cat["width"], cat["height"]
+        self.offset, self.size, self.is_jpeg = cat["offset"], cat["size"], cat["is_jpeg"]
+        self.orientation = cat["orientation"] if have_orient else None
+        self.source = np.concatenate(src_codes) if src_codes else None
+        if (self.width <= 0).any() or (self.height <= 0).any():
+            raise ManifestError(f"{self.root}: samples with non-positive width/height "
+                                f"({int(((self.width <= 0) | (self.height <= 0)).sum())} rows)")
+        unknown = sorted(set(np.unique(self.bucket).tolist()) - set(self.buckets))
+        if unknown:
+            raise ManifestError(f"{self.root}: samples use buckets {unknown[:5]} that _manifest.json does not define")
+        # Shards in name order, so that shard index order is name order.
+        names = sorted(shard_names)
+        rank = np.empty(len(names), np.int32)
+        for i, nm in enumerate(names):
+            rank[shard_names[nm]] = i
+        if self.n:
+            cat["shard"][:] = rank[cat["shard"]]
+        self.shard_idx = cat["shard"]
+        self.shard_names = names
+        self.shards = [str(self._resolve(x)) for x in names]
+        # Tars moved or deleted since the build: all gone is a one-line error here (not 16 failed
+        # replacements deep in a step); some gone is what the loader's replacements are for, counted.
+        self.missing_shards = [s for s in self.shards if not is_url(s) and not os.path.exists(s)]
+        if self.shards and len(self.missing_shards) == len(self.shards):
+            raise ManifestError(f"{m.root}: none of the {len(self.shards)} tars of this share exists (e.g. "
+                                f"{self.shards[0]}); were they moved? `shard` paths are relative to the manifest "
+                                "directory: move them back, or rebuild the manifest with `aimv2 shard` over their "
+                                "new place")
+        starts = np.array(starts, dtype=np.int64)
+        self.syn_columns = sorted(c for c in text if c.startswith("syn_"))
+        self.text = {c: Chunked(parts, starts) for c, parts in text.items()}
+        # Rows in (shard, key) order, not read order: img2dataset's download threads write a shard's samples
+        # in the order they finish, so two fetches of the same list give the same rows in another order.
+        self.order = self._sorted_order()
+        by = np.argsort(self.bucket[self.order], kind="stable")
+        ordered = self.order[by]
+        ids, first = np.unique(self.bucket[ordered], return_index=True)
+        ends = np.append(first[1:], len(ordered))
+        self.members = {int(b): ordered[s:e] for b, s, e in zip(ids, first, ends)}
+
+    def _read_chunks(self, m: Manifest, chunks: np.ndarray, source: str | None, num: dict):
+        """Row group by row group: numbers into `num`, text as per-chunk pieces; sets `source_names`."""
+        import pyarrow.parquet as pq
+
         pos = 0
         text: dict[str, list] = {}
         src_codes, self.source_names = [], []
@@ -264,50 +367,8 @@ class SampleTable:
                 starts.append(starts[-1] + t.num_rows)
                 pos += t.num_rows
                 del t
-        self.n = starts[-1]
-        if self.n == 0 and source is None:
-            raise ManifestError(f"{self.root}: the manifest has no samples")
-        # one column at a time, dropping its pieces: no moment holds two copies of every column
-        cat = {c: a[:self.n] for c, a in num.items()}
-        self.bucket, self.width, self.height = cat["bucket"], cat["width"], cat["height"]
-        self.offset, self.size, self.is_jpeg = cat["offset"], cat["size"], cat["is_jpeg"]
-        self.orientation = cat["orientation"] if have_orient else None
-        self.source = np.concatenate(src_codes) if src_codes else None
-        if (self.width <= 0).any() or (self.height <= 0).any():
-            raise ManifestError(f"{self.root}: samples with non-positive width/height "
-                                f"({int(((self.width <= 0) | (self.height <= 0)).sum())} rows)")
-        unknown = sorted(set(np.unique(self.bucket).tolist()) - set(self.buckets))
-        if unknown:
-            raise ManifestError(f"{self.root}: samples use buckets {unknown[:5]} that _manifest.json does not define")
-        # Shards in name order, so that shard index order is name order.
-        names = sorted(shard_names)
-        rank = np.empty(len(names), np.int32)
-        for i, nm in enumerate(names):
-            rank[shard_names[nm]] = i
-        if self.n:
-            cat["shard"][:] = rank[cat["shard"]]
-        self.shard_idx = cat["shard"]
-        self.shard_names = names
-        self.shards = [str(self._resolve(x)) for x in names]
-        # Tars moved or deleted since the build: all gone is a one-line error here (not 16 failed
-        # replacements deep in a step); some gone is what the loader's replacements are for, counted.
-        self.missing_shards = [s for s in self.shards if not is_url(s) and not os.path.exists(s)]
-        if self.shards and len(self.missing_shards) == len(self.shards):
-            raise ManifestError(f"{m.root}: none of the {len(self.shards)} tars of this share exists (e.g. "
-                                f"{self.shards[0]}); were they moved? `shard` paths are relative to the manifest "
-                                "directory: move them back, or rebuild the manifest with `aimv2 shard` over their "
-                                "new place")
-        starts = np.array(starts, dtype=np.int64)
-        self.syn_columns = sorted(c for c in text if c.startswith("syn_"))
-        self.text = {c: Chunked(parts, starts) for c, parts in text.items()}
-        # Rows in (shard, key) order, not read order: img2dataset's download threads write a shard's samples
-        # in the order they finish, so two fetches of the same list give the same rows in another order.
-        self.order = self._sorted_order()
-        by = np.argsort(self.bucket[self.order], kind="stable")
-        ordered = self.order[by]
-        ids, first = np.unique(self.bucket[ordered], return_index=True)
-        ends = np.append(first[1:], len(ordered))
-        self.members = {int(b): ordered[s:e] for b, s, e in zip(ids, first, ends)}
+        return starts, text, src_codes, shard_names, have_orient
+
 
     def _sorted_order(self) -> np.ndarray:
         """Row ids in (shard, key) order (keys compared as UTF-8 bytes), in numpy: keys as fixed-width bytes."""
