@@ -99,6 +99,16 @@ def torch_info() -> dict:
     }
 
 
+def jpeg_info() -> dict:
+    """The `pil` loader's JPEG path: the crop window (`_jpegcrop`, built at install against the system
+    libjpeg-turbo), else whole images through simplejpeg, else Pillow's draft (loader/decode_turbo.py)."""
+    from .loader import decode_turbo
+
+    path = ("crop window" if decode_turbo._jpegcrop else "whole image (simplejpeg)" if decode_turbo.simplejpeg
+            else "Pillow draft")
+    return {"path": path, "crop_window": decode_turbo._jpegcrop is not None, "simplejpeg": _version("simplejpeg")}
+
+
 def versions(names=("img2dataset", "webdataset", "polars", "pyarrow", "numpy", "sentencepiece",
                     "click", "transformers", "nvidia-dali-cuda130")) -> dict:
     out = {}
@@ -117,6 +127,7 @@ def report() -> dict:
         "cpu_count": os.cpu_count(),
         "cpu_avx2": cpu_has_avx2(),
         "pil": pil_info(),
+        "jpeg": jpeg_info(),
         "dali": dali_info(),
         "torch": torch_info(),
         "packages": versions(),

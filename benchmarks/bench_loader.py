@@ -1,4 +1,4 @@
-"""Loader figures, each measured on one core (taskset -c 0), ours against a baseline in the same run.
+"""Loader figures, each measured on one core (the first CPU this process may use), ours against a baseline in the same run.
 
     .venv/bin/python benchmarks/bench_loader.py                 # generate corpora (cached), measure, print
     .venv/bin/python benchmarks/bench_loader.py --write         # ... and write benchmarks/loader-latest.md
@@ -114,9 +114,10 @@ def baseline(tars: list[str], n_images: int, batch_size: int, resolution: int = 
 # --- running one configuration on one core ------------------------------------------------------------
 
 def one_core(args: list[str], env_extra: dict | None = None) -> dict:
-    """Run `args` pinned to CPU 0 with one thread everywhere; returns the JSON its stdout ends with."""
+    """Run `args` pinned to one CPU (the first this process may use: `taskset -c 1 python bench_loader.py`
+    picks CPU 1) with one thread everywhere; returns the JSON its stdout ends with."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", NO_ALBUMENTATIONS_UPDATE="1", **(env_extra or {}))
-    pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
+    pin = ["taskset", "-c", str(min(os.sched_getaffinity(0)))] if shutil.which("taskset") else []
     out = subprocess.run(pin + args, env=env, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
@@ -127,12 +128,14 @@ def ours(manifest: Path, *opts: str, env_extra: dict | None = None) -> dict:
     return one_core([sys.executable, "-m", "cli.main", "bench", "loader", str(manifest), *opts, "--json"], env_extra)
 
 
-def without_simplejpeg(work: Path) -> dict:
-    """Environment in which `import simplejpeg` fails: the `pil` decoder then takes its Pillow `draft`
-    path (the decoder before issue 15, and its fallback when the binding is missing)."""
-    d = work / "no-simplejpeg"
+def hiding(work: Path, *modules: str) -> dict:
+    """Environment in which importing `modules` fails (a sitecustomize that marks them absent in sys.modules;
+    worker processes inherit it). Hiding `aimv2data.loader._jpegcrop` gives the `pil` decoder without the
+    crop window (whole images via simplejpeg); hiding simplejpeg too gives its Pillow `draft` path (the
+    decoder before issue 15, and its fallback when neither binding is there)."""
+    d = work / ("hide-" + "-".join(m.rsplit(".", 1)[-1] for m in modules))
     d.mkdir(parents=True, exist_ok=True)
-    (d / "simplejpeg.py").write_text('raise ImportError("hidden by benchmarks/bench_loader.py")\n')
+    (d / "sitecustomize.py").write_text(f"import sys\nsys.modules.update(dict.fromkeys({list(modules)!r}))\n")
     return {"PYTHONPATH": os.pathsep.join([str(d), os.environ.get("PYTHONPATH", "")])}
 
 
@@ -167,12 +170,14 @@ def fixed_only(photos: Path, a) -> None:
     n_img = a.batch_size * a.steps
     fixed = ["--resolution", "224", "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--warmup", "1"]
     load0 = os.getloadavg()[0]
-    hide = without_simplejpeg(Path(a.work))
-    rs = {"baseline": [], "pil": [], "pil-draft": []}
+    whole = hiding(Path(a.work), "aimv2data.loader._jpegcrop")
+    draft = hiding(Path(a.work), "aimv2data.loader._jpegcrop", "simplejpeg")
+    rs = {"baseline": [], "pil": [], "pil-whole": [], "pil-draft": []}
     for r in range(a.repeats):
         rs["baseline"].append(base(photos, n_img, a.batch_size))
         rs["pil"].append(ours(photos, *fixed, "--decoder", "pil", "--seed", str(r)))
-        rs["pil-draft"].append(ours(photos, *fixed, "--decoder", "pil", "--seed", str(r), env_extra=hide))
+        rs["pil-whole"].append(ours(photos, *fixed, "--decoder", "pil", "--seed", str(r), env_extra=whole))
+        rs["pil-draft"].append(ours(photos, *fixed, "--decoder", "pil", "--seed", str(r), env_extra=draft))
         print(f"repeat {r + 1}: images per CPU-s " + ", ".join(f"{k} {v[-1]['images_per_cpu_s']:.1f}"
                                                              for k, v in rs.items()), flush=True)
     b = med(rs["baseline"], "images_per_cpu_s")
@@ -254,7 +259,7 @@ def main():
         "# Loader benchmarks (issue 4)",
         "",
         f"Date: {datetime.date.today().isoformat()} · machine: `{cpu}`, {os.cpu_count()} cores "
-        f"(shared with other jobs), every figure on ONE core (`taskset -c 0`, one thread) · Python "
+        f"(shared with other jobs), every figure on ONE core (`taskset -c {min(os.sched_getaffinity(0))}`, one thread) · Python "
         f"{platform.python_version()}, Pillow-SIMD, DALI CPU (no GPU on this machine). Load average (1 min) at "
         f"start / end: {load0[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.",
         "",

@@ -23,6 +23,9 @@ def doctor(as_json):
     t.add_row("PIL", f"{simd} {pil['version']} from {pil['distribution']}; AVX2 build: {pil['avx2']}")
     t.add_row("PIL codecs", ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in pil["codecs"].items())
               + f", libjpeg-turbo={pil['libjpeg_turbo']}")
+    jpeg = r["jpeg"]
+    note = "" if jpeg["crop_window"] else " [yellow](rerun `make install` with libjpeg62-turbo-dev for the crop window)[/]"
+    t.add_row("pil JPEG path", f"{jpeg['path']}{note}")
     if dali["available"]:
         t.add_row("DALI", f"{dali['version']} on {dali['device']} ({dali['cuda_devices']} CUDA devices)")
     else:

@@ -17,6 +17,9 @@ def test_doctor_reports_the_live_pil_and_dali():
 
     assert md.version(r["pil"]["distribution"]) == PIL.__version__
     assert r["pil"]["simd"] == (r["pil"]["distribution"].lower() == "pillow-simd")
+    from aimv2data.loader import decode_turbo
+
+    assert r["jpeg"]["crop_window"] == (decode_turbo._jpegcrop is not None)
     assert r["dali"]["available"] in (True, False)
     assert r["torch"]["available"] is True
 

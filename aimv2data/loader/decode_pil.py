@@ -1,12 +1,15 @@
 """The `pil` decoder: Pillow(-SIMD), one image at a time, in the loader's worker processes.
 
-Speed comes from JPEG reduced-scale decoding. JPEGs go first to `decode_turbo` (libjpeg-turbo 3 via
-simplejpeg, at the smallest of 1/8, 1/4, 1/2, 1/1 that keeps the crop above the output size); what it
-does not take (no binding, not a JPEG, CMYK, damaged, no orientation column) comes here to Pillow, where
+Speed comes from decoding only what the crop needs. JPEGs go first to `decode_turbo` (libjpeg-turbo: the
+crop window only, at the smallest of 1/8, 1/4, 1/2, 1/1 that keeps the crop above the output size); what
+it does not take (no binding, not a JPEG, CMYK, damaged, no orientation column) comes here to Pillow, where
 `Image.draft` asks libjpeg for the image at 1/2, 1/4 or 1/8 scale (DCT-domain downscaling: fewer IDCT
 outputs, less colour conversion, a smaller resize) whenever the source box has at least that many pixels
 per output pixel. The crop box is given as fractions of the source, so it maps onto a reduced decode
 unchanged.
+
+The batch buffer is uint8 RGBX (Pillow's layout for RGB, which both paths resize in), normalised once per
+batch in torch.
 
 EXIF orientation is applied after the draft (the manifest's width/height are display sizes): the
 transposes of `ImageOps.exif_transpose`, driven by the manifest's `orientation` column when it has one.
@@ -43,11 +46,24 @@ _SHIFT = torch.tensor([-m / s for m, s in zip(MEAN, STD)]).view(1, 3, 1, 1)
 
 
 def normalized(buf: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> contiguous float32 (B, 3, H, W), CLIP-normalised: one uint8 transpose and one
-    fused multiply-add (batch.normalize_'s (x - 255m) / 255s to within 1e-6; half its time on a
-    channels-last view)."""
-    x = torch.from_numpy(buf).permute(0, 3, 1, 2).contiguous().float()
-    return x.mul_(_SCALE).add_(_SHIFT)
+    """uint8 (B, H, W, C >= 3; RGB or RGBX) -> contiguous float32 (B, 3, H, W), CLIP-normalised: one
+    converting copy that also drops X and transposes, then one multiply and one add in place
+    (batch.normalize_'s (x - 255m) / 255s to within 1e-6)."""
+    x = torch.from_numpy(buf)[..., :3].permute(0, 3, 1, 2)
+    return torch.empty(x.shape).copy_(x).mul_(_SCALE).add_(_SHIFT)
+
+
+def _check_size(size: tuple[int, int], crop: Crop) -> None:
+    """The decoded image (display orientation, any scale) must have the manifest's orientation."""
+    (iw, ih), (w, h) = size, crop.src
+    if (iw > ih) != (w > h) and abs(iw - ih) > 1 and abs(w - h) > 1:
+        raise ValueError(f"decoded image is {iw}x{ih} but the manifest says {w}x{h} (orientation mismatch)")
+
+
+def _finish(im: Image.Image, box: tuple, crop: Crop) -> Image.Image:
+    """The crop `box` (in `im`'s pixels) resized (bicubic, antialiased) to the output, flipped if asked."""
+    out = im.resize(crop.out, Image.BICUBIC, box=box)
+    return out.transpose(Image.FLIP_LEFT_RIGHT) if crop.flip else out
 
 
 class PilDecoder:
@@ -61,15 +77,19 @@ class PilDecoder:
     def decode(self, data: bytes, crop: Crop, orientation: int | None = None) -> np.ndarray:
         """Encoded bytes -> uint8 (H, W, 3) of the crop, resized (bicubic) and flipped as asked.
         `orientation`: the manifest's EXIF orientation (None: read it from the file)."""
+        return np.asarray(self.image(data, crop, orientation))[..., :3]
+
+    def image(self, data: bytes, crop: Crop, orientation: int | None = None) -> Image.Image:
+        """`decode` as a PIL image, RGB or RGBX (the libjpeg-turbo path's layout, kept to the batch buffer)."""
         if (damaged := jpeg_problem(data)) is not None:  # the rule the dali decoder applies too
             raise ValueError(damaged)
-        im = None
-        if self.turbo and orientation is not None:     # JPEG at the smallest M/8 scale (decode_turbo.py)
-            im = decode_turbo.decode_scaled(data, crop, self.reducing_gap, scale=self.draft)
-        if im is not None:
-            if orientation in TRANSPOSE:
-                im = im.transpose(TRANSPOSE[orientation])
-            return self._finish(im, crop)
+        if self.turbo and orientation is not None:     # JPEG: the crop window at the smallest M/8 scale
+            got = decode_turbo.decode_window(data, crop, TRANSPOSE.get(orientation), self.reducing_gap,
+                                             scale=self.draft)
+            if got is not None:
+                im, box, size = got
+                _check_size(size, crop)
+                return _finish(im, box, crop)
         im = Image.open(io.BytesIO(data))
         if self.draft and im.format == "JPEG":
             d = draft_scale(crop, self.reducing_gap)
@@ -83,32 +103,22 @@ class PilDecoder:
             im.load()
         if im.mode != "RGB":
             im = im.convert("RGB")
-        return self._finish(im, crop)
-
-    @staticmethod
-    def _finish(im: Image.Image, crop: Crop) -> np.ndarray:
-        """A decoded RGB image in display orientation (any scale) -> the crop, resized and flipped."""
-        w, h = crop.src
-        if (im.width > im.height) != (w > h) and abs(im.width - im.height) > 1 and abs(w - h) > 1:
-            raise ValueError(f"decoded image is {im.width}x{im.height} but the manifest says {w}x{h} "
-                             "(orientation mismatch)")
+        _check_size(im.size, crop)
         rx0, ry0, rx1, ry1 = crop.relative()
-        box = (rx0 * im.width, ry0 * im.height, rx1 * im.width, ry1 * im.height)
-        out = im.resize(crop.out, Image.BICUBIC, box=box)
-        if crop.flip:
-            out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        return np.asarray(out)
+        return _finish(im, (rx0 * im.width, ry0 * im.height, rx1 * im.width, ry1 * im.height), crop)
 
     def decode_batch(self, datas: list[bytes], crops: list[Crop],
                      orientations: list[int] | None = None) -> tuple[torch.Tensor, dict[int, str]]:
         """-> (float32 (B, 3, H, W) normalised, {slot: reason} for samples that failed; their slots hold
-        no image and are overwritten by the loader's replacements)."""
+        no image and are overwritten by the loader's replacements). The buffer is RGBX, the layout the
+        libjpeg-turbo path and Pillow's resize produce: one contiguous copy per image, X dropped once."""
         w, h = crops[0].out
-        buf = np.zeros((len(datas), h, w, 3), dtype=np.uint8)
+        buf = np.zeros((len(datas), h, w, 4), dtype=np.uint8)
         failed = {}
         for i, (data, crop) in enumerate(zip(datas, crops)):
             try:
-                buf[i] = self.decode(data, crop, None if orientations is None else orientations[i])
+                px = np.asarray(self.image(data, crop, None if orientations is None else orientations[i]))
+                buf[i, ..., :px.shape[2]] = px
             except Exception as e:  # any decoder failure is a bad sample: replaced and counted upstream
                 failed[i] = f"{type(e).__name__}: {e}"
         return normalized(buf), failed
