@@ -12,7 +12,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/install.sh
+$(VENV)/.installed: pyproject.toml setup.py aimv2data/loader/_jpegcrop.c scripts/install.sh
 	PYTHON=$(PYTHON) bash scripts/install.sh $(VENV)
 	touch $@
 
