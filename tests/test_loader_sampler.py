@@ -116,6 +116,12 @@ def test_parse_and_resolve_mix():
         resolve_mix("dfn=1,yfcc=1", srcs)
     assert resolve_mix(None, {"demo": "demo"})[0] == {"*": 1.0}      # none of Table 2's: by rows
     assert resolve_mix("DFN=3,coyo=1", srcs)[0] == pytest.approx({"coyo": 0.25, "dfn": 0.75})
+    # the paper's mix as written runs on a manifest without HQITP: that source is dropped, with a notice
+    w, notes = resolve_mix("dfn=0.60,coyo=0.06,hqitp=0.31", srcs)
+    assert w == pytest.approx({"coyo": 6 / 66, "dfn": 60 / 66})
+    assert "hqitp not in the manifest: dropped" in notes[0]
+    with pytest.raises(ValueError, match="none of its sources"):
+        resolve_mix("hqitp=1,dfn=0", srcs)
 
 
 def test_batch_patches_must_be_a_power_of_two_of_at_least_4096():

@@ -125,8 +125,9 @@ def resolve_mix(mix, sources: dict[str, str]) -> tuple[dict[str, float], list[st
 
     None: Table 2's per-source totals over the sources present (absent ones dropped, the rest
     renormalised); a manifest with none of them is sampled by rows, one stream. "rows": one stream of
-    all rows. A dict: its sources; one the manifest lacks is an error; manifest sources it leaves out
-    are not sampled (a notice)."""
+    all rows. A dict: its sources; a Table 2 source the manifest lacks is dropped (a notice), as by
+    default, so the paper's mix runs on any manifest; any other name it lacks is an error (a typo);
+    manifest sources it leaves out are not sampled (a notice)."""
     mix = parse_mix(mix)
     notes = []
     if mix == "rows":
@@ -141,14 +142,23 @@ def resolve_mix(mix, sources: dict[str, str]) -> tuple[dict[str, float], list[st
                          f"{', '.join(present)}")
         weights = present
     else:
-        weights = {}
+        weights, dropped = {}, []
         for k, w in mix.items():
             n = norm_source(k)
+            if n not in sources and n in TABLE2_SOURCES:
+                dropped.append(k)
+                continue
             if n not in sources:
                 raise ValueError(f"--mix names source {k!r}, which the manifest does not have (it has: "
                                  f"{', '.join(sources.values()) or 'none'}); fix the name or drop it")
             weights[n] = weights.get(n, 0.0) + w
         weights = {k: w for k, w in weights.items() if w > 0}
+        if not weights:
+            raise ValueError(f"--mix {mix}: none of its sources with a positive weight is in the manifest (it "
+                             f"has: {', '.join(sources.values()) or 'none'}); name one of those")
+        if dropped:
+            notes.append(f"mix: {', '.join(dropped)} not in the manifest: dropped, the mix renormalised over "
+                         f"{', '.join(sources[s] for s in sorted(weights))}")
     left_out = [sources[s] for s in sources if s not in weights]
     if left_out:
         notes.append(f"mix: sources {', '.join(left_out)} have no weight and are not sampled "
