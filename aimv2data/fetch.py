@@ -329,14 +329,8 @@ def run_img2dataset(opts: FetchOptions, out: Path, job: dict, n_shards: int, url
     (SIGINT, SIGTERM), else None."""
     from img2dataset import download
 
-    if opts.distributor == "ray":
-        from aimv2data.cluster import ClusterError, connect_ray
-
-        try:
-            connect_ray(opts.ray_address)   # img2dataset's Ray distributor uses the cluster ray.init joined
-        except ClusterError as e:
-            raise FetchError(str(e), "ray-address") from None
-
+    # with --distributor ray, fetch() (its only way in, retry_failed included) has already joined the cluster:
+    # img2dataset's Ray distributor uses the cluster that ray.init joined
     interrupted = None
     main_thread = threading.current_thread() is threading.main_thread()
     old_int, old_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)

@@ -117,10 +117,11 @@ def prepare_round(opts, out, job: dict, names: list[str], atomic_write, json_byt
         return None, 0
     rounds = job.setdefault("retry_rounds", [])
     # an interrupted round's unfinished shards were swept: they are planned again in this round
+    finished = {n for n in names + [s for r in rounds for s in r["shards"]]
+                if fetch_summary.read_stats(out / f"{n}_stats.json") is not None}   # each stats file read once
     for r in rounds:
-        r["shards"] = [n for n in r["shards"] if fetch_summary.read_stats(out / f"{n}_stats.json") is not None]
-    existing = [int(n) for n in names + [s for r in rounds for s in r["shards"]]
-                if fetch_summary.read_stats(out / f"{n}_stats.json") is not None]
+        r["shards"] = [n for n in r["shards"] if n in finished]
+    existing = [int(n) for n in names + [s for r in rounds for s in r["shards"]] if n in finished]
     start = max(existing, default=-1) + 1    # what img2dataset's "extend" mode numbers from
     width = _width(job, opts.shard_size)
     shards = [f"{start + i:0{width}d}" for i in range(math.ceil(todo.height / opts.shard_size))]

@@ -20,7 +20,6 @@ Fixed resolution (no --native-res) has one area, (R / p)^2, and full batches.
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 import textwrap
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write
+from .atomic import atomic_write, write_json_atomic, write_text_atomic
 from .batch import Batch, denormalize
 from .loader import Loader
 from .loader.sampler import ALL, StepSpec
@@ -248,7 +247,7 @@ def _index(out: Path, manifest: str, sheets: list[tuple[Path, Shown]], areas: li
     for p, _s in sheets + areas:
         parts.append(f"<h3 id='{p.stem}'>{e(p.name)}</h3><a href='{p.name}'><img src='{p.name}'></a>")
     path = out / "index.html"
-    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(parts) + "\n"))
+    write_text_atomic(path, "\n".join(parts) + "\n")
     return path
 
 
@@ -306,5 +305,5 @@ def preview(manifest: str | os.PathLike, out: str | os.PathLike, *, batches: int
     index = _index(out, str(manifest), sheets, pages, settings)
     summary = {"index": str(index), "sheets": [str(p) for p, _ in sheets], "areas": [str(p) for p, _ in pages],
                "settings": settings}
-    atomic_write(out / "preview.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+    write_json_atomic(summary, out / "preview.json", indent=2)
     return summary

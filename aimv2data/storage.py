@@ -133,12 +133,9 @@ def read_range(path, offset: int, size: int) -> bytes:
 def write_bytes(path, data: bytes) -> None:
     """All-or-nothing write: temp + rename locally, one PUT to an object store."""
     if not is_url(path):
-        from aimv2data.atomic import atomic_write
+        from aimv2data.atomic import write_bytes_atomic
 
-        def put(tmp):
-            with open(tmp, "wb") as f:
-                f.write(data)
-        atomic_write(local(str(path)), put)
+        write_bytes_atomic(local(str(path)), data)
         return
     fs, p = filesystem(str(path))
     try:

@@ -65,6 +65,9 @@ from pathlib import Path
 
 import torch
 
+from .train.distributed import affinity_cpus
+from .train.metrics import _sync
+
 # cheap parts first; the steps (whose compiled rows take most of the time) use what is left of the budget
 PARTS = ("env", "peak", "parity", "decode", "trainer", "steps")
 
@@ -95,11 +98,6 @@ DRY_SIZES = Sizes(model="tiny", batch=4, resolution=56, native_grid=(3, 5), batc
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def importable(name: str) -> str | None:
     """None if `name` imports, else the one-line reason."""
@@ -196,6 +194,7 @@ def time_steps(step_fn, opt, params, batch, device, precision: str, steps: int, 
 def _step_config(sizes: Sizes, device: torch.device, res: str, attention: str, compiled: bool, peak: float,
                  native_dynamic: str = "auto") -> dict:
     from .model.flops import step_flops
+    from .train.trainer import compile_dynamic
 
     native = res == "native"
     grid = sizes.native_grid if native else (sizes.resolution // 14,) * 2
@@ -203,7 +202,7 @@ def _step_config(sizes: Sizes, device: torch.device, res: str, attention: str, c
     precision = "bf16" if device.type == "cuda" else "fp32"
     row = {"resolution": res, "grid": list(grid), "attention": attention, "compile": compiled}
     # as the trainer's --compile-dynamic (train.trainer.compile_step): auto is static on CUDA
-    dynamic = {"true": True, "false": False}.get(native_dynamic, device.type != "cuda")
+    dynamic = compile_dynamic(native_dynamic, device)
     if compiled and native:
         row["dynamic"] = dynamic
     while True:
@@ -379,7 +378,7 @@ def _pil_rate(datas, crops, batch: int = 32) -> dict:
     from aimv2data.loader.decode_pil import PilDecoder
 
     dec = PilDecoder()
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = affinity_cpus()
     chunks = [(datas[i:i + batch], crops[i:i + batch]) for i in range(0, len(datas), batch)]
     # Pillow releases the GIL while it decodes and resizes, so threads use every core
     with ThreadPoolExecutor(workers) as pool:
@@ -466,7 +465,7 @@ def run(out: str | os.PathLike, *, dry_run: bool = False, device: str | None = N
         parts: tuple[str, ...] = PARTS, budget_s: float = 420.0, workdir: str | os.PathLike | None = None,
         rows: tuple[str, ...] = (), native_dynamic: str = "auto") -> dict:
     """Run the check; every part ends "ok", "skipped" (with a reason) or "error" (with a reason)."""
-    from aimv2data.atomic import atomic_write
+    from aimv2data.atomic import write_json_atomic
 
     dev = torch.device(device or ("cpu" if dry_run or not torch.cuda.is_available() else "cuda"))
     if dev.type == "cuda" and dev.index is None:
@@ -497,7 +496,7 @@ def run(out: str | os.PathLike, *, dry_run: bool = False, device: str | None = N
             rec["seconds"] = round(time.perf_counter() - t0, 2)
         result["parts"][name] = rec
         result["seconds"] = round(time.perf_counter() - t_all, 2)
-        atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1, default=str) + "\n"))
+        write_json_atomic(result, out, indent=1, default=str)
         if name not in parts:
             continue
         print(f"[{name}] {rec['status']} in {rec['seconds']:.1f} s" + (f": {rec['reason']}" if "reason" in rec else ""),

@@ -43,3 +43,36 @@ def build(root: Path, tars: int = 1) -> tuple[Path, Path]:
         df.with_columns(pl.Series("syn_demo", syn, dtype=pl.List(pl.String))).write_parquet(f)
     train_tokenizer(manifest, tok, vocab_size=256, soft_limit=True)
     return manifest, tok
+
+
+def tiny_config(manifest, tok, out, **kw):
+    """The trainer tests' small CPU run: tiny model, 56 px, 8 per batch, no workers, no periodic saves;
+    `kw` adds to or overrides these fields."""
+    from aimv2train.train.trainer import TrainConfig
+
+    base = dict(manifest=str(manifest), tokenizer=str(tok), out=str(out), model="tiny", resolution=56,
+                batch_size=8, workers=0, save_every=0, progress=False, peak_flops=1e11)
+    return TrainConfig(**{**base, **kw})
+
+
+def metrics(run) -> list[dict]:
+    """A run's metrics.jsonl, one dict per logged step."""
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def signal_on_forward(monkeypatch, n: int, sig: int) -> None:
+    """Send `sig` to this process on the n-th call of LossModule.forward (then run the real forward): a
+    signal arriving mid-step, as a preemption notice does."""
+    import os
+
+    from aimv2train.train import trainer
+
+    real_forward, calls = trainer.LossModule.forward, []
+
+    def forward(self, *args):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), sig)
+        return real_forward(self, *args)
+
+    monkeypatch.setattr(trainer.LossModule, "forward", forward)

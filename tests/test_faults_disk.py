@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _shard_fixtures as F  # noqa: E402
 import _train_fixtures  # noqa: E402
 
-from aimv2train.train.trainer import TrainConfig, TrainError, train  # noqa: E402
+from aimv2train.train.trainer import TrainError, train  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -60,8 +60,7 @@ def test_train_on_a_full_disk_says_so_in_one_line_and_leaves_no_temp_files(data,
                 raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1010560 vs 1010448")
             monkeypatch.setattr(torch, "save", full)
         out = mnt / "run"
-        cfg = TrainConfig(manifest=str(manifest), tokenizer=str(tok), out=str(out), steps=3, resolution=56,
-                          batch_size=8, workers=0, save_every=0, progress=False, peak_flops=1e11)
+        cfg = _train_fixtures.tiny_config(manifest, tok, out, steps=3)
         with pytest.raises(TrainError, match="no space left on the filesystem of .*free space and rerun the same "
                                              "command with --resume") as e:
             train(cfg)
@@ -85,8 +84,7 @@ def test_train_cannot_even_write_run_json(data, tmp_path, monkeypatch):
             def full(self, *a, **kw):
                 raise OSError(errno.ENOSPC, "No space left on device")
             monkeypatch.setattr(Path, "write_text", full)
-        cfg = TrainConfig(manifest=str(manifest), tokenizer=str(tok), out=str(out), steps=3, resolution=56,
-                          batch_size=8, workers=0, save_every=0, progress=False, peak_flops=1e11)
+        cfg = _train_fixtures.tiny_config(manifest, tok, out, steps=3)
         with pytest.raises(TrainError, match="no space left"):
             train(cfg)
         if not real:

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _train_fixtures  # noqa: E402
 
 from aimv2train.train import checkpoint as ck  # noqa: E402
-from aimv2train.train.trainer import TrainConfig, TrainError, train  # noqa: E402
+from aimv2train.train.trainer import TrainError, train  # noqa: E402
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -28,12 +28,8 @@ def data(tmp_path_factory):
     return _train_fixtures.build(tmp_path_factory.mktemp("faults_train_data"))
 
 
-def cfg(data, out, **kw):
-    manifest, tok = data
-    base = dict(manifest=str(manifest), tokenizer=str(tok), out=str(out), model="tiny", steps=12, resolution=56,
-                batch_size=8, workers=0, save_every=0, progress=False, peak_flops=1e11, seed=3)
-    base.update(kw)
-    return TrainConfig(**base)
+def cfg(data, out, manifest=None, **kw):
+    return _train_fixtures.tiny_config(manifest or data[0], data[1], out, **{"steps": 12, "seed": 3, **kw})
 
 
 def damage(path: Path, at: float = 0.5, n: int = 64) -> None:
@@ -84,17 +80,7 @@ def test_sigterm_to_process_group_with_workers_saves_and_exits_143(data, tmp_pat
 
 
 def test_sigint_exit_code_is_130(data, tmp_path, monkeypatch, capsys):
-    from aimv2train.train import trainer
-
-    real_forward, calls = trainer.LossModule.forward, []
-
-    def interrupted(self, *args):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_forward(self, *args)
-
-    monkeypatch.setattr(trainer.LossModule, "forward", interrupted)
+    _train_fixtures.signal_on_forward(monkeypatch, 2, signal.SIGINT)
     s = train(cfg(data, tmp_path))
     assert (s["status"], s["step"], s["signal"], s["exit_code"]) == ("interrupted", 2, "SIGINT", 130)
     assert "SIGINT: saving a checkpoint" in capsys.readouterr().err
@@ -104,18 +90,9 @@ def test_cli_interrupted_run_exits_non_zero(data, tmp_path, monkeypatch):
     """The CLI turns an interrupted summary into its exit code (0 would let `train && export` go on)."""
     from click.testing import CliRunner
 
-    from aimv2train.train import trainer
     from cli.train import train as train_cmd
 
-    real_forward, calls = trainer.LossModule.forward, []
-
-    def preempted(self, *args):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_forward(self, *args)
-
-    monkeypatch.setattr(trainer.LossModule, "forward", preempted)
+    _train_fixtures.signal_on_forward(monkeypatch, 2, signal.SIGTERM)
     manifest, tok = data
     r = CliRunner().invoke(train_cmd, ["-m", str(manifest), "-t", str(tok), "--steps", "12", "--resolution", "56",
                                        "--batch-size", "8", "--workers", "0", "--no-progress", "--peak-flops",

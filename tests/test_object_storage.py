@@ -130,7 +130,8 @@ def test_fetch_shard_load_train_from_s3_equal_local(s3, tmp_path):
     from aimv2data.loader.loader import Loader
     from aimv2data.serve import LoopbackServer
     from aimv2train.train.tokenizer import train_tokenizer
-    from aimv2train.train.trainer import TrainConfig, train
+    from _train_fixtures import tiny_config
+    from aimv2train.train.trainer import train
 
     demo.write_corpus(tmp_path)
     with LoopbackServer(directory=tmp_path / "images", slow_s=3) as srv:
@@ -187,8 +188,7 @@ def test_fetch_shard_load_train_from_s3_equal_local(s3, tmp_path):
     losses = []
     for m in ("s3://data/manifest", str(tmp_path / "manifest")):
         out = tmp_path / ("run_s3" if m.startswith("s3") else "run_local")
-        train(TrainConfig(manifest=m, tokenizer=str(tok), out=str(out), model="tiny", steps=3, resolution=56,
-                          batch_size=8, workers=0, save_every=0, progress=False, peak_flops=1e11, seed=3))
+        train(tiny_config(m, tok, out, steps=3, seed=3))
         losses.append([json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()])
     assert len(losses[0]) == 3 and losses[0] == losses[1]
 

@@ -11,9 +11,10 @@ from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _train_fixtures  # noqa: E402
+from _train_fixtures import metrics  # noqa: E402
 
 from aimv2train.train import checkpoint as ck  # noqa: E402
-from aimv2train.train.trainer import NonFiniteLoss, TrainConfig, TrainError, train  # noqa: E402
+from aimv2train.train.trainer import NonFiniteLoss, TrainError, train  # noqa: E402
 
 torch.set_num_threads(1)
 KEYS = ("loss", "loss_img", "loss_text", "grad_norm", "lr")
@@ -25,15 +26,7 @@ def data(tmp_path_factory):
 
 
 def cfg(data, out, **kw):
-    manifest, tok = data
-    base = dict(manifest=str(manifest), tokenizer=str(tok), out=str(out), model="tiny", steps=14, resolution=56,
-                batch_size=8, workers=0, save_every=0, progress=False, peak_flops=1e11, seed=3)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def metrics(run):
-    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    return _train_fixtures.tiny_config(*data, out, **{"steps": 14, "seed": 3, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -166,20 +159,9 @@ def test_native_stage_gives_finite_losses(data, straight, tmp_path):
 def test_sigterm_checkpoints_and_resumes_exactly(data, straight, tmp_path, monkeypatch, capsys):
     """A preemption notice (SIGTERM) during step 5: the step completes, a checkpoint is written, the run
     ends "interrupted"; the same command with --resume finishes it with the uninterrupted run's numbers."""
-    import os
     import signal
 
-    from aimv2train.train import trainer
-
-    real_forward, calls = trainer.LossModule.forward, []
-
-    def preempted(self, *args):
-        calls.append(1)
-        if len(calls) == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_forward(self, *args)
-
-    monkeypatch.setattr(trainer.LossModule, "forward", preempted)
+    _train_fixtures.signal_on_forward(monkeypatch, 5, signal.SIGTERM)
     s = train(cfg(data, tmp_path))
     monkeypatch.undo()
     assert "aimv2 train: SIGTERM: saving a checkpoint" in capsys.readouterr().err  # a message, not a warning

@@ -1,6 +1,5 @@
 """`--report-to tensorboard,wandb` and `--val-manifest`: the trackers hold what metrics.jsonl holds, and
 held-out losses are logged next to the training losses, deterministically."""
-import json
 import math
 import sys
 from pathlib import Path
@@ -10,10 +9,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _train_fixtures  # noqa: E402
+from _train_fixtures import metrics  # noqa: E402
 
 from aimv2data.manifest.split import split_manifest  # noqa: E402
 from aimv2train.train import tracking  # noqa: E402
-from aimv2train.train.trainer import TrainConfig, TrainError, train  # noqa: E402
+from aimv2train.train.trainer import TrainError, train  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -28,14 +28,7 @@ def data(tmp_path_factory):
 
 def cfg(data, out, **kw):
     train_m, _, tok = data
-    base = dict(manifest=str(train_m), tokenizer=str(tok), out=str(out), model="tiny", steps=4, resolution=56,
-                batch_size=8, workers=0, save_every=0, progress=False, peak_flops=1e11, seed=1)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def metrics(run):
-    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    return _train_fixtures.tiny_config(train_m, tok, out, **{"steps": 4, "seed": 1, **kw})
 
 
 @pytest.fixture(scope="module")

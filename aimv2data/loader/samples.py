@@ -30,7 +30,7 @@ import polars as pl
 from aimv2data import paper
 from aimv2data.manifest import layout
 
-from ..manifest.integrity import ManifestMismatch, check_rows, sample_parts
+from ..manifest.integrity import check_rows, damaged, sample_parts
 from ..storage import is_url, open_file, resolve_against, upath
 
 AREAS = paper.AREAS  # 128 .. 4096 patches
@@ -178,9 +178,7 @@ def _named_footer(path):
     try:
         return _footer(path)
     except Exception as e:  # noqa: BLE001 - arrow raises many kinds for damaged bytes
-        raise ManifestMismatch(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}): the "
-                               "part is damaged; rerun `aimv2 shard` with the same inputs, it redoes damaged "
-                               "parts") from None
+        raise damaged(path, e) from None
 
 
 def _footer(path: Path) -> tuple[list[str], list[tuple[int, int, str | None]]]:
@@ -283,6 +281,8 @@ class SampleTable:
             cat["shard"][:] = rank[cat["shard"]]
         self.shard_idx = cat["shard"]
         self.shard_names = names
+        # what uid() hashes of each shard: its tar's folder and file name (computed once, not per sample)
+        self._shard_where = ["/".join(nm.replace("\\", "/").rstrip("/").split("/")[-2:]) for nm in names]
         self.shards = [str(self._resolve(x)) for x in names]
         # Tars moved or deleted since the build: all gone is a one-line error here (not 16 failed
         # replacements deep in a step); some gone is what the loader's replacements are for, counted.
@@ -404,8 +404,7 @@ class SampleTable:
         """A stable 63-bit id of the sample (its tar's folder and file name, and its key): keys its crop and
         caption draws, so they depend neither on which rank reads it, nor where it sits in the manifest, nor
         where the tars are stored (a relative path, an absolute one or an s3:// URL give the same draws)."""
-        where = "/".join(self.shard_names[self.shard_idx[row]].replace("\\", "/").rstrip("/").split("/")[-2:])
-        d = hashlib.blake2b(f"{where}\0{self.key(row)}".encode(), digest_size=8)
+        d = hashlib.blake2b(f"{self._shard_where[self.shard_idx[row]]}\0{self.key(row)}".encode(), digest_size=8)
         return int.from_bytes(d.digest(), "little") >> 1
 
     def texts(self, row: int) -> dict:

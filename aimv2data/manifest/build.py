@@ -382,7 +382,9 @@ def _process_star(args):
         return job, None, f"{type(e).__name__}: {e}"
 
 
-def _done_summary(job: TarJob, output: Path, opts: ShardOptions) -> dict | None:
+def _done_summary(job: TarJob, output: Path, opts: ShardOptions, verify: bool = True) -> dict | None:
+    """The part's summary if it is done for this tar as it is now (same options, same tar size and version);
+    `verify` also reads the part back in full (CRCs, row count)."""
     p = _paths(output, job.part)
     if not (p["done"].is_file() and p["samples"].is_file() and p["rejects"].is_file()):
         return None
@@ -393,7 +395,7 @@ def _done_summary(job: TarJob, output: Path, opts: ShardOptions) -> dict | None:
         return None
     same = (s.get("fingerprint") == opts.fingerprint() and s.get("tar_size") == size
             and s.get("tar_mtime_ns") == version)
-    if same and not (_part_intact(p["samples"], s.get("samples")) and _part_intact(p["rejects"], s.get("rejects"))):
+    if same and verify and not (_part_intact(p["samples"], s.get("samples")) and _part_intact(p["rejects"], s.get("rejects"))):
         print(f"aimv2 shard: {p['samples'].parent.name}/part-{job.part}.parquet or its rejects part is damaged; "
               f"redoing {job.path}", file=sys.stderr, flush=True)
         return None
@@ -489,7 +491,10 @@ def _build(jobs, mine, output, opts, workers, part, merge, progress, inputs, arg
                                                    else "beside") for s in summaries),
     }
     if merge and not failed:
-        missing = [j for j in jobs if _done_summary(j, output, opts) is None]
+        # every tar is stat'ed again (one changed during the build blocks the merge); the parts this run
+        # found intact or wrote itself are not read back a second time
+        done = {s["part"] for s in summaries}
+        missing = [j for j in jobs if _done_summary(j, output, opts, verify=j.part not in done) is None]
         report["missing"] = len(missing)
         if not missing:
             merge_manifest(output, list(inputs), opts=opts, argv=argv, _locked=True)

@@ -293,10 +293,10 @@ def generate(manifest: str | Path, model: str, *, output: str | Path | None = No
     from tqdm import tqdm
 
     root = str(manifest).rstrip("/")
-    meta = storage.upath(root) / "_manifest.json"
+    meta = layout.manifest_json(root)
     if not meta.is_file():
         raise CaptionError(f"{meta} not found: build the manifest with `aimv2 shard` first")
-    parts = sorted(str(p) for p in (storage.upath(root) / "samples").glob("*.parquet"))
+    parts = sorted(str(p) for p in layout.sample_files(root))
     if not parts:
         raise CaptionError(f"{root}/samples has no parquet parts; build the manifest with `aimv2 shard` first")
     output = str(output) if output else storage.join(root, "captions", f"{Path(model).name}.parquet")

@@ -44,15 +44,19 @@ def check_rows(root: str | Path, meta: dict, rows: int) -> None:
                                "changed after the merge; rerun `aimv2 shard` with the manifest's inputs")
 
 
+def damaged(path, e: BaseException) -> ManifestMismatch:
+    """The one-line error for a part that cannot be read (not a 40-line arrow traceback); raise it `from None`."""
+    return ManifestMismatch(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}): the "
+                            "part is damaged; rerun `aimv2 shard` with the same inputs, it redoes damaged parts")
+
+
 def read_part(path: str | Path, columns=None):
     """pl.read_parquet of one part; a damaged file is a one-line error naming it."""
 
     try:
         return storage.read_parquet(path, columns=columns)
     except Exception as e:  # noqa: BLE001 - polars/arrow raise many kinds for damaged bytes
-        raise ManifestMismatch(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}): the "
-                               "part is damaged; rerun `aimv2 shard` with the same inputs, it redoes damaged "
-                               "parts") from None
+        raise damaged(path, e) from None
 
 
 def read_schema(path: str | Path) -> dict:
@@ -64,6 +68,4 @@ def read_schema(path: str | Path) -> dict:
                 return dict(pl.read_parquet(f, n_rows=0).schema)
         return dict(pl.read_parquet_schema(path))
     except Exception as e:  # noqa: BLE001
-        raise ManifestMismatch(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}): the "
-                               "part is damaged; rerun `aimv2 shard` with the same inputs, it redoes damaged "
-                               "parts") from None
+        raise damaged(path, e) from None

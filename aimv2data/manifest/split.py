@@ -20,6 +20,7 @@ import numpy as np
 import polars as pl
 
 from ..atomic import atomic_write
+from . import layout
 
 
 def key_fraction(key: str) -> float:
@@ -37,7 +38,7 @@ def _rebase(shards: pl.Series, src: Path, dst: Path, relative: bool) -> pl.Serie
 def split_manifest(manifest: str | os.PathLike, out: str | os.PathLike, val_fraction: float) -> dict:
     """Write OUT/train and OUT/val from MANIFEST; returns {"train": n, "val": n, "train_dir", "val_dir"}."""
     src, out = Path(manifest), Path(out)
-    meta_path = src / "_manifest.json"
+    meta_path = layout.manifest_json(src)
     if not meta_path.is_file():
         raise ValueError(f"{meta_path} not found: pass a manifest directory written by `aimv2 shard`")
     if not 0 < val_fraction < 1:
@@ -47,7 +48,7 @@ def split_manifest(manifest: str | os.PathLike, out: str | os.PathLike, val_frac
         raise ValueError(f"-o {out} would overwrite the source manifest: choose another directory")
     meta = json.loads(meta_path.read_text())
     relative = meta.get("paths", "relative") == "relative"
-    parts = sorted((src / "samples").glob("*.parquet"))
+    parts = layout.sample_files(src)
     if not parts:
         raise ValueError(f"no samples/*.parquet under {src}: the manifest is empty or unfinished")
     counts = {side: {"samples": 0, "captions": 0, "per_bucket": Counter(), "per_source": Counter(),
@@ -57,7 +58,7 @@ def split_manifest(manifest: str | os.PathLike, out: str | os.PathLike, val_frac
         is_val = np.fromiter((key_fraction(k) < val_fraction for k in df["key"].to_list()), bool, len(df))
         for side, d in sides.items():
             sub = df.filter(pl.Series(is_val if side == "val" else ~is_val))
-            path = d / "samples" / part.name
+            path = d / layout.SAMPLES / part.name
             if not len(sub):
                 path.unlink(missing_ok=True)  # a rerun with another fraction
                 continue
@@ -76,7 +77,7 @@ def split_manifest(manifest: str | os.PathLike, out: str | os.PathLike, val_frac
         c = counts[side]
         per_bucket = {str(b): c["per_bucket"].get(str(b), 0) for b in map(int, meta["counts"]["per_bucket"])}
         new = dict(meta)
-        new.update(created=now, updated=now, files={"samples": "samples/*.parquet"},
+        new.update(created=now, updated=now, files={"samples": layout.SAMPLES_GLOB},
                    counts={**meta["counts"], "shards": len(c["shards"]), "samples": c["samples"], "rejects": 0,
                            "captions": c["captions"], "per_bucket": per_bucket,
                            "per_source": dict(c["per_source"].most_common()),
@@ -84,6 +85,6 @@ def split_manifest(manifest: str | os.PathLike, out: str | os.PathLike, val_frac
                    split={"from": str(src.resolve()), "side": side, "val_fraction": val_fraction,
                           "rule": "blake2b-64(key) / 2^64 < val_fraction -> val"})
         # written last: a directory with _manifest.json is a finished split
-        atomic_write(d / "_manifest.json", lambda tmp, new=new: Path(tmp).write_text(json.dumps(new, indent=2)))
+        atomic_write(layout.manifest_json(d), lambda tmp, new=new: Path(tmp).write_text(json.dumps(new, indent=2)))
     return {"train": counts["train"]["samples"], "val": counts["val"]["samples"],
             "train_dir": str(sides["train"]), "val_dir": str(sides["val"])}

@@ -55,7 +55,8 @@ def init_distributed(device: torch.device) -> DistInfo:
     """Join the process group torchrun describes (env://); a plain `python` run is rank 0 of 1."""
     if not launched_by_torchrun():
         return DistInfo()
-    rank, world, local = launch_info().rank, launch_info().world_size, launch_info().local_rank
+    launch = launch_info()
+    rank, world, local = launch.rank, launch.world_size, launch.local_rank
     if world == 1:
         return DistInfo(0, 1, local)
     global _OWNED
@@ -95,11 +96,17 @@ def cpu_threads(requested: int | None = None) -> tuple[int, str]:
     torchrun_default = omp == "1" and launched_by_torchrun() and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1
     if omp and not torchrun_default:  # torchrun sets 1 for every multi-rank run unless told: not a choice
         return torch.get_num_threads(), "OMP_NUM_THREADS"
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = affinity_cpus()
     ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     n = max(1, cpus // ranks)
     torch.set_num_threads(n)
     return n, f"{cpus} cpus in affinity / {ranks} local rank(s)"
+
+
+def affinity_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which taskset, cgroups and SLURM narrow); the machine's
+    CPU count where the OS has no affinity call."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def pick_device(requested: str | None, info: DistInfo | None = None) -> torch.device:

@@ -12,17 +12,6 @@ strings (eos only) and report "done"; `train` refuses it unless `--allow-no-capt
 from __future__ import annotations
 
 import numpy as np
-import torch
-
-
-def global_count(n: int, info, device) -> int:
-    """`n` summed over ranks (one tiny all-reduce; none in a single process)."""
-    if not info.enabled:
-        return n
-    from .distributed import all_reduce_mean
-
-    t = all_reduce_mean(torch.tensor([float(n)], device=device), info)
-    return int(round(float(t[0]) * info.world_size))
 
 
 def replaced_summary(records: list[dict], examples: list, warn_share: float) -> dict:

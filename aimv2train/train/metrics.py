@@ -78,10 +78,8 @@ def reference_peak(device: torch.device, dtype: torch.dtype,
     best = max(measured, float(known.get(key, 0.0)))
     if best > known.get(key, 0.0):
         try:
-            from aimv2data.atomic import atomic_write
-
             known[key] = best
-            atomic_write(cache, lambda t: Path(t).write_text(json.dumps(known, indent=1)))
+            write_text_atomic(cache, json.dumps(known, indent=1))
         except OSError:
             pass
     return best, f"best {device.type} matmul ever measured on this machine ({cache})"

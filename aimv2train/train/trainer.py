@@ -35,7 +35,7 @@ from .distributed import DistInfo, all_reduce_mean, cpu_threads, init_distribute
 from ..model.flops import step_flops
 from ..model.config import ATTENTION_KINDS
 from ..model.masks import sample_prefix_lengths
-from .health import caption_coverage, global_count, replaced_summary
+from .health import caption_coverage, replaced_summary
 from .logline import PeriodicLine
 from .metrics import MetricsLog, reference_peak, summarize
 from ..model.aimv2 import LOSS_TERMS, TOTAL_LOSS, AIMv2, count_params
@@ -325,6 +325,7 @@ class Run:
     saved: tuple[Path | None, int | None] = (None, None)   # newest checkpoint written or resumed, its step
     validator: Validator | None = None   # held-out losses (--val-manifest), validate.py
     replaced: int = 0            # samples replaced (unreadable) since this process started, all ranks
+    params: list[torch.Tensor] | None = None   # trainable parameters (after wrapping), clipped each step; None: model's
 
     @property
     def out(self) -> Path:
@@ -397,7 +398,8 @@ def build_run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Run:
     run = Run(cfg, info, device, stage, precision, resolution, hp, model, loss_module, step_fn, optimizer,
               WarmupCosine(hp.peak_lr, hp.min_lr, hp.warmup, hp.steps), generator, loader, sharded, start, peak,
               step=start, saved=(resume_from[0], start) if resume_from else (None, None),
-              validator=_validator(cfg, tok, info, device, precision, resolution))
+              validator=_validator(cfg, tok, info, device, precision, resolution),
+              params=[p for p in model.parameters() if p.requires_grad])
     run.header = {**_header(run, init_note), "peak_source": peak_source}
     return run
 
@@ -410,11 +412,17 @@ def compile_step(loss_module, cfg: TrainConfig, loader, device: torch.device):
     grid count, or it would run later grids eagerly."""
     if not cfg.native_res:
         return torch.compile(loss_module)
-    dynamic = {"true": True, "false": False}.get(cfg.compile_dynamic, device.type != "cuda")
+    dynamic = compile_dynamic(cfg.compile_dynamic, device)
     if not dynamic:
         n_grids = len({g for by_area in loader.sampler.grids.values() for g in by_area.values()})
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, n_grids + 1)
     return torch.compile(loss_module, dynamic=dynamic)
+
+
+def compile_dynamic(choice: str, device: torch.device) -> bool:
+    """torch.compile's dynamic= for native resolution (`--compile-dynamic` true / false / auto): auto is static
+    on CUDA, dynamic elsewhere (compile_step says why)."""
+    return {"true": True, "false": False}.get(choice, device.type != "cuda")
 
 
 def _resume_point(cfg: TrainConfig, info: DistInfo, tok: Tokenizer) -> tuple[Path, dict] | None:
@@ -453,25 +461,30 @@ class StepFailed(Exception):
 
 def train_step(run: Run, batch, stop: StopRequest) -> dict:
     """One optimiser step (run.step -> run.step + 1) on a batch already on the device. Returns the named
-    loss terms (`loss` and the model's LOSS_TERMS, each the mean over ranks), `lr`, `grad_norm` and
-    `stop` (some rank was asked to stop, read after the forward: a signal during this step stops after
-    it). Raises StepFailed, with nothing applied, on a non-finite loss
-    or gradient norm."""
+    loss terms (`loss` and the model's LOSS_TERMS, each the mean over ranks), `lr`, `grad_norm`,
+    `replaced` (the batch's replaced samples summed over ranks) and `stop` (some rank was asked to stop,
+    read after the forward: a signal during this step stops after it). Raises StepFailed, with nothing
+    applied, on a non-finite loss or gradient norm."""
     images, patches, tokens = batch.images, batch.patches, batch.tokens
     h, w = batch.grid
     prefix = sample_prefix_lengths(images.shape[0], h * w, run.generator)
     lr = run.schedule.apply(run.optimizer, run.step)
     with autocast_context(run.device, run.precision):
         terms = run.step_fn(images, patches, tokens, prefix)
-    # the loss terms and "a rank was asked to stop" travel in one all-reduce, so all ranks decide alike
-    flag = torch.tensor(float(stop.requested), device=terms[TOTAL_LOSS].device)
-    reduced = all_reduce_mean(torch.stack([t.detach() for t in terms.values()] + [flag]).float(), run.info).tolist()
+    # the loss terms, the replaced-sample count and "a rank was asked to stop" travel in one all-reduce, so all
+    # ranks decide alike; the count is a mean there, summed back exactly (small integers in float32)
+    dev = terms[TOTAL_LOSS].device
+    n_replaced = torch.tensor(float(len(getattr(batch, "replaced", ()))), device=dev)
+    flag = torch.tensor(float(stop.requested), device=dev)
+    reduced = all_reduce_mean(torch.stack([t.detach() for t in terms.values()] + [n_replaced, flag]).float(),
+                              run.info).tolist()
     logged = dict(zip(terms, reduced))
     if not all(math.isfinite(v) for v in logged.values()):
         raise StepFailed(f"step {run.step + 1}: the loss is not finite ("
                          + ", ".join(f"{k}={v}" for k, v in logged.items()) + ")")
     terms[TOTAL_LOSS].backward()
-    grad_norm = _grad_norm([p for p in run.model.parameters() if p.requires_grad], run.hp.clip)
+    params = run.params if run.params is not None else [p for p in run.model.parameters() if p.requires_grad]
+    grad_norm = _grad_norm(params, run.hp.clip)
     if not math.isfinite(grad_norm):
         raise StepFailed(f"step {run.step + 1}: the gradient norm is {grad_norm} (loss {logged[TOTAL_LOSS]:.4f})")
     run.optimizer.step()
@@ -479,7 +492,8 @@ def train_step(run: Run, batch, stop: StopRequest) -> dict:
     run.step += 1
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
-    return {"losses": logged, "lr": lr, "grad_norm": grad_norm, "stop": reduced[-1] > 0}
+    return {"losses": logged, "lr": lr, "grad_norm": grad_norm,
+            "replaced": int(round(reduced[-2] * run.info.world_size)), "stop": reduced[-1] > 0}
 
 
 def train_loop(run: Run, log: MetricsLog, bar, line: PeriodicLine, stop: StopRequest) -> str:
@@ -528,7 +542,7 @@ def _record(run: Run, batch, result: dict, dt: float, t_data: float) -> dict:
             "step_time": dt, "data_time": t_data, "batch": B * world, "grid": [h, w],
             "epoch": int(getattr(batch, "epoch", 0)),
             "sources": dict(run.loader.stats["sources"]), "source_epochs": run.loader.source_epochs(),
-            "replaced": global_count(len(getattr(batch, "replaced", ())), run.info, run.device)}
+            "replaced": result["replaced"]}
 
 
 def _show(bar, rec: dict, replaced: int) -> None:

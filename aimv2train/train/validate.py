@@ -88,8 +88,9 @@ class Validator:
                     loss, parts = model.training_loss(batch.images, batch.patches, batch.tokens, self.pad_id,
                                                       prefix_len=prefix)
                 terms = {TOTAL_LOSS: loss, **{k: parts[k] for k in LOSS_TERMS}}
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * B
+                values = torch.stack([v.detach().float() for v in terms.values()]).tolist()  # one host sync
+                for k, v in zip(terms, values):
+                    sums[k] = sums.get(k, 0.0) + v * B
                 images += B
         finally:
             model.train(was_training)
