@@ -125,3 +125,19 @@ def test_cli(tmp_path, tok_path):
     assert UNK_ID in Tokenizer(out).ids("xylophonist")  # trained on `caption` only
     r = CliRunner().invoke(main, ["tokenizer", "train", str(tok_path.parent), "-o", str(out), "--vocab-size", "9999"])
     assert r.exit_code == 1 and "too large" in r.output
+
+
+
+def test_captions_are_read_in_key_order_whatever_the_row_order_of_a_part(tmp_path, tok_path):
+    # img2dataset writes a tar's samples in the order its downloads finish; sentencepiece's model depends
+    # on the order it reads, so the same samples in another order must give the same reading and model
+    from aimv2train.train.tokenizer import iter_captions
+
+    ordered = make_manifest(tmp_path / "ordered")
+    root = make_manifest(tmp_path / "shuffled")
+    for f in (root / "samples").glob("*.parquet"):
+        pl.read_parquet(f).reverse().write_parquet(f)
+    assert list(iter_captions(root)) == list(iter_captions(ordered))
+    out = tmp_path / "tok.model"
+    train_tokenizer(root, out, vocab_size=60)
+    assert out.read_bytes() == tok_path.read_bytes()

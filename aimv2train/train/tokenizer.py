@@ -115,8 +115,9 @@ def _sample_files(manifest: str | os.PathLike) -> list[Path]:
 
 def iter_captions(manifest: str | os.PathLike, columns: Sequence[str] | None = None,
                   counts: dict[str, int] | None = None) -> Iterator[str]:
-    """Every non-empty caption of the chosen columns (all caption columns by default), file by file.
-    `counts` (if given) is filled with captions yielded per column."""
+    """Every non-empty caption of the chosen columns (all caption columns by default), file by file, each
+    file's rows in key order: a tar's rows sit in the order its downloads finished, and sentencepiece's model
+    depends on the order it reads. `counts` (if given) is filled with captions yielded per column."""
     import polars as pl
 
     from aimv2data.manifest.integrity import read_part, read_schema
@@ -126,7 +127,7 @@ def iter_captions(manifest: str | os.PathLike, columns: Sequence[str] | None = N
         cols = caption_columns(schema) if columns is None else [c for c in columns if c in schema]
         if not cols:
             continue
-        df = read_part(f, cols)
+        df = read_part(f, [*cols, "key"]).sort("key") if "key" in schema else read_part(f, cols)
         for c in cols:
             s = df[c]
             if s.dtype == pl.List(pl.String) or isinstance(s.dtype, pl.List):
