@@ -3,6 +3,13 @@
 Every image in a batch shares one patch grid (h, w), so a batch is one dense tensor: no packing,
 no attention masks, no padding. `patches` is derived from `images` on first access (MAE's
 patchify) rather than built by the loader, so worker processes ship each pixel once.
+
+Pixels stay uint8 (0..255) from the decoder to the device: a quarter of float32's bytes through worker
+shared memory, the pinned copy and the host-to-device transfer. The model normalises them there
+(`normalize`, `normalize_patches`: AIMv2.training_loss), after `Batch.to(device)`, so the patch cut and
+the normalisation run on the device. Both decoders fill channels-last memory (`empty_images`: a
+(B, H, W, 3) buffer seen as (B, 3, H, W)), the layout a decoder writes pixel by pixel; one layout for
+every batch also keeps torch.compile's stride guards from recompiling.
 """
 from __future__ import annotations
 
@@ -34,15 +41,36 @@ def unpatchify(patches: torch.Tensor, grid: tuple[int, int], p: int) -> torch.Te
     return x.reshape(b, 3, h * p, w * p)
 
 
-def normalize_(images: torch.Tensor) -> torch.Tensor:
-    """uint8-range float (B, 3, H, W) -> CLIP-normalised, in place."""
-    mean = torch.tensor(MEAN, dtype=images.dtype, device=images.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(STD, dtype=images.dtype, device=images.device).view(1, 3, 1, 1) * 255.0
-    return images.sub_(mean).div_(std)
+def empty_images(b: int, h: int, w: int, device=None) -> torch.Tensor:
+    """uint8 zeros (b, 3, h, w) in channels-last memory: the buffer every batch's images live in."""
+    return torch.zeros((b, h, w, 3), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
+
+
+def _affine(device, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) with x * scale + shift == (x - 255 mean) / (255 std), shaped to broadcast."""
+    scale = torch.tensor([1 / (255 * s) for s in STD], device=device).view(shape)
+    shift = torch.tensor([-m / s for m, s in zip(MEAN, STD)], device=device).view(shape)
+    return scale, shift
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W), any memory layout -> contiguous float32 (B, 3, H, W), CLIP-normalised, on the
+    images' device."""
+    scale, shift = _affine(images.device, (1, 3, 1, 1))
+    x = images.to(torch.float32, memory_format=torch.contiguous_format)
+    return x * scale + shift
+
+
+def normalize_patches(patches: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, N, p*p*3) (`patchify`'s layout: channel fastest) -> float32, CLIP-normalised: equal to
+    `patchify(normalize(images))`."""
+    scale, shift = _affine(patches.device, (3,))
+    x = patches.to(torch.float32).unflatten(-1, (-1, 3))
+    return (x * scale + shift).flatten(-2)
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
-    """CLIP-normalised (B, 3, H, W) -> uint8 (B, 3, H, W), for looking at a batch."""
+    """CLIP-normalised (B, 3, H, W) -> uint8 (B, 3, H, W): the inverse of `normalize`."""
     mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
     return (images * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
@@ -50,7 +78,7 @@ def denormalize(images: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Batch:
-    images: torch.Tensor                      # float32 (B, 3, h*p, w*p), normalised with MEAN/STD
+    images: torch.Tensor                      # uint8 (B, 3, h*p, w*p), RGB 0..255, channels-last memory
     grid: tuple[int, int]                     # (h, w) patches
     patch_size: int
     captions: list[str]
@@ -65,7 +93,8 @@ class Batch:
 
     @cached_property
     def patches(self) -> torch.Tensor:
-        """float32 (B, h*w, p*p*3): `images` cut into p x p patches in raster order."""
+        """uint8 (B, h*w, p*p*3): `images` cut into p x p patches in raster order (cut where `images` are:
+        after `to(device)`, on the device)."""
         return patchify(self.images, self.patch_size)
 
     def __len__(self) -> int:

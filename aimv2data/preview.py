@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_write, write_json_atomic, write_text_atomic
-from .batch import Batch, denormalize
+from .batch import Batch
 from .loader import Loader
 from .loader.sampler import ALL, StepSpec
 from .loader.samples import AREAS
@@ -93,9 +93,8 @@ def _show(loader: Loader, i: int) -> Shown:
 
 
 def _pixels(batch: Batch, n: int | None = None) -> np.ndarray:
-    """(n, H, W, 3) uint8: the images de-normalised (what the pixels were before normalisation)."""
-    x = batch.images[:n].float().cpu()
-    return denormalize(x).permute(0, 2, 3, 1).numpy()
+    """(n, H, W, 3) uint8: the images as the decoder made them (the model normalises them)."""
+    return batch.images[:n].cpu().permute(0, 2, 3, 1).numpy()
 
 
 def _headline(s: Shown) -> str:
@@ -163,6 +162,7 @@ def area_page(s: Shown, loader: Loader, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import torch
     import torch.nn.functional as F
 
     b = s.batch
@@ -173,8 +173,8 @@ def area_page(s: Shown, loader: Loader, path: Path) -> Path:
     n_rows = math.ceil(len(b) / per_row)
     scale = max(1, min(8, 900 // max(per_row * w, n_rows * h)))  # pixels per patch on the canvas
     canvas = np.full((n_rows * h * scale, per_row * w * scale, 3), 235, np.uint8)
-    tiles = denormalize(F.interpolate(b.images.float().cpu(), size=(h * scale, w * scale), mode="bilinear",
-                                      antialias=True, align_corners=False)).permute(0, 2, 3, 1).numpy()
+    tiles = F.interpolate(b.images.float().cpu(), size=(h * scale, w * scale), mode="bilinear", antialias=True,
+                          align_corners=False).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for i, tile in enumerate(tiles):
         r, q = divmod(i, per_row)
         canvas[r * h * scale:(r + 1) * h * scale, q * w * scale:(q + 1) * w * scale] = tile

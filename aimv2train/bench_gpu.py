@@ -160,7 +160,8 @@ def _batch(B: int, grid: tuple[int, int], sizes: Sizes, device: torch.device, se
 
     g = torch.Generator().manual_seed(seed)
     h, w = grid
-    images = torch.randn(B, 3, 14 * h, 14 * w, generator=g)
+    # uint8 in channels-last memory, as the loader hands them over: the step normalises them on the device
+    images = torch.randint(0, 256, (B, 14 * h, 14 * w, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2)
     tokens = torch.randint(1, sizes.vocab, (B, sizes.text_len), generator=g)
     prefix = sample_prefix_lengths(B, h * w, g)
     return images.to(device), tokens.to(device), prefix
@@ -276,6 +277,8 @@ def _row_key(res: str, attention: str, compiled: bool) -> str:
 
 def part_parity(device: torch.device, sizes: Sizes, **_) -> dict:
     """fp32 on both sides, TF32 off; same initial weights (one state dict), same batch and prefixes."""
+    from aimv2data.batch import normalize
+
     tol = {"encoder_max_abs": 2e-3, "loss_rel": 1e-4, "grad_rel": 1e-4}
     old_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -284,6 +287,7 @@ def part_parity(device: torch.device, sizes: Sizes, **_) -> dict:
         cpu = torch.device("cpu")
         model, _, _ = _build(sizes, cpu, "learned", sizes.resolution)
         images, tokens, prefix = _batch(sizes.parity_batch, grid, sizes, cpu, seed=1)
+        images = normalize(images)  # the encoder's own input (training_loss normalises a batch's uint8)
         ref = _forward_parts(model, images, tokens, prefix, "sdpa")
         model.to(device)
         out = {}

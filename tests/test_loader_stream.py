@@ -49,7 +49,7 @@ def test_native_epoch_dense_constant_budget_no_duplicates(manifest):
     for batch in loader:
         h, w = batch.grid
         b = len(batch)
-        assert batch.images.shape == (b, 3, h * P, w * P) and batch.images.dtype == torch.float32
+        assert batch.images.shape == (b, 3, h * P, w * P) and batch.images.dtype == torch.uint8
         assert b * batch.area == 4096 and h * w <= batch.area
         assert (batch.area, (h, w)) in grids
         assert batch.padding == 0.0
@@ -101,7 +101,7 @@ def test_batch_pixels_come_from_the_named_sample_and_patches_are_raster_order(ma
     data = (manifest / r["shard"]).resolve().read_bytes()[r["offset"]:r["offset"] + r["size"]]
     h, w = batch.grid
     ref = PilDecoder().decode(data, cover(r["width"], r["height"], w * P, h * P))
-    got = denormalize(batch.images[:1])[0].permute(1, 2, 0).numpy()
+    got = batch.images[0].permute(1, 2, 0).numpy()
     assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1
     # patches: raster order over the grid, each patch (row, col, channel)
     x = batch.images
@@ -273,10 +273,22 @@ def test_missing_shard_is_replaced_and_named(tmp_path):
     assert "cannot open shard" in loader.stats["replaced_keys"][0][1]
 
 
-def test_images_are_normalised_with_clip_mean_std(manifest):
+def test_images_are_uint8_and_the_model_normalises_them_with_clip_mean_std(manifest):
+    """Issue 22 point 1: batches leave the loader as uint8 (a quarter of float32's bytes through shared
+    memory, pinning and the host-to-device copy); normalize / normalize_patches (what the model applies on
+    the device) give the CLIP mean/std values the float32 batches had."""
+    from aimv2data.batch import MEAN, STD, normalize, normalize_patches
+
     batch = next(iter(Loader(manifest, mix="rows", resolution=32, batch_size=8)))
-    u8 = denormalize(batch.images).float() / 255
-    from aimv2data.batch import MEAN, STD
-    again = (u8 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-    assert torch.allclose(again, batch.images, atol=0.5 / 255 / 0.26 + 1e-4)
-    Image.fromarray(denormalize(batch.images)[0].permute(1, 2, 0).numpy())   # a viewable picture
+    assert batch.images.dtype == torch.uint8 and batch.patches.dtype == torch.uint8
+    assert batch.images.permute(0, 2, 3, 1).is_contiguous()        # channels-last, as both decoders fill it
+    x = normalize(batch.images)
+    again = (batch.images.double() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1).double()) / \
+        torch.tensor(STD).view(1, 3, 1, 1).double()
+    assert x.dtype == torch.float32 and x.is_contiguous()
+    assert torch.allclose(x.double(), again, atol=1e-5)
+    assert torch.allclose(normalize_patches(batch.patches), patchify(x, P), atol=1e-6)
+    assert torch.equal(denormalize(x), batch.images)
+    moved = batch.to("cpu")
+    assert moved.images.dtype == torch.uint8 and moved.images.stride() == batch.images.stride()
+    Image.fromarray(batch.images[0].permute(1, 2, 0).numpy())   # a viewable picture

@@ -175,3 +175,21 @@ def test_training_loss_rejects_mismatched_patches():
     x = torch.randn(2, 3, 56, 56)
     with pytest.raises(ValueError, match="do not match images"):
         model.training_loss(x, torch.randn(2, 15, 588), None, 0)
+
+
+def test_training_loss_normalises_uint8_batches_on_their_device():
+    """Issue 22 point 1: a Batch's uint8 images and patches (channels-last, as the decoders fill them) give
+    the loss of the CLIP-normalised float32 pixels the loader used to hand over."""
+    from aimv2data.batch import empty_images, normalize, patchify
+
+    model = _tiny_model().train()
+    u8 = empty_images(3, 56, 56)
+    u8.copy_(torch.randint(0, 256, (3, 3, 56, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)))
+    tokens = torch.randint(3, 512, (3, 77))
+    prefix = torch.tensor([1, 7, 15])
+    x = normalize(u8)
+    ref, ref_parts = model.training_loss(x, patchify(x, P), tokens, 0, prefix_len=prefix)
+    for patches in (patchify(u8, P), None):                     # Batch.patches (uint8), or cut in the model
+        loss, parts = model.training_loss(u8, patches, tokens, 0, prefix_len=prefix)
+        assert torch.allclose(loss, ref, rtol=1e-6, atol=1e-6)
+        assert torch.allclose(parts["loss_img"], ref_parts["loss_img"], rtol=1e-6, atol=1e-6)

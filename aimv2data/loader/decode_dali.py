@@ -5,7 +5,8 @@ crop box (relative ROI), the output size and the flip flag; batch size varies pe
 `max_batch`. `fn.decoders.image` applies EXIF orientation (adjust_orientation, DALI's default), so the
 relative box means the same display-space box as in the `pil` decoder. `fn.resize` with a relative
 ROI + antialiased cubic interpolation does resize-to-cover/crop or RandomResizedCrop in one pass,
-then `fn.crop_mirror_normalize` flips, normalises (CLIP mean/std x 255) and lays out CHW float.
+then `fn.flip` mirrors. Images stay uint8 HWC, handed over as a channels-last (B, 3, H, W) view like the
+`pil` decoder's (batch.empty_images); the model normalises them (docs/contracts.md).
 
 With a CUDA device the decoder runs on "mixed" (nvJPEG) and the rest on the GPU, and images come
 back as CUDA tensors; without one (device_id=None) the whole pipeline runs on the CPU.
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..batch import MEAN, STD
+from ..batch import empty_images
 from .geometry import Crop
 from .validate import jpeg_problem
 
@@ -61,8 +62,7 @@ class DaliDecoder:
             img = fn.decoders.image(encoded, device=self.device, output_type=types.RGB, adjust_orientation=True)
             img = fn.resize(img, roi_start=roi_start, roi_end=roi_end, roi_relative=True, size=size,
                             interp_type=types.INTERP_CUBIC, antialias=True)
-            img = fn.crop_mirror_normalize(img, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
-                                           mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD])
+            img = fn.flip(img, horizontal=mirror)
             pipe.set_outputs(img)
         pipe.build()
         self.pipe = pipe
@@ -75,18 +75,18 @@ class DaliDecoder:
         self.pipe.feed_input("size", [np.array([c.out[1], c.out[0]], np.float32) for c in crops])  # (H, W)
         self.pipe.feed_input("mirror", [np.array(int(c.flip), np.int32) for c in crops])
         (out,) = self.pipe.run()
-        t = out.as_tensor()
+        t = out.as_tensor()                                       # uint8 (B, H, W, 3)
         if self.device_id is None:
-            return torch.from_numpy(np.array(t))
+            return torch.from_numpy(np.array(t)).permute(0, 3, 1, 2)
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        res = torch.empty(t.shape(), dtype=torch.float32, device=f"cuda:{self.device_id}")
+        res = torch.empty(t.shape(), dtype=torch.uint8, device=f"cuda:{self.device_id}")
         feed_ndarray(t, res, cuda_stream=torch.cuda.current_stream(self.device_id))
-        return res
+        return res.permute(0, 3, 1, 2)
 
     def decode_batch(self, datas: list[bytes], crops: list[Crop],
                      orientations: list[int] | None = None) -> tuple[torch.Tensor, dict[int, str]]:
-        """-> (float32 (B, 3, H, W) normalised, {slot: reason} for samples that failed). DALI reads the
+        """-> (uint8 (B, 3, H, W), channels-last memory, {slot: reason} for samples that failed). DALI reads the
         EXIF orientation itself (`orientations` is accepted for interface parity and not used)."""
         if len(datas) > self.max_batch:
             raise ValueError(f"batch of {len(datas)} exceeds the DALI pipeline's max batch {self.max_batch}")
@@ -94,7 +94,7 @@ class DaliDecoder:
         if screened:
             ok = [i for i in range(len(datas)) if i not in screened]
             w, h = crops[0].out
-            images = torch.zeros((len(datas), 3, h, w), dtype=torch.float32, device=self._device_str())
+            images = empty_images(len(datas), h, w, self._device_str())
             if ok:
                 sub, bad = self.decode_batch([datas[i] for i in ok], [crops[i] for i in ok])
                 images[ok] = sub
@@ -115,7 +115,7 @@ class DaliDecoder:
                 raise first
             good = [i for i in range(len(datas)) if i not in failed]
             w, h = crops[0].out
-            images = torch.zeros((len(datas), 3, h, w), dtype=torch.float32, device=self._device_str())
+            images = empty_images(len(datas), h, w, self._device_str())
             if good:
                 images[good] = self._run([datas[i] for i in good], [crops[i] for i in good])
             return images, failed

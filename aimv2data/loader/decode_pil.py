@@ -8,8 +8,9 @@ outputs, less colour conversion, a smaller resize) whenever the source box has a
 per output pixel. The crop box is given as fractions of the source, so it maps onto a reduced decode
 unchanged.
 
-The batch buffer is uint8 RGBX (Pillow's layout for RGB, which both paths resize in), normalised once per
-batch in torch.
+Both paths resize in RGBX (Pillow's layout for RGB); each output is converted to RGB straight into the
+batch's uint8 channels-last buffer (batch.empty_images): the batch leaves the worker as uint8 and the model
+normalises it on the device (docs/contracts.md).
 
 EXIF orientation is applied after the draft (the manifest's width/height are display sizes): the
 transposes of `ImageOps.exif_transpose`, driven by the manifest's `orientation` column when it has one.
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..batch import MEAN, STD
+from ..batch import empty_images
 from . import decode_turbo
 from .geometry import Crop, draft_scale
 from .validate import jpeg_problem
@@ -39,18 +40,6 @@ from .validate import jpeg_problem
 TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
              8: Image.Transpose.ROTATE_90}
-
-
-_SCALE = torch.tensor([1 / (255 * s) for s in STD]).view(1, 3, 1, 1)
-_SHIFT = torch.tensor([-m / s for m, s in zip(MEAN, STD)]).view(1, 3, 1, 1)
-
-
-def normalized(buf: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, C >= 3; RGB or RGBX) -> contiguous float32 (B, 3, H, W), CLIP-normalised: one
-    converting copy that also drops X and transposes, then one multiply and one add in place
-    (batch.normalize_'s (x - 255m) / 255s to within 1e-6)."""
-    x = torch.from_numpy(buf)[..., :3].permute(0, 3, 1, 2)
-    return torch.empty(x.shape).copy_(x).mul_(_SCALE).add_(_SHIFT)
 
 
 def _check_size(size: tuple[int, int], crop: Crop) -> None:
@@ -109,19 +98,20 @@ class PilDecoder:
 
     def decode_batch(self, datas: list[bytes], crops: list[Crop],
                      orientations: list[int] | None = None) -> tuple[torch.Tensor, dict[int, str]]:
-        """-> (float32 (B, 3, H, W) normalised, {slot: reason} for samples that failed; their slots hold
-        no image and are overwritten by the loader's replacements). The buffer is RGBX, the layout the
-        libjpeg-turbo path and Pillow's resize produce: one contiguous copy per image, X dropped once."""
+        """-> (uint8 (B, 3, H, W) in channels-last memory, {slot: reason} for samples that failed; their
+        slots hold zeros and are overwritten by the loader's replacements)."""
         w, h = crops[0].out
-        buf = np.zeros((len(datas), h, w, 4), dtype=np.uint8)
+        images = empty_images(len(datas), h, w)
+        buf = images.permute(0, 2, 3, 1).numpy()          # the same memory, (B, H, W, 3)
         failed = {}
         for i, (data, crop) in enumerate(zip(datas, crops)):
             try:
-                px = np.asarray(self.image(data, crop, None if orientations is None else orientations[i]))
-                buf[i, ..., :px.shape[2]] = px
+                im = self.image(data, crop, None if orientations is None else orientations[i])
+                # RGBX -> RGB in Pillow (its unpack is faster than numpy's strided copy of 3 of 4 bytes)
+                buf[i] = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
             except Exception as e:  # any decoder failure is a bad sample: replaced and counted upstream
                 failed[i] = f"{type(e).__name__}: {e}"
-        return normalized(buf), failed
+        return images, failed
 
     def close(self) -> None:
         pass

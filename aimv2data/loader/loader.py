@@ -1,7 +1,7 @@
 """The loader: an iterable of `Batch`es over a manifest, one epoch per `iter()`, resumable mid-epoch.
 
     loader = Loader("MANIFEST", native_res=True, batch_patches=2**16, decoder="pil", workers=8)
-    for batch in loader:                      # batch.images (B, 3, h*p, w*p), batch.patches, ...
+    for batch in loader:                      # batch.images uint8 (B, 3, h*p, w*p), batch.patches, ...
         ...
     ckpt["loader"] = loader.state_dict()      # {epoch, step, ...}: the next batch to produce
     loader.load_state_dict(ckpt["loader"])    # the same batches, pixel for pixel, as without the stop
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .. import paper
-from ..batch import Batch
+from ..batch import Batch, empty_images
 from .captions import CONTEXT, CaptionChooser, resolve_pad_id, tokenize
 from .geometry import Crop, cover, random_resized_crop
 from .reader import ShardReader
@@ -165,7 +165,7 @@ class StepMaker:
         if len(ok) == len(rows):
             return (*self.decoder.decode_batch(datas, crops, orient), crops)
         w, h = crops[0].out
-        images = torch.zeros((len(rows), 3, h, w))
+        images = empty_images(len(rows), h, w)
         if ok:
             sub, bad = self.decoder.decode_batch([datas[i] for i in ok], [crops[i] for i in ok],
                                                  None if orient is None else [orient[i] for i in ok])

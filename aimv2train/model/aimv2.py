@@ -10,7 +10,9 @@ The trainer calls
     loss, parts = model.training_loss(batch.images, batch.patches, batch.tokens, pad_id, generator=g)
 
 with a CPU torch.Generator for reproducible prefix lengths; parts holds the detached loss terms named
-in LOSS_TERMS and the prefix lengths drawn.
+in LOSS_TERMS and the prefix lengths drawn. A Batch's images and patches are uint8 (docs/contracts.md):
+training_loss normalises them where they are (on the device, inside a compiled step's graph); float
+images and patches are taken as normalised already (synthetic batches, tests).
 
 The encoder's prefix mask runs on one of two kernels (`set_attention`): "flex", a FlexAttention
 BlockMask with each sample's prefix length (a fused kernel that skips the masked-out blocks), or "sdpa",
@@ -25,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from aimv2data.batch import patchify
+from aimv2data.batch import normalize, normalize_patches, patchify
 
 from .config import ModelConfig
 from .mm_decoder import MultimodalDecoder
@@ -127,13 +129,18 @@ class AIMv2(nn.Module):
     def training_loss(self, images: torch.Tensor, patches: torch.Tensor | None, tokens: torch.Tensor | None,
                       pad_id: int, generator: torch.Generator | None = None,
                       prefix_len: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """L_text + alpha * L_img for one batch. `patches` None: cut from `images`. `tokens` None: image
+        """L_text + alpha * L_img for one batch. `images`, `patches`: uint8 0..255 (a Batch's; normalised
+        here) or float (normalised already). `patches` None: cut from `images`. `tokens` None: image
         loss only (loss_text reported as 0). `prefix_len` None: drawn M ~ U{1..I-1} from `generator`."""
         p = self.cfg.encoder.patch_size
         B, C, H, W = images.shape
         I = (H // p) * (W // p)
+        if images.dtype == torch.uint8:
+            images = normalize(images)
         if patches is None:
             patches = patchify(images, p)
+        elif patches.dtype == torch.uint8:
+            patches = normalize_patches(patches)
         if patches.shape != (B, I, p * p * C):
             raise ValueError(f"patches {tuple(patches.shape)} do not match images {tuple(images.shape)}: "
                              f"expected {(B, I, p * p * C)} (Batch.patches, docs/contracts.md)")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from aimv2data.batch import normalize_
+from aimv2data.batch import normalize
 from aimv2data.paper import PATCH_SIZE
 
 
@@ -41,8 +41,8 @@ def native_grid(width: int, height: int, max_patches: int, patch_size: int = PAT
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> CLIP-normalised float32 (3, H, W)."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
-    return normalize_(x[None])[0]
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return normalize(x[None])[0]
 
 
 def fixed_resolution(img: Image.Image, resolution: int) -> torch.Tensor:
