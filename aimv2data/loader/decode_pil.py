@@ -8,9 +8,9 @@ outputs, less colour conversion, a smaller resize) whenever the source box has a
 per output pixel. The crop box is given as fractions of the source, so it maps onto a reduced decode
 unchanged.
 
-Both paths resize in RGBX (Pillow's layout for RGB); each output is converted to RGB straight into the
+Both paths resize in RGBX (Pillow's layout for RGB); each output is packed to RGB and copied into the
 batch's uint8 channels-last buffer (batch.empty_images): the batch leaves the worker as uint8 and the model
-normalises it on the device (docs/contracts.md).
+normalises it on the device (docs/contracts.md), so no float work is left on the host.
 
 EXIF orientation is applied after the draft (the manifest's width/height are display sizes): the
 transposes of `ImageOps.exif_transpose`, driven by the manifest's `orientation` column when it has one.
@@ -107,8 +107,9 @@ class PilDecoder:
         for i, (data, crop) in enumerate(zip(datas, crops)):
             try:
                 im = self.image(data, crop, None if orientations is None else orientations[i])
-                # RGBX -> RGB in Pillow (its unpack is faster than numpy's strided copy of 3 of 4 bytes)
-                buf[i] = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+                # packed to RGB by Pillow in one pass (0.035 ms at 224 px; convert("RGB") + asarray 0.08,
+                # numpy's strided copy of 3 of 4 bytes 0.3), then one copy into the slot
+                buf[i] = np.frombuffer(im.tobytes("raw", "RGB"), np.uint8).reshape(h, w, 3)
             except Exception as e:  # any decoder failure is a bad sample: replaced and counted upstream
                 failed[i] = f"{type(e).__name__}: {e}"
         return images, failed
