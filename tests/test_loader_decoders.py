@@ -168,3 +168,161 @@ def test_both_decoders_accept_and_reject_the_same_damaged_jpegs():
     _, dali_failed = DaliDecoder(len(datas), 1, device_id=None).decode_batch(datas, crops)
     assert sorted(pil_failed) == sorted(dali_failed)
     assert 3 <= len(pil_failed) < len(datas) and len(datas) - 1 in pil_failed
+
+
+# --- issue 22 point 4: DALI decodes only the crop's window, with buffers sized for the largest batch ----
+
+def _whole_image_pipeline(n):
+    """The pipeline the `dali` decoder had before: whole-image decode, relative ROI in the resize, flip."""
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+
+    pipe = Pipeline(batch_size=n, num_threads=1, device_id=None, prefetch_queue_depth=1)
+    with pipe:
+        enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
+        rs, re_ = (fn.external_source(name=k, dtype=types.FLOAT, ndim=1) for k in ("rs", "re"))
+        size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)
+        mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
+        img = fn.decoders.image(enc, device="cpu", output_type=types.RGB, adjust_orientation=True)
+        img = fn.resize(img, roi_start=rs, roi_end=re_, roi_relative=True, size=size, interp_type=types.INTERP_CUBIC,
+                        antialias=True)
+        pipe.set_outputs(fn.flip(img, horizontal=mirror))
+    pipe.build()
+    return pipe
+
+
+@pytest.mark.parametrize("out", [(224, 224), (98, 56), (700, 420)], ids=["fixed", "native", "enlarging"])
+def test_dali_window_decode_gives_the_pixels_of_the_whole_image_decode(out):
+    """Every EXIF orientation, boxes inside the image and touching its edges, flips; shrinking and enlarging."""
+    import numpy as np
+
+    from _loader_fixtures import encode_jpeg, make_image
+    from aimv2data.loader.decode_dali import DaliDecoder
+    from aimv2data.loader.geometry import Crop
+
+    rng = np.random.default_rng(3)
+    datas, crops, orients = [], [], []
+    for i in range(8):
+        w, h = int(rng.integers(300, 800)), int(rng.integers(300, 800))
+        orients.append(i + 1)
+        datas.append(encode_jpeg(make_image(w, h, rng, photo=True), orientation=i + 1))
+        bw, bh = rng.uniform(0.3, 1.0) * w, rng.uniform(0.3, 1.0) * h
+        x0 = 0.0 if i % 3 == 0 else rng.uniform(0, w - bw)            # some boxes on the image's edges
+        y0 = h - bh if i % 4 == 1 else rng.uniform(0, h - bh)
+        crops.append(Crop((x0, y0, x0 + bw, y0 + bh), (w, h), out, flip=bool(i % 2)))
+    got, failed = DaliDecoder(8, 1, device_id=None).decode_batch(datas, crops, orients)
+    assert failed == {} and got.shape == (8, 3, out[1], out[0]) and got.dtype == torch.uint8
+    ref = _whole_image_pipeline(8)
+    ref.feed_input("enc", [np.frombuffer(d, np.uint8) for d in datas])
+    rel = [c.relative() for c in crops]
+    ref.feed_input("rs", [np.array([r[1], r[0]], np.float32) for r in rel])
+    ref.feed_input("re", [np.array([r[3], r[2]], np.float32) for r in rel])
+    ref.feed_input("size", [np.array([out[1], out[0]], np.float32)] * 8)
+    ref.feed_input("mirror", [np.array(int(c.flip), np.int32) for c in crops])
+    (whole,) = ref.run()
+    whole = torch.from_numpy(np.array(whole.as_tensor())).permute(0, 3, 1, 2)
+    diff = (got.int() - whole.int()).abs()
+    assert diff.max() <= 1 and diff.float().mean() < 0.01, (diff.max(), diff.float().mean())
+    # and reading the manifest's orientation or the file's EXIF gives the same window
+    again, _ = DaliDecoder(8, 1, device_id=None).decode_batch(datas, crops)
+    assert torch.equal(again, got)
+
+
+def test_dali_window_holds_the_box_and_the_filter_reach_and_no_more():
+    from aimv2data.loader.decode_dali import PAD, slice_window
+    from aimv2data.loader.geometry import Crop
+
+    crop = Crop((100.5, 50.0, 420.5, 290.0), (1000, 800), (224, 224))          # 1.43 / 1.07 px per output px
+    (x0, y0), (x1, y1), roi_start, roi_end = slice_window(crop, (1000, 800))
+    reach_x, reach_y = 2 * 320 / 224 + PAD, 2 * 240 / 224 + PAD
+    assert x0 <= 100.5 - reach_x < x0 + 1 and x1 - 1 < 420.5 + reach_x <= x1
+    assert y0 <= 50 - reach_y < y0 + 1 and y1 - 1 < 290 + reach_y <= y1
+    assert (x1 - x0) * (y1 - y0) < 0.15 * 1000 * 800                           # a sixth of the image decoded
+    assert roi_start == (50 - y0, 100.5 - x0) and roi_end == (290 - y0, 420.5 - x0)
+    whole = Crop((0.0, 0.0, 1000.0, 800.0), (1000, 800), (56, 42))
+    assert slice_window(whole, (1000, 800))[:2] == ((0, 0), (1000, 800))     # clamped to the image
+
+
+def test_dali_buffers_are_sized_for_the_largest_batch(photos):
+    loader = Loader(photos, decoder="dali", native_res=True, batch_patches=4096, seed=0, mix="rows")
+    next(iter(loader))
+    dec = loader.maker.decoder
+    assert dec.max_batch == 4096 // 128                                         # C / 128 images at the smallest area
+    dec_hints, out_hints = dec.hints()
+    assert out_hints["bytes_per_sample_hint"] * dec.max_batch >= 4096 * 14 * 14 * 3   # the step's uint8 pixels
+    assert dec_hints == {}                                                      # CPU: nvJPEG's hints do not apply
+    widths, heights = loader.table.width, loader.table.height
+    assert dec.max_source == (int(widths.max()), int(heights.max()))
+    dec.device = "mixed"                                                        # what a GPU pipeline would be given
+    dec_hints, _ = dec.hints()
+    assert (dec_hints["preallocate_width_hint"], dec_hints["preallocate_height_hint"]) == dec.max_source
+    assert dec_hints["device_memory_padding"] >= 3 * int(widths.max()) * int(heights.max())
+
+
+def test_dali_gpu_copy_runs_on_its_own_stream_and_ends_before_the_next_run(monkeypatch):
+    """The mixed pipeline's hand-over, with a stand-in for torch.cuda (no GPU here): each output is copied on
+    the decoder's own stream, that copy's event is waited for before the images are returned (so the next
+    run(), which may reuse DALI's output buffer, never overlaps a copy in flight, and the trainer's stream
+    never waits on DALI), and the copy is recorded on the consumer's stream for the caching allocator."""
+    import contextlib
+
+    import numpy as np
+
+    from _loader_fixtures import encode_jpeg, make_image
+    from aimv2data.loader.decode_dali import DaliDecoder, DeviceCopy
+    from aimv2data.loader.geometry import cover
+
+    log = []
+
+    class Event:
+        def __init__(self, n):
+            self.n = n
+
+        def synchronize(self):
+            log.append(("wait", self.n))
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def record_event(self):
+            n = sum(1 for e in log if e[0] == "copy")
+            log.append(("event", self.name, n))
+            return Event(n)
+
+    class Cuda:
+        Stream = staticmethod(lambda device: Stream("decoder"))
+        default_stream = staticmethod(lambda device: Stream("consumer"))
+
+        @staticmethod
+        @contextlib.contextmanager
+        def stream(s):
+            log.append(("enter", s.name))
+            yield
+            log.append(("exit", s.name))
+
+    def feed(t, res, cuda_stream):
+        log.append(("copy", cuda_stream.name))
+        res.copy_(torch.from_numpy(np.array(t)))
+
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: log.append(("record", s.name)), raising=False)
+    rng = np.random.default_rng(0)
+    datas = [encode_jpeg(make_image(90, 60, rng)) for _ in range(3)]
+    crops = [cover(90, 60, 42, 28)] * 3
+    dec = DaliDecoder(max_batch=4, device_id=None)
+    want, _ = dec.decode_batch(datas, crops)
+    dec._copy = DeviceCopy(torch.device("cpu"), cuda=Cuda, feed=feed)
+    run = dec.pipe.run
+
+    def checked_run():
+        copies = [e for e in log if e[0] == "copy"]
+        assert sum(1 for e in log if e[0] == "wait") == len(copies), log      # no copy still in flight
+        return run()
+
+    dec.pipe.run = checked_run
+    for _ in range(3):
+        got, failed = dec.decode_batch(datas, crops)
+        assert failed == {} and torch.equal(got, want)
+    assert log[:6] == [("enter", "decoder"), ("copy", "decoder"), ("event", "decoder", 1), ("exit", "decoder"),
+                       ("wait", 1), ("record", "consumer")]
+    assert len(log) == 18

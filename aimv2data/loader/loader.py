@@ -129,8 +129,12 @@ class StepMaker:
             elif self.cfg.decoder == "dali":
                 from .decode_dali import DaliDecoder
 
+                tables = [t for t in self.tables.values() if t.n]    # buffers sized for the largest batch
+                biggest = (max(int(t.width.max()) for t in tables), max(int(t.height.max()) for t in tables)) \
+                    if tables else None
                 self._decoder = DaliDecoder(self.sampler.max_batch, num_threads=max(1, self.cfg.workers),
-                                            device_id=self.cfg.dali_device)
+                                            device_id=self.cfg.dali_device, max_output_pixels=self.sampler.c * self.p ** 2,
+                                            max_source=biggest)
             else:
                 raise ValueError(f"unknown decoder {self.cfg.decoder!r}: use pil or dali")
         return self._decoder
