@@ -1,5 +1,6 @@
 """CPU decoding per CPU-second: open_clip-style baseline vs the `pil` loader's decoder vs the entropy floor
-(issue 15, point 5). In-memory JPEG bytes, so only decoding, cropping, resizing and normalising count.
+(issue 15, point 5). In-memory JPEG bytes, so only decoding, cropping, resizing and (the baseline's)
+normalising count: the loader's batches are uint8 since issue 22, normalised by the model on the device.
 
     OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/bench_decode.py [--rounds 5]
 
@@ -13,7 +14,7 @@ resolution (cover + centre crop to the p=14 grid of ~256 patches with the image'
 
 Pipelines, one thread, images per CPU-second (process time: other jobs share this machine):
   baseline   open_clip / torchvision style: full decode, crop, bicubic resize, flip, ToTensor, Normalize
-  pil-draft  the `pil` decoder before issue 15 (Pillow `draft`), whole batch incl. normalisation
+  pil-draft  the `pil` decoder before issue 15 (Pillow `draft`), whole uint8 batch
   pil-whole  the `pil` decoder without the crop-window binding (`_jpegcrop` hidden): simplejpeg decodes the
              whole image at the chosen scale
   pil        the `pil` decoder now: the crop window at the chosen scale (`_jpegcrop`) + Pillow-SIMD resize
@@ -155,7 +156,7 @@ def window(datas, cs, batch):
 
 
 def window_resized(datas, cs, batch):
-    """`pil`'s decode + resize (+ flip), without validation, batch buffer and normalisation."""
+    """`pil`'s decode + resize (+ flip), without validation and the batch buffer."""
     from aimv2data.loader import decode_turbo
     from aimv2data.loader.decode_pil import _finish
 
@@ -280,7 +281,7 @@ def report(a, load0, rows, split) -> None:
     print("What bounds `pil`: ms per image, from the medians above (differences of pipelines that share their steps)")
     print()
     print("| corpus | mode | baseline | `pil` | entropy floor | + window's IDCT, upsampling, colour | + resize, flip "
-          "| + validation, batch, normalisation | baseline / (floor + resize + last column) |")
+          "| + validation, uint8 batch | baseline / (floor + resize + last column) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, mode, _, _, m, _ in rows:
         ms = {k: 1e3 / v for k, v in m.items() if "/" not in k}

@@ -6,8 +6,10 @@
 1. Fixed-res 224 throughput: the `pil` loader (Pillow-SIMD, JPEG draft decoding, reads by manifest
    offset) vs an open_clip-style baseline over the SAME tars: a webdataset 0.2 pipeline
    (tarfile_to_samples -> decode("pilrgb") -> RandomResizedCrop done with PIL the way torchvision does
-   it: full decode, crop, bicubic resize, hflip -> ToTensor -> Normalize -> batched). Also the loader
-   without draft decoding (where the speed comes from) and the `dali` decoder on the CPU.
+   it: full decode, crop, bicubic resize, hflip -> ToTensor -> Normalize -> batched). The loader hands
+   over uint8 batches (issue 22: the model normalises on the device), the baseline float32 ones, as
+   open_clip's does. Also the loader without draft decoding (where the speed comes from) and the `dali`
+   decoder on the CPU.
 2. Native resolution: `pil` vs `dali` images/s and patches/s on the photo corpus.
 3. Budget: mean budget use sum(B*h*w) / (steps*C) and padding over many native-resolution steps on a
    corpus of a few thousand small images of varied aspect.
