@@ -82,6 +82,9 @@ class TrainConfig:
     save_every: int = flag(1000, "Checkpoint every K steps (always also at the end and at --stop-at; 0: only "
                            "those).")
     keep: int = flag(2, "Checkpoints kept (0: all).")
+    grad_accum: int = flag(1, "Split each rank's batch into N micro-batches, forward and backward one at a time, one "
+                           "optimiser step: the same images and update as the whole batch, with about 1/N of its "
+                           "activation memory (N larger than a batch's images: one image each).")
     grad_checkpointing: bool = flag(False, "Recompute block activations in backward (less memory).")
     progress: bool = flag(True, "No progress bar (the summary is still printed).", name="--no-progress")
     peak_flops: float | None = flag(None, "FLOP/s of one device for MFU (default: the GPU's datasheet bf16 peak, else "

@@ -66,8 +66,9 @@ class LossModule(nn.Module):
         super().__init__()
         self.model, self.pad_id = model, pad_id
 
-    def forward(self, images, patches, tokens, prefix_len):
-        loss, parts = self.model.training_loss(images, patches, tokens, self.pad_id, prefix_len=prefix_len)
+    def forward(self, images, patches, tokens, prefix_len, term_weights=None):
+        loss, parts = self.model.training_loss(images, patches, tokens, self.pad_id, prefix_len=prefix_len,
+                                               term_weights=term_weights)
         return {TOTAL_LOSS: loss, **{k: parts[k] for k in LOSS_TERMS}}
 
 
@@ -109,7 +110,7 @@ def _check_values(cfg: TrainConfig) -> None:
                          "drop one of them")
     for flag, value, low in (("--steps", cfg.steps, 1), ("--batch-size", cfg.batch_size, 1),
                              ("--batch-patches", cfg.batch_patches, 1), ("--workers", cfg.workers, 0),
-                             ("--keep", cfg.keep, 0)):
+                             ("--keep", cfg.keep, 0), ("--grad-accum", cfg.grad_accum, 1)):
         if value < low:
             raise TrainError(f"{flag} must be >= {low}, got {value}")
     if not 0 <= cfg.warn_replaced <= 1:
@@ -222,11 +223,12 @@ def autocast_context(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def _grad_norm(params: list[torch.Tensor], clip: float) -> float:
+def _grad_norm(params: list[torch.Tensor], clip: float) -> torch.Tensor:
+    """Clip in place; the total norm before clipping, a 0-d tensor on the device (not read here)."""
     norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
         norm = norm.full_tensor()
-    return float(norm)
+    return norm
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -326,6 +328,7 @@ class Run:
     validator: Validator | None = None   # held-out losses (--val-manifest), validate.py
     replaced: int = 0            # samples replaced (unreadable) since this process started, all ranks
     params: list[torch.Tensor] | None = None   # trainable parameters (after wrapping), clipped each step; None: model's
+    pad_id: int = 0              # the tokenizer's padding id (caption tokens not counted by the text loss)
 
     @property
     def out(self) -> Path:
@@ -399,7 +402,7 @@ def build_run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Run:
               WarmupCosine(hp.peak_lr, hp.min_lr, hp.warmup, hp.steps), generator, loader, sharded, start, peak,
               step=start, saved=(resume_from[0], start) if resume_from else (None, None),
               validator=_validator(cfg, tok, info, device, precision, resolution),
-              params=[p for p in model.parameters() if p.requires_grad])
+              params=[p for p in model.parameters() if p.requires_grad], pad_id=tok.pad_id)
     run.header = {**_header(run, init_note), "peak_source": peak_source}
     return run
 
@@ -460,40 +463,76 @@ class StepFailed(Exception):
 
 
 def train_step(run: Run, batch, stop: StopRequest) -> dict:
-    """One optimiser step (run.step -> run.step + 1) on a batch already on the device. Returns the named
-    loss terms (`loss` and the model's LOSS_TERMS, each the mean over ranks), `lr`, `grad_norm`,
-    `replaced` (the batch's replaced samples summed over ranks) and `stop` (some rank was asked to stop,
-    read after the forward: a signal during this step stops after it). Raises StepFailed, with nothing
-    applied, on a non-finite loss or gradient norm."""
-    images, patches, tokens = batch.images, batch.patches, batch.tokens
+    """One optimiser step (run.step -> run.step + 1) on a batch already on the device, as `--grad-accum`
+    micro-batches. Returns the named loss terms (`loss` and the model's LOSS_TERMS, each the whole batch's,
+    mean over ranks), `lr`, `grad_norm`, `replaced` (the batch's replaced samples summed over ranks) and `stop`
+    (some rank was asked to stop, read after the forward: a signal during this step stops after it). Raises
+    StepFailed, with nothing applied, on a non-finite loss or gradient norm.
+
+    The host waits for the device once: one small tensor of everything logged, read after backward and
+    clipping, before the optimiser step (which runs only on finite values); nothing else syncs."""
     h, w = batch.grid
-    prefix = sample_prefix_lengths(images.shape[0], h * w, run.generator)
+    prefix = sample_prefix_lengths(batch.images.shape[0], h * w, run.generator)  # the whole batch's, then split
+    prefix = prefix.to(batch.images.device, non_blocking=True)  # a blocking copy would wait for the device
     lr = run.schedule.apply(run.optimizer, run.step)
-    with autocast_context(run.device, run.precision):
-        terms = run.step_fn(images, patches, tokens, prefix)
+    logged = _accumulate(run, batch, prefix)
+    params = run.params if run.params is not None else [p for p in run.model.parameters() if p.requires_grad]
+    norm = _grad_norm(params, run.hp.clip)
     # the loss terms, the replaced-sample count and "a rank was asked to stop" travel in one all-reduce, so all
     # ranks decide alike; the count is a mean there, summed back exactly (small integers in float32)
-    dev = terms[TOTAL_LOSS].device
+    dev = norm.device
     n_replaced = torch.tensor(float(len(getattr(batch, "replaced", ()))), device=dev)
     flag = torch.tensor(float(stop.requested), device=dev)
-    reduced = all_reduce_mean(torch.stack([t.detach() for t in terms.values()] + [n_replaced, flag]).float(),
-                              run.info).tolist()
-    logged = dict(zip(terms, reduced))
-    if not all(math.isfinite(v) for v in logged.values()):
+    reduced = all_reduce_mean(torch.stack([*logged.values(), n_replaced, flag]).float(), run.info)
+    values = torch.cat([reduced, norm.detach().reshape(1).float()]).tolist()  # the step's one host sync
+    losses, grad_norm = dict(zip(logged, values)), values[-1]
+    if not all(math.isfinite(v) for v in losses.values()):
+        run.optimizer.zero_grad(set_to_none=True)
         raise StepFailed(f"step {run.step + 1}: the loss is not finite ("
-                         + ", ".join(f"{k}={v}" for k, v in logged.items()) + ")")
-    terms[TOTAL_LOSS].backward()
-    params = run.params if run.params is not None else [p for p in run.model.parameters() if p.requires_grad]
-    grad_norm = _grad_norm(params, run.hp.clip)
+                         + ", ".join(f"{k}={v}" for k, v in losses.items()) + ")")
     if not math.isfinite(grad_norm):
-        raise StepFailed(f"step {run.step + 1}: the gradient norm is {grad_norm} (loss {logged[TOTAL_LOSS]:.4f})")
+        run.optimizer.zero_grad(set_to_none=True)
+        raise StepFailed(f"step {run.step + 1}: the gradient norm is {grad_norm} (loss {losses[TOTAL_LOSS]:.4f})")
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    if run.device.type == "cuda":
-        torch.cuda.synchronize(run.device)
-    return {"losses": logged, "lr": lr, "grad_norm": grad_norm,
-            "replaced": int(round(reduced[-2] * run.info.world_size)), "stop": reduced[-1] > 0}
+    return {"losses": losses, "lr": lr, "grad_norm": grad_norm,
+            "replaced": int(round(values[-3] * run.info.world_size)), "stop": values[-2] > 0}
+
+
+def _accumulate(run: Run, batch, prefix: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Forward and backward over the batch in `--grad-accum` micro-batches; gradients add up to the whole
+    batch's (each micro-batch's terms weighted by its share of the batch's targets, model.target_counts: native
+    resolution's captions differ in length). Returns the whole batch's loss terms, detached, on the device."""
+    images, patches, tokens = batch.images, batch.patches, batch.tokens
+    parts = min(run.cfg.grad_accum, images.shape[0])
+    if parts == 1:
+        with autocast_context(run.device, run.precision):
+            terms = run.step_fn(images, patches, tokens, prefix)
+        terms[TOTAL_LOSS].backward()
+        return {k: t.detach() for k, t in terms.items()}
+    split = [torch.tensor_split(x, parts) if x is not None else [None] * parts for x in (images, patches, tokens)]
+    chunks = list(zip(*split, torch.tensor_split(prefix, parts)))
+    n_patches = images.shape[2] * images.shape[3] // run.mcfg.encoder.patch_size ** 2
+    counts = [run.model.target_counts(tok, pre, n_patches, run.pad_id) for _, _, tok, pre in chunks]
+    totals = {k: sum(c[k] for c in counts) for k in LOSS_TERMS}
+    logged = None
+    for i, ((img, pat, tok, pre), count) in enumerate(zip(chunks, counts)):
+        weights = {k: count[k].float() / totals[k].clamp(min=1) for k in LOSS_TERMS}
+        with _grad_sync(run, i == parts - 1), autocast_context(run.device, run.precision):
+            terms = run.step_fn(img, pat, tok, pre, weights)
+            terms[TOTAL_LOSS].backward()
+        part = {TOTAL_LOSS: terms[TOTAL_LOSS].detach(), **{k: weights[k] * terms[k] for k in LOSS_TERMS}}
+        logged = part if logged is None else {k: logged[k] + part[k] for k in part}
+    return logged
+
+
+def _grad_sync(run: Run, last: bool):
+    """DDP reduces gradients on the last micro-batch only (`no_sync` before it). FSDP2 reduce-scatters every
+    micro-batch: it then keeps sharded gradients only, which is what it is for."""
+    if last or not isinstance(run.loss_module, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return run.loss_module.no_sync()
 
 
 def train_loop(run: Run, log: MetricsLog, bar, line: PeriodicLine, stop: StopRequest) -> str:
