@@ -79,3 +79,43 @@ def test_ddp_reduces_gradients_on_the_last_micro_batch_only(tmp_path):
             assert ddp.require_backward_grad_sync
     finally:
         dist.destroy_process_group()
+
+
+READS = ("item", "tolist", "__float__", "__int__", "__bool__", "numpy")
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_a_step_reads_the_device_once_after_backward(data, tmp_path, monkeypatch, accum):
+    """At most one host sync per step (issue 22 point 5): every way a tensor's value reaches Python is
+    counted during train_step; the one read is the logged vector, taken after backward. The optimiser's
+    step counters are CPU tensors by design (as torch's own AdamW keeps them): not device reads."""
+    from aimv2train.train import trainer
+
+    cfg = _train_fixtures.tiny_config(*data, tmp_path, steps=10, seed=5, grad_accum=accum)
+    run = build_run(cfg, DistInfo(), torch.device("cpu"))
+    batches = iter(run.loader)
+    stop = StopRequest()
+    train_step(run, next(batches), stop)  # the optimiser's state exists from here on
+    counters = {id(s["step"]) for s in run.optimizer.state.values()}
+    reads, backward_done = [], []
+    real_backward = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: (backward_done.append(1),
+                                                                          real_backward(self, *a, **k))[1])
+    for name in READS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            if id(self) not in counters:
+                reads.append((_name, tuple(self.shape), len(backward_done)))
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: pytest.fail("device-wide synchronize"))
+    try:
+        for _ in range(2):
+            reads.clear(), backward_done.clear()
+            result = train_step(run, next(batches), stop)
+            assert [(n, b) for n, _, b in reads] == [("tolist", accum)], reads
+    finally:
+        stop.restore()
+    assert result["grad_norm"] > 0 and run.step == 3
+    assert "synchronize" not in __import__("inspect").getsource(trainer.train_loop)
