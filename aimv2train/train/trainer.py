@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -31,15 +32,18 @@ from aimv2data.atomic import is_disk_full, read_jsonl, write_json_atomic
 from . import checkpoint as ck
 from .config import TrainConfig
 from ..model.config import ModelConfig, model_config, preset_name
-from .distributed import DistInfo, all_reduce_mean, cpu_threads, init_distributed, pick_device, shutdown, wrap_model
+from .distributed import (DistInfo, all_reduce_mean, cpu_threads, init_distributed, launch_info, pick_device, shutdown,
+                          wrap_model)
 from ..model.flops import step_flops
 from ..model.config import ATTENTION_KINDS
+from aimv2data.paper import TEXT_LEN
 from ..model.masks import sample_prefix_lengths
 from .health import caption_coverage, replaced_summary
 from .logline import PeriodicLine
 from .metrics import MetricsLog, reference_peak, summarize
 from ..model.aimv2 import LOSS_TERMS, TOTAL_LOSS, AIMv2, count_params
 from .optim import build_optimizer
+from .plan import Plan, model_for_plan, plan_run
 from .preempt import StopRequest, notice
 from .presets import STAGES, HParams, resolve
 from .schedule import WarmupCosine
@@ -50,6 +54,14 @@ from .validate import Validator
 
 class TrainError(RuntimeError):
     """A run that cannot start or continue; the message says what and what to do."""
+
+
+class WontFit(TrainError):
+    """The run's estimated memory at its worst step exceeds its device's; `plan` is the table to show."""
+
+    def __init__(self, plan):
+        super().__init__(plan.verdict())
+        self.plan = plan
 
 
 class NonFiniteLoss(TrainError):
@@ -81,7 +93,7 @@ def _check(cfg: TrainConfig) -> None:
         raise TrainError("--stage native trains at native resolution: add --native-res --batch-patches C")
     if stage == "highres" and cfg.native_res:
         raise TrainError("--stage highres is a fixed-resolution stage (--resolution 336|448); drop --native-res")
-    if st.needs_init and not cfg.init:
+    if st.needs_init and not cfg.init and not cfg.dry_run:
         raise TrainError(f"--stage {stage} fine-tunes a pre-trained model: pass --init CHECKPOINT "
                          f"(a run directory, a checkpoint .pt, a transformers folder or ml-aim weights)")
     if cfg.stop_at is not None and not 0 < cfg.stop_at <= cfg.steps:
@@ -241,10 +253,18 @@ def train(cfg: TrainConfig) -> dict:
     _check(cfg)
     threads_before = torch.get_num_threads()
     cpu_threads(cfg.threads)  # this run's share of the cores; the caller's setting comes back after
-    device = pick_device(cfg.device)
+    device = plan_device(cfg.device) if cfg.dry_run else pick_device(cfg.device)
     if cfg.attention == "flex" and device.type != "cuda":
         raise TrainError(f"--attention flex needs a CUDA device (FlexAttention has no backward on "
                          f"{device.type}): use --attention sdpa, the default there")
+    if cfg.dry_run:  # WORLD_SIZE alone (no torchrun) plans for that many ranks
+        torch.set_num_threads(threads_before)
+        return {"status": "dry_run", "rank": launch_info().rank,
+                "plan": make_plan(cfg, device, int(os.environ.get("WORLD_SIZE", "1")))}
+    plan = make_plan(cfg, device, launch_info().world_size)
+    if not plan.fits:
+        torch.set_num_threads(threads_before)
+        raise WontFit(plan)
     info = init_distributed(device)
     try:
         return _train(cfg, info, device)
@@ -255,6 +275,38 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         shutdown()
         torch.set_num_threads(threads_before)
+
+
+def make_plan(cfg: TrainConfig, device: torch.device, world_size: int) -> Plan:
+    """The run's plan (plan.py): its memory per device at the worst step, global batch, steps, tokens."""
+    tok = Tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    resolution = run_resolution(cfg)
+    mcfg = model_for_plan(cfg, tok.vocab_size if tok else None, resolution)
+    return plan_run(cfg, mcfg, device, world_size, run_precision(cfg, device), resolution,
+                    text_len=tok.max_len if tok else TEXT_LEN)
+
+
+def plan_device(requested: str | None) -> torch.device:
+    """--dry-run's device: --device's, also `cuda` on a machine without one (planned as an assumed GPU,
+    plan.ASSUMED_GPU), else pick_device's."""
+    if requested and requested.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            return torch.device(requested)
+        except RuntimeError:
+            raise TrainError(f"--device {requested!r} is not a device: use cpu, cuda or cuda:N") from None
+    try:
+        return pick_device(requested)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
+def run_precision(cfg: TrainConfig, device: torch.device) -> str:
+    return cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
+
+
+def run_resolution(cfg: TrainConfig) -> int | None:
+    """Fixed resolution in pixels (the stage's default unless --resolution); None at native resolution."""
+    return None if cfg.native_res else (cfg.resolution or STAGES[cfg.resolved_stage()].resolution)
 
 
 def _disk_full_message(out: str, e: BaseException) -> str:
@@ -359,8 +411,8 @@ def build_run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Run:
     """Settings, the resume decision, the model (initialised, wrapped, compiled), optimiser, schedule and
     loader, restored from the newest checkpoint when resuming."""
     stage = cfg.resolved_stage()
-    precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
-    resolution = None if cfg.native_res else (cfg.resolution or STAGES[stage].resolution)
+    precision = run_precision(cfg, device)
+    resolution = run_resolution(cfg)
     hp: HParams = resolve(cfg.model, stage, cfg.steps, lr=cfg.lr, min_lr=cfg.min_lr,
                           weight_decay=cfg.weight_decay, warmup=cfg.warmup, clip=cfg.clip)
     tok = Tokenizer(cfg.tokenizer)
