@@ -10,7 +10,7 @@ GPU's total, or on the CPU the machine's (MemTotal, or the cgroup's limit when l
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +26,10 @@ from .config import TrainConfig
 # beyond the tensors: the CUDA context, kernels and workspaces (about 0.5-1 GB), the caching allocator's
 # fragmentation (10 % of the step's bytes); on the CPU the Python process with torch loaded (~0.5 GB)
 CUDA_RUNTIME, CPU_RUNTIME, FRAGMENTATION = 1 << 30, 1 << 29, 0.10
+# torch.compile keeps fewer activations (Inductor recomputes cheap pointwise ops in backward): the GPU check
+# (benchmarks/RESULTS.md, issue 15) ran the compiled L step at 224 px, batch 128, in 54 GiB, where this
+# formula says ~64 GiB of activations eager; 0.7 of them, until the GPU check measures more
+COMPILED_ACTIVATIONS = 0.7
 # `--dry-run --device cuda` on a machine without one plans for an 80 GB GPU (an H100 80GB; torch reports
 # 79.6 GiB of it)
 ASSUMED_GPU = 80 * 10**9
@@ -98,9 +102,10 @@ def plan_run(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device, world_si
 
     def at(shape) -> StepMemory:
         n, b = shape
-        return step_memory(mcfg, params, n, b, text_len, act=act, micro_batches=cfg.grad_accum,
-                           checkpointing=cfg.grad_checkpointing, dense_attention=dense, parallel=parallel,
-                           world_size=world_size, gather_bytes=act)
+        mem = step_memory(mcfg, params, n, b, text_len, act=act, micro_batches=cfg.grad_accum,
+                          checkpointing=cfg.grad_checkpointing, dense_attention=dense, parallel=parallel,
+                          world_size=world_size, gather_bytes=act)
+        return replace(mem, activations=int(COMPILED_ACTIVATIONS * mem.activations)) if cfg.compile else mem
 
     (n, b), mem = max(((s, at(s)) for s in shapes), key=lambda sm: sm[1].total)
     runtime = CUDA_RUNTIME if device.type == "cuda" else CPU_RUNTIME
@@ -135,7 +140,8 @@ def plan_run(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device, world_si
         ("  " + ("DDP gradient buckets" if parallel == "ddp" else "FSDP gathered blocks" if parallel == "fsdp"
                  else "data parallelism"), gib(mem.parallel)),
         ("  batch on the device", gib(mem.batch)),
-        ("  activations", gib(mem.activations) + f" (one micro-batch of {micro})"),
+        ("  activations", gib(mem.activations) + f" (one micro-batch of {micro}"
+         + (f"; compiled: x {COMPILED_ACTIVATIONS} of eager's" if cfg.compile else "") + ")"),
         ("  backward's transients", gib(mem.transient)),
         ("  runtime" + (" + fragmentation" if slack else ""), gib(runtime + slack)),
         ("device", f"{plan.device}: {gib(plan.device_memory)}"),
