@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from aimv2data.atomic import is_disk_full, read_jsonl, write_json_atomic
+from aimv2data.paper import TEXT_LEN
 
 from . import checkpoint as ck
 from .config import TrainConfig
@@ -36,7 +37,6 @@ from .distributed import (DistInfo, all_reduce_mean, cpu_threads, init_distribut
                           wrap_model)
 from ..model.flops import step_flops
 from ..model.config import ATTENTION_KINDS
-from aimv2data.paper import TEXT_LEN
 from ..model.masks import sample_prefix_lengths
 from .health import caption_coverage, replaced_summary
 from .logline import PeriodicLine
@@ -253,27 +253,27 @@ def train(cfg: TrainConfig) -> dict:
     _check(cfg)
     threads_before = torch.get_num_threads()
     cpu_threads(cfg.threads)  # this run's share of the cores; the caller's setting comes back after
-    device = plan_device(cfg.device) if cfg.dry_run else pick_device(cfg.device)
-    if cfg.attention == "flex" and device.type != "cuda":
-        raise TrainError(f"--attention flex needs a CUDA device (FlexAttention has no backward on "
-                         f"{device.type}): use --attention sdpa, the default there")
-    if cfg.dry_run:  # WORLD_SIZE alone (no torchrun) plans for that many ranks
-        torch.set_num_threads(threads_before)
-        return {"status": "dry_run", "rank": launch_info().rank,
-                "plan": make_plan(cfg, device, int(os.environ.get("WORLD_SIZE", "1")))}
-    plan = make_plan(cfg, device, launch_info().world_size)
-    if not plan.fits:
-        torch.set_num_threads(threads_before)
-        raise WontFit(plan)
-    info = init_distributed(device)
     try:
-        return _train(cfg, info, device)
-    except (OSError, RuntimeError) as e:
-        if not is_disk_full(e):
-            raise
-        raise TrainError(_disk_full_message(cfg.out, e)) from None
+        device = plan_device(cfg.device) if cfg.dry_run else pick_device(cfg.device)
+        if cfg.attention == "flex" and device.type != "cuda":
+            raise TrainError(f"--attention flex needs a CUDA device (FlexAttention has no backward on "
+                             f"{device.type}): use --attention sdpa, the default there")
+        if cfg.dry_run:  # WORLD_SIZE alone (no torchrun) plans for that many ranks
+            return {"status": "dry_run", "rank": launch_info().rank,
+                    "plan": make_plan(cfg, device, int(os.environ.get("WORLD_SIZE", "1")))}
+        plan = make_plan(cfg, device, launch_info().world_size)
+        if not plan.fits:  # before anything is built: not minutes later in the allocator
+            raise WontFit(plan)
+        info = init_distributed(device)
+        try:
+            return _train(cfg, info, device)
+        except (OSError, RuntimeError) as e:
+            if not is_disk_full(e):
+                raise
+            raise TrainError(_disk_full_message(cfg.out, e)) from None
+        finally:
+            shutdown()
     finally:
-        shutdown()
         torch.set_num_threads(threads_before)
 
 
@@ -518,7 +518,7 @@ def train_step(run: Run, batch, stop: StopRequest) -> dict:
     """One optimiser step (run.step -> run.step + 1) on a batch already on the device, as `--grad-accum`
     micro-batches. Returns the named loss terms (`loss` and the model's LOSS_TERMS, each the whole batch's,
     mean over ranks), `lr`, `grad_norm`, `replaced` (the batch's replaced samples summed over ranks) and `stop`
-    (some rank was asked to stop, read after the forward: a signal during this step stops after it). Raises
+    (some rank was asked to stop, read after backward: a signal during this step stops after it). Raises
     StepFailed, with nothing applied, on a non-finite loss or gradient norm.
 
     The host waits for the device once: one small tensor of everything logged, read after backward and
@@ -532,10 +532,9 @@ def train_step(run: Run, batch, stop: StopRequest) -> dict:
     norm = _grad_norm(params, run.hp.clip)
     # the loss terms, the replaced-sample count and "a rank was asked to stop" travel in one all-reduce, so all
     # ranks decide alike; the count is a mean there, summed back exactly (small integers in float32)
-    dev = norm.device
-    n_replaced = torch.tensor(float(len(getattr(batch, "replaced", ()))), device=dev)
-    flag = torch.tensor(float(stop.requested), device=dev)
-    reduced = all_reduce_mean(torch.stack([*logged.values(), n_replaced, flag]).float(), run.info)
+    host = torch.tensor([float(len(getattr(batch, "replaced", ()))), float(stop.requested)])
+    host = host.to(norm.device, non_blocking=True)  # torch.tensor(x, device=cuda) would wait for the device
+    reduced = all_reduce_mean(torch.cat([torch.stack(list(logged.values())).float(), host]), run.info)
     values = torch.cat([reduced, norm.detach().reshape(1).float()]).tolist()  # the step's one host sync
     losses, grad_norm = dict(zip(logged, values)), values[-1]
     if not all(math.isfinite(v) for v in losses.values()):
