@@ -62,7 +62,7 @@ def train(**settings):
     One process:  aimv2 train -m MANIFEST -t tok.model --model tiny --steps 300 --resolution 112 --batch-size 16 -o RUN
     Several:      torchrun --nproc_per_node 8 -m cli.main train ... [--parallel fsdp]
     From a file:  aimv2 train --config configs/L/pretrain.toml -m MANIFEST -t tok.model -o RUN
-    Plan only:    WORLD_SIZE=32 aimv2 train --config configs/L/native.toml --dry-run
+    Plan only:    WORLD_SIZE=32 aimv2 train --config configs/L/native.toml --device cuda --dry-run
     Curves:       aimv2 plot RUN
     """
     from rich.console import Console
