@@ -13,7 +13,8 @@ _PATHS = {"dir": dict(file_okay=False), "existing": dict(exists=True),
 def config_options(cls):
     """Click options generated from a config dataclass's fields and their metadata (train/config.py):
     the flag is the field name with dashes, the default and type are the field's, required when it
-    has no default; `choices`, `path`, `short` and `name` (an inverted boolean) refine it."""
+    has no default (checked by the command, `check_required`: `--dry-run` needs none); `choices`, `path`,
+    `short` and `name` (an inverted boolean) refine it."""
     hints = typing.get_type_hints(cls)
 
     def decorate(f):
@@ -25,7 +26,8 @@ def config_options(cls):
             required = fl.default is dataclasses.MISSING
             names = [meta.get("name", "--" + fl.name.replace("_", "-")), *meta.get("aliases", ())]
             names += [meta["short"]] if "short" in meta else []
-            kw = dict(help=meta["help"], required=required, **({"metavar": meta["metavar"]} if "metavar" in meta else {}))
+            kw = dict(help=meta["help"] + (" [required, except with --dry-run]" if required else ""),
+                      **({"metavar": meta["metavar"]} if "metavar" in meta else {}))
             if kind is bool:
                 kw.update(is_flag=True, flag_value=not fl.default, default=fl.default)
             else:
@@ -40,6 +42,16 @@ def config_options(cls):
     return decorate
 
 
+def check_required(cls, settings: dict) -> None:
+    """Click's own error for a required option left out (the fields without a default)."""
+    ctx = click.get_current_context()
+    missing = {fl.name for fl in dataclasses.fields(cls) if fl.default is dataclasses.MISSING
+               and settings.get(fl.name) is None}
+    for param in ctx.command.params:
+        if param.name in missing:
+            raise click.MissingParameter(ctx=ctx, param=param)
+
+
 @click.command()
 @config_file_option(section="train")
 @config_options(TrainConfig)
@@ -50,24 +62,34 @@ def train(**settings):
     One process:  aimv2 train -m MANIFEST -t tok.model --model tiny --steps 300 --resolution 112 --batch-size 16 -o RUN
     Several:      torchrun --nproc_per_node 8 -m cli.main train ... [--parallel fsdp]
     From a file:  aimv2 train --config configs/L/pretrain.toml -m MANIFEST -t tok.model -o RUN
+    Plan only:    WORLD_SIZE=32 aimv2 train --config configs/L/native.toml --device cuda --dry-run
     Curves:       aimv2 plot RUN
     """
     from rich.console import Console
     from rich.table import Table
 
     from aimv2train.model.aimv2 import LOSS_TERMS
-    from aimv2train.train.trainer import NonFiniteLoss, TrainError
+    from aimv2train.train.trainer import NonFiniteLoss, TrainError, WontFit
     from aimv2train.train.trainer import train as run
 
+    if not settings["dry_run"]:
+        check_required(TrainConfig, settings)
     cfg = TrainConfig(**settings)
     try:
         s = run(cfg)
+    except WontFit as e:  # the plan, then the one line
+        _print_plan(e.plan, Console)
+        raise click.ClickException(str(e)) from None
     except NonFiniteLoss as e:
         click.secho(f"aimv2 train: {e}", fg="red", err=True)  # unwrapped: the path must stay copyable
         raise SystemExit(3) from None
     except (TrainError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     if s["rank"] != 0:  # under torchrun, one summary
+        return
+    if s["status"] == "dry_run":
+        _print_plan(s["plan"], Console)
+        click.echo(s["plan"].verdict())
         return
     t = Table(title=f"aimv2 train: {s['status']} at step {s['step']}/{s['steps']}", show_header=False)
     for key in ("model", "stage", "data", "world", "precision", "lr", "weight_decay", "init", "resumed_from"):
@@ -94,3 +116,12 @@ def train(**settings):
     Console().print(t)
     if s["status"] == "interrupted":  # 130 (SIGINT) / 143 (SIGTERM): resumable, not finished (docs/contracts.md)
         raise SystemExit(s["exit_code"])
+
+
+def _print_plan(plan, console) -> None:
+    from rich.table import Table
+
+    t = Table(title="aimv2 train: plan", show_header=False)
+    for key, value in plan.rows:
+        t.add_row(key, value)
+    console(width=120).print(t)

@@ -12,7 +12,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from aimv2data.paper import PATCH_SIZE  # noqa: E402
 from aimv2train.train.presets import PAPER, STAGES  # noqa: E402
+
+GPU_MIN_MICRO = 8192  # patches per micro-batch at the worst step: below it an H100's matmuls run short
 
 SIZES = ("L", "H", "1B", "3B")
 RANKS = 32  # Table A1's 8192 images per step = 32 ranks x 256
@@ -36,7 +39,35 @@ def fmt(v) -> str:
     return f'"{v}"'
 
 
+def memory_rows(rows: list[tuple[str, object, str]]) -> list[tuple[str, object, str]]:
+    """grad_accum / grad_checkpointing for an 80 GB GPU with RANKS ranks (DDP), by the --dry-run estimate
+    (aimv2train/train/plan.py): micro-batches first while they stay >= GPU_MIN_MICRO patches (same update,
+    no recompute), then activation checkpointing (a third more compute) with the fewest micro-batches."""
+    import torch
+
+    from aimv2train.train.config import TrainConfig
+    from aimv2train.train.trainer import make_plan
+
+    settings = {k: v for k, v, _ in rows}
+    worst = (settings["batch_patches"] if settings.get("native_res")
+             else settings["batch_size"] * (settings["resolution"] // PATCH_SIZE) ** 2)
+    for ckpt in (False, True):
+        for n in (1, 2, 4, 8, 16):
+            if not ckpt and n > 1 and worst // n < GPU_MIN_MICRO:
+                break
+            cfg = TrainConfig(manifest=None, tokenizer=None, out=None, **settings, grad_accum=n,
+                              grad_checkpointing=ckpt)
+            plan = make_plan(cfg, torch.device("cuda"), RANKS)
+            if plan.fits:
+                note = f"an 80 GB GPU, {RANKS} ranks: about {plan.peak / 2**30:.0f} GiB (`--dry-run`)"
+                return [("grad_accum", n, f"micro-batches per step, same update; {note}")] + \
+                    ([("grad_checkpointing", True, "activations recomputed in backward")] if ckpt else [])
+    raise SystemExit(f"{settings}: no grad_accum / grad_checkpointing fits an 80 GB GPU")
+
+
 def write(path: Path, header: str, rows: list[tuple[str, object, str]]) -> None:
+    if any(k == "model" and v != "tiny" for k, v, _ in rows):
+        rows = rows[:-2] + memory_rows(rows) + rows[-2:]  # before save_every / report_to
     lines = [header.rstrip("\n"), ""]
     for key, value, note in rows:
         lines.append(f"{key} = {fmt(value)}" + (f"  # {note}" if note else ""))

@@ -75,3 +75,18 @@ def test_ddp_and_fsdp_on_gloo(data, tmp_path):
     wf = torch.load(tmp_path / "fsdp/checkpoints/step_00000008.pt", weights_only=True)["model"]
     for k, v in ck["model"].items():
         torch.testing.assert_close(wf[k], v, rtol=1e-3, atol=1e-5)
+
+
+def test_grad_accum_under_ddp_and_fsdp_gives_the_same_run(data, tmp_path):
+    """--grad-accum across 2 ranks (DDP: all-reduce on the last micro-batch only; FSDP2: reduce-scatter each):
+    the same losses and gradient norms step after step as the whole batch at once."""
+    torchrun(data, tmp_path / "one", "--parallel", "ddp", "--steps", "4")
+    torchrun(data, tmp_path / "ddp3", "--parallel", "ddp", "--steps", "4", "--grad-accum", "3")
+    torchrun(data, tmp_path / "fsdp2", "--parallel", "fsdp", "--steps", "4", "--grad-accum", "2")
+    one = metrics(tmp_path / "one")
+    for run in ("ddp3", "fsdp2"):
+        other = metrics(tmp_path / run)
+        assert [m["step"] for m in other] == [1, 2, 3, 4]
+        for a, b in zip(one, other):
+            for k in ("loss", "loss_img", "loss_text", "grad_norm"):
+                assert b[k] == pytest.approx(a[k], rel=1e-4), (run, a["step"], k)

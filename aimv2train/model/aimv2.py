@@ -34,7 +34,7 @@ from .mm_decoder import MultimodalDecoder
 from .encoder import Encoder
 from .layers import init_weights
 from .masks import prefix_block_mask, prefix_causal_mask, resolve_attention, sample_prefix_lengths
-from .objective import pixel_loss, text_loss
+from .objective import pixel_loss, pixel_targets, text_loss, text_targets
 from .posemb import resize_learned
 
 
@@ -128,10 +128,14 @@ class AIMv2(nn.Module):
 
     def training_loss(self, images: torch.Tensor, patches: torch.Tensor | None, tokens: torch.Tensor | None,
                       pad_id: int, generator: torch.Generator | None = None,
-                      prefix_len: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      prefix_len: torch.Tensor | None = None,
+                      term_weights: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """L_text + alpha * L_img for one batch. `images`, `patches`: uint8 0..255 (a Batch's; normalised
         here) or float (normalised already). `patches` None: cut from `images`. `tokens` None: image
-        loss only (loss_text reported as 0). `prefix_len` None: drawn M ~ U{1..I-1} from `generator`."""
+        loss only (loss_text reported as 0). `prefix_len` None: drawn M ~ U{1..I-1} from `generator`.
+        `term_weights` (a micro-batch of gradient accumulation): each term scaled by this batch's share of the
+        step's targets (`target_counts`), so the micro-batches' totals add up to the whole batch's loss; the
+        parts stay this batch's own means."""
         p = self.cfg.encoder.patch_size
         B, C, H, W = images.shape
         I = (H // p) * (W // p)
@@ -152,8 +156,18 @@ class AIMv2(nn.Module):
         pred, logits = self(images, tokens, prefix_len)
         loss_img = pixel_loss(pred, patches, prefix_len, self.cfg.norm_pix_eps)
         loss_text = text_loss(logits, tokens, pad_id) if tokens is not None else loss_img.new_zeros(())
-        loss = loss_text + self.cfg.alpha * loss_img
+        if term_weights is None:
+            loss = loss_text + self.cfg.alpha * loss_img
+        else:
+            loss = term_weights["loss_text"] * loss_text + self.cfg.alpha * term_weights["loss_img"] * loss_img
         return loss, {"loss_img": loss_img.detach(), "loss_text": loss_text.detach(), "prefix_len": prefix_len}
+
+    def target_counts(self, tokens: torch.Tensor | None, prefix_len: torch.Tensor, num_patches: int,
+                      pad_id: int) -> dict[str, torch.Tensor]:
+        """Per LOSS_TERMS name, how many targets its mean is over in a batch (0-d tensors: the image count on
+        prefix_len's device, the text count on tokens'): the weights of micro-batches of one step."""
+        text = text_targets(tokens, pad_id) if tokens is not None else torch.zeros((), dtype=torch.long, device=prefix_len.device)
+        return {"loss_img": pixel_targets(prefix_len, num_patches), "loss_text": text}
 
 
 def count_params(module: nn.Module) -> int:

@@ -32,8 +32,18 @@ def pixel_loss(pred: torch.Tensor, patches: torch.Tensor, prefix_len: torch.Tens
     return (per_patch * counted).sum() / counted.sum().clamp(min=1)
 
 
+def pixel_targets(prefix_len: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """How many patches pixel_loss averages over (its denominator before the clamp), on prefix_len's device."""
+    return target_mask(prefix_len, num_patches).sum()
+
+
+def text_targets(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """How many tokens text_loss averages over (its denominator before the clamp), on tokens' device."""
+    return (tokens != pad_id).sum()
+
+
 def text_loss(logits: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
     """logits (B, T, V): position t predicts tokens[:, t]; pad tokens do not count."""
     total = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), ignore_index=pad_id,
                             reduction="sum")
-    return total / (tokens != pad_id).sum().clamp(min=1)
+    return total / text_targets(tokens, pad_id).clamp(min=1)

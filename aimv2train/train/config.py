@@ -29,11 +29,11 @@ def flag(default=None, help: str = "", **cli):
 
 @dataclass
 class TrainConfig:
-    manifest: str = flag(REQUIRED, "Manifest directory written by `aimv2 shard` (with captions attached); a local "
+    manifest: str | None = flag(REQUIRED, "Manifest directory written by `aimv2 shard` (with captions attached); a local "
                          "path or a URL (s3://...).", short="-m")
-    tokenizer: str = flag(REQUIRED, "sentencepiece .model (`aimv2 tokenizer train`, or any existing one, e.g. "
+    tokenizer: str | None = flag(REQUIRED, "sentencepiece .model (`aimv2 tokenizer train`, or any existing one, e.g. "
                           "SigLIP's).", short="-t", path="existing_file")
-    out: str = flag(REQUIRED, "Run directory: metrics.jsonl, checkpoints/, run.json, summary.json.",
+    out: str | None = flag(REQUIRED, "Run directory: metrics.jsonl, checkpoints/, run.json, summary.json.",
                     short="-o", path="dir")
     model: str = flag("tiny", "Size preset: tiny | base | L | H | 1B | 3B (paper Table 1).")
     steps: int = flag(1000, "Length of the run in optimiser steps (sets the schedule).")
@@ -82,6 +82,12 @@ class TrainConfig:
     save_every: int = flag(1000, "Checkpoint every K steps (always also at the end and at --stop-at; 0: only "
                            "those).")
     keep: int = flag(2, "Checkpoints kept (0: all).")
+    grad_accum: int = flag(1, "Split each rank's batch into N micro-batches, forward and backward one at a time, one "
+                           "optimiser step: the same images and update as the whole batch, with about 1/N of its "
+                           "activation memory (N larger than a batch's images: one image each).")
+    dry_run: bool = flag(False, "Print the plan (per-device memory at the worst step, global batch, steps, tokens) "
+                         "and exit 0; builds nothing big, needs no --manifest / --out (--tokenizer: its "
+                         "vocabulary, else the preset's). WORLD_SIZE=N plans for N ranks.")
     grad_checkpointing: bool = flag(False, "Recompute block activations in backward (less memory).")
     progress: bool = flag(True, "No progress bar (the summary is still printed).", name="--no-progress")
     peak_flops: float | None = flag(None, "FLOP/s of one device for MFU (default: the GPU's datasheet bf16 peak, else "

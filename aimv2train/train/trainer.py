@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -27,11 +28,13 @@ import torch
 from torch import nn
 
 from aimv2data.atomic import is_disk_full, read_jsonl, write_json_atomic
+from aimv2data.paper import TEXT_LEN
 
 from . import checkpoint as ck
 from .config import TrainConfig
 from ..model.config import ModelConfig, model_config, preset_name
-from .distributed import DistInfo, all_reduce_mean, cpu_threads, init_distributed, pick_device, shutdown, wrap_model
+from .distributed import (DistInfo, all_reduce_mean, cpu_threads, init_distributed, launch_info, pick_device, shutdown,
+                          wrap_model)
 from ..model.flops import step_flops
 from ..model.config import ATTENTION_KINDS
 from ..model.masks import sample_prefix_lengths
@@ -40,6 +43,7 @@ from .logline import PeriodicLine
 from .metrics import MetricsLog, reference_peak, summarize
 from ..model.aimv2 import LOSS_TERMS, TOTAL_LOSS, AIMv2, count_params
 from .optim import build_optimizer
+from .plan import Plan, model_for_plan, plan_run
 from .preempt import StopRequest, notice
 from .presets import STAGES, HParams, resolve
 from .schedule import WarmupCosine
@@ -50,6 +54,14 @@ from .validate import Validator
 
 class TrainError(RuntimeError):
     """A run that cannot start or continue; the message says what and what to do."""
+
+
+class WontFit(TrainError):
+    """The run's estimated memory at its worst step exceeds its device's; `plan` is the table to show."""
+
+    def __init__(self, plan):
+        super().__init__(plan.verdict())
+        self.plan = plan
 
 
 class NonFiniteLoss(TrainError):
@@ -66,8 +78,9 @@ class LossModule(nn.Module):
         super().__init__()
         self.model, self.pad_id = model, pad_id
 
-    def forward(self, images, patches, tokens, prefix_len):
-        loss, parts = self.model.training_loss(images, patches, tokens, self.pad_id, prefix_len=prefix_len)
+    def forward(self, images, patches, tokens, prefix_len, term_weights=None):
+        loss, parts = self.model.training_loss(images, patches, tokens, self.pad_id, prefix_len=prefix_len,
+                                               term_weights=term_weights)
         return {TOTAL_LOSS: loss, **{k: parts[k] for k in LOSS_TERMS}}
 
 
@@ -80,7 +93,7 @@ def _check(cfg: TrainConfig) -> None:
         raise TrainError("--stage native trains at native resolution: add --native-res --batch-patches C")
     if stage == "highres" and cfg.native_res:
         raise TrainError("--stage highres is a fixed-resolution stage (--resolution 336|448); drop --native-res")
-    if st.needs_init and not cfg.init:
+    if st.needs_init and not cfg.init and not cfg.dry_run:
         raise TrainError(f"--stage {stage} fine-tunes a pre-trained model: pass --init CHECKPOINT "
                          f"(a run directory, a checkpoint .pt, a transformers folder or ml-aim weights)")
     if cfg.stop_at is not None and not 0 < cfg.stop_at <= cfg.steps:
@@ -109,7 +122,7 @@ def _check_values(cfg: TrainConfig) -> None:
                          "drop one of them")
     for flag, value, low in (("--steps", cfg.steps, 1), ("--batch-size", cfg.batch_size, 1),
                              ("--batch-patches", cfg.batch_patches, 1), ("--workers", cfg.workers, 0),
-                             ("--keep", cfg.keep, 0)):
+                             ("--keep", cfg.keep, 0), ("--grad-accum", cfg.grad_accum, 1)):
         if value < low:
             raise TrainError(f"{flag} must be >= {low}, got {value}")
     if not 0 <= cfg.warn_replaced <= 1:
@@ -222,11 +235,12 @@ def autocast_context(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def _grad_norm(params: list[torch.Tensor], clip: float) -> float:
+def _grad_norm(params: list[torch.Tensor], clip: float) -> torch.Tensor:
+    """Clip in place; the total norm before clipping, a 0-d tensor on the device (not read here)."""
     norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
         norm = norm.full_tensor()
-    return float(norm)
+    return norm
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -239,20 +253,60 @@ def train(cfg: TrainConfig) -> dict:
     _check(cfg)
     threads_before = torch.get_num_threads()
     cpu_threads(cfg.threads)  # this run's share of the cores; the caller's setting comes back after
-    device = pick_device(cfg.device)
-    if cfg.attention == "flex" and device.type != "cuda":
-        raise TrainError(f"--attention flex needs a CUDA device (FlexAttention has no backward on "
-                         f"{device.type}): use --attention sdpa, the default there")
-    info = init_distributed(device)
     try:
-        return _train(cfg, info, device)
-    except (OSError, RuntimeError) as e:
-        if not is_disk_full(e):
-            raise
-        raise TrainError(_disk_full_message(cfg.out, e)) from None
+        device = plan_device(cfg.device) if cfg.dry_run else pick_device(cfg.device)
+        if cfg.attention == "flex" and device.type != "cuda":
+            raise TrainError(f"--attention flex needs a CUDA device (FlexAttention has no backward on "
+                             f"{device.type}): use --attention sdpa, the default there")
+        if cfg.dry_run:  # WORLD_SIZE alone (no torchrun) plans for that many ranks
+            return {"status": "dry_run", "rank": launch_info().rank,
+                    "plan": make_plan(cfg, device, int(os.environ.get("WORLD_SIZE", "1")))}
+        plan = make_plan(cfg, device, launch_info().world_size)
+        if not plan.fits:  # before anything is built: not minutes later in the allocator
+            raise WontFit(plan)
+        info = init_distributed(device)
+        try:
+            return _train(cfg, info, device)
+        except (OSError, RuntimeError) as e:
+            if not is_disk_full(e):
+                raise
+            raise TrainError(_disk_full_message(cfg.out, e)) from None
+        finally:
+            shutdown()
     finally:
-        shutdown()
         torch.set_num_threads(threads_before)
+
+
+def make_plan(cfg: TrainConfig, device: torch.device, world_size: int) -> Plan:
+    """The run's plan (plan.py): its memory per device at the worst step, global batch, steps, tokens."""
+    tok = Tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    resolution = run_resolution(cfg)
+    mcfg = model_for_plan(cfg, tok.vocab_size if tok else None, resolution)
+    return plan_run(cfg, mcfg, device, world_size, run_precision(cfg, device), resolution,
+                    text_len=tok.max_len if tok else TEXT_LEN)
+
+
+def plan_device(requested: str | None) -> torch.device:
+    """--dry-run's device: --device's, also `cuda` on a machine without one (planned as an assumed GPU,
+    plan.ASSUMED_GPU), else pick_device's."""
+    if requested and requested.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            return torch.device(requested)
+        except RuntimeError:
+            raise TrainError(f"--device {requested!r} is not a device: use cpu, cuda or cuda:N") from None
+    try:
+        return pick_device(requested)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
+def run_precision(cfg: TrainConfig, device: torch.device) -> str:
+    return cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
+
+
+def run_resolution(cfg: TrainConfig) -> int | None:
+    """Fixed resolution in pixels (the stage's default unless --resolution); None at native resolution."""
+    return None if cfg.native_res else (cfg.resolution or STAGES[cfg.resolved_stage()].resolution)
 
 
 def _disk_full_message(out: str, e: BaseException) -> str:
@@ -326,6 +380,7 @@ class Run:
     validator: Validator | None = None   # held-out losses (--val-manifest), validate.py
     replaced: int = 0            # samples replaced (unreadable) since this process started, all ranks
     params: list[torch.Tensor] | None = None   # trainable parameters (after wrapping), clipped each step; None: model's
+    pad_id: int = 0              # the tokenizer's padding id (caption tokens not counted by the text loss)
 
     @property
     def out(self) -> Path:
@@ -356,8 +411,8 @@ def build_run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Run:
     """Settings, the resume decision, the model (initialised, wrapped, compiled), optimiser, schedule and
     loader, restored from the newest checkpoint when resuming."""
     stage = cfg.resolved_stage()
-    precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
-    resolution = None if cfg.native_res else (cfg.resolution or STAGES[stage].resolution)
+    precision = run_precision(cfg, device)
+    resolution = run_resolution(cfg)
     hp: HParams = resolve(cfg.model, stage, cfg.steps, lr=cfg.lr, min_lr=cfg.min_lr,
                           weight_decay=cfg.weight_decay, warmup=cfg.warmup, clip=cfg.clip)
     tok = Tokenizer(cfg.tokenizer)
@@ -399,7 +454,7 @@ def build_run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Run:
               WarmupCosine(hp.peak_lr, hp.min_lr, hp.warmup, hp.steps), generator, loader, sharded, start, peak,
               step=start, saved=(resume_from[0], start) if resume_from else (None, None),
               validator=_validator(cfg, tok, info, device, precision, resolution),
-              params=[p for p in model.parameters() if p.requires_grad])
+              params=[p for p in model.parameters() if p.requires_grad], pad_id=tok.pad_id)
     run.header = {**_header(run, init_note), "peak_source": peak_source}
     return run
 
@@ -460,40 +515,75 @@ class StepFailed(Exception):
 
 
 def train_step(run: Run, batch, stop: StopRequest) -> dict:
-    """One optimiser step (run.step -> run.step + 1) on a batch already on the device. Returns the named
-    loss terms (`loss` and the model's LOSS_TERMS, each the mean over ranks), `lr`, `grad_norm`,
-    `replaced` (the batch's replaced samples summed over ranks) and `stop` (some rank was asked to stop,
-    read after the forward: a signal during this step stops after it). Raises StepFailed, with nothing
-    applied, on a non-finite loss or gradient norm."""
-    images, patches, tokens = batch.images, batch.patches, batch.tokens
+    """One optimiser step (run.step -> run.step + 1) on a batch already on the device, as `--grad-accum`
+    micro-batches. Returns the named loss terms (`loss` and the model's LOSS_TERMS, each the whole batch's,
+    mean over ranks), `lr`, `grad_norm`, `replaced` (the batch's replaced samples summed over ranks) and `stop`
+    (some rank was asked to stop, read after backward: a signal during this step stops after it). Raises
+    StepFailed, with nothing applied, on a non-finite loss or gradient norm.
+
+    The host waits for the device once: one small tensor of everything logged, read after backward and
+    clipping, before the optimiser step (which runs only on finite values); nothing else syncs."""
     h, w = batch.grid
-    prefix = sample_prefix_lengths(images.shape[0], h * w, run.generator)
+    prefix = sample_prefix_lengths(batch.images.shape[0], h * w, run.generator)  # the whole batch's, then split
+    prefix = prefix.to(batch.images.device, non_blocking=True)  # a blocking copy would wait for the device
     lr = run.schedule.apply(run.optimizer, run.step)
-    with autocast_context(run.device, run.precision):
-        terms = run.step_fn(images, patches, tokens, prefix)
+    logged = _accumulate(run, batch, prefix)
+    params = run.params if run.params is not None else [p for p in run.model.parameters() if p.requires_grad]
+    norm = _grad_norm(params, run.hp.clip)
     # the loss terms, the replaced-sample count and "a rank was asked to stop" travel in one all-reduce, so all
     # ranks decide alike; the count is a mean there, summed back exactly (small integers in float32)
-    dev = terms[TOTAL_LOSS].device
-    n_replaced = torch.tensor(float(len(getattr(batch, "replaced", ()))), device=dev)
-    flag = torch.tensor(float(stop.requested), device=dev)
-    reduced = all_reduce_mean(torch.stack([t.detach() for t in terms.values()] + [n_replaced, flag]).float(),
-                              run.info).tolist()
-    logged = dict(zip(terms, reduced))
-    if not all(math.isfinite(v) for v in logged.values()):
+    host = torch.tensor([float(len(getattr(batch, "replaced", ()))), float(stop.requested)])
+    host = host.to(norm.device, non_blocking=True)  # torch.tensor(x, device=cuda) would wait for the device
+    reduced = all_reduce_mean(torch.cat([torch.stack(list(logged.values())).float(), host]), run.info)
+    values = torch.cat([reduced, norm.detach().reshape(1).float()]).tolist()  # the step's one host sync
+    losses, grad_norm = dict(zip(logged, values)), values[-1]
+    if not all(math.isfinite(v) for v in losses.values()):
+        run.optimizer.zero_grad(set_to_none=True)
         raise StepFailed(f"step {run.step + 1}: the loss is not finite ("
-                         + ", ".join(f"{k}={v}" for k, v in logged.items()) + ")")
-    terms[TOTAL_LOSS].backward()
-    params = run.params if run.params is not None else [p for p in run.model.parameters() if p.requires_grad]
-    grad_norm = _grad_norm(params, run.hp.clip)
+                         + ", ".join(f"{k}={v}" for k, v in losses.items()) + ")")
     if not math.isfinite(grad_norm):
-        raise StepFailed(f"step {run.step + 1}: the gradient norm is {grad_norm} (loss {logged[TOTAL_LOSS]:.4f})")
+        run.optimizer.zero_grad(set_to_none=True)
+        raise StepFailed(f"step {run.step + 1}: the gradient norm is {grad_norm} (loss {losses[TOTAL_LOSS]:.4f})")
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    if run.device.type == "cuda":
-        torch.cuda.synchronize(run.device)
-    return {"losses": logged, "lr": lr, "grad_norm": grad_norm,
-            "replaced": int(round(reduced[-2] * run.info.world_size)), "stop": reduced[-1] > 0}
+    return {"losses": losses, "lr": lr, "grad_norm": grad_norm,
+            "replaced": int(round(values[-3] * run.info.world_size)), "stop": values[-2] > 0}
+
+
+def _accumulate(run: Run, batch, prefix: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Forward and backward over the batch in `--grad-accum` micro-batches; gradients add up to the whole
+    batch's (each micro-batch's terms weighted by its share of the batch's targets, model.target_counts: native
+    resolution's captions differ in length). Returns the whole batch's loss terms, detached, on the device."""
+    images, patches, tokens = batch.images, batch.patches, batch.tokens
+    parts = min(run.cfg.grad_accum, images.shape[0])
+    if parts == 1:
+        with autocast_context(run.device, run.precision):
+            terms = run.step_fn(images, patches, tokens, prefix)
+        terms[TOTAL_LOSS].backward()
+        return {k: t.detach() for k, t in terms.items()}
+    split = [torch.tensor_split(x, parts) if x is not None else [None] * parts for x in (images, patches, tokens)]
+    chunks = list(zip(*split, torch.tensor_split(prefix, parts)))
+    n_patches = images.shape[2] * images.shape[3] // run.mcfg.encoder.patch_size ** 2
+    counts = [run.model.target_counts(tok, pre, n_patches, run.pad_id) for _, _, tok, pre in chunks]
+    totals = {k: sum(c[k] for c in counts) for k in LOSS_TERMS}
+    logged = None
+    for i, ((img, pat, tok, pre), count) in enumerate(zip(chunks, counts)):
+        weights = {k: count[k].float() / totals[k].clamp(min=1) for k in LOSS_TERMS}
+        with _grad_sync(run, i == parts - 1), autocast_context(run.device, run.precision):
+            terms = run.step_fn(img, pat, tok, pre, weights)
+            terms[TOTAL_LOSS].backward()
+        part = {TOTAL_LOSS: terms[TOTAL_LOSS].detach(), **{k: weights[k] * terms[k] for k in LOSS_TERMS}}
+        logged = part if logged is None else {k: logged[k] + part[k] for k in part}
+    return logged
+
+
+def _grad_sync(run: Run, last: bool):
+    """DDP reduces gradients on the last micro-batch only (`no_sync` before it). FSDP2 reduce-scatters every
+    micro-batch: it then keeps sharded gradients only, which is what it is for."""
+    if last or not isinstance(run.loss_module, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return run.loss_module.no_sync()
 
 
 def train_loop(run: Run, log: MetricsLog, bar, line: PeriodicLine, stop: StopRequest) -> str:
