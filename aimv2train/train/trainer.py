@@ -17,6 +17,7 @@ over those names.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import time
 import warnings
@@ -112,6 +113,8 @@ def _check_values(cfg: TrainConfig) -> None:
                              ("--keep", cfg.keep, 0)):
         if value < low:
             raise TrainError(f"{flag} must be >= {low}, got {value}")
+    if not cfg.dist_timeout > 0:
+        raise TrainError(f"--dist-timeout is in minutes and must be > 0, got {cfg.dist_timeout}")
     if not 0 <= cfg.warn_replaced <= 1:
         raise TrainError(f"--warn-replaced is a share of the samples drawn, in [0, 1]; got {cfg.warn_replaced}")
 
@@ -243,7 +246,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.attention == "flex" and device.type != "cuda":
         raise TrainError(f"--attention flex needs a CUDA device (FlexAttention has no backward on "
                          f"{device.type}): use --attention sdpa, the default there")
-    info = init_distributed(device)
+    info = init_distributed(device, timeout=datetime.timedelta(minutes=cfg.dist_timeout))
     try:
         return _train(cfg, info, device)
     except (OSError, RuntimeError) as e:
