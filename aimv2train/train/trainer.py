@@ -292,15 +292,17 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     line = PeriodicLine(run.start, run.end, cfg.log_interval, enabled=info.is_main and not cfg.progress)
     stop = StopRequest()
     failure = None
-    try:
-        status = train_loop(run, log, bar, line, stop)
-    except StepFailed as e:
-        status, failure = "non_finite", str(e)
+    try:  # the handlers stay until the summary is written: a late repeat must not lose summary.json
+        try:
+            status = train_loop(run, log, bar, line, stop)
+        except StepFailed as e:
+            status, failure = "non_finite", str(e)
+        finally:
+            bar.close()
+            log.close()
+        return _finish(run, status, failure, stop)
     finally:
         stop.restore()
-        bar.close()
-        log.close()
-    return _finish(run, status, failure, stop)
 
 
 @dataclass
@@ -329,6 +331,7 @@ class Run:
     validator: Validator | None = None   # held-out losses (--val-manifest), validate.py
     replaced: int = 0            # samples replaced (unreadable) since this process started, all ranks
     params: list[torch.Tensor] | None = None   # trainable parameters (after wrapping), clipped each step; None: model's
+    save_time: float | None = None   # seconds the newest checkpoint write took (size the scheduler's --signal by it)
 
     @property
     def out(self) -> Path:
@@ -343,6 +346,7 @@ class Run:
         return self.cfg.stop_at or self.cfg.steps
 
     def save(self) -> Path:
+        t0 = time.perf_counter()
         train_meta = {"config": asdict(self.cfg), "hparams": self.hp.to_dict(), "schedule": self.schedule.state_dict(),
                       "world_size": self.info.world_size,
                       "parallel": self.cfg.parallel if self.info.enabled else "none", "stage": self.stage}
@@ -351,7 +355,7 @@ class Run:
                                   rank_state={"loader": self.loader.state_dict(), "rng": ck.rng_state(self.generator)},
                                   tokenizer_bytes=Path(self.cfg.tokenizer).read_bytes(), sharded=self.sharded,
                                   keep=self.cfg.keep)
-        self.saved = (path, self.step)
+        self.saved, self.save_time = (path, self.step), round(time.perf_counter() - t0, 3)
         return path
 
 
@@ -438,7 +442,7 @@ def _resume_point(cfg: TrainConfig, info: DistInfo, tok: Tokenizer) -> tuple[Pat
     resume_from = None
     if cfg.resume:
         try:  # a damaged newest checkpoint: the newest intact one, with a notice; none intact: refuse
-            resume_from = ck.latest_checkpoint(ckpt_dir, notify=notice)
+            resume_from = ck.resume_checkpoint(ckpt_dir, notify=notice)  # rank 0 verifies, broadcasts
         except ck.NoIntactCheckpoint as e:
             raise TrainError(str(e)) from None
     if resume_from is not None:
@@ -522,7 +526,8 @@ def train_loop(run: Run, log: MetricsLog, bar, line: PeriodicLine, stop: StopReq
         _show(bar, rec, run.replaced)
         line.update(run.step, rec, run.replaced)
         if run.step == run.end or result["stop"] or (cfg.save_every and run.step % cfg.save_every == 0):
-            run.save()
+            with stop.saving():  # a repeated signal must not abort the checkpoint it asked for (preempt.py)
+                run.save()
             t_prev = time.perf_counter()  # the save is not part of the next step's time
         if result["stop"]:
             return "interrupted"
@@ -563,6 +568,7 @@ def _finish(run: Run, status: str, failure: str | None, stop: StopRequest) -> di
     saved_path, last_saved = run.saved
     summary = {"status": status, "rank": info.rank, "step": run.step, "steps": run.cfg.steps,
                "checkpoint": str(saved_path) if saved_path else None, "last_good_step": last_saved,
+               "save_time": run.save_time,
                "run": str(out), **run.header, **summarize(records),
                **replaced_summary(records, run.loader.stats["replaced_keys"], run.cfg.warn_replaced)}
     if info.is_main and summary.get("replaced_warning"):
