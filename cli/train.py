@@ -85,7 +85,9 @@ def train(**settings):
         raise SystemExit(3) from None
     except (TrainError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
-    if s["rank"] != 0:  # under torchrun, one summary
+    if s["rank"] != 0:  # under torchrun, one summary; but every rank's exit code (a requeue reads any of them)
+        if s["status"] == "interrupted":
+            raise SystemExit(s["exit_code"])
         return
     if s["status"] == "dry_run":
         _print_plan(s["plan"], Console)
@@ -111,7 +113,10 @@ def train(**settings):
     if "replaced" in s:
         t.add_row("replaced", f"{s['replaced']} of {s['draws']} samples drawn ({100 * s['replaced_share']:.1f}%) "
                   "could not be read or decoded and were replaced")
-    t.add_row("checkpoint", str(s.get("checkpoint")))
+    saved = str(s.get("checkpoint"))
+    if s.get("save_time") is not None:  # what a scheduler's preemption notice must leave room for (docs/train.md)
+        saved += f" (written in {s['save_time']:.1f} s)"
+    t.add_row("checkpoint", saved)
     t.add_row("run", f"{s['run']} (metrics.jsonl; curves: aimv2 plot {s['run']})")
     Console().print(t)
     if s["status"] == "interrupted":  # 130 (SIGINT) / 143 (SIGTERM): resumable, not finished (docs/contracts.md)

@@ -100,6 +100,60 @@ def test_cli_interrupted_run_exits_non_zero(data, tmp_path, monkeypatch):
     assert r.exit_code == 143, r.output
 
 
+def _signal_on_calls(monkeypatch, target, name, calls: dict) -> None:
+    """Send calls[n] (a signal) to this process on the n-th call of target.name, then run the real one."""
+    real, seen = getattr(target, name), []
+
+    def wrapper(*args, **kwargs):
+        seen.append(1)
+        if len(seen) in calls:
+            os.kill(os.getpid(), calls[len(seen)])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, wrapper)
+
+
+def test_repeated_sigterm_mid_step_and_mid_save_counts_as_one(data, tmp_path, monkeypatch, capsys):
+    """SIGTERM, its forwarded copy in the same step, and a second scancel during the checkpoint write: one
+    request; the checkpoint is written and the run ends interrupted, 143 (it used to stop at the second
+    signal without a checkpoint)."""
+    from aimv2train.train import trainer
+
+    _train_fixtures.signal_on_forward(monkeypatch, 2, signal.SIGTERM)
+    _signal_on_calls(monkeypatch, trainer.LossModule, "forward", {2: signal.SIGTERM})  # the forwarded copy
+    _signal_on_calls(monkeypatch, ck, "atomic_torch_save", {1: signal.SIGTERM})      # mid-save
+    s = train(cfg(data, tmp_path))
+    assert (s["status"], s["step"], s["exit_code"]) == ("interrupted", 2, 143)
+    assert [st for st, _ in ck.list_checkpoints(tmp_path / "checkpoints")] == [2]
+    assert capsys.readouterr().err.count("SIGTERM again: already stopping") == 2
+
+
+def test_ctrl_c_twice_still_stops_at_once(data, tmp_path, monkeypatch):
+    """A person's second Ctrl-C (after the grace window for forwarded copies) stops without a checkpoint."""
+    from aimv2train.train import preempt, trainer
+
+    monkeypatch.setattr(preempt, "REPEAT_GRACE_S", -1.0)  # every repeat is past the window
+    _train_fixtures.signal_on_forward(monkeypatch, 2, signal.SIGINT)
+    _signal_on_calls(monkeypatch, trainer.LossModule, "forward", {2: signal.SIGINT})
+    with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
+        train(cfg(data, tmp_path))
+    assert ck.list_checkpoints(tmp_path / "checkpoints") == []
+
+
+def test_every_rank_exits_with_the_interrupted_code(tmp_path, monkeypatch):
+    """Under torchrun a rank other than 0 prints no summary but exits 143 too (it used to return 0)."""
+    from click.testing import CliRunner
+
+    from aimv2train.train import trainer
+    from cli.train import train as train_cmd
+
+    monkeypatch.setattr(trainer, "train", lambda cfg: {"rank": 1, "status": "interrupted", "exit_code": 143})
+    tok = tmp_path / "tok.model"
+    tok.write_bytes(b"x")
+    r = CliRunner().invoke(train_cmd, ["-m", str(tmp_path), "-t", str(tok), "-o", str(tmp_path / "run")])
+    assert r.exit_code == 143 and r.output == "", r.output
+
+
 # ----------------------------------------------------------------------------- 3, 4: damaged checkpoints
 
 def test_damaged_checkpoint_is_detected_and_the_previous_one_used(data, tmp_path, capsys):

@@ -50,3 +50,32 @@ def test_choices_match_what_they_name():
     assert tuple(STAGES) == STAGE_NAMES
     assert modes == PARALLEL_MODES
     assert set(IMAGE_DECODERS) == {PilDecoder.name, DaliDecoder.name}
+
+
+def test_dist_timeout_reaches_the_process_group(tmp_path, monkeypatch):
+    """--dist-timeout (minutes, default 60) is the process group's timeout: NCCL's own 10 minutes is less than
+    the other ranks may wait in a barrier while rank 0 writes a large checkpoint."""
+    import datetime
+
+    import pytest
+    import torch.distributed as dist
+
+    from aimv2train.train import trainer
+
+    seen = {}
+
+    def fake_init(**kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("joined")
+
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(dist, "init_process_group", fake_init)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    base = dict(manifest=str(tmp_path), tokenizer=str(tmp_path / "tok.model"), out=str(tmp_path / "run"), device="cpu")
+    for cfg, minutes in ((TrainConfig(**base), 60), (TrainConfig(**base, dist_timeout=180), 180)):
+        with pytest.raises(RuntimeError, match="joined"):
+            trainer.train(cfg)
+        assert seen["timeout"] == datetime.timedelta(minutes=minutes)
+    with pytest.raises(trainer.TrainError, match="--dist-timeout"):
+        trainer.train(TrainConfig(**base, dist_timeout=0))

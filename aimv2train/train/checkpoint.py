@@ -206,10 +206,14 @@ def is_zip_checkpoint(path: str | os.PathLike) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    verify_checkpoint(path)
+def read_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
+    """The checkpoint's dict, its tensors memory-mapped (mmap=True: a page is read when a tensor is used, so
+    a rank that takes its weights by broadcast reads only the small pickled part); `verify` checks the CRCs
+    first (a full read of the file)."""
+    if verify:
+        verify_checkpoint(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which and why
         raise CheckpointDamaged(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
 
@@ -240,9 +244,39 @@ def latest_checkpoint(directory: str | os.PathLike, notify=None) -> tuple[Path, 
     return None
 
 
+def resume_checkpoint(directory: str | os.PathLike, notify=None) -> tuple[Path, dict] | None:
+    """`latest_checkpoint` for every rank (collective): rank 0 alone checks the CRCs (a full read of each file
+    it tries) and broadcasts its choice; the others map that file (read_checkpoint without verify), so a node
+    of 8 ranks does not read the whole checkpoint 8 times before the first step. Errors reach every rank."""
+    rank, world = _world()
+    if world == 1:
+        return latest_checkpoint(directory, notify)
+    choice, error = [None, None], None  # the path rank 0 resumes from, or why it cannot (then every rank raises)
+    if rank == 0:
+        try:
+            found = latest_checkpoint(directory, notify)
+            choice[0] = str(found[0]) if found else None
+        except Exception as e:  # noqa: BLE001 - the others would wait in the broadcast until --dist-timeout
+            error, choice[1] = e, (isinstance(e, NoIntactCheckpoint), f"{type(e).__name__}: {e}", str(e))
+    dist.broadcast_object_list(choice, src=0)
+    if error is not None:
+        raise error
+    if choice[1] is not None:
+        none_intact, described, message = choice[1]
+        if none_intact:
+            raise NoIntactCheckpoint(message)
+        raise RuntimeError(f"rank 0 could not read the checkpoints in {directory} ({described})")
+    if choice[0] is None:
+        return None
+    if rank == 0:
+        return found
+    return Path(choice[0]), read_checkpoint(choice[0], verify=False)
+
+
 def load_training_state(ckpt_path: Path, ckpt: dict, model: torch.nn.Module,
                         optimizer: torch.optim.Optimizer, sharded: bool) -> None:
-    """Model and optimiser state from a checkpoint written by `save_checkpoint` (collective if sharded)."""
+    """Model and optimiser state from a checkpoint written by `save_checkpoint` (collective under torchrun:
+    FSDP ranks read their DCP shards, DDP ranks other than 0 receive rank 0's by broadcast)."""
     if sharded:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -259,5 +293,37 @@ def load_training_state(ckpt_path: Path, ckpt: dict, model: torch.nn.Module,
         return
     if "optimizer" not in ckpt:
         raise ValueError(f"{ckpt_path} holds sharded (FSDP) optimiser state; resume with --parallel fsdp")
-    unwrap(model).load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    rank, world = _world()
+    if world == 1 or rank == 0:
+        unwrap(model).load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    else:  # the state's layout from the mapped file's metadata (its data pages stay unread), values from rank 0
+        optimizer.load_state_dict(_empty_like(ckpt["optimizer"]))
+    if world > 1:
+        _broadcast_state(model, optimizer)
+
+
+def _empty_like(obj):
+    """`obj` with every tensor replaced by an uninitialised one of its shape and dtype."""
+    if isinstance(obj, dict):
+        return {k: _empty_like(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_empty_like(v) for v in obj)
+    return torch.empty_like(obj) if isinstance(obj, torch.Tensor) else obj
+
+
+def _broadcast_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Rank 0's weights, buffers and optimiser state into every rank's, in place, tensor by tensor in the
+    same order on every rank (parameters in their group order); through the model's device (NCCL needs CUDA
+    tensors; the optimiser's step counts live on the CPU)."""
+    device = next(unwrap(model).parameters()).device
+    tensors = list(unwrap(model).state_dict().values())
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            tensors += [state[k] for k in sorted(state) if isinstance(state[k], torch.Tensor)]
+    for t in tensors:
+        buf = t if t.device == device else t.to(device)
+        dist.broadcast(buf, src=0)
+        if buf is not t:
+            t.copy_(buf)

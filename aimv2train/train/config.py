@@ -74,6 +74,9 @@ class TrainConfig:
                                  choices=("bf16", "fp32"))
     parallel: str = flag("ddp", "Under torchrun: DDP (replicated) or FSDP2 (fully_shard, sharded state, DCP "
                          "checkpoints).", choices=PARALLEL_MODES)
+    dist_timeout: float = flag(60.0, "Under torchrun: minutes a collective waits for the slowest rank before the run "
+                               "fails (the process-group timeout; NCCL's own is 10, less than rank 0 may need to write "
+                               "a 1B/3B checkpoint to network storage while the others wait).")
     lr: float | None = flag(None, "Peak learning rate (default: Table A1 for the size).")
     min_lr: float | None = flag(None, "Final learning rate of the cosine (default 1e-5).")
     warmup: int | None = flag(None, "Warmup steps (default: min(12500, 5% of --steps)).")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -51,8 +52,9 @@ def group_info() -> DistInfo:
     return DistInfo()
 
 
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group torchrun describes (env://); a plain `python` run is rank 0 of 1."""
+def init_distributed(device: torch.device, timeout: timedelta | None = None) -> DistInfo:
+    """Join the process group torchrun describes (env://); a plain `python` run is rank 0 of 1. `timeout`
+    (--dist-timeout) bounds how long a collective waits for the slowest rank (torch's default otherwise)."""
     if not launched_by_torchrun():
         return DistInfo()
     launch = launch_info()
@@ -63,6 +65,8 @@ def init_distributed(device: torch.device) -> DistInfo:
     if not dist.is_initialized():  # a caller that set up its own process group keeps it
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": torch.device("cuda", local)} if device.type == "cuda" else {}
+        if timeout is not None:
+            kwargs["timeout"] = timeout
         dist.init_process_group(backend=backend, **kwargs)
         _OWNED = True
     return DistInfo(rank, world, local)

@@ -17,6 +17,7 @@ over those names.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
 import time
@@ -125,6 +126,8 @@ def _check_values(cfg: TrainConfig) -> None:
                              ("--keep", cfg.keep, 0), ("--grad-accum", cfg.grad_accum, 1)):
         if value < low:
             raise TrainError(f"{flag} must be >= {low}, got {value}")
+    if not cfg.dist_timeout > 0:
+        raise TrainError(f"--dist-timeout is in minutes and must be > 0, got {cfg.dist_timeout}")
     if not 0 <= cfg.warn_replaced <= 1:
         raise TrainError(f"--warn-replaced is a share of the samples drawn, in [0, 1]; got {cfg.warn_replaced}")
 
@@ -264,7 +267,7 @@ def train(cfg: TrainConfig) -> dict:
         plan = make_plan(cfg, device, launch_info().world_size)
         if not plan.fits:  # before anything is built: not minutes later in the allocator
             raise WontFit(plan)
-        info = init_distributed(device)
+        info = init_distributed(device, timeout=datetime.timedelta(minutes=cfg.dist_timeout))
         try:
             return _train(cfg, info, device)
         except (OSError, RuntimeError) as e:
@@ -343,15 +346,17 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     line = PeriodicLine(run.start, run.end, cfg.log_interval, enabled=info.is_main and not cfg.progress)
     stop = StopRequest()
     failure = None
-    try:
-        status = train_loop(run, log, bar, line, stop)
-    except StepFailed as e:
-        status, failure = "non_finite", str(e)
+    try:  # the handlers stay until the summary is written: a late repeat must not lose summary.json
+        try:
+            status = train_loop(run, log, bar, line, stop)
+        except StepFailed as e:
+            status, failure = "non_finite", str(e)
+        finally:
+            bar.close()
+            log.close()
+        return _finish(run, status, failure, stop)
     finally:
         stop.restore()
-        bar.close()
-        log.close()
-    return _finish(run, status, failure, stop)
 
 
 @dataclass
@@ -381,6 +386,7 @@ class Run:
     replaced: int = 0            # samples replaced (unreadable) since this process started, all ranks
     params: list[torch.Tensor] | None = None   # trainable parameters (after wrapping), clipped each step; None: model's
     pad_id: int = 0              # the tokenizer's padding id (caption tokens not counted by the text loss)
+    save_time: float | None = None   # seconds the newest checkpoint write took (size the scheduler's --signal by it)
 
     @property
     def out(self) -> Path:
@@ -395,6 +401,7 @@ class Run:
         return self.cfg.stop_at or self.cfg.steps
 
     def save(self) -> Path:
+        t0 = time.perf_counter()
         train_meta = {"config": asdict(self.cfg), "hparams": self.hp.to_dict(), "schedule": self.schedule.state_dict(),
                       "world_size": self.info.world_size,
                       "parallel": self.cfg.parallel if self.info.enabled else "none", "stage": self.stage}
@@ -403,7 +410,7 @@ class Run:
                                   rank_state={"loader": self.loader.state_dict(), "rng": ck.rng_state(self.generator)},
                                   tokenizer_bytes=Path(self.cfg.tokenizer).read_bytes(), sharded=self.sharded,
                                   keep=self.cfg.keep)
-        self.saved = (path, self.step)
+        self.saved, self.save_time = (path, self.step), round(time.perf_counter() - t0, 3)
         return path
 
 
@@ -490,7 +497,7 @@ def _resume_point(cfg: TrainConfig, info: DistInfo, tok: Tokenizer) -> tuple[Pat
     resume_from = None
     if cfg.resume:
         try:  # a damaged newest checkpoint: the newest intact one, with a notice; none intact: refuse
-            resume_from = ck.latest_checkpoint(ckpt_dir, notify=notice)
+            resume_from = ck.resume_checkpoint(ckpt_dir, notify=notice)  # rank 0 verifies, broadcasts
         except ck.NoIntactCheckpoint as e:
             raise TrainError(str(e)) from None
     if resume_from is not None:
@@ -609,7 +616,8 @@ def train_loop(run: Run, log: MetricsLog, bar, line: PeriodicLine, stop: StopReq
         _show(bar, rec, run.replaced)
         line.update(run.step, rec, run.replaced)
         if run.step == run.end or result["stop"] or (cfg.save_every and run.step % cfg.save_every == 0):
-            run.save()
+            with stop.saving():  # a repeated signal must not abort the checkpoint it asked for (preempt.py)
+                run.save()
             t_prev = time.perf_counter()  # the save is not part of the next step's time
         if result["stop"]:
             return "interrupted"
@@ -650,6 +658,7 @@ def _finish(run: Run, status: str, failure: str | None, stop: StopRequest) -> di
     saved_path, last_saved = run.saved
     summary = {"status": status, "rank": info.rank, "step": run.step, "steps": run.cfg.steps,
                "checkpoint": str(saved_path) if saved_path else None, "last_good_step": last_saved,
+               "save_time": run.save_time,
                "run": str(out), **run.header, **summarize(records),
                **replaced_summary(records, run.loader.stats["replaced_keys"], run.cfg.warn_replaced)}
     if info.is_main and summary.get("replaced_warning"):
