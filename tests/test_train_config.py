@@ -56,6 +56,7 @@ def test_dist_timeout_reaches_the_process_group(tmp_path, monkeypatch):
     """--dist-timeout (minutes, default 60) is the process group's timeout: NCCL's own 10 minutes is less than
     the other ranks may wait in a barrier while rank 0 writes a large checkpoint."""
     import datetime
+    from types import SimpleNamespace
 
     import pytest
     import torch.distributed as dist
@@ -72,6 +73,7 @@ def test_dist_timeout_reaches_the_process_group(tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(dist, "init_process_group", fake_init)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(trainer, "make_plan", lambda *a, **k: SimpleNamespace(fits=True))  # the plan reads the tokenizer
     base = dict(manifest=str(tmp_path), tokenizer=str(tmp_path / "tok.model"), out=str(tmp_path / "run"), device="cpu")
     for cfg, minutes in ((TrainConfig(**base), 60), (TrainConfig(**base, dist_timeout=180), 180)):
         with pytest.raises(RuntimeError, match="joined"):
