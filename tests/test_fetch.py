@@ -31,7 +31,8 @@ FAST = ["--processes", "1", "--threads", "8", "--timeout", "2"]
 
 
 def run_fetch(*args):
-    return CliRunner().invoke(main, ["fetch", *map(str, args)], catch_exceptions=False)
+    """The loopback server is a private address: fetch refuses it unless told (tests/test_fetch_guard.py)."""
+    return CliRunner().invoke(main, ["fetch", "--allow-private-addresses", *map(str, args)], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -453,7 +454,8 @@ def _shard_files(out: Path) -> tuple[set[str], set[str]]:
 
 
 def _start(lists, out):
-    cmd = [sys.executable, "-m", "cli.main", "fetch", "--source", "coyo", "--url-list", str(lists["coyo"]),
+    cmd = [sys.executable, "-m", "cli.main", "fetch", "--allow-private-addresses",
+           "--source", "coyo", "--url-list", str(lists["coyo"]),
            "--output", str(out), "--shard-size", "10", "--processes", "1", "--threads", "2", "--timeout", "5"]
     return subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
