@@ -120,8 +120,9 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
         self.allow_private = allow_private
 
     def https_open(self, req):
+        extra = {} if getattr(self, "_check_hostname", None) is None else {"check_hostname": self._check_hostname}
         return self.do_open(functools.partial(_HTTPSConnection, allow_private=self.allow_private), req,
-                            context=self._context, check_hostname=self._check_hostname)
+                            context=self._context, **extra)
 
 
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):
