@@ -23,7 +23,7 @@ from aimv2data import demo_corpus as demo
 from aimv2data.fetch_input import in_index, load_dfn_index, uid_pairs, FetchError
 from aimv2data.fetch_resize import NativeResizer, inspect_header, jpeg_is_complete, with_orientation
 from aimv2data.fetch_summary import busy_seconds, reason_class
-from aimv2data.serve import HOSTILE, LoopbackServer
+from aimv2data.serve import HOSTILE, LoopbackServer, bomb_png
 from cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +40,7 @@ def served(tmp_path_factory):
     """The demo corpus on loopback, its url lists, plus a second COYO list holding the slow route."""
     root = tmp_path_factory.mktemp("corpus")
     demo.write_corpus(root)
+    bomb_png()  # built once up front: on a loaded machine its build (1-5 s) outlasts --timeout 2
     with LoopbackServer(directory=root / "images", slow_s=6) as srv:
         lists = demo.write_url_lists(root, srv.base_url)
         slow = root / "coyo_slow.parquet"
