@@ -9,7 +9,11 @@ Output layout (img2dataset's own, plus two things of ours):
     DIR/fetch_summary.json     written when a run ends (absent while a run is in progress)
     DIR/_input/                the normalised url list parts img2dataset reads + fetch_job.json
 
-Resume: a shard is done when its _stats.json parses and its tar exists. Before downloading, shards
+One writer: a run holds DIR/.lock (aimv2 shard's flock lock, aimv2data/manifest/lock.py) from its first
+write to its end; a second run into DIR is refused, naming the holder. Not for a URL output (no flock).
+
+Resume: a shard is done when its _stats.json parses, its tar exists and its parquet reads with one row per
+attempted sample (a broken parquet behind a complete-looking tar is redone). Before downloading, shards
 that are not done lose their partial tar/parquet (img2dataset would overwrite them anyway, but a
 crash must never leave a partial tar that a reader could mistake for data), then img2dataset's
 incremental mode skips the done ones. A rerun of a finished job reads nothing from the network and
@@ -38,6 +42,7 @@ from aimv2data import fetch_summary, storage  # noqa: E402
 from aimv2data.fetch_input import (FetchError, additional_columns, check_columns,  # noqa: E402
                                    expand_url_lists, load_dfn_index, normalise, source_spec)
 from aimv2data.fetch_resize import DEFAULT_MAX_PIXELS  # noqa: E402
+from aimv2data.manifest.lock import LOCK_NAME, LockHeld, output_lock  # noqa: E402
 
 JOB_FORMAT = "aimv2-fetch-job/1"
 INPUT_DIR = "_input"
@@ -79,6 +84,7 @@ class FetchOptions:
     quality: int = 95
     retry_failed: bool = False             # download again only what failed transiently (fetch_retry)
     ray_address: str | None = None         # --distributor ray: the cluster (default: what ray.init finds)
+    allow_private_addresses: bool = False  # fetch from private/loopback addresses too (fetch_guard.py)
 
     def settings(self) -> dict:
         """What defines the output: a rerun with different settings is refused, not mixed in."""
@@ -133,15 +139,35 @@ def check_output(out: Path) -> dict | None:
     """The job already in DIR (None when DIR is new or empty). Refuses anything else, untouched."""
     if out.exists() and not out.is_dir():
         raise FetchError(f"output {out} is a file, not a directory", "output")
-    if not out.exists() or not any(out.iterdir()):
+    entries = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.exists() else []
+    if not entries:
         return None
     job = read_job(out)
     if job is None:
-        entries = sorted(p.name for p in out.iterdir())
         shown = ", ".join(entries[:8]) + (", ..." if len(entries) > 8 else "")
         raise FetchError(f"output directory {out} is not empty and is not an aimv2 fetch output "
                          f"(it holds: {shown}); choose an empty or new directory", "output")
     return job
+
+
+@contextlib.contextmanager
+def output_locked(out):
+    """One fetch per output directory. Yields `lock()`, which takes DIR's lock (once; a FetchError naming the
+    holder when another run has it): called just before the first write, so input refused before that leaves
+    a new DIR uncreated. A URL output is not locked (object stores have no flock)."""
+    with contextlib.ExitStack() as stack:
+        held = []
+
+        def lock():
+            if held or storage.is_url(out):
+                return
+            try:
+                stack.enter_context(output_lock(out, tool="aimv2 fetch"))
+            except LockHeld as e:
+                raise FetchError(str(e)) from None
+            held.append(out)
+
+        yield lock
 
 
 def output_path(output: str):
@@ -159,9 +185,9 @@ def _differences(a: dict, b: dict) -> list[str]:
 
 
 # -- input preparation -------------------------------------------------------------------------
-def prepare(opts: FetchOptions, out: Path, job: dict | None) -> dict:
+def prepare(opts: FetchOptions, out: Path, job: dict | None, lock=lambda: None) -> dict:
     """Validate the inputs, then write (or reuse) DIR/_input/part-NNNNN.parquet and the job file.
-    Every check that can fail runs before DIR is created or changed."""
+    Every check that can fail runs before DIR is created or changed (and `lock()` is called)."""
 
     if opts.source not in ("coyo", "dfn", "parquet"):
         raise FetchError(f"unknown source {opts.source!r}: use coyo, dfn or parquet", "source")
@@ -220,6 +246,7 @@ def prepare(opts: FetchOptions, out: Path, job: dict | None) -> dict:
                              "use a new --output for a new list", "url-list")
         return job
 
+    lock()
     inp.mkdir(parents=True, exist_ok=True)
     new_job = {"format": JOB_FORMAT, "settings": settings, "prepared": False}
     write_if_changed(inp / JOB_NAME, _json_bytes(new_job))  # marks DIR as ours before anything else lands
@@ -242,13 +269,26 @@ def sweep(out: Path, names: list[str]) -> list[str]:
     pending = []
     for n in names:
         tar, pq, stats = out / f"{n}.tar", out / f"{n}.parquet", out / f"{n}_stats.json"
-        if fetch_summary.read_stats(stats) is not None and tar.is_file():
+        if shard_done(out, n):
             continue
         pending.append(n)
         for f in (tar, pq, stats):
             f.unlink(missing_ok=True)
     _remove_tree(out / "_tmp")  # img2dataset's feather scratch files
     return pending
+
+
+def shard_done(out: Path, name: str) -> bool:
+    """Its stats parse, its tar exists, and its parquet reads with one row per attempted sample: two writers
+    (or a damaged disk) can leave a broken parquet behind a complete-looking tar, which the summary reads."""
+    stats = fetch_summary.read_stats(out / f"{name}_stats.json")
+    if stats is None or not (out / f"{name}.tar").is_file():
+        return False
+    try:
+        rows = storage.read_parquet(out / f"{name}.parquet", columns=list(fetch_summary.RECORD_COLUMNS)).height
+    except Exception:  # pyarrow/polars raise many kinds (ComputeError, OSError, ArrowInvalid) for a bad file
+        return False
+    return rows == int(stats["count"])
 
 
 def _remove_tree(path) -> None:
@@ -264,22 +304,25 @@ def _remove_tree(path) -> None:
 
 # -- running img2dataset -----------------------------------------------------------------------
 @contextlib.contextmanager
-def _native_resizer(keep_progressive: bool):
-    """img2dataset has no hook for a custom resizer: download() builds `Resizer` by name from
-    img2dataset.main. Bind our subclass there for the call; workers unpickle it from aimv2data."""
+def _img2dataset_hooks(opts: FetchOptions):
+    """img2dataset has no hook for a custom resizer or downloader: download() builds `Resizer` and
+    `Downloader` by name from img2dataset.main. Bind our subclasses there for the call; workers unpickle
+    them from aimv2data."""
     import sys
 
     import img2dataset  # noqa: F401  (the package re-exports a function named `main`)
 
+    from aimv2data.fetch_guard import GuardedDownloader
     from aimv2data.fetch_resize import NativeResizer
 
     i2d_main = sys.modules["img2dataset.main"]
-    original = i2d_main.Resizer
-    i2d_main.Resizer = functools.partial(NativeResizer, keep_progressive=keep_progressive)
+    original = i2d_main.Resizer, i2d_main.Downloader
+    i2d_main.Resizer = functools.partial(NativeResizer, keep_progressive=opts.keep_progressive)
+    i2d_main.Downloader = functools.partial(GuardedDownloader, allow_private=opts.allow_private_addresses)
     try:
         yield
     finally:
-        i2d_main.Resizer = original
+        i2d_main.Resizer, i2d_main.Downloader = original
 
 
 @contextlib.contextmanager
@@ -344,7 +387,7 @@ def run_img2dataset(opts: FetchOptions, out: Path, job: dict, n_shards: int, url
     try:
         # OpenCV's decoder reads this cap (in every spawned worker) and refuses larger images up
         # front: the second line of defence behind NativeResizer's header check.
-        with _native_resizer(opts.keep_progressive), _shard_progress(todo), _env(
+        with _img2dataset_hooks(opts), _shard_progress(todo), _env(
                 OPENCV_IO_MAX_IMAGE_PIXELS=opts.max_pixels, NO_ALBUMENTATIONS_UPDATE=1):
             download(
                 url_list=str(url_list or out / INPUT_DIR), input_format="parquet", output_folder=str(out),
@@ -390,8 +433,16 @@ def fetch(opts: FetchOptions, console=None) -> dict:
     if opts.retry_failed:
         return retry_failed(opts, console)
     out = output_path(opts.output)
-    job = check_output(out)
-    job = prepare(opts, out, job)
+    with output_locked(out) as lock:
+        job = check_output(out)
+        if job is not None:       # DIR is ours already: lock it before reading on
+            lock()
+            job = check_output(out)
+        job = prepare(opts, out, job, lock)
+        return _fetch_prepared(opts, out, job, console)
+
+
+def _fetch_prepared(opts: FetchOptions, out, job: dict, console) -> dict:
     opts.verify_hash = job["settings"]["verify_hash"]
     names = shard_names(job["parts"], opts.shard_size)
     summary_path = out / fetch_summary.SUMMARY_NAME
@@ -436,7 +487,15 @@ def retry_failed(opts: FetchOptions, console=None) -> dict:
     from aimv2data import fetch_retry
 
     out = output_path(opts.output)
-    job = fetch_retry.check_retry_target(out, read_job(out) if out.is_dir() else None)
+    with output_locked(out) as lock:
+        fetch_retry.check_retry_target(out, read_job(out) if out.is_dir() else None)
+        lock()                    # a fetch output: lock it, then read its record
+        return _retry_locked(opts, out, fetch_retry.check_retry_target(out, read_job(out)), console)
+
+
+def _retry_locked(opts: FetchOptions, out, job: dict, console) -> dict:
+    from aimv2data import fetch_retry
+
     if opts.url_lists:   # the original command with --retry-failed added: its settings must be the record's
         opts.verify_hash = job["settings"]["verify_hash"] if opts.verify_hash is None else opts.verify_hash
         diff = _differences(opts.settings(), job["settings"])

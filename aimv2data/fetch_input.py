@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from aimv2data.urls import USERINFO
+
 INDEX_DTYPE = np.dtype([("f0", "<u8"), ("f1", "<u8")])
 
 
@@ -179,7 +181,8 @@ def normalise(path: Path, source: str, spec: SourceSpec, names: list[str], index
         else:
             exprs.append(pl.lit(None, dtype=target).alias(name))
     df = df.select(exprs)
-    df = df.with_columns(pl.col("url").str.strip_chars())
+    # credentials inside a url are never sent nor stored (aimv2data/urls.py)
+    df = df.with_columns(pl.col("url").str.strip_chars().str.replace(USERINFO, "${1}"))
     keep = pl.col("url").is_not_null() & (pl.col("url") != "")
     counts["no_url"] = df.height - df.filter(keep).height
     df = df.filter(keep)

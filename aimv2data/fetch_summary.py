@@ -14,11 +14,15 @@ from pathlib import Path
 
 SUMMARY_NAME = "fetch_summary.json"
 SUMMARY_FORMAT = "aimv2-fetch-summary/1"
+RECORD_COLUMNS = ("key", "url", "status", "error_message")   # what the summary reads of a shard's parquet
 
 
 def reason_class(message: str) -> str:
     """img2dataset / NativeResizer error message -> a short, stable reason name."""
     m = (message or "").lower()
+    if m.startswith("refused"):  # aimv2data/fetch_guard.py: never connected, never retried
+        return "refused_scheme" if " scheme " in m else "refused_link_local" if "link-local" in m \
+            else "refused_private"
     if m.startswith("http error"):
         code = re.search(r"http error (\d+)", m)
         return f"http_{code.group(1)}" if code else "http_error"
@@ -84,8 +88,7 @@ def failure_examples(out: Path, shard_names: list[str], per_reason: int = 3) -> 
     files = [out / f"{n}.parquet" for n in shard_names if (out / f"{n}.parquet").is_file()]
     if not files:
         return {}
-    cols = ["key", "url", "status", "error_message"]
-    df = (pl.concat([read_parquet(f, columns=cols) for f in files], how="vertical_relaxed")
+    df = (pl.concat([read_parquet(f, columns=list(RECORD_COLUMNS)) for f in files], how="vertical_relaxed")
           .filter(pl.col("status") != "success").sort("key"))
     examples: dict[str, list[dict]] = {}
     for key, url, _, msg in df.iter_rows():

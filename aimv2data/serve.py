@@ -8,7 +8,8 @@ bodies, truncated and corrupt images, a decompression bomb, an opt-out header).
 
 A route is `bytes` (200, content type from the extension) or `(status, headers, body)`.
 Everything binds to 127.0.0.1 only; nothing leaves the machine. To try `aimv2 fetch` by hand:
-`python -m aimv2data.serve DIR [PORT]` serves a directory until Ctrl-C.
+`python -m aimv2data.serve DIR [PORT]` serves a directory until Ctrl-C (127.0.0.1 is a loopback
+address: fetch it with `--allow-private-addresses`).
 """
 from __future__ import annotations
 

@@ -116,7 +116,8 @@ def _fetch_step(name: str, source: str) -> Step:
         lists = ctx.url_lists()
         opts = FetchOptions(source=source, output=str(ctx.out / output), processes=2, threads=16, shard_size=32,
                             url_lists=[str(lists["coyo" if source == "coyo" else "dfn_pool"])],
-                            dfn_index=str(lists["dfn_index"]) if source == "dfn" else None, timeout=5)
+                            dfn_index=str(lists["dfn_index"]) if source == "dfn" else None, timeout=5,
+                            allow_private_addresses=True)   # the corpus is served on 127.0.0.1
         s = fetch(opts, console=ctx.console)
         return _fetch_line(s)
 

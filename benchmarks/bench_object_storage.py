@@ -40,7 +40,8 @@ def fetch_times(tmp: Path) -> dict:
     demo.write_corpus(tmp / "corpus")
     with LoopbackServer(directory=tmp / "corpus" / "images", slow_s=2) as srv:
         lists = demo.write_url_lists(tmp / "corpus", srv.base_url)
-        kw = dict(source="coyo", url_lists=[str(lists["coyo"])], shard_size=22, threads=8, timeout=1)
+        kw = dict(source="coyo", url_lists=[str(lists["coyo"])], shard_size=22, threads=8, timeout=1,
+                  allow_private_addresses=True)   # the loopback server
         _, t_mp = timed(lambda: fetch(FetchOptions(output=str(tmp / "f_mp"), processes=2, **kw)))
         _, t_ray = timed(lambda: fetch(FetchOptions(output=str(tmp / "f_ray"), distributor="ray", **kw)))
     return {"mp_s": round(t_mp, 2), "ray_s": round(t_ray, 2), "ray_over_mp_time": round(t_ray / t_mp, 2)}

@@ -48,6 +48,10 @@ import click
 @click.option("--keep-progressive", is_flag=True,
               help="Keep progressive JPEGs as they are instead of re-encoding them to baseline "
                    "(nvJPEG's hardware decoder takes baseline only).")
+@click.option("--allow-private-addresses", is_flag=True,
+              help="Also fetch from private and loopback addresses (10/8, 172.16/12, 192.168/16, 127/8, ::1, "
+              "fc00::/7, ...), refused by default: for a url list served on your own network or on 127.0.0.1. "
+              "Link-local addresses (169.254/16, fe80::/10: cloud credential services) stay refused.")
 @click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True,
               help="JPEG quality for images that must be re-encoded (PNG, WebP, progressive, downscaled).")
 def fetch(**kw):

@@ -39,9 +39,10 @@ def status_table(out: Path) -> pl.DataFrame:
 
 
 def snapshot(root: Path) -> dict[str, tuple[str, int]]:
-    """relative path -> (sha256, mtime_ns) of every file under root."""
+    """relative path -> (sha256, mtime_ns) of every file under root but the lock file, whose holder line each
+    run rewrites (aimv2data/manifest/lock.py)."""
     return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def summary(out: Path) -> dict:

@@ -23,7 +23,7 @@ from aimv2data import demo_corpus as demo
 from aimv2data.fetch_input import in_index, load_dfn_index, uid_pairs, FetchError
 from aimv2data.fetch_resize import NativeResizer, inspect_header, jpeg_is_complete, with_orientation
 from aimv2data.fetch_summary import busy_seconds, reason_class
-from aimv2data.serve import HOSTILE, LoopbackServer
+from aimv2data.serve import HOSTILE, LoopbackServer, bomb_png
 from cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,8 @@ FAST = ["--processes", "1", "--threads", "8", "--timeout", "2"]
 
 
 def run_fetch(*args):
-    return CliRunner().invoke(main, ["fetch", *map(str, args)], catch_exceptions=False)
+    """The loopback server is a private address: fetch refuses it unless told (tests/test_fetch_guard.py)."""
+    return CliRunner().invoke(main, ["fetch", "--allow-private-addresses", *map(str, args)], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,7 @@ def served(tmp_path_factory):
     """The demo corpus on loopback, its url lists, plus a second COYO list holding the slow route."""
     root = tmp_path_factory.mktemp("corpus")
     demo.write_corpus(root)
+    bomb_png()  # built once up front: on a loaded machine its build (1-5 s) outlasts --timeout 2
     with LoopbackServer(directory=root / "images", slow_s=6) as srv:
         lists = demo.write_url_lists(root, srv.base_url)
         slow = root / "coyo_slow.parquet"
@@ -453,7 +455,8 @@ def _shard_files(out: Path) -> tuple[set[str], set[str]]:
 
 
 def _start(lists, out):
-    cmd = [sys.executable, "-m", "cli.main", "fetch", "--source", "coyo", "--url-list", str(lists["coyo"]),
+    cmd = [sys.executable, "-m", "cli.main", "fetch", "--allow-private-addresses",
+           "--source", "coyo", "--url-list", str(lists["coyo"]),
            "--output", str(out), "--shard-size", "10", "--processes", "1", "--threads", "2", "--timeout", "5"]
     return subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})

@@ -17,8 +17,8 @@ FAST = ["--processes", "1", "--threads", "4", "--timeout", "2"]
 GOOD, FLAKY_503, FLAKY_STALL, GONE = 10, 3, 2, 3
 
 
-def run(*args):
-    return CliRunner().invoke(main, ["fetch", *map(str, args)], catch_exceptions=False)
+def run(*args):  # the loopback server is a private address
+    return CliRunner().invoke(main, ["fetch", "--allow-private-addresses", *map(str, args)], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,8 @@ def test_shard_and_fetch_under_ray_equal_multiprocessing(ray_cluster, tmp_path):
     demo.write_corpus(tmp_path)
     with LoopbackServer(directory=tmp_path / "images", hostile=False) as srv:
         lists = demo.write_url_lists(tmp_path, srv.base_url)
-        kw = dict(source="coyo", url_lists=[str(lists["coyo"])], shard_size=32, processes=1, threads=8, timeout=2)
+        kw = dict(source="coyo", url_lists=[str(lists["coyo"])], shard_size=32, processes=1, threads=8, timeout=2,
+                  allow_private_addresses=True)
         s_ray = fetch(FetchOptions(output=str(tmp_path / "f_ray"), distributor="ray", **kw))
         s_mp = fetch(FetchOptions(output=str(tmp_path / "f_mp"), **kw))
     assert s_ray["samples"]["success"] == s_mp["samples"]["success"] > 0

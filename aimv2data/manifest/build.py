@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from aimv2data import storage
 from aimv2data.buckets import AREAS, make_table
 from aimv2data.paper import PATCH_SIZE
+from aimv2data.urls import strip_userinfo
 from aimv2data.manifest.inspect_image import DEFAULT_MAX_PIXELS, VERIFY_LEVELS, Rejected, inspect_image
 from aimv2data.manifest import layout
 from aimv2data.manifest.schema import (REJECT_SCHEMA, SAMPLE_SCHEMA, SCHEMA_VERSION, SYN_PREFIX, SYN_TYPE,
@@ -213,6 +214,17 @@ def _str(v) -> str | None:
     return v if isinstance(v, str) and v else None
 
 
+def _hashes(meta: dict, data: bytes) -> dict:
+    """sha256 (of the downloaded bytes when the json has it), stored_sha256 (of the member) and reencoded
+    (they differ; null when the json does not say what was downloaded): SPEC 1.1."""
+    stored = _str(meta.get("stored_sha256")) or hashlib.sha256(data).hexdigest()
+    downloaded = _str(meta.get("sha256"))
+    reencoded = meta.get("reencoded")
+    if not isinstance(reencoded, bool):
+        reencoded = downloaded != stored if downloaded else None
+    return {"sha256": downloaded or stored, "stored_sha256": stored, "reencoded": reencoded}
+
+
 def process_tar(job: TarJob, output: str, opts: ShardOptions) -> dict:
     """Index, inspect and bucket one tar; write its parts; return its summary (also saved as _parts/*.json)."""
     t0 = time.perf_counter()
@@ -228,7 +240,7 @@ def process_tar(job: TarJob, output: str, opts: ShardOptions) -> dict:
 
     def reject(reason, detail, key=None, member=None, meta=None, source=default_source):
         meta = meta or {}
-        rejects.append({"key": key, "source": source, "url": _str(meta.get("url")), "uid": _uid(meta),
+        rejects.append({"key": key, "source": source, "url": strip_userinfo(_str(meta.get("url"))), "uid": _uid(meta),
                         "shard": shard, "member": member.name if member else None,
                         "offset": member.offset if member else None, "size": member.size if member else None,
                         "reason": reason, "detail": detail})
@@ -287,8 +299,8 @@ def process_tar(job: TarJob, output: str, opts: ShardOptions) -> dict:
                 elif _str(meta.get("caption")):
                     caption = _decode_caption(meta["caption"].encode("utf-8", "replace"), counts)
                 rows.append({
-                    "key": s.key, "source": source, "uid": _uid(meta), "url": _str(meta.get("url")),
-                    "sha256": _str(meta.get("sha256")) or hashlib.sha256(data).hexdigest(),
+                    "key": s.key, "source": source, "uid": _uid(meta), "url": strip_userinfo(_str(meta.get("url"))),
+                    **_hashes(meta, data),
                     "shard": shard, "member": img.name, "offset": img.offset, "size": img.size,
                     "format": p.format, "width": p.width, "height": p.height, "orientation": p.orientation,
                     "mode": p.mode, "alpha": p.alpha, "bit_depth": p.bit_depth,

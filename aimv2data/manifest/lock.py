@@ -1,4 +1,5 @@
-"""One writer per manifest directory: `flock` locks held for the whole `aimv2 shard` run.
+"""One writer per manifest directory: `flock` locks held for the whole `aimv2 shard` run (and per fetch
+output directory, the same way, for `aimv2 fetch`: `tool` names the command in the messages).
 
     MANIFEST/.lock              a whole run (or --merge-only) holds it exclusively; a --part i/N run
                                 holds it shared, so parallel slices of one build coexist
@@ -22,6 +23,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+LOCK_NAME = ".lock"
+
+
 class LockHeld(RuntimeError):
     """Another live process writes this manifest."""
 
@@ -37,7 +41,7 @@ def _holder_text(path: Path) -> str:
             f"(`{' '.join(h.get('argv') or [])}`)")
 
 
-def _take(path: Path, exclusive: bool, argv: list[str] | None):
+def _take(path: Path, exclusive: bool, argv: list[str] | None, tool: str = "aimv2 shard"):
     """Open and flock `path` without waiting; returns the open file, None when the filesystem has no
     flock, raises BlockingIOError when it is held."""
     f = open(path, "a+")
@@ -49,7 +53,7 @@ def _take(path: Path, exclusive: bool, argv: list[str] | None):
     except OSError as e:
         f.close()
         if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-            print(f"aimv2 shard: {path.parent} cannot be locked ({e.strerror}): make sure no other run writes "
+            print(f"{tool}: {path.parent} cannot be locked ({e.strerror}): make sure no other run writes "
                   "it", file=sys.stderr, flush=True)
             return None
         raise
@@ -80,19 +84,20 @@ def _busy_parts(output: Path) -> list[str]:
 
 
 @contextmanager
-def output_lock(output: str | os.PathLike, part: tuple[int, int] | None = None, argv: list[str] | None = None):
+def output_lock(output: str | os.PathLike, part: tuple[int, int] | None = None, argv: list[str] | None = None,
+                tool: str = "aimv2 shard"):
     """Hold MANIFEST's lock for the block; LockHeld (naming the holder) if another run has it."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    main = output / ".lock"
+    main = output / LOCK_NAME
     held = []
     try:
         try:
-            held.append(_take(main, exclusive=part is None, argv=argv))
+            held.append(_take(main, exclusive=part is None, argv=argv, tool=tool))
         except BlockingIOError:
             busy = _busy_parts(output)
             who = "; ".join(busy) if busy else _holder_text(main)
-            raise LockHeld(f"{output} is being written by another `aimv2 shard` run: {who}; wait for it to end "
+            raise LockHeld(f"{output} is being written by another `{tool}` run: {who}; wait for it to end "
                            "(a killed run's lock is released by the system, no cleanup needed)") from None
         if part is not None:
             lock = output / f".lock-part-{part[0]}-of-{part[1]}"

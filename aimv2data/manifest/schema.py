@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from aimv2data.atomic import atomic_write, write_json_atomic  # noqa: F401  (re-exported)
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"   # 1.1: stored_sha256, reencoded
 
 SAMPLE_SCHEMA = pa.schema([
     ("key", pa.string()),           # webdataset key (member path up to the first dot)
@@ -37,6 +37,8 @@ SAMPLE_SCHEMA = pa.schema([
     ("original_height", pa.int32()),
     ("bucket", pa.int16()),         # aspect bucket id, see _manifest.json `buckets`
     ("caption", pa.string()),       # alt-text (.txt, else json `caption`); null when empty
+    ("stored_sha256", pa.string()), # 1.1: of the stored member (json `stored_sha256`, else computed)
+    ("reencoded", pa.bool_()),      # 1.1: stored bytes are not the downloaded ones; null when unknown
 ])
 
 REJECT_SCHEMA = pa.schema([
