@@ -41,7 +41,9 @@ def damage(path: Path, at: float = 0.5, n: int = 64) -> None:
 
 
 def snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob("*") if p.is_file()}
+    """Every file under root but the run lock, which records whoever holds it now."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob("*")
+            if p.is_file() and p.name != ".lock"}
 
 
 # ------------------------------------------------------------------------------------ 1, 2: signals

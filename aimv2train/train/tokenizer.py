@@ -9,6 +9,7 @@ without a pad piece gets pad = its vocab size, one id past its pieces (the model
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -50,6 +51,11 @@ class Tokenizer:
         self.eos_id = self.sp.eos_id()  # -1 if the model has none: captions then end without one
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else n
         self.vocab_size = max(n, self.pad_id + 1)
+
+    @property
+    def sha256(self) -> str:
+        """The model's content hash: what identifies its ids, whatever the file is called."""
+        return hashlib.sha256(self._proto).hexdigest()
 
     # DataLoader workers pickle the tokenizer: ship the model bytes, not the C++ object.
     def __getstate__(self):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import math
 import os
 import time
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from aimv2data.atomic import is_disk_full, read_jsonl, write_json_atomic
+from aimv2data.manifest.lock import LockHeld, folder_lock
 from aimv2data.paper import TEXT_LEN
 
 from . import checkpoint as ck
@@ -269,7 +271,8 @@ def train(cfg: TrainConfig) -> dict:
             raise WontFit(plan)
         info = init_distributed(device, timeout=datetime.timedelta(minutes=cfg.dist_timeout))
         try:
-            return _train(cfg, info, device)
+            with _run_folder(cfg, info):
+                return _train(cfg, info, device)
         except (OSError, RuntimeError) as e:
             if not is_disk_full(e):
                 raise
@@ -310,6 +313,40 @@ def run_precision(cfg: TrainConfig, device: torch.device) -> str:
 def run_resolution(cfg: TrainConfig) -> int | None:
     """Fixed resolution in pixels (the stage's default unless --resolution); None at native resolution."""
     return None if cfg.native_res else (cfg.resolution or STAGES[cfg.resolved_stage()].resolution)
+
+
+@contextlib.contextmanager
+def _run_folder(cfg: TrainConfig, info: DistInfo):
+    """Rank 0, the run folder's one writer, checks that RUN and RUN/checkpoints take files and holds RUN/.lock
+    for the whole run, so a second `train --out RUN` refuses, naming the holder. The other ranks take no lock:
+    a second job's rank 0 is refused, and the kernel frees the lock however the run ends."""
+    if not info.is_main:
+        yield
+        return
+    out = Path(cfg.out)
+    for folder in (out, out / "checkpoints"):
+        _check_writable(folder)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(folder_lock(out, "aimv2 train"))
+        except LockHeld as e:
+            raise TrainError(str(e)) from None
+        yield
+
+
+def _check_writable(folder: Path) -> None:
+    """A folder that cannot take a file fails here, before any step, not at the first checkpoint."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        if is_disk_full(e):
+            raise
+        raise TrainError(f"{folder} is not writable ({e.strerror or e}): the run could not save its checkpoints "
+                         f"there; fix its permissions or mount, or choose another --out") from None
 
 
 def _disk_full_message(out: str, e: BaseException) -> str:
@@ -402,13 +439,15 @@ class Run:
 
     def save(self) -> Path:
         t0 = time.perf_counter()
+        tok_bytes = Path(self.cfg.tokenizer).read_bytes()
         train_meta = {"config": asdict(self.cfg), "hparams": self.hp.to_dict(), "schedule": self.schedule.state_dict(),
                       "world_size": self.info.world_size,
-                      "parallel": self.cfg.parallel if self.info.enabled else "none", "stage": self.stage}
+                      "parallel": self.cfg.parallel if self.info.enabled else "none", "stage": self.stage,
+                      "tokenizer_sha256": hashlib.sha256(tok_bytes).hexdigest()}
         path = ck.save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer,
                                   model_config=self.mcfg.to_dict(), train=train_meta,
                                   rank_state={"loader": self.loader.state_dict(), "rng": ck.rng_state(self.generator)},
-                                  tokenizer_bytes=Path(self.cfg.tokenizer).read_bytes(), sharded=self.sharded,
+                                  tokenizer_bytes=tok_bytes, sharded=self.sharded,
                                   keep=self.cfg.keep)
         self.saved, self.save_time = (path, self.step), round(time.perf_counter() - t0, 3)
         return path
@@ -692,12 +731,28 @@ def _check_resumable(cfg: TrainConfig, resume_from, info: DistInfo, tok: Tokeniz
     if state.get("config", {}).get("decoder", {}).get("vocab_size") != tok.vocab_size:
         raise TrainError(f"--resume: the tokenizer has {tok.vocab_size} ids, the checkpoint's model "
                          f"{state['config']['decoder']['vocab_size']}")
+    _check_tokenizer(path, state, tok)
     if old.get("steps") not in (None, cfg.steps):
         warnings.warn(f"--steps changed from {old['steps']} to {cfg.steps}: the cosine schedule is stretched "
                       f"from here on, so this is not the run that was interrupted", stacklevel=3)
     if int(state["step"]) >= (cfg.stop_at or cfg.steps):
         raise TrainError(f"{path} is at step {state['step']}, nothing left to do for --steps {cfg.steps}"
                          + (f" --stop-at {cfg.stop_at}" if cfg.stop_at else ""))
+
+
+def _check_tokenizer(path: Path, state: dict, tok: Tokenizer) -> None:
+    """Another tokenizer of the same size maps ids to other pieces: compare content hashes. Checkpoints written
+    before the hash was stored carry the tokenizer's bytes, hashed here; one with neither is accepted, with a
+    notice."""
+    saved = state.get("train", {}).get("tokenizer_sha256")
+    if saved is None and isinstance(state.get("tokenizer"), torch.Tensor):
+        saved = hashlib.sha256(state["tokenizer"].numpy().tobytes()).hexdigest()
+    if saved is None:
+        notice(f"--resume: {path} does not record its tokenizer; assuming {tok.path} is the one it was trained with")
+    elif saved != tok.sha256:
+        raise TrainError(f"--resume: {tok.path} is not the tokenizer {path} was trained with (sha256 "
+                         f"{tok.sha256[:12]}, the checkpoint's {saved[:12]}): its ids stand for other pieces; pass "
+                         f"the run's own tokenizer or start a new --out with --init {path}")
 
 
 def _write_json(path: Path, obj: dict) -> None:
