@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -186,6 +187,8 @@ def _train_step(name: str, init_run: str | None = None, **kw) -> Step:
                           resume=(ctx.out / name / "checkpoints").is_dir(),
                           init=str(ctx.out / init_run) if init_run else None, **kw)
         s = train(cfg)
+        if s["status"] != "done":  # a signal: the trainer saved and stopped; this step and the ones after wait
+            raise DemoInterrupted(name, signal.Signals[s.get("signal") or "SIGTERM"])
         plot_runs([ctx.out / name])
         terms = ", ".join(f"{short} {s[k + '_end']:.3f}" for k, (short, _) in LOSS_TERMS.items())
         return f"{s['step']} steps, loss {s['loss_start']:.3f} -> {s['loss_end']:.3f} ({terms}); plots in {name}/"
@@ -322,9 +325,19 @@ class DemoStepFailed(RuntimeError):
         self.step = step
 
 
+class DemoInterrupted(KeyboardInterrupt):
+    """SIGTERM / SIGINT stopped step `step` before it finished: the demo stops there, the step is not done
+    (a rerun resumes it), and `aimv2 demo` exits 128 + `signum` like every interrupted command."""
+
+    def __init__(self, step: str, signum: int):
+        super().__init__(f"demo step {step} interrupted by {signal.Signals(signum).name}")
+        self.step, self.signum = step, signum
+
+
 def run_demo(out: str | Path, console) -> Iterator[StepResult]:
     """Run (or resume) every step of STEPS under `out`, yielding each step's result as it ends.
-    `console` is a rich Console (step headers, the loopback address, probe lines)."""
+    `console` is a rich Console (step headers, the loopback address, probe lines). A step stopped by a
+    signal raises DemoInterrupted (a KeyboardInterrupt): no later step runs."""
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     ctx = DemoContext(root, console)
@@ -338,6 +351,8 @@ def run_demo(out: str | Path, console) -> Iterator[StepResult]:
             try:
                 detail = step.run(ctx)
             except STEP_ERRORS as e:
+                if getattr(e, "signal_number", None):  # fetch stopped by a signal (FetchIncomplete)
+                    raise DemoInterrupted(step.name, e.signal_number) from e
                 raise DemoStepFailed(step.name, e) from e
             yield StepResult(step.name, False, time.perf_counter() - t0, root / step.output, detail)
     finally:
