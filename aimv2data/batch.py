@@ -90,6 +90,7 @@ class Batch:
     area: int = 0                             # sampled area A (patches); h*w <= A
     replaced: list[tuple[str, str]] = field(default_factory=list)  # (key that failed, reason)
     padding: float = 0.0                      # fraction of pixels with no image content (0 by design)
+    caption_sets: list[str] = field(default_factory=list)   # per sample: alt, the syn_<name> drawn, or none
 
     @cached_property
     def patches(self) -> torch.Tensor:
@@ -104,7 +105,7 @@ class Batch:
         out = Batch(self.images.to(device, non_blocking=non_blocking), self.grid, self.patch_size,
                     self.captions, self.keys, self.sources,
                     None if self.tokens is None else self.tokens.to(device, non_blocking=non_blocking),
-                    self.epoch, self.step, self.area, self.replaced, self.padding)
+                    self.epoch, self.step, self.area, self.replaced, self.padding, self.caption_sets)
         return out
 
     def pin_memory(self) -> "Batch":

@@ -113,6 +113,9 @@ def train(**settings):
     if "replaced" in s:
         t.add_row("replaced", f"{s['replaced']} of {s['draws']} samples drawn ({100 * s['replaced_share']:.1f}%) "
                   "could not be read or decoded and were replaced")
+    if s.get("caption_shares"):
+        t.add_row("captions", "; ".join(f"{src or 'all'} " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in per.items())
+                                        for src, per in s["caption_shares"].items()))
     saved = str(s.get("checkpoint"))
     if s.get("save_time") is not None:  # what a scheduler's preemption notice must leave room for (docs/train.md)
         saved += f" (written in {s['save_time']:.1f} s)"

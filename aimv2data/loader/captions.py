@@ -11,9 +11,13 @@ probabilities (the rows of Table 2 are joint source x caption-type sampling prob
 (The rows as printed sum to 97 %.) How often each *source* is seen is the manifest's composition; the
 loader does not reweight sources. Whatever is missing falls back to what is present: no synthetic
 caption -> alt-text, no alt-text -> a synthetic one, neither -> "" (counted by the loader).
+
+`--caption-mix coyo:alt=0.5,coyo:recap=0.5` replaces the rows of the sources it names (weights per source
+over `alt`, `synthetic` = every attached set pooled, or one set by name); the others keep Table 2.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Callable
 
@@ -36,39 +40,130 @@ def table2_mix() -> dict[str, float]:
     return mix
 
 
+ALT, POOL = "alt", "synthetic"   # the alt-text; every attached set pooled (Table 2's "synthetic")
+CAPTION_MIX_HELP = "write e.g. coyo:alt=0.5,coyo:recap=0.5 (SET: alt, synthetic or an attached set's name)"
+
+
 def _norm(source: str | None) -> str:
     return re.sub(r"[^a-z0-9]", "", (source or "").lower())
 
 
-class CaptionChooser:
-    def __init__(self, mix: dict[str, float] | None = None, seed: int = 0):
-        mix = table2_mix() if mix is None else dict(mix)
+def _set_name(name: str) -> str:
+    """alt, synthetic, or a caption set's column (`recap` and `syn_recap` are the same set)."""
+    name = name.strip()
+    return name if name in (ALT, POOL) or name.startswith("syn_") else f"syn_{name}"
+
+
+def parse_caption_mix(mix) -> tuple[dict[str, dict[str, float]], bool]:
+    """(per source: weights over caption sets, replaces Table 2). `--caption-mix` text `SRC:SET=W,...` or
+    {src: {set: w}} adds to the paper's rows (sources it does not name keep them); the older form
+    {src: P(alt | src)} is a whole table, as before. SRC `default`: sources with no row."""
+    if mix is None or mix == "" or mix == "table2":
+        return {}, False
+    out: dict[str, dict[str, float]] = {}
+    replace = isinstance(mix, dict) and all(not isinstance(v, dict) for v in mix.values())
+    if isinstance(mix, str):
+        for part in mix.split(","):
+            key, eq, w = part.partition("=")
+            src, colon, name = key.partition(":")
+            try:
+                if not (eq and colon and src.strip() and name.strip()):
+                    raise ValueError
+                weight = float(w)
+            except ValueError:
+                raise ValueError(f"--caption-mix {mix!r}: {part!r} is not SOURCE:SET=WEIGHT; {CAPTION_MIX_HELP}") from None
+            sets = out.setdefault(src.strip(), {})
+            sets[_set_name(name)] = sets.get(_set_name(name), 0.0) + weight
+    elif replace:
         for k, p in mix.items():
             if not 0.0 <= float(p) <= 1.0:
                 raise ValueError(f"caption mix: P(alt | {k}) = {p} is not a probability")
-        self.mix = {_norm(k): float(p) for k, p in mix.items()}
-        self.default = self.mix.get("default", DEFAULT_ALT)
+            out[k] = {ALT: float(p), POOL: 1.0 - float(p)}
+    else:
+        out = {k: {_set_name(n): float(w) for n, w in v.items()} for k, v in mix.items()}
+    for src, sets in out.items():
+        if not all(w >= 0 and math.isfinite(w) for w in sets.values()) or sum(sets.values()) <= 0:
+            raise ValueError(f"--caption-mix: the weights of {src} ({sets}) must be >= 0 with a positive sum; "
+                             f"{CAPTION_MIX_HELP}")
+    return {_norm(k): v for k, v in out.items()}, replace
+
+
+class CaptionChooser:
+    """Per sample one caption set by the source's weights over those the row has: alt-text, a set the
+    mix names, or the pooled rest (`synthetic`: one caption uniformly over their entries)."""
+
+    def __init__(self, mix=None, seed: int = 0):
+        given, replace = parse_caption_mix(mix)
+        paper = {s: {ALT: float(v["alt"]), POOL: float(v["synthetic"])} for s, v in TABLE2.items()}
+        self.named = set(given)        # the sources the caller chose for
+        self.mix = {"default": {ALT: DEFAULT_ALT, POOL: 1.0 - DEFAULT_ALT},
+                    **({} if replace else paper), **given}
         self.seed = seed
 
+    def weights(self, source: str | None) -> dict[str, float]:
+        return self.mix.get(_norm(source), self.mix["default"])
+
     def p_alt(self, source: str | None) -> float:
-        return self.mix.get(_norm(source), self.default)
+        w = self.weights(source)
+        return w.get(ALT, 0.0) / sum(w.values())
+
+    def set_weight(self, source: str | None, column: str) -> float:
+        """The weight of caption set `column` (syn_NAME) for `source`: its own, else the pool's."""
+        w = self.weights(source)
+        return w[column] if column in w else w.get(POOL, 0.0)
 
     def choose(self, epoch: int, row: int, source: str | None, alt: str | None,
                synthetic: dict[str, list[str] | None]) -> tuple[str, str]:
         """(text, kind) with kind 'alt', the synthetic column name, or 'none'."""
-        options = [(name, caps) for name, caps in sorted(synthetic.items()) if caps]
+        w = self.weights(source)
+        sets = [(name, caps) for name, caps in sorted(synthetic.items()) if caps]
+        own = {n: caps for n, caps in sets if n in w}
+        pool = [(n, caps) for n, caps in sets if n not in w]
         have_alt = bool(alt and alt.strip())
-        u = unit(self.seed, epoch, row, CAPTION)
-        want_alt = u < self.p_alt(source)
-        if have_alt and (want_alt or not options):
+        options = ([(ALT, w.get(ALT, 0.0))] if have_alt else []) + [(n, w[n]) for n in own] \
+            + ([(POOL, w.get(POOL, 0.0))] if pool else [])
+        if sum(x for _, x in options) > 0:
+            pick = _pick(options, unit(self.seed, epoch, row, CAPTION))
+        else:  # none of what this source's mix gives is here: whatever is (alt-text first)
+            pick, pool = (ALT if have_alt else POOL if sets else None), sets
+        if pick == ALT:
             return alt, "alt"
-        if options:
-            # One synthetic caption uniformly over all sets' entries.
-            v = unit(self.seed, epoch, row, CAPTION, 1)
-            flat = [(name, c) for name, caps in options for c in caps]
-            name, text = flat[int(v * len(flat))]
-            return text, name
-        return "", "none"
+        if pick is None:
+            return "", "none"
+        group = pool if pick == POOL else [(pick, own[pick])]
+        v = unit(self.seed, epoch, row, CAPTION, 1)
+        flat = [(name, c) for name, caps in group for c in caps]
+        name, text = flat[int(v * len(flat))]
+        return text, name
+
+
+def _pick(options: list[tuple[str, float]], u: float) -> str:
+    """The option whose share of the cumulative weight holds u (in [0, 1))."""
+    total, acc = sum(x for _, x in options), 0.0
+    for kind, x in options:
+        acc += x
+        if x > 0 and u < acc / total:
+            return kind
+    return [k for k, x in options if x > 0][-1]   # u within rounding of 1
+
+
+def check_caption_mix(chooser: CaptionChooser, sources: dict[str, str], columns: list[str]) -> list[str]:
+    """Refuse names the manifest lacks (a typo); return the notice for attached sets no source draws."""
+    for src in chooser.named - {"default", *TABLE2}:
+        if src not in sources:
+            raise ValueError(f"--caption-mix names source {src!r}, which the manifest does not have (it has: "
+                             f"{', '.join(sources.values()) or 'none'})")
+    for src in chooser.named:
+        unknown = [n for n in chooser.mix[src] if n not in (ALT, POOL) and n not in columns]
+        if unknown:
+            raise ValueError(f"--caption-mix {src}: caption set {unknown[0][4:]!r} is not attached to the manifest "
+                             f"(attached: {', '.join(c[4:] for c in columns) or 'none'})")
+    zero = [f"{sources[s] or 'all'}: {c[4:]}" for s in sources for c in columns if chooser.set_weight(s, c) == 0]
+    if not zero:
+        return []
+    return [f"caption mix: attached caption sets with probability 0, never trained on while the alt-text is there "
+            f"({'; '.join(zero)}; the paper's Table 2 gives COYO alt-text only): choose with --caption-mix, "
+            f"{CAPTION_MIX_HELP}"]
 
 
 def resolve_pad_id(tokenizer, pad_id: int | None) -> int:

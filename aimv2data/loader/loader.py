@@ -29,7 +29,7 @@ import torch
 
 from .. import paper
 from ..batch import Batch, empty_images
-from .captions import CONTEXT, CaptionChooser, resolve_pad_id, tokenize
+from .captions import CONTEXT, CaptionChooser, check_caption_mix, resolve_pad_id, tokenize
 from .geometry import Crop, cover, random_resized_crop
 from .reader import ShardReader
 from .sampler import ALL, CROP, Sampler, Snapshot, StepSpec, deal, resolve_mix, rng, unit
@@ -54,7 +54,7 @@ class LoaderConfig:
     ratio: tuple[float, float] = paper.RRC_RATIO
     hflip: float = paper.HFLIP          # fixed resolution
     native_hflip: float = 0.0           # native resolution: no augmentation by default
-    caption_mix: dict | None = None     # P(alt | source); None = paper Table 2
+    caption_mix: str | dict | None = None   # "coyo:alt=0.5,coyo:recap=0.5" (captions.py); None = Table 2
     mix: str | dict | None = None       # P(source): "dfn=0.6,coyo=0.06"; None = Table 2; "rows" = one stream
     tokenizer: object = None            # callable text -> ids, or None for captions only
     pad_id: int | None = None
@@ -205,12 +205,13 @@ class StepMaker:
                 crops[i] = new_crops[j]
             failed = {slots[j]: reason for j, reason in bad.items()}
 
-        texts, sources, keys = [], [], []
+        texts, sources, keys, kinds = [], [], [], []
         for r in rows:
             t = table.texts(r)
             syn = {c: t[c] for c in table.syn_columns}
-            text, _ = self.captions.choose(epoch, table.uid(r), t.get("source"), t.get("caption"), syn)
+            text, kind = self.captions.choose(epoch, table.uid(r), t.get("source"), t.get("caption"), syn)
             texts.append(text)
+            kinds.append(kind)
             sources.append(t.get("source") or "")
             keys.append(t["key"])
         tokens = None
@@ -219,7 +220,7 @@ class StepMaker:
         padding = float(np.mean([c.padding() for c in crops]))
         return Batch(images=images, grid=tuple(spec.grid), patch_size=self.p, captions=texts, keys=keys,
                      sources=sources, tokens=tokens, epoch=epoch, step=step, area=spec.area,
-                     replaced=replaced, padding=padding)
+                     replaced=replaced, padding=padding, caption_sets=kinds)
 
 
 class _Steps(torch.utils.data.IterableDataset):
@@ -285,10 +286,14 @@ class Loader:
                                  "of --mix")
         self._keys = np.array([m.chunk_key(i) for i in range(len(m.chunk_rows))], dtype=np.int64)
         self.maker = StepMaker(self.sampler, cfg, p)
+        syn_columns = sorted({c for cols in m.columns for c in cols if c.startswith("syn_")})
+        caption_notes = check_caption_mix(self.maker.captions, m.sources, syn_columns)
+        if caption_notes and self.rank == 0:
+            print("aimv2 loader: " + "; ".join(caption_notes), file=sys.stderr)
         self._warned_small = False
         self._ahead = None                # the live decode-ahead generator (dali)
         self.stats = {"batches": 0, "images": 0, "patches": 0, "replaced": 0, "replaced_keys": [],
-                      "sources": {}, "rows_read": 0, "reads": []}
+                      "sources": {}, "rows_read": 0, "reads": [], "captions": {}}
         self._start(Snapshot(epochs={s: 0 for s in self.weights}), 0)
 
     # ---------------------------------------------------------------------------------- shares, segments
@@ -412,6 +417,9 @@ class Loader:
         s["replaced_keys"] = (s["replaced_keys"] + [list(r) for r in batch.replaced])[-100:]
         for src in batch.sources:
             s["sources"][src] = s["sources"].get(src, 0) + 1
+        for src, kind in zip(batch.sources, batch.caption_sets):   # source -> caption set -> captions drawn
+            per = s["captions"].setdefault(src, {})
+            per[kind] = per.get(kind, 0) + 1
 
     def source_epochs(self) -> dict[str, int]:
         """Source name -> the epoch its stream is in."""
@@ -482,3 +490,4 @@ class Loader:
             self.stats.setdefault("sources", {})
             self.stats["rows_read"] = self.stats.get("rows_read", 0)
             self.stats.setdefault("reads", [])
+            self.stats["captions"] = {src: dict(v) for src, v in self.stats.get("captions", {}).items()}

@@ -62,6 +62,11 @@ class TrainConfig:
     mix: str | None = flag(None, "Source mixture, e.g. dfn=0.60,coyo=0.06,hqitp=0.31: each source its own stream with "
                            "its own epochs. Default: the paper's Table 2 (60/6/31) over the sources the manifest has; "
                            "'rows': as the manifest has them.", metavar="SRC=W,...")
+    caption_mix: str | None = flag(None, "Which caption a sample trains with, per source: weights over alt (alt-text), "
+                                   "synthetic (every attached set, pooled) or a set by name, e.g. coyo:alt=0.5,"
+                                   "coyo:recap=0.5 (default: a source with no row). Sources it does not name keep the "
+                                   "paper's Table 2 (DFN alt 1 : synthetic 1, COYO alt-text only, HQITP 28 : 3).",
+                                   metavar="SRC:SET=W,...")
     cache_dir: str | None = flag(None, "Shards at URLs (s3://...): cache fetched samples on local disk here (later "
                                  "epochs read it).", path="dir")
     cache_gb: float = flag(0.0, "Size limit of --cache-dir in GB.")

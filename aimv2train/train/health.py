@@ -1,4 +1,4 @@
-"""What the data does to a run, made visible: replaced samples and caption coverage.
+"""What the data does to a run, made visible: replaced samples, caption coverage and caption-set shares.
 
 The loader replaces a sample it cannot read or decode (a deleted tar, damaged bytes) with another of
 the same bucket, so a step never fails on one bad image; but a run that trains mostly on replacements
@@ -40,3 +40,13 @@ def caption_coverage(table) -> tuple[int, int]:
             if nulls:
                 has |= ~np.concatenate(nulls)
     return int(has.sum()), int(table.n)
+
+
+def caption_shares(counts: dict[str, dict[str, int]]) -> dict[str, dict[str, float]]:
+    """Per source, the share of its captions drawn from each caption set (alt, syn_<name>, none), from the
+    loader's counts since the run began (this rank's draws; they travel in the checkpoint)."""
+    out = {}
+    for src, per in sorted(counts.items()):
+        n = sum(per.values())
+        out[src] = {k: v / n for k, v in sorted(per.items())} if n else {}
+    return out

@@ -41,7 +41,7 @@ from .distributed import (DistInfo, all_reduce_mean, cpu_threads, init_distribut
 from ..model.flops import step_flops
 from ..model.config import ATTENTION_KINDS
 from ..model.masks import sample_prefix_lengths
-from .health import caption_coverage, replaced_summary
+from .health import caption_coverage, caption_shares, replaced_summary
 from .logline import PeriodicLine
 from .metrics import MetricsLog, reference_peak, summarize
 from ..model.aimv2 import LOSS_TERMS, TOTAL_LOSS, AIMv2, count_params
@@ -210,6 +210,7 @@ def make_loader(cfg: TrainConfig, tok: Tokenizer, info: DistInfo, resolution: in
 
     kwargs = dict(tokenizer=tok, pad_id=tok.pad_id, rank=info.rank, world_size=info.world_size, seed=cfg.seed,
                   workers=cfg.workers, decoder=cfg.image_decoder, pin_memory=torch.cuda.is_available(), mix=cfg.mix,
+                  caption_mix=cfg.caption_mix,
                   cache_dir=cfg.cache_dir, cache_gb=cfg.cache_gb if cfg.cache_dir else 0.0)
     if cfg.native_res:
         loader = Loader(cfg.manifest, native_res=True, batch_patches=cfg.batch_patches, **kwargs)
@@ -679,6 +680,7 @@ def _record(run: Run, batch, result: dict, dt: float, t_data: float) -> dict:
             "step_time": dt, "data_time": t_data, "batch": B * world, "grid": [h, w],
             "epoch": int(getattr(batch, "epoch", 0)),
             "sources": dict(run.loader.stats["sources"]), "source_epochs": run.loader.source_epochs(),
+            "caption_shares": caption_shares(run.loader.stats.get("captions", {})),
             "replaced": result["replaced"]}
 
 
@@ -699,7 +701,8 @@ def _finish(run: Run, status: str, failure: str | None, stop: StopRequest) -> di
                "checkpoint": str(saved_path) if saved_path else None, "last_good_step": last_saved,
                "save_time": run.save_time,
                "run": str(out), **run.header, **summarize(records),
-               **replaced_summary(records, run.loader.stats["replaced_keys"], run.cfg.warn_replaced)}
+               **replaced_summary(records, run.loader.stats["replaced_keys"], run.cfg.warn_replaced),
+               "caption_shares": records[-1].get("caption_shares") if records else None}
     if info.is_main and summary.get("replaced_warning"):
         notice("warning: " + summary["replaced_warning"])
     if status == "interrupted":  # 130 / 143: a scheduler requeues, `train && export` stops (preempt.py)
