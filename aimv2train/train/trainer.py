@@ -325,6 +325,7 @@ def _run_folder(cfg: TrainConfig, info: DistInfo):
         yield
         return
     out = Path(cfg.out)
+    made = [f for f in (out, out / "checkpoints", out / ".lock") if not f.exists()]
     for folder in (out, out / "checkpoints"):
         _check_writable(folder)
     with contextlib.ExitStack() as stack:
@@ -332,7 +333,26 @@ def _run_folder(cfg: TrainConfig, info: DistInfo):
             stack.enter_context(folder_lock(out, "aimv2 train"))
         except LockHeld as e:
             raise TrainError(str(e)) from None
-        yield
+        try:
+            yield
+        except BaseException:
+            _remove_unused(out, made)
+            raise
+
+
+def _remove_unused(out: Path, made: list[Path]) -> None:
+    """A run refused before it wrote anything leaves nothing new: what `_run_folder` made (the run folder,
+    its checkpoints folder, the lock) goes again."""
+    try:
+        if {p.name for p in out.iterdir()} - {".lock", "checkpoints"} or any((out / "checkpoints").iterdir()):
+            return
+    except OSError:
+        return
+    for f in reversed(made):
+        try:
+            f.rmdir() if f.is_dir() else f.unlink(missing_ok=True)
+        except OSError:  # not empty: the run wrote into it
+            pass
 
 
 def _check_writable(folder: Path) -> None:
