@@ -94,9 +94,12 @@ def test_resume_with_another_tokenizer_of_the_same_size_is_refused(data, other_t
 
 
 def _rewrite(path: Path, edit) -> None:
-    state = ck.read_checkpoint(path)
+    """The checkpoint as an older version wrote it; replaced, not overwritten (readers memory-map it)."""
+    from aimv2data.atomic import atomic_torch_save
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
     edit(state)
-    torch.save(state, path)
+    atomic_torch_save(state, path)
 
 
 def test_resume_of_a_checkpoint_without_the_hash(data, other_tok, tmp_path, capsys):
