@@ -54,7 +54,7 @@ def test_a_second_train_into_a_running_run_folder_refuses_naming_the_holder(data
             time.sleep(0.2)
         assert holder.poll() is None, holder.communicate()[1][-2000:]
         before = _files(run)
-        with pytest.raises(TrainError, match=rf"{run} is in use by another `aimv2 train` run: pid {holder.pid} "):
+        with pytest.raises(TrainError, match=rf"{run} is being written by another `aimv2 train` run: pid {holder.pid} "):
             train(cfg(data, run))
         with pytest.raises(TrainError, match=f"pid {holder.pid}"):
             train(cfg(data, run, resume=True))

@@ -10,7 +10,8 @@ kernel drops a flock when its process ends in any way (exit, exception, kill -9)
 behind by a killed run is stale by construction: the next run takes it over and overwrites the holder.
 On a filesystem without flock support the run goes on unlocked, with a one-line notice.
 
-`folder_lock` is the same lock for any other folder with one writer (`aimv2 train`'s run folder).
+`output_lock(..., tool=...)` is the same lock for any other folder with one writer (`aimv2 fetch`'s output,
+`aimv2 train`'s run folder).
 """
 from __future__ import annotations
 
@@ -116,24 +117,3 @@ def output_lock(output: str | os.PathLike, part: tuple[int, int] | None = None, 
                     f.close()  # releases the flock
                 except OSError:  # an unflushed holder line on a full disk; the descriptor is closed anyway
                     pass
-
-
-@contextmanager
-def folder_lock(folder: str | os.PathLike, tool: str, argv: list[str] | None = None):
-    """Hold FOLDER/.lock exclusively for the block: one `tool` run writes the folder at a time. LockHeld,
-    naming the holder, if another live process has it."""
-    lock = Path(folder) / ".lock"
-    try:
-        f = _take(lock, exclusive=True, argv=argv, tool=tool)
-    except BlockingIOError:
-        raise LockHeld(f"{folder} is in use by another `{tool}` run: {_holder_text(lock)}; wait for it to end or "
-                       "choose another folder (a killed run's lock is released by the system, no cleanup "
-                       "needed)") from None
-    try:
-        yield
-    finally:
-        if f is not None:
-            try:
-                f.close()
-            except OSError:
-                pass

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from aimv2data.atomic import is_disk_full, read_jsonl, write_json_atomic
-from aimv2data.manifest.lock import LockHeld, folder_lock
+from aimv2data.manifest.lock import LOCK_NAME, LockHeld, output_lock
 from aimv2data.paper import TEXT_LEN
 
 from . import checkpoint as ck
@@ -325,12 +325,12 @@ def _run_folder(cfg: TrainConfig, info: DistInfo):
         yield
         return
     out = Path(cfg.out)
-    made = [f for f in (out, out / "checkpoints", out / ".lock") if not f.exists()]
+    made = [f for f in (out, out / "checkpoints", out / LOCK_NAME) if not f.exists()]
     for folder in (out, out / "checkpoints"):
         _check_writable(folder)
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(folder_lock(out, "aimv2 train"))
+            stack.enter_context(output_lock(out, tool="aimv2 train"))
         except LockHeld as e:
             raise TrainError(str(e)) from None
         try:
@@ -344,7 +344,7 @@ def _remove_unused(out: Path, made: list[Path]) -> None:
     """A run refused before it wrote anything leaves nothing new: what `_run_folder` made (the run folder,
     its checkpoints folder, the lock) goes again."""
     try:
-        if {p.name for p in out.iterdir()} - {".lock", "checkpoints"} or any((out / "checkpoints").iterdir()):
+        if {p.name for p in out.iterdir()} - {LOCK_NAME, "checkpoints"} or any((out / "checkpoints").iterdir()):
             return
     except OSError:
         return
