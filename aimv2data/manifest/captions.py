@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from aimv2data import storage
 from aimv2data.manifest import layout
+from aimv2data.manifest.integrity import ManifestMismatch, read_meta
 from aimv2data.manifest.schema import (MAX_CAPTION_BYTES, SYN_PREFIX, SYN_TYPE, read_json, write_json_atomic,
                                        write_parquet_atomic)
 
@@ -34,7 +35,10 @@ def _manifest(path: Path) -> dict:
     meta = layout.manifest_json(path)
     if not meta.is_file():
         raise CaptionError(f"{meta} not found: build the manifest with `aimv2 shard` first")
-    return read_json(meta)
+    try:
+        return read_meta(meta)
+    except ManifestMismatch as e:
+        raise CaptionError(str(e)) from None
 
 
 def _sample_parts(path: Path) -> list[Path]:
