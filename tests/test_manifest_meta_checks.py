@@ -39,7 +39,7 @@ def _stats_line(m):
     return lines[0]
 
 
-@pytest.mark.parametrize("version", ["2.0", "banana", 1])
+@pytest.mark.parametrize("version", ["2.0", "banana", 2, True])
 def test_an_unknown_major_schema_version_is_refused(manifest, version):
     _edit(manifest, schema_version=version)
     with pytest.raises(ManifestError, match="schema_version .* is not one this aimv2 reads"):

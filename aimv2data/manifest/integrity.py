@@ -40,7 +40,9 @@ def check_meta(meta, where) -> None:
         raise ManifestMismatch(f"{where}: expected a JSON object, got {type(meta).__name__}; rebuild it with "
                                "`aimv2 shard --merge-only MANIFEST`")
     version = meta.get("schema_version")
-    if version is not None and (not isinstance(version, str) or version.split(".")[0] != SCHEMA_MAJOR):
+    # a hand-written manifest may say 1 or 1.0 as a number: the major is what matters
+    known = isinstance(version, (str, int, float)) and not isinstance(version, bool)
+    if version is not None and (not known or str(version).split(".")[0] != SCHEMA_MAJOR):
         raise ManifestMismatch(f"{where}: schema_version {version!r} is not one this aimv2 reads (major "
                                f"{SCHEMA_MAJOR}, manifests/SPEC.md); use the aimv2 that wrote it, or rebuild the "
                                "manifest with `aimv2 shard`")
