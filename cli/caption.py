@@ -1,6 +1,7 @@
 import click
 
 from aimv2data.manifest.captions import JOIN_KEYS
+from aimv2data.manifest.schema import MAX_CAPTION_BYTES
 
 
 @click.group()
@@ -19,7 +20,9 @@ def caption():
 @click.option("--key-column", help="Key column in the set when it is not named like --on.")
 @click.option("--memory-limit", default="1GB", show_default=True,
               help="Memory for the join (DuckDB; spills to disk beyond it), whatever the caption set's size.")
-def attach(manifest, captions_file, on, column, name, key_column, memory_limit):
+@click.option("--max-caption-bytes", default=MAX_CAPTION_BYTES, show_default=True,
+              help="Drop (and count) captions longer than this in UTF-8 bytes, as `aimv2 shard` does.")
+def attach(manifest, captions_file, on, column, name, key_column, memory_limit, max_caption_bytes):
     """Join a caption set into MANIFEST as syn_<name> (list[str]); several captions per sample allowed.
 
     MANIFEST: a local directory or a URL (s3://bucket/manifest). Rewrites each samples part atomically, one
@@ -31,14 +34,16 @@ def attach(manifest, captions_file, on, column, name, key_column, memory_limit):
 
     try:
         r = do_attach(manifest, captions_file, on=on, column=column, name=name, key_column=key_column,
-                      memory_limit=memory_limit)
+                      memory_limit=memory_limit, max_caption_bytes=max_caption_bytes)
     except (CaptionError, OSError) as e:
         raise click.ClickException(str(e)) from None
     total = r["matched_rows"] + r["unmatched_rows"]
     pct = 100 * r["matched_rows"] / total if total else 0.0
     click.echo(f"{r['column']}: {r['matched_rows']} of {total} samples matched on {on} ({pct:.1f}%), "
                f"{r['unmatched_rows']} unmatched; {r['captions']} captions attached; "
-               f"{r['unused_keys']} of {r['keys']} caption-set keys matched no sample")
+               f"{r['unused_keys']} of {r['keys']} caption-set keys matched no sample"
+               + (f"; {r['captions_too_large']} captions above --max-caption-bytes dropped"
+                  if r["captions_too_large"] else ""))
 
 
 @caption.command()

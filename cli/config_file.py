@@ -15,7 +15,9 @@ Keys: an option's parameter name (`batch_size`) or its flag without dashes (`bat
 A flag `--no-X` also accepts `X = true/false` (inverted), so run.json's `progress` fits `--no-progress`.
 A JSON file with a `section` entry (run.json: `{"train": {...}, "hparams": ...}`) is read from that
 entry; a TOML file may put its keys at the top or under `[section]`. `null` values are skipped (the
-option's default applies). Unknown keys are a one-line error naming the nearest valid key (difflib).
+option's default applies). Unknown keys are a one-line error naming the nearest valid key (difflib); a
+value of the wrong kind (`resolution = [56]`, `steps = 5.7`, `compile = "yes"`) or a file that is not UTF-8
+is a one-line error naming the key or the file, never converted (Click would truncate 5.7 to 5).
 Relative paths in the file are relative to the current directory, as on the command line.
 """
 from __future__ import annotations
@@ -35,7 +37,11 @@ import click
 def read_config(path: str | Path, section: str | None = None) -> dict:
     """The key/value pairs of a TOML or JSON config file (see the module docstring)."""
     path = Path(path)
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:   # TOML and JSON are UTF-8 by definition
+        raise click.BadParameter(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8",
+                                 param_hint="--config") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
@@ -78,6 +84,7 @@ def resolve_config(command: click.Command, values: dict, source: str = "config",
     """Map a config's keys to the command's parameter names (a Click default_map). Raises
     click.BadParameter for an unknown key, naming the nearest valid one."""
     keys = _spellings(command, set(exclude))
+    params = {p.name: p for p in command.params}
     out = {}
     for key, value in values.items():
         if key not in keys:
@@ -88,6 +95,7 @@ def resolve_config(command: click.Command, values: dict, source: str = "config",
         if value is None:
             continue
         name, invert = keys[key]
+        _check_type(params[name], key, value, source)
         if invert:
             if not isinstance(value, bool):
                 raise click.BadParameter(f"{source}: {key} must be true or false, got {value!r}",
@@ -95,6 +103,31 @@ def resolve_config(command: click.Command, values: dict, source: str = "config",
             value = not value
         out[name] = value
     return out
+
+
+def _check_type(p: click.Parameter, key: str, value, source: str) -> None:
+    """A file's value must already be of the option's kind: Click would turn [56] into a traceback and
+    5.7 into 5 for an integer option, silently."""
+    many = p.multiple or p.nargs != 1
+    if many and isinstance(value, list):
+        for v in value:
+            _check_type_one(p.type, key, v, source)
+        return
+    _check_type_one(p.type, key, value, source)
+
+
+def _check_type_one(t: click.ParamType, key: str, value, source: str) -> None:
+    def refuse(what):
+        raise click.BadParameter(f"{source}: {key} must be {what}, got {value!r}", param_hint="--config")
+
+    if isinstance(value, (list, dict)):
+        refuse("a single value")
+    if isinstance(t, click.types.IntParamType) and (isinstance(value, bool) or not isinstance(value, int)):
+        refuse("a whole number")
+    if isinstance(t, click.types.FloatParamType) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        refuse("a number")
+    if isinstance(t, click.types.BoolParamType) and not isinstance(value, bool):
+        refuse("true or false")
 
 
 def config_file_option(section: str | None = None, exclude: tuple[str, ...] = ()):

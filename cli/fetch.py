@@ -72,9 +72,10 @@ def fetch(**kw):
     try:
         run(FetchOptions(**kw), console=Console())
     except FetchError as e:
-        if e.param:
-            raise click.BadParameter(str(e), param_hint=f"--{e.param}") from e
-        raise click.ClickException(str(e)) from e
+        # a refused input (a folder's state, a url list, a value the fetch judges) is 1, not click's usage
+        # code 2: docs/contracts.md
+        raise click.ClickException(f"--{e.param}: {e}" if e.param and not str(e).startswith(f"--{e.param}")
+                                   else str(e)) from e
     except FetchIncomplete as e:
         click.echo(f"Error: {e}", err=True)
         raise SystemExit(e.exit_code) from e

@@ -4,6 +4,7 @@ import click
 
 from aimv2data.buckets import MAX_ASPECT, NUM_BUCKETS
 from aimv2data.manifest.inspect_image import DEFAULT_MAX_PIXELS, VERIFY_LEVELS
+from aimv2data.manifest.schema import MAX_CAPTION_BYTES, MAX_IMAGE_BYTES, MAX_JSON_BYTES
 
 
 @click.command()
@@ -28,6 +29,13 @@ from aimv2data.manifest.inspect_image import DEFAULT_MAX_PIXELS, VERIFY_LEVELS
               "everything (slowest, catches damage inside the compressed data).")
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Reject larger images (by header size) as decompression bombs.")
+@click.option("--max-image-bytes", default=MAX_IMAGE_BYTES, show_default=True,
+              help="Reject samples whose image member is larger (by its tar header; never read): image_too_large.")
+@click.option("--max-json-bytes", default=MAX_JSON_BYTES, show_default=True,
+              help="Reject samples whose .json member is larger (never read): json_too_large.")
+@click.option("--max-caption-bytes", default=MAX_CAPTION_BYTES, show_default=True,
+              help="Reject samples whose .txt caption (or json `caption`) is longer in UTF-8 bytes: "
+              "caption_too_large. Training uses 77 tokens of it.")
 @click.option("--min-side", default=1, show_default=True, help="Reject images whose shorter display side is smaller.")
 @click.option("--max-aspect", default=8.0, show_default=True,
               help="Reject images with max(w/h, h/w) above this (they would lose most of themselves to crop).")
@@ -41,9 +49,9 @@ from aimv2data.manifest.inspect_image import DEFAULT_MAX_PIXELS, VERIFY_LEVELS
               "MANIFEST/idx/ when that folder is read-only or holds a foreign .idx), in MANIFEST/idx/, or nowhere.")
 @click.option("--merge-only", is_flag=True, help="Only write _manifest.json from finished parts (INPUT optional: "
               "without it, every finished part in MANIFEST is merged).")
-def shard(inputs, output, patch_size, workers, distributor, ray_address, part, verify, max_pixels, min_side, max_aspect,
-          num_buckets,
-          bucket_max_aspect, absolute_paths, source, idx, merge_only):
+def shard(inputs, output, patch_size, workers, distributor, ray_address, part, verify, max_pixels, max_image_bytes,
+          max_json_bytes, max_caption_bytes, min_side, max_aspect, num_buckets, bucket_max_aspect, absolute_paths,
+          source, idx, merge_only):
     """Index webdataset tars into a native-resolution manifest (manifests/SPEC.md).
 
     INPUT: folders of shards (what `aimv2 fetch` writes), .tar files, or quoted glob patterns; local or URLs
@@ -72,6 +80,8 @@ def shard(inputs, output, patch_size, workers, distributor, ray_address, part, v
         r = build_manifest(inputs, output, workers=workers, part=part, argv=sys.argv[1:], patch_size=patch_size,
                            distributor=distributor, ray_address=ray_address,
                            verify=verify, max_pixels=max_pixels, min_side=min_side, max_aspect=max_aspect,
+                           max_image_bytes=max_image_bytes, max_json_bytes=max_json_bytes,
+                           max_caption_bytes=max_caption_bytes,
                            num_buckets=num_buckets, bucket_max_aspect=bucket_max_aspect,
                            absolute_paths=absolute_paths, source=source, idx=idx)
     except (ManifestBuildError, ValueError, StorageError, ClusterError) as e:

@@ -15,11 +15,12 @@ def stats(manifest, plot_dir, as_json):
     from rich.console import Console
     from rich.table import Table
 
+    from aimv2data.manifest.integrity import ManifestMismatch
     from aimv2data.manifest.stats import compute_stats, plot_stats
 
     try:
         s = compute_stats(manifest)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ManifestMismatch) as e:
         raise click.ClickException(str(e)) from None
     files = plot_stats(s, plot_dir) if plot_dir else []
     if as_json:

@@ -94,3 +94,27 @@ def test_demo_config_trains_and_run_json_repeats_the_run(tmp_path_factory, tmp_p
     assert {**again, "out": None} == {**first, "out": None}
     loss = lambda run: [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert loss(tmp_path / "b") == loss(tmp_path / "a")
+
+
+@pytest.mark.parametrize("text,needle", [("steps = 5.7\n", "steps must be a whole number, got 5.7"),
+                                         ("steps = [7]\n", "steps must be a single value, got [7]"),
+                                         ('steps = "7"\n', "steps must be a whole number"),
+                                         ("compile = 1\n", "compile must be true or false, got 1")])
+def test_a_value_of_the_wrong_kind_is_one_line_naming_the_key(tmp_path, text, needle):
+    r = run_toy(tmp_path, text)
+    assert r.exit_code == 2, r.output                      # 5.7 used to run with steps = 5
+    line = [ln for ln in r.output.splitlines() if ln.startswith("Error")]
+    assert len(line) == 1 and needle in line[0], r.output
+
+
+def test_train_config_wrong_types_and_non_utf8_are_one_line(tmp_path):
+    cfg = tmp_path / "t.toml"
+    for text, needle in ((b"resolution = [56]\n", "resolution must be a single value"),
+                         (b"steps = 5.7\n", "steps must be a whole number"),
+                         (b"# caf\xe9\nsteps = 5\n", "is not UTF-8 text")):
+        cfg.write_bytes(text)
+        r = CliRunner().invoke(main, ["train", "--config", str(cfg), "-m", "m", "-t", str(cfg), "-o",
+                                      str(tmp_path / "run")])
+        assert r.exit_code == 2 and r.exception is None or isinstance(r.exception, SystemExit), r.output
+        line = [ln for ln in r.output.splitlines() if ln.startswith("Error")]
+        assert len(line) == 1 and needle in line[0], r.output

@@ -236,7 +236,7 @@ def test_rerun_with_other_settings_is_refused_untouched(served, coyo_run):
     before = snapshot(out)
     res = run_fetch("--source", "coyo", "--url-list", lists["coyo"], "--url-list", lists["coyo_slow"],
                     "--output", out, "--shard-size", 16, *FAST)
-    assert res.exit_code == 2
+    assert res.exit_code == 1
     assert "other settings" in res.output and "shard_size: 32 -> 16" in res.output
     assert snapshot(out) == before
 
@@ -246,7 +246,7 @@ def test_rerun_with_other_rows_is_refused(served, coyo_run):
     out, _ = coyo_run
     before = snapshot(out)
     res = run_fetch("--source", "coyo", "--url-list", lists["coyo"], "--output", out, "--shard-size", 32, *FAST)
-    assert res.exit_code == 2 and "the rows differ" in res.output
+    assert res.exit_code == 1 and "the rows differ" in res.output
     assert snapshot(out) == before
 
 
@@ -315,7 +315,7 @@ def test_keep_progressive_keeps_the_original_bytes():
 
 # -- bad input: clear errors, nothing touched -----------------------------------------------------
 def _assert_untouched(res, out: Path, *needles):
-    assert res.exit_code == 2, res.output
+    assert res.exit_code == 1, res.output
     for n in needles:
         assert n in res.output, (n, res.output)
     assert not out.exists()
@@ -382,13 +382,13 @@ def test_output_directory_holding_something_else_is_refused_untouched(served, tm
     (out / "holiday.jpg").write_bytes(b"precious")
     before = snapshot(out)
     res = run_fetch("--source", "coyo", "--url-list", lists["coyo"], "--output", out)
-    assert res.exit_code == 2
+    assert res.exit_code == 1
     assert "not an aimv2 fetch output" in res.output and "holiday.jpg" in res.output
     assert snapshot(out) == before
     f = tmp_path / "a_file"
     f.write_text("x")
     res = run_fetch("--source", "coyo", "--url-list", lists["coyo"], "--output", f)
-    assert res.exit_code == 2 and "is a file" in res.output
+    assert res.exit_code == 1 and "is a file" in res.output
 
 
 def test_distributor_that_is_not_installed(served, tmp_path):

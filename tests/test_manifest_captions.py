@@ -203,3 +203,25 @@ def test_interrupted_attach_resumes_with_the_parts_left(manifest, tmp_path, monk
     assert r["matched_rows"] == 12 and not (manifest / "_captions").exists()
     s = samples(manifest)
     assert dict(zip(s["uid"], s["syn_recap"].to_list())) == {f"g{i}": [f"cap {i}"] for i in range(12)}
+
+
+def test_attach_drops_captions_above_the_size_limit_and_counts_them(manifest, tmp_path):
+    from cli.main import main
+
+    pl.DataFrame({"uid": ["g0", "g0", "g1"], "c": ["short", "x" * 70_000, "y" * 70_000]}
+                 ).write_parquet(tmp_path / "s.parquet")
+    r = attach(manifest, tmp_path / "s.parquet", on="uid", column="c", name="big")
+    assert (r["matched_rows"], r["captions"], r["captions_too_large"]) == (1, 1, 2)
+    assert dict(zip(samples(manifest)["uid"], samples(manifest)["syn_big"].to_list()))["g0"] == ["short"]
+    res = CliRunner().invoke(main, ["caption", "attach", str(manifest), "--captions", str(tmp_path / "s.parquet"),
+                                    "--on", "uid", "--column", "c", "--name", "big2", "--max-caption-bytes", "3"])
+    assert res.exit_code == 0, res.output
+    assert "3 captions above --max-caption-bytes dropped" in res.output
+
+
+def test_shard_help_documents_the_member_size_limits():
+    from cli.main import main
+
+    out = CliRunner().invoke(main, ["shard", "--help"], terminal_width=200).output
+    for flag in ("--max-caption-bytes", "--max-json-bytes", "--max-image-bytes"):
+        assert flag in out

@@ -138,3 +138,39 @@ def test_torch_compile_dynamic_shapes_one_graph_for_all_grids():
         torch.testing.assert_close(compiled.encoder.blocks[0].attn.qkv.weight.grad,
                                    eager.encoder.blocks[0].attn.qkv.weight.grad, rtol=1e-4, atol=1e-6)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def _timm_resample_abs_pos_embed():
+    """timm's own function. `timm.layers` imports torchvision; where that is missing, the module that holds
+    the function (timm/layers/pos_embed.py, torch only) is loaded from the installed timm by itself."""
+    try:
+        from timm.layers import resample_abs_pos_embed
+        return resample_abs_pos_embed
+    except ImportError:
+        pass
+    import importlib.util
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("timm is not installed")
+    path = f"{spec.submodule_search_locations[0]}/layers/pos_embed.py"
+    shim = types.ModuleType("_timm_layers")
+    shim.__path__ = []
+    fx = types.ModuleType("_timm_layers._fx")
+    fx.register_notrace_function = lambda f: f
+    sys.modules.setdefault("_timm_layers", shim)
+    sys.modules.setdefault("_timm_layers._fx", fx)
+    mod_spec = importlib.util.spec_from_file_location("_timm_layers.pos_embed", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.resample_abs_pos_embed
+
+
+@pytest.mark.parametrize("old,new", [((16, 16), (8, 8)), ((16, 16), (24, 10)), ((7, 9), (5, 13)), ((4, 4), (2, 8))])
+def test_resize_learned_is_timm_resample_abs_pos_embed(old, new):
+    timm_resample = _timm_resample_abs_pos_embed()
+    pos = torch.randn(1, old[0] * old[1], 32, generator=torch.Generator().manual_seed(0))
+    ref = timm_resample(pos, list(new), list(old), num_prefix_tokens=0)
+    torch.testing.assert_close(resize_learned(pos, old, new), ref, rtol=0, atol=0)

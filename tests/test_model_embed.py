@@ -114,3 +114,19 @@ def test_embed_tokens_at_fixed_resolution_and_flag_errors(tmp_path, images):
     assert res.exit_code != 0 and "write .npz" in res.output
     res = CliRunner().invoke(main, ["embed", str(paths[0]), "-c", str(ckpt), "-o", str(tmp_path / "x.txt")])
     assert res.exit_code != 0 and ".npy or .npz" in res.output
+
+
+def test_fixed_resolution_is_clip_image_processor_exactly():
+    # the released AIMv2 folders' processor: shortest_edge R (bicubic), centre crop, CLIP mean/std. Its
+    # longer side is int(R * long / short), truncated: sizes where rounding differs are the point here.
+    from transformers import CLIPImageProcessor
+
+    rng = np.random.default_rng(0)
+    sizes = [(301, 200), (200, 301), (333, 224), (224, 599), (1000, 677), (225, 224), (224, 224), (97, 50)]
+    for w, h in sizes + [tuple(int(v) for v in rng.integers(60, 700, 2)) for _ in range(24)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+        for R in (56, 224):
+            proc = CLIPImageProcessor(size={"shortest_edge": R}, crop_size={"height": R, "width": R},
+                                      resample=3, image_mean=list(MEAN), image_std=list(STD))
+            ref = torch.from_numpy(proc(images=img, return_tensors="np")["pixel_values"][0])
+            torch.testing.assert_close(fixed_resolution(img, R), ref, rtol=0, atol=1e-5, msg=f"{w}x{h} R={R}")

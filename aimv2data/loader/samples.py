@@ -14,7 +14,6 @@ Only the manifest contract is used (docs/contracts.md, manifests/SPEC.md): no co
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import threading
@@ -30,7 +29,7 @@ import polars as pl
 from aimv2data import paper
 from aimv2data.manifest import layout
 
-from ..manifest.integrity import check_rows, damaged, sample_parts
+from ..manifest.integrity import ManifestMismatch, check_rows, damaged, read_meta, sample_parts
 from ..storage import is_url, open_file, resolve_against, upath
 
 AREAS = paper.AREAS  # 128 .. 4096 patches
@@ -64,9 +63,12 @@ class Manifest:
         meta_path = layout.manifest_json(self.root)
         if not meta_path.is_file():
             raise ManifestError(f"{meta_path} not found: pass a manifest directory written by `aimv2 shard`")
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = read_meta(meta_path)
+        except ManifestMismatch as e:
+            raise ManifestError(str(e)) from None
         self.meta = meta
-        self.patch_size = int(meta.get("patch_size", paper.PATCH_SIZE))
+        self.patch_size = meta.get("patch_size", paper.PATCH_SIZE)
         self._meta_path = meta_path
         self._buckets = None
         self.files = sample_parts(self.root, meta)   # the parts _manifest.json lists, no more, no fewer

@@ -29,8 +29,9 @@ from aimv2data.paper import PATCH_SIZE
 from aimv2data.urls import strip_userinfo
 from aimv2data.manifest.inspect_image import DEFAULT_MAX_PIXELS, VERIFY_LEVELS, Rejected, inspect_image
 from aimv2data.manifest import layout
-from aimv2data.manifest.schema import (REJECT_SCHEMA, SAMPLE_SCHEMA, SCHEMA_VERSION, SYN_PREFIX, SYN_TYPE,
-                                       read_json, write_json_atomic, write_parquet_atomic)
+from aimv2data.manifest.schema import (MAX_CAPTION_BYTES, MAX_IMAGE_BYTES, MAX_JSON_BYTES, REJECT_SCHEMA,
+                                       SAMPLE_SCHEMA, SCHEMA_VERSION, SYN_PREFIX, SYN_TYPE, read_json,
+                                       write_json_atomic, write_parquet_atomic)
 from aimv2data.manifest.lock import LockHeld, output_lock
 from aimv2data.manifest.tarindex import (IMAGE_EXTS, TarUnreadable, index_tar, open_tar, split_name,
                                          write_dali_index)
@@ -55,6 +56,10 @@ class ShardOptions:
     absolute_paths: bool = False           # `shard` column absolute instead of relative to the manifest
     source: str | None = None              # source name when the json has none (default: input's name)
     idx: str = "beside"                    # where DALI .idx files go: beside the tar | manifest | none
+    # members larger than these (by their tar header) are never read: the sample is rejected as *_too_large
+    max_caption_bytes: int = MAX_CAPTION_BYTES
+    max_json_bytes: int = MAX_JSON_BYTES
+    max_image_bytes: int = MAX_IMAGE_BYTES
 
     def validate(self) -> None:
         if self.verify not in VERIFY_LEVELS:
@@ -63,6 +68,8 @@ class ShardOptions:
             raise ManifestBuildError(f"--idx must be one of {', '.join(IDX_MODES)}, got {self.idx!r}")
         if self.patch_size < 1 or self.min_side < 1 or self.max_pixels < 1:
             raise ManifestBuildError("--patch-size, --min-side and --max-pixels must be positive")
+        if min(self.max_caption_bytes, self.max_json_bytes, self.max_image_bytes) < 1:
+            raise ManifestBuildError("--max-caption-bytes, --max-json-bytes and --max-image-bytes must be positive")
         if self.max_aspect < 1:
             raise ManifestBuildError(f"--max-aspect is max(w/h, h/w), so >= 1; got {self.max_aspect}")
         make_table(self.num_buckets, self.bucket_max_aspect)   # raises ValueError on a bad table
@@ -185,6 +192,18 @@ def _as_int(v) -> int | None:
         return None
 
 
+def _too_large(s, opts: ShardOptions) -> tuple[str, str, object] | None:
+    """(reason, detail, member) for the first member of `s` whose header claims more bytes than its kind's
+    limit, judged before anything is read: a sparse 12 KB tar can claim a 1 GiB caption."""
+    _, img = s.image()
+    for reason, m, limit, flag in (("json_too_large", s.members.get("json"), opts.max_json_bytes, "json"),
+                                   ("image_too_large", img, opts.max_image_bytes, "image"),
+                                   ("caption_too_large", s.members.get("txt"), opts.max_caption_bytes, "caption")):
+        if m is not None and m.size > limit:
+            return reason, f"{m.name} is {m.size} bytes, above --max-{flag}-bytes {limit}", m
+    return None
+
+
 def _read_meta(s, read, counts: Counter) -> dict:
     if "json" not in s.members:
         return {}
@@ -272,6 +291,10 @@ def process_tar(job: TarJob, output: str, opts: ShardOptions) -> dict:
                 return f.read(m.size)
 
             for s in index.samples:
+                big = _too_large(s, opts)
+                if big is not None:
+                    reject(*big[:2], s.key, big[2])
+                    continue
                 meta = _read_meta(s, read, counts)
                 source = str(meta.get("source") or default_source)
                 for m in s.extra:
@@ -297,7 +320,12 @@ def process_tar(job: TarJob, output: str, opts: ShardOptions) -> dict:
                 if "txt" in s.members:
                     caption = _decode_caption(read(s.members["txt"]), counts)
                 elif _str(meta.get("caption")):
-                    caption = _decode_caption(meta["caption"].encode("utf-8", "replace"), counts)
+                    raw = meta["caption"].encode("utf-8", "replace")
+                    if len(raw) > opts.max_caption_bytes:
+                        reject("caption_too_large", f"{s.members['json'].name} caption is {len(raw)} bytes, "
+                               f"above --max-caption-bytes {opts.max_caption_bytes}", s.key, img, meta, source)
+                        continue
+                    caption = _decode_caption(raw, counts)
                 rows.append({
                     "key": s.key, "source": source, "uid": _uid(meta), "url": strip_userinfo(_str(meta.get("url"))),
                     **_hashes(meta, data),

@@ -20,7 +20,9 @@ import pyarrow.parquet as pq
 
 from aimv2data import storage
 from aimv2data.manifest import layout
-from aimv2data.manifest.schema import SYN_PREFIX, SYN_TYPE, read_json, write_json_atomic, write_parquet_atomic
+from aimv2data.manifest.integrity import ManifestMismatch, read_meta
+from aimv2data.manifest.schema import (MAX_CAPTION_BYTES, SYN_PREFIX, SYN_TYPE, read_json, write_json_atomic,
+                                       write_parquet_atomic)
 
 JOIN_KEYS = ("uid", "url", "sha256", "key")
 
@@ -33,7 +35,10 @@ def _manifest(path: Path) -> dict:
     meta = layout.manifest_json(path)
     if not meta.is_file():
         raise CaptionError(f"{meta} not found: build the manifest with `aimv2 shard` first")
-    return read_json(meta)
+    try:
+        return read_meta(meta)
+    except ManifestMismatch as e:
+        raise CaptionError(str(e)) from None
 
 
 def _sample_parts(path: Path) -> list[Path]:
@@ -51,7 +56,8 @@ def _need(file, names, *cols):
 
 
 def attach(manifest: str | Path, captions: str | Path, on: str, column: str, name: str | None = None,
-           key_column: str | None = None, memory_limit: str = "1GB") -> dict:
+           key_column: str | None = None, memory_limit: str = "1GB", max_caption_bytes: int = MAX_CAPTION_BYTES
+           ) -> dict:
     """Join a caption set into every samples part as `syn_<name>`; returns matched/unmatched counts.
 
     Memory stays bounded whatever the set's size: the join runs in DuckDB under `memory_limit`, spilling
@@ -63,11 +69,14 @@ def attach(manifest: str | Path, captions: str | Path, on: str, column: str, nam
         from aimv2data.manifest.remote import staged_manifest
 
         with staged_manifest(str(manifest)) as (local, put):
-            return _attach(local, captions, on, column, name, key_column, memory_limit, put, str(manifest))
-    return _attach(Path(storage.local(str(manifest))), captions, on, column, name, key_column, memory_limit)
+            return _attach(local, captions, on, column, name, key_column, memory_limit, max_caption_bytes, put,
+                           str(manifest))
+    return _attach(Path(storage.local(str(manifest))), captions, on, column, name, key_column, memory_limit,
+                   max_caption_bytes)
 
 
-def _attach(manifest: Path, captions, on, column, name, key_column, memory_limit, put=None, shown=None) -> dict:
+def _attach(manifest: Path, captions, on, column, name, key_column, memory_limit, max_caption_bytes, put=None,
+            shown=None) -> dict:
     import duckdb
     import tempfile
 
@@ -99,7 +108,10 @@ def _attach(manifest: Path, captions, on, column, name, key_column, memory_limit
         con.execute(f"SET temp_directory='{tmp}/spill'")
         con.execute("SET preserve_insertion_order=false")
         src = _caption_relation(con, set_file, key_column, column)
-        con.execute(f"CREATE TEMP VIEW c AS {src}")
+        con.execute(f"CREATE TEMP VIEW c_all AS {src}")
+        # a caption longer than shard's --max-caption-bytes is dropped here too, counted: 77 tokens are used
+        con.execute(f"CREATE TEMP VIEW c AS SELECT * FROM c_all WHERE strlen(cap) <= {int(max_caption_bytes)}")
+        too_large = con.execute(f"SELECT count(*) FROM c_all WHERE strlen(cap) > {int(max_caption_bytes)}").fetchone()[0]
         listing = ", ".join(f"('{str(p)}', {i})" for i, p in enumerate(parts))
         con.execute(f"CREATE TEMP VIEW parts(filename, pid) AS VALUES {listing}")
         con.execute(f"""COPY (
@@ -144,7 +156,7 @@ def _attach(manifest: Path, captions, on, column, name, key_column, memory_limit
     report = {"name": name, "column": col, "file": str(Path(captions).resolve()), "on": on,
               "key_column": key_column, "file_column": column, "rows_read": rows_read,
               "keys": keys, "matched_rows": matched, "unmatched_rows": total - matched,
-              "captions": int(n_captions or 0), "unused_keys": keys - used,
+              "captions": int(n_captions or 0), "unused_keys": keys - used, "captions_too_large": too_large,
               "attached": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     meta = _manifest(manifest)   # re-read: keep whatever changed meanwhile
     meta.setdefault("caption_sets", {})[name] = report

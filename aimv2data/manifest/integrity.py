@@ -8,14 +8,63 @@ check exists) and `counts.samples`.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from aimv2data import storage
 from aimv2data.manifest import layout
+from aimv2data.manifest.schema import SCHEMA_VERSION
+
+SCHEMA_MAJOR = SCHEMA_VERSION.split(".")[0]
 
 
 class ManifestMismatch(ValueError):
-    """The samples/ parts disagree with _manifest.json, or a part cannot be read."""
+    """The samples/ parts disagree with _manifest.json, or a part or _manifest.json cannot be read."""
+
+
+def read_meta(meta_path) -> dict:
+    """_manifest.json parsed and checked (check_meta): a damaged or foreign one is a one-line error naming it."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ManifestMismatch(f"{meta_path} is not valid JSON ({str(e)[:120]}): the manifest's summary is "
+                               "damaged; move it away and rewrite it with `aimv2 shard --merge-only MANIFEST`") from None
+    check_meta(meta, meta_path)
+    return meta
+
+
+def check_meta(meta, where) -> None:
+    """What a reader relies on in _manifest.json: a known major schema_version (manifests/SPEC.md: refuse an
+    unknown one), a positive integer patch_size, `parts` a list of names and `counts` an object."""
+    if not isinstance(meta, dict):
+        raise ManifestMismatch(f"{where}: expected a JSON object, got {type(meta).__name__}; rebuild it with "
+                               "`aimv2 shard --merge-only MANIFEST`")
+    version = meta.get("schema_version")
+    # a hand-written manifest may say 1 or 1.0 as a number: the major is what matters
+    known = isinstance(version, (str, int, float)) and not isinstance(version, bool)
+    if version is not None and (not known or str(version).split(".")[0] != SCHEMA_MAJOR):
+        raise ManifestMismatch(f"{where}: schema_version {version!r} is not one this aimv2 reads (major "
+                               f"{SCHEMA_MAJOR}, manifests/SPEC.md); use the aimv2 that wrote it, or rebuild the "
+                               "manifest with `aimv2 shard`")
+    bad = _bad_field(meta)
+    if bad:
+        raise ManifestMismatch(f"{where}: {bad}; rebuild the manifest with `aimv2 shard` (or fix the key by hand)")
+
+
+def _bad_field(meta: dict) -> str | None:
+    ps = meta.get("patch_size")
+    if ps is not None and (type(ps) is not int or ps < 1):
+        return f"patch_size must be a positive integer, got {ps!r}"
+    parts = meta.get("parts")
+    if parts is not None and not (isinstance(parts, list) and all(isinstance(x, str) for x in parts)):
+        return "parts must be a list of file names"
+    counts = meta.get("counts")
+    if counts is not None and not isinstance(counts, dict):
+        return f"counts must be an object, got {type(counts).__name__}"
+    want = (counts or {}).get("samples")
+    if want is not None and (type(want) is not int or want < 0):
+        return f"counts.samples must be a non-negative integer, got {want!r}"
+    return None
 
 
 def sample_parts(root: str | Path, meta: dict) -> list[Path]:

@@ -16,6 +16,13 @@ from aimv2data.atomic import atomic_write, write_json_atomic  # noqa: F401  (re-
 
 SCHEMA_VERSION = "1.1"   # 1.1: stored_sha256, reencoded
 
+# What `aimv2 shard` reads of one member at most, by kind (--max-caption-bytes etc.); a member whose tar
+# header claims more is rejected unread. Real alt-texts and synthetic captions are well under 1 KiB (and
+# 77 tokens are used), img2dataset's json a few KiB, a 50 MP JPEG about 25 MiB.
+MAX_CAPTION_BYTES = 64 << 10
+MAX_JSON_BYTES = 1 << 20
+MAX_IMAGE_BYTES = 64 << 20
+
 SAMPLE_SCHEMA = pa.schema([
     ("key", pa.string()),           # webdataset key (member path up to the first dot)
     ("source", pa.string()),        # data source: json `source`, else --source, else the input's name
@@ -57,7 +64,7 @@ REJECT_SCHEMA = pa.schema([
 REASONS = (
     "tar_unreadable", "tar_truncated", "tar_tail", "tar_damaged", "missing_from_tar", "missing_image", "duplicate_member",
     "empty_file", "not_an_image", "unsupported_format", "truncated", "corrupt", "decompression_bomb",
-    "animated", "too_small", "extreme_aspect",
+    "animated", "too_small", "extreme_aspect", "caption_too_large", "json_too_large", "image_too_large",
 )
 
 SYN_PREFIX = "syn_"

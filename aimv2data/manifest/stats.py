@@ -2,7 +2,6 @@
 length, rejects by reason. Numbers as a dict (and text via the CLI), plots as PNGs."""
 from __future__ import annotations
 
-import json
 
 import math
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from aimv2data.manifest import layout
-from aimv2data.manifest.integrity import check_rows, read_part, read_schema, sample_parts
+from aimv2data.manifest.integrity import check_rows, read_meta, read_part, read_schema, sample_parts
 from aimv2data.manifest.schema import SYN_PREFIX
 
 ASPECT_BINS = np.linspace(-3, 3, 25)   # log2(w/h) in quarter-octave bins: 1:8 .. 8:1
@@ -40,7 +39,7 @@ def compute_stats(manifest: str | Path) -> dict:
     meta_path = layout.manifest_json(manifest)
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} not found: pass a manifest directory written by `aimv2 shard`")
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(meta_path)
     samples = sample_parts(manifest, meta)
     rejects = layout.reject_files(manifest)
     s = pl.concat([_read(p) for p in samples], how="diagonal_relaxed") if samples else pl.DataFrame()

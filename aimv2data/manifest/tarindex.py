@@ -10,7 +10,9 @@ A truncated tar is indexed as far as it is complete: members whose data runs pas
 and unreadable bytes after the last good header, are reported as problems instead of raising. A damaged
 header in the middle does not end the index: it resynchronises on the next 512-byte block that is a
 valid ustar header (magic + checksum), and the skipped byte range is reported in `damaged`; only the
-members whose headers were in that range are lost.
+members whose headers were in that range are lost. A size that is not a size (a pax `size=-1536` or
+`size=12abc`, an extended header claiming more than MAX_EXTENDED_HEADER bytes) ends the index there, as
+`tail_problem`: the members before it are kept, and the index only ever moves forwards.
 
 Samples follow the webdataset/DALI convention: the key is the member path up to the first dot of its
 basename, the extension is the rest (`a/b.seg.png` -> key `a/b`, ext `seg.png`).
@@ -78,6 +80,8 @@ class _BadHeader(ValueError):
 
 def _number(field: bytes) -> int:
     if field[:1] and field[0] & 0x80:              # GNU base-256 for sizes >= 8 GiB
+        if field[0] == 0xFF:                       # base-256 negative: never a size or checksum
+            raise _BadHeader(f"negative base-256 number {field!r}")
         return int.from_bytes(field[1:], "big")
     text = field.split(b"\0", 1)[0].strip()
     try:
@@ -112,6 +116,18 @@ def _pax_records(data: bytes) -> dict[str, str]:
         pos += n
     return out
 
+
+def _pax_size(value: str) -> int:
+    """A pax `size` record: plain decimal digits. Anything else (`-1536`, `12abc`, `1e9`) is not a size; a
+    negative one would move the index backwards and loop forever."""
+    if not (value.isascii() and value.isdigit()):
+        raise _BadHeader(f"pax size {value[:40]!r} is not a size")
+    return int(value)
+
+
+# Extended headers (pax records, GNU long names) are read into memory: a real one is a few hundred bytes,
+# one that claims more is hostile (a sparse 1 GiB header in a 12 KB tar) and ends the index.
+MAX_EXTENDED_HEADER = 1 << 20
 
 # A tar at a URL is read through fsspec in read-ahead blocks of this size: streamed, never on disk.
 REMOTE_BLOCK = 16 << 20
@@ -166,6 +182,10 @@ def index_tar(path: str) -> TarIndex:
                 if data + size > file_size:
                     tail_problem = f"tar ends inside the extended header at byte {pos}: truncated tar"
                     break
+                if size > MAX_EXTENDED_HEADER:
+                    tail_problem = (f"extended header at byte {pos} claims {size} bytes (more than "
+                                    f"{MAX_EXTENDED_HEADER}): damaged or hostile tar, index ends there")
+                    break
                 payload = f.read(size)
                 if kind == b"x":
                     try:
@@ -184,7 +204,11 @@ def index_tar(path: str) -> TarIndex:
                 if prefix:
                     name = prefix.decode("utf-8", "replace") + "/" + name
             if "size" in pax:
-                size = int(pax["size"])
+                try:
+                    size = _pax_size(pax["size"])
+                except _BadHeader as e:   # the members before it are kept; where the next one is, is unknown
+                    tail_problem = f"pax header before byte {pos}: {e}: damaged or hostile tar, index ends there"
+                    break
             pax, long_name = {}, None
             pos = data + (size + BLOCK - 1) // BLOCK * BLOCK
             key, ext = split_name(name)

@@ -28,11 +28,12 @@ def sincos_2d(h: int, w: int, dim: int, *, temperature: float = 10000.0,
 
 
 def resize_learned(pos: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
-    """Bicubic resample of a learned (1, h*w, D) table to another grid (timm's resample_abs_pos_embed),
-    so a fixed-resolution model can still embed images at another resolution."""
+    """Bicubic, antialiased resample of a learned (1, h*w, D) table to another grid, exactly timm's
+    `resample_abs_pos_embed` (no prefix tokens), so a fixed-resolution model can still embed images at
+    another resolution. antialias only changes a downsampled axis (a low-pass filter before sampling)."""
     if tuple(old) == tuple(new):
         return pos
     D = pos.shape[-1]
     grid = pos.reshape(1, old[0], old[1], D).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=new, mode="bicubic", align_corners=False)
+    grid = F.interpolate(grid, size=new, mode="bicubic", antialias=True, align_corners=False)
     return grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], D).to(pos.dtype)

@@ -47,8 +47,11 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 def fixed_resolution(img: Image.Image, resolution: int) -> torch.Tensor:
     w, h = img.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    # CLIPImageProcessor's shortest_edge resize (transformers' get_resize_output_image_size): the longer
+    # side is int(R * long / short), truncated, computed in that order; rounding moves half the images
+    short, long = min(w, h), max(w, h)
+    new_long = int(resolution * long / short)
+    nw, nh = (resolution, new_long) if w <= h else (new_long, resolution)
     img = img.resize((nw, nh), Image.BICUBIC)
     left, top = (nw - resolution) // 2, (nh - resolution) // 2
     return to_tensor(img.crop((left, top, left + resolution, top + resolution)))
