@@ -27,6 +27,9 @@ quiet() { "$@" 2>&1 | { grep -v "is ignored" || true; }; }
 quiet $PIP install -q --upgrade pip setuptools wheel
 quiet $PIP install -q torch==2.13.0
 quiet $PIP install -q -e ".[test]"
+# timm as a test client (its own resample_abs_pos_embed, checkpoint_filter_fn): pure Python, --no-deps so it
+# pulls neither torchvision nor a CUDA torch.
+quiet $PIP install -q --no-deps "timm>=1.0"
 
 # 3. Pillow-SIMD: pillow and pillow-simd share PIL/, the last installed wins. Dependencies
 #    (matplotlib, scikit-image, ...) pull plain pillow, so swap it out after every install.

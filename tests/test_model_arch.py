@@ -148,6 +148,7 @@ def _timm_resample_abs_pos_embed():
         return resample_abs_pos_embed
     except ImportError:
         pass
+    import importlib
     import importlib.util
     import sys
     import types
@@ -155,17 +156,12 @@ def _timm_resample_abs_pos_embed():
     spec = importlib.util.find_spec("timm")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("timm is not installed")
-    path = f"{spec.submodule_search_locations[0]}/layers/pos_embed.py"
+    # a package over timm's own layers/ folder, without its __init__ (the torchvision imports): pos_embed and
+    # the torch-only modules it imports (_fx, helpers) are timm's files, whatever the version
     shim = types.ModuleType("_timm_layers")
-    shim.__path__ = []
-    fx = types.ModuleType("_timm_layers._fx")
-    fx.register_notrace_function = lambda f: f
+    shim.__path__ = [f"{spec.submodule_search_locations[0]}/layers"]
     sys.modules.setdefault("_timm_layers", shim)
-    sys.modules.setdefault("_timm_layers._fx", fx)
-    mod_spec = importlib.util.spec_from_file_location("_timm_layers.pos_embed", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.resample_abs_pos_embed
+    return importlib.import_module("_timm_layers.pos_embed").resample_abs_pos_embed
 
 
 @pytest.mark.parametrize("old,new", [((16, 16), (8, 8)), ((16, 16), (24, 10)), ((7, 9), (5, 13)), ((4, 4), (2, 8))])
