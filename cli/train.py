@@ -94,7 +94,8 @@ def train(**settings):
         click.echo(s["plan"].verdict())
         return
     t = Table(title=f"aimv2 train: {s['status']} at step {s['step']}/{s['steps']}", show_header=False)
-    for key in ("model", "stage", "data", "world", "precision", "lr", "weight_decay", "init", "resumed_from"):
+    for key in ("model", "stage", "data", "world", "devices", "precision", "lr", "weight_decay", "init",
+                "resumed_from"):
         if s.get(key) is not None:
             t.add_row(key, str(s[key]))
     if "loss_end" in s:
@@ -108,8 +109,8 @@ def train(**settings):
             vals = [(short, s[f"val_{k}_end"]) for k, (short, _) in LOSS_TERMS.items() if f"val_{k}_end" in s]
             t.add_row("val loss", f"{s['val_loss_end']:.4f} (" + ", ".join(f"{n} {v:.4f}" for n, v in vals)
                       + f"; step {s['val_step']})")
-        t.add_row("MFU", f"{100 * s['mfu']:.1f}% of {s['peak_flops'] / 1e9:.0f} GFLOP/s "
-                  f"({s.get('peak_source', 'measured matmul peak')})")
+        t.add_row("MFU", f"{100 * s['mfu']:.1f}%: all ranks' model FLOPs over {s.get('world_size', 1)} x "
+                  f"{s['peak_flops'] / 1e9:.0f} GFLOP/s ({s.get('peak_source', 'measured matmul peak')})")
     if "replaced" in s:
         t.add_row("replaced", f"{s['replaced']} of {s['draws']} samples drawn ({100 * s['replaced_share']:.1f}%) "
                   "could not be read or decoded and were replaced")

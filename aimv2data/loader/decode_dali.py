@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 
 import numpy as np
 import torch
@@ -55,8 +56,13 @@ DEVICE_PADDING, HOST_PADDING = 16 << 20, 8 << 20   # DALI's defaults for nvJPEG'
 
 
 def cuda_device() -> int | None:
+    """"auto": this process's GPU (torchrun's LOCAL_RANK, else torch's current device), None without CUDA. The
+    trainer passes its model's device explicitly (train.distributed.decoder_device)."""
     try:
-        return 0 if torch.cuda.is_available() else None
+        if not torch.cuda.is_available():
+            return None
+        local = os.environ.get("LOCAL_RANK")
+        return int(local) if local is not None else torch.cuda.current_device()
     except Exception:
         return None
 

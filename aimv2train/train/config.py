@@ -54,7 +54,9 @@ class TrainConfig:
                         "it has none).")
     stop_at: int | None = flag(None, "Checkpoint and end at this step, as if interrupted (then --resume).")
     seed: int = flag(0, "Seeds initial weights, data order and prefix lengths.")
-    device: str | None = flag(None, "cpu | cuda | cuda:N (default: cuda if available).")
+    device: str | None = flag(None, "cpu | cuda | cuda:N (default: cuda if available). Under torchrun each "
+                              "rank takes its LOCAL_RANK's GPU (cuda:N is refused there); the DALI decoder "
+                              "runs on the model's GPU.")
     workers: int = flag(4, "Loader worker processes per rank (0: in-process).")
     # the loader's image decoder (not the model's multimodal decoder); --decoder is its older name
     image_decoder: str = flag("pil", "Image decoder of the loader (--decoder is an alias).", choices=IMAGE_DECODERS,

@@ -114,14 +114,19 @@ def affinity_cpus() -> int:
 
 
 def pick_device(requested: str | None, info: DistInfo | None = None) -> torch.device:
-    """`--device` if given (cuda means this rank's local GPU), else the local GPU when there is one."""
-    local = (info or launch_info()).local_rank
+    """`--device` if given (cuda means this rank's local GPU), else the local GPU when there is one. Under
+    torchrun with several ranks an explicit `cuda:N` is refused: it would put every rank on GPU N."""
+    launch = info or launch_info()
+    local = launch.local_rank
     if requested in (None, "auto"):
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(requested)
     except RuntimeError:
         raise ValueError(f"--device {requested!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and device.index is not None and launch.world_size > 1:
+        raise ValueError(f"--device {requested} under torchrun puts all {launch.world_size} ranks on GPU "
+                         f"{device.index}: pass --device cuda (each rank takes its LOCAL_RANK's GPU)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {requested} was asked for, but torch sees no CUDA device "
@@ -130,6 +135,25 @@ def pick_device(requested: str | None, info: DistInfo | None = None) -> torch.de
             device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     return device
+
+
+def decoder_device(device: torch.device) -> int | None:
+    """The GPU a rank's DALI decoder runs on: its model's (under torchrun, its LOCAL_RANK's), so each rank
+    decodes where it trains and no batch crosses GPUs; None (DALI on the CPU) for a model on the CPU."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def rank_devices(device: torch.device, decoder: str, info: DistInfo) -> list[dict]:
+    """Every rank's model device and image decoder's device (one all-gather at start-up; run.json, the header)."""
+    dali = decoder_device(device) if decoder == "dali" else None
+    mine = {"rank": info.rank, "model": str(device), "decoder": f"{decoder} on " + ("cpu" if dali is None else f"cuda:{dali}")}
+    if not info.enabled:
+        return [mine]
+    every: list = [None] * info.world_size
+    dist.all_gather_object(every, mine)
+    return every
 
 
 def wrap_model(loss_module: nn.Module, mode: str, info: DistInfo, device: torch.device,

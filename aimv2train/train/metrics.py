@@ -1,7 +1,7 @@
 """Per-step metrics (RUN/metrics.jsonl), throughput and MFU.
 
-MFU = model FLOPs per second / a fixed reference peak (`reference_peak`): the datasheet's dense bf16 peak
-for known GPUs; elsewhere the best large-matmul FLOP/s ever measured on the machine (cached), because one
+MFU (`mfu`) = all ranks' model FLOPs per second / (ranks x a fixed reference peak, `reference_peak`): the
+datasheet's dense bf16 peak for known GPUs; elsewhere the best large-matmul FLOP/s ever measured on the machine (cached), because one
 measurement per start ranged 75-302 GFLOP/s run to run on a shared CPU and made MFU incomparable.
 Model FLOPs come from `flops.step_flops` (matmuls only, backward = 2x forward), so MFU is what the
 model needs, not what the implementation happened to execute (no recompute, no masked-out savings).
@@ -47,6 +47,13 @@ def matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.f
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, FLOP/s per GPU: a fixed reference,
 # so MFU compares across runs. Matched on torch.cuda.get_device_name(); fp32 runs use the same reference.
+def mfu(flops: float, seconds: float, peak: float, devices: int = 1) -> float:
+    """Model FLOPs utilisation, the one definition (trainer and `bench gpu`): the model FLOPs of every rank's
+    batch in a step (flops.step_flops, summed over ranks: native resolution's ranks draw different grids) over
+    the step's time and `devices` x `peak`, one device's stated peak (reference_peak)."""
+    return flops / seconds / (peak * devices)
+
+
 DATASHEET_BF16 = (("H200", 989.4e12), ("H100 PCIe", 756.5e12), ("H100 NVL", 835.5e12), ("H100", 989.4e12),
                   ("A100", 312e12), ("L40S", 362.05e12), ("A10G", 70e12), ("L4", 121e12))
 

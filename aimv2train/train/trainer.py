@@ -36,14 +36,14 @@ from aimv2data.paper import TEXT_LEN
 from . import checkpoint as ck
 from .config import TrainConfig
 from ..model.config import ModelConfig, model_config, preset_name
-from .distributed import (DistInfo, all_reduce_mean, cpu_threads, init_distributed, launch_info, pick_device, shutdown,
-                          wrap_model)
+from .distributed import (DistInfo, all_reduce_mean, cpu_threads, decoder_device, init_distributed, launch_info,
+                          pick_device, rank_devices, shutdown, wrap_model)
 from ..model.flops import step_flops
 from ..model.config import ATTENTION_KINDS
 from ..model.masks import sample_prefix_lengths
 from .health import caption_coverage, caption_shares, replaced_summary
 from .logline import PeriodicLine
-from .metrics import MetricsLog, reference_peak, summarize
+from .metrics import MetricsLog, mfu, reference_peak, summarize
 from ..model.aimv2 import LOSS_TERMS, TOTAL_LOSS, AIMv2, count_params
 from .optim import build_optimizer
 from .plan import Plan, model_for_plan, plan_run
@@ -203,12 +203,15 @@ def load_init(model: AIMv2, path: str) -> str:
     return what + ("; " + "; ".join(notes) if notes else "")
 
 
-def make_loader(cfg: TrainConfig, tok: Tokenizer, info: DistInfo, resolution: int | None, patch_size: int):
+def make_loader(cfg: TrainConfig, tok: Tokenizer, info: DistInfo, resolution: int | None, patch_size: int,
+                device: torch.device | None = None):
     """This rank's loader (its slice of every global batch, captions tokenized by `tok`); one epoch per
-    iter(), resumable through state_dict()."""
+    iter(), resumable through state_dict(). A DALI decoder runs on `device`'s GPU (this rank's)."""
     from aimv2data.loader import Loader
 
+    dali = "auto" if device is None else decoder_device(device)
     kwargs = dict(tokenizer=tok, pad_id=tok.pad_id, rank=info.rank, world_size=info.world_size, seed=cfg.seed,
+                  dali_device=dali,
                   workers=cfg.workers, decoder=cfg.image_decoder, pin_memory=torch.cuda.is_available(), mix=cfg.mix,
                   caption_mix=cfg.caption_mix,
                   cache_dir=cfg.cache_dir, cache_gb=cfg.cache_gb if cfg.cache_dir else 0.0)
@@ -386,7 +389,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     run = build_run(cfg, info, device)
     out = run.out
     run_info = {"train": asdict(cfg), "hparams": run.hp.to_dict(), "model": run.mcfg.to_dict(),
-                "world_size": info.world_size, "device": str(device), "precision": run.precision,
+                "world_size": info.world_size, "device": str(device), "devices": run.devices, "precision": run.precision,
                 "peak_flops": run.peak}
     resume_step = run.start if cfg.resume else None
     try:
@@ -445,6 +448,7 @@ class Run:
     params: list[torch.Tensor] | None = None   # trainable parameters (after wrapping), clipped each step; None: model's
     pad_id: int = 0              # the tokenizer's padding id (caption tokens not counted by the text loss)
     save_time: float | None = None   # seconds the newest checkpoint write took (size the scheduler's --signal by it)
+    devices: list[dict] = field(default_factory=list)   # every rank's model and decoder device (rank_devices)
 
     @property
     def out(self) -> Path:
@@ -493,7 +497,7 @@ def build_run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Run:
     loss_module = wrap_model(LossModule(model, tok.pad_id), cfg.parallel, info, device, bf16_params)
     optimizer = build_optimizer(model, hp.peak_lr, hp.weight_decay, hp.betas, hp.eps)
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + info.rank)
-    loader = make_loader(cfg, tok, info, resolution, model.cfg.encoder.patch_size)
+    loader = make_loader(cfg, tok, info, resolution, model.cfg.encoder.patch_size, device)
     captioned, n_samples = caption_coverage(loader.table)
     if captioned == 0 and not cfg.allow_no_captions:
         raise TrainError(f"{cfg.manifest}: none of its {n_samples} samples has a caption, so the text loss would "
@@ -522,6 +526,7 @@ def build_run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Run:
               step=start, saved=(resume_from[0], start) if resume_from else (None, None),
               validator=_validator(cfg, tok, info, device, precision, resolution),
               params=[p for p in model.parameters() if p.requires_grad], pad_id=tok.pad_id)
+    run.devices = rank_devices(device, cfg.image_decoder, info)
     run.header = {**_header(run, init_note), "peak_source": peak_source}
     return run
 
@@ -574,7 +579,13 @@ def _header(run: Run, init_note: str | None) -> dict:
             "world": f"{info.world_size} x {run.device.type} ({cfg.parallel if info.enabled else 'single process'})",
             "precision": run.precision, "lr": f"{hp.peak_lr:g} peak, {hp.warmup} warmup, cosine to {hp.min_lr:g}",
             "weight_decay": hp.weight_decay, "resumed_from": run.start or None, "init": init_note,
-            "peak_flops": run.peak}
+            "peak_flops": run.peak, "devices": _devices_line(run.devices)}
+
+
+def _devices_line(devices: list[dict]) -> str:
+    """'rank 0: model cuda:0, decoder dali on cuda:0; ...' (ranks alike on one line each: a run of 64 stays short)."""
+    return "; ".join(f"rank {d['rank']}: model {d['model']}, decoder {d['decoder']}" for d in devices[:8]) + (
+        f"; ... ({len(devices)} ranks, all in run.json)" if len(devices) > 8 else "")
 
 
 class StepFailed(Exception):
@@ -584,7 +595,8 @@ class StepFailed(Exception):
 def train_step(run: Run, batch, stop: StopRequest) -> dict:
     """One optimiser step (run.step -> run.step + 1) on a batch already on the device, as `--grad-accum`
     micro-batches. Returns the named loss terms (`loss` and the model's LOSS_TERMS, each the whole batch's,
-    mean over ranks), `lr`, `grad_norm`, `replaced` (the batch's replaced samples summed over ranks) and `stop`
+    mean over ranks), `lr`, `grad_norm`, `images`, `patches`, `flops` (model FLOPs) and
+    `replaced` (replaced samples), each summed over ranks, and `stop`
     (some rank was asked to stop, read after backward: a signal during this step stops after it). Raises
     StepFailed, with nothing applied, on a non-finite loss or gradient norm.
 
@@ -597,13 +609,18 @@ def train_step(run: Run, batch, stop: StopRequest) -> dict:
     logged = _accumulate(run, batch, prefix)
     params = run.params if run.params is not None else [p for p in run.model.parameters() if p.requires_grad]
     norm = _grad_norm(params, run.hp.clip)
-    # the loss terms, the replaced-sample count and "a rank was asked to stop" travel in one all-reduce, so all
-    # ranks decide alike; the count is a mean there, summed back exactly (small integers in float32)
-    host = torch.tensor([float(len(getattr(batch, "replaced", ()))), float(stop.requested)])
+    # the loss terms, this rank's images, patches and model FLOPs (ranks draw different grids at native
+    # resolution: throughput and MFU sum them), the replaced-sample count and "a rank was asked to stop" travel
+    # in one all-reduce, so all ranks decide alike; counts are means there, summed back (exact in float64)
+    B = batch.images.shape[0]
+    flops = step_flops(run.mcfg, (h, w), B, 0 if batch.tokens is None else batch.tokens.shape[1]).train
+    host = torch.tensor([B, B * h * w, flops, len(getattr(batch, "replaced", ())), stop.requested],
+                        dtype=torch.float64)
     host = host.to(norm.device, non_blocking=True)  # torch.tensor(x, device=cuda) would wait for the device
-    reduced = all_reduce_mean(torch.cat([torch.stack(list(logged.values())).float(), host]), run.info)
-    values = torch.cat([reduced, norm.detach().reshape(1).float()]).tolist()  # the step's one host sync
-    losses, grad_norm = dict(zip(logged, values)), values[-1]
+    reduced = all_reduce_mean(torch.cat([torch.stack(list(logged.values())).double(), host]), run.info)
+    values = torch.cat([reduced, norm.detach().reshape(1).double()]).tolist()  # the step's one host sync
+    losses, grad_norm = dict(zip(logged, values[:len(logged)])), values[-1]
+    world = run.info.world_size
     if not all(math.isfinite(v) for v in losses.values()):
         run.optimizer.zero_grad(set_to_none=True)
         raise StepFailed(f"step {run.step + 1}: the loss is not finite ("
@@ -615,7 +632,9 @@ def train_step(run: Run, batch, stop: StopRequest) -> dict:
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     return {"losses": losses, "lr": lr, "grad_norm": grad_norm,
-            "replaced": int(round(values[-3] * run.info.world_size)), "stop": values[-2] > 0}
+            "images": int(round(values[-6] * world)), "patches": int(round(values[-5] * world)),
+            "flops": values[-4] * world,
+            "replaced": int(round(values[-3] * world)), "stop": values[-2] > 0}
 
 
 def _accumulate(run: Run, batch, prefix: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -692,12 +711,12 @@ def _endless(loader):
 
 def _record(run: Run, batch, result: dict, dt: float, t_data: float) -> dict:
     """One line of metrics.jsonl: the step, its loss terms, lr, grad norm, throughput and MFU."""
-    B, (h, w), world = batch.images.shape[0], batch.grid, run.info.world_size
-    tokens = batch.tokens
-    flops = step_flops(run.mcfg, (h, w), B, 0 if tokens is None else tokens.shape[1]).train
+    h, w = batch.grid  # this rank's; images, patches and FLOPs are all ranks' (native: each rank its own grid)
+    images = result["images"]
     return {"step": run.step, **result["losses"], "lr": result["lr"], "grad_norm": result["grad_norm"],
-            "images_per_s": B * world / dt, "patches_per_s": B * h * w * world / dt, "mfu": flops / dt / run.peak,
-            "step_time": dt, "data_time": t_data, "batch": B * world, "grid": [h, w],
+            "images_per_s": images / dt, "patches_per_s": result["patches"] / dt,
+            "mfu": mfu(result["flops"], dt, run.peak, run.info.world_size),
+            "step_time": dt, "data_time": t_data, "batch": images, "grid": [h, w],
             "epoch": int(getattr(batch, "epoch", 0)),
             "sources": dict(run.loader.stats["sources"]), "source_epochs": run.loader.source_epochs(),
             "caption_shares": caption_shares(run.loader.stats.get("captions", {})),

@@ -24,7 +24,7 @@ import torch
 
 from ..model.aimv2 import LOSS_TERMS, TOTAL_LOSS
 from ..model.masks import sample_prefix_lengths
-from .distributed import DistInfo, all_reduce_mean
+from .distributed import DistInfo, all_reduce_mean, decoder_device
 
 VAL_SEED = 1234  # the validation crops, captions and prefix lengths; independent of --seed
 
@@ -50,7 +50,8 @@ class Validator:
         self.pad_id = tokenizer.pad_id
         self.max_batches = max_batches
         kwargs = dict(tokenizer=tokenizer, pad_id=tokenizer.pad_id, rank=info.rank, world_size=info.world_size,
-                      seed=seed, workers=workers, decoder=decoder, pin_memory=device.type == "cuda")
+                      seed=seed, workers=workers, decoder=decoder, pin_memory=device.type == "cuda",
+                      dali_device=decoder_device(device))  # this rank's GPU, not GPU 0
         try:
             if native_res:
                 self.loader = Loader(manifest, native_res=True, batch_patches=batch_patches, native_hflip=0.0,
