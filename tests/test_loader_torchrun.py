@@ -107,10 +107,27 @@ def test_resume_at_another_world_size(data, tmp_path, w_from, w_to):
     before = _ranks(run / "checkpoints/step_00000003.pt")[0]["loader"]
     _, err = torchrun(data, run, w_to, "--resume")
     assert "every source starts its next epoch" in err              # the one-line notice, not a silent restart
+    # the global batch follows the ranks (per-rank C kept), and the notice says so (issue 21 point 8)
+    assert f"the global batch changes from {4096 * w_from} to {4096 * w_to} patches per step" in err
     m = _metrics(run)
     assert [x["step"] for x in m] == list(range(1, 7))
+    assert [x["patches"] for x in m[3:]] == [4096 * w_to] * 3
     after = _ranks(run / "checkpoints/step_00000006.pt")
     assert len(after) == w_to and all(r["loader"]["world_size"] == w_to for r in after)
     for src, e in before["snapshot"]["epochs"].items():              # the bound: each source's next epoch
         assert all(r["loader"]["snapshot"]["epochs"][src] >= e + 1 for r in after)
     assert after[0]["loader"]["t"] == 3 + 3                           # the global step continued
+
+
+def test_resume_at_another_world_size_can_keep_the_global_batch(data, tmp_path):
+    """--keep-global-batch: 2 ranks x 4096 patches resumed on 1 rank trains 8192 patches per step, as before;
+    resumed again at the same size it stays (the rescaled per-rank batch is the checkpoint's)."""
+    run = tmp_path / "run"
+    torchrun(data, run, 2, "--stop-at", "3")
+    _, err = torchrun(data, run, 1, "--resume", "--keep-global-batch", "--stop-at", "5")
+    assert "--keep-global-batch keeps 8192 patches per step, --batch-patches 4096 -> 8192 per rank" in err
+    torchrun(data, run, 1, "--resume", "--keep-global-batch")
+    m = _metrics(run)
+    assert [x["step"] for x in m] == list(range(1, 7))
+    assert [x["patches"] for x in m] == [8192] * 6
+    assert json.loads((run / "run.json").read_text())["train"]["batch_patches"] == 8192

@@ -461,6 +461,9 @@ class Loader:
                 "mix": {k: round(v, 12) for k, v in self.weights.items()}}
         mine.update({"batch_patches": cfg.batch_patches, "batch_rule": cfg.batch_rule} if cfg.native_res else
                     {"resolution": cfg.resolution, "batch_size": cfg.batch_size})
+        if int(state["world_size"]) != self.world_size:  # each source starts its next epoch: the per-rank batch
+            for k in ("batch_patches", "batch_size"):      # may change with the ranks (--keep-global-batch)
+                mine.pop(k, None)
         saved = dict(state, mix={k: round(float(v), 12) for k, v in state.get("mix", {}).items()})
         diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if diff:

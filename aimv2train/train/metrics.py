@@ -1,8 +1,8 @@
 """Per-step metrics (RUN/metrics.jsonl), throughput and MFU.
 
 MFU (`mfu`) = all ranks' model FLOPs per second / (ranks x a fixed reference peak, `reference_peak`): the
-datasheet's dense bf16 peak for known GPUs; elsewhere the best large-matmul FLOP/s ever measured on the machine (cached), because one
-measurement per start ranged 75-302 GFLOP/s run to run on a shared CPU and made MFU incomparable.
+datasheet's dense bf16 peak for known GPUs; elsewhere the best large-matmul FLOP/s ever measured on the machine
+(cached), because one measurement per start ranged 75-302 GFLOP/s run to run on a shared CPU and made MFU incomparable.
 Model FLOPs come from `flops.step_flops` (matmuls only, backward = 2x forward), so MFU is what the
 model needs, not what the implementation happened to execute (no recompute, no masked-out savings).
 """

@@ -23,7 +23,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -387,7 +387,7 @@ def _disk_full_message(out: str, e: BaseException) -> str:
 
 def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     run = build_run(cfg, info, device)
-    out = run.out
+    cfg, out = run.cfg, run.out  # the per-rank batch may be rescaled (--keep-global-batch)
     run_info = {"train": asdict(cfg), "hparams": run.hp.to_dict(), "model": run.mcfg.to_dict(),
                 "world_size": info.world_size, "device": str(device), "devices": run.devices, "precision": run.precision,
                 "peak_flops": run.peak}
@@ -488,6 +488,7 @@ def build_run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Run:
                           weight_decay=cfg.weight_decay, warmup=cfg.warmup, clip=cfg.clip)
     tok = Tokenizer(cfg.tokenizer)
     resume_from = _resume_point(cfg, info, tok)
+    cfg = _batch_for_world(cfg, resume_from, info)
 
     model = build_model(cfg, tok, resolution or 224)
     init_note = load_init(model, cfg.init) if cfg.init and resume_from is None else None
@@ -550,6 +551,35 @@ def compile_dynamic(choice: str, device: torch.device) -> bool:
     """torch.compile's dynamic= for native resolution (`--compile-dynamic` true / false / auto): auto is static
     on CUDA, dynamic elsewhere (compile_step says why)."""
     return {"true": True, "false": False}.get(choice, device.type != "cuda")
+
+
+def _batch_for_world(cfg: TrainConfig, resume_from, info: DistInfo) -> TrainConfig:
+    """Resuming at another world size: the global batch (the paper's schedule is per global step) changes with
+    the ranks unless --keep-global-batch scales the per-rank batch by old ranks / new ranks; a notice says which."""
+    if resume_from is None:
+        return cfg
+    train = resume_from[1].get("train", {})
+    old_world, new_world = int(train.get("world_size", 1)), info.world_size
+    if old_world == new_world:
+        return cfg
+    key, unit = ("batch_patches", "patches") if cfg.native_res else ("batch_size", "images")
+    flag_name = "--" + key.replace("_", "-")
+    old = int(train.get("config", {}).get(key, getattr(cfg, key)))
+    if not cfg.keep_global_batch:
+        if info.is_main:
+            notice(f"--resume: {resume_from[0]} was written by {old_world} rank(s), this run has {new_world}: the "
+                   f"global batch changes from {old * old_world} to {getattr(cfg, key) * new_world} {unit} per step "
+                   f"({flag_name} {getattr(cfg, key)} per rank); pass --keep-global-batch to keep {old * old_world}")
+        return cfg
+    if (old * old_world) % new_world:
+        raise TrainError(f"--keep-global-batch: the checkpoint's global batch of {old * old_world} {unit} "
+                         f"({old_world} x {old}) does not divide among {new_world} ranks: use a world size that "
+                         f"divides it, or drop --keep-global-batch")
+    per_rank = old * old_world // new_world
+    if info.is_main:
+        notice(f"--resume at {new_world} rank(s) (was {old_world}): --keep-global-batch keeps {old * old_world} "
+               f"{unit} per step, {flag_name} {old} -> {per_rank} per rank")
+    return replace(cfg, **{key: per_rank})
 
 
 def _resume_point(cfg: TrainConfig, info: DistInfo, tok: Tokenizer) -> tuple[Path, dict] | None:
@@ -716,7 +746,7 @@ def _record(run: Run, batch, result: dict, dt: float, t_data: float) -> dict:
     return {"step": run.step, **result["losses"], "lr": result["lr"], "grad_norm": result["grad_norm"],
             "images_per_s": images / dt, "patches_per_s": result["patches"] / dt,
             "mfu": mfu(result["flops"], dt, run.peak, run.info.world_size),
-            "step_time": dt, "data_time": t_data, "batch": images, "grid": [h, w],
+            "step_time": dt, "data_time": t_data, "batch": images, "patches": result["patches"], "grid": [h, w],
             "epoch": int(getattr(batch, "epoch", 0)),
             "sources": dict(run.loader.stats["sources"]), "source_epochs": run.loader.source_epochs(),
             "caption_shares": caption_shares(run.loader.stats.get("captions", {})),
@@ -766,7 +796,10 @@ def _check_resumable(cfg: TrainConfig, resume_from, info: DistInfo, tok: Tokeniz
     mode = cfg.parallel if info.enabled else "none"
     if train.get("parallel", "none") != mode and "fsdp" in (train.get("parallel"), mode):
         raise TrainError(f"{path} was written with parallel={train.get('parallel')}, this run uses {mode}")
+    rescaled = cfg.keep_global_batch and train.get("world_size", 1) != info.world_size  # _batch_for_world
     for key in ("model", "native_res", "resolution", "batch_size", "batch_patches", "seed", "stage"):
+        if rescaled and key in ("batch_size", "batch_patches"):
+            continue
         if key in old and old[key] != getattr(cfg, key):
             raise TrainError(f"--resume: {key} was {old[key]!r} in {path}, now {getattr(cfg, key)!r}; "
                              f"resume with the same settings (or start a new --out with --init {path})")
