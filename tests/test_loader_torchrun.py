@@ -111,7 +111,8 @@ def test_resume_at_another_world_size(data, tmp_path, w_from, w_to):
     assert f"the global batch changes from {4096 * w_from} to {4096 * w_to} patches per step" in err
     m = _metrics(run)
     assert [x["step"] for x in m] == list(range(1, 7))
-    assert [x["patches"] for x in m[3:]] == [4096 * w_to] * 3
+    # B = C // A images of a bucket's grid: a step's patches are at most C per rank and near it
+    assert all(0.75 * 4096 * w_to < x["patches"] <= 4096 * w_to for x in m[3:]), [x["patches"] for x in m]
     after = _ranks(run / "checkpoints/step_00000006.pt")
     assert len(after) == w_to and all(r["loader"]["world_size"] == w_to for r in after)
     for src, e in before["snapshot"]["epochs"].items():              # the bound: each source's next epoch
@@ -129,5 +130,5 @@ def test_resume_at_another_world_size_can_keep_the_global_batch(data, tmp_path):
     torchrun(data, run, 1, "--resume", "--keep-global-batch")
     m = _metrics(run)
     assert [x["step"] for x in m] == list(range(1, 7))
-    assert [x["patches"] for x in m] == [8192] * 6
+    assert all(0.75 * 8192 < x["patches"] <= 8192 for x in m), [x["patches"] for x in m]  # B = C // A per rank
     assert json.loads((run / "run.json").read_text())["train"]["batch_patches"] == 8192

@@ -95,7 +95,8 @@ class TrainConfig:
     keep_global_batch: bool = flag(False, "With --resume at another number of ranks: keep the checkpoint's global "
                                    "batch, the per-rank --batch-size (or --batch-patches) scaled by old ranks / new "
                                    "ranks (must divide; add --grad-accum if the larger batch does not fit). Without "
-                                   "it the per-rank batch stays and the global batch scales with the ranks.")
+                                   "it the per-rank batch stays and the global batch scales with the ranks. With it, every "
+                                   "--resume takes the per-rank batch from the checkpoint.")
     grad_accum: int = flag(1, "Split each rank's batch into N micro-batches, forward and backward one at a time, one "
                            "optimiser step: the same images and update as the whole batch, with about 1/N of its "
                            "activation memory (N larger than a batch's images: one image each).")

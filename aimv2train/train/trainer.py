@@ -560,11 +560,11 @@ def _batch_for_world(cfg: TrainConfig, resume_from, info: DistInfo) -> TrainConf
         return cfg
     train = resume_from[1].get("train", {})
     old_world, new_world = int(train.get("world_size", 1)), info.world_size
-    if old_world == new_world:
-        return cfg
     key, unit = ("batch_patches", "patches") if cfg.native_res else ("batch_size", "images")
     flag_name = "--" + key.replace("_", "-")
     old = int(train.get("config", {}).get(key, getattr(cfg, key)))
+    if old_world == new_world:  # --keep-global-batch: the checkpoint's per-rank batch, whatever was passed
+        return replace(cfg, **{key: old}) if cfg.keep_global_batch else cfg
     if not cfg.keep_global_batch:
         if info.is_main:
             notice(f"--resume: {resume_from[0]} was written by {old_world} rank(s), this run has {new_world}: the "
@@ -796,7 +796,7 @@ def _check_resumable(cfg: TrainConfig, resume_from, info: DistInfo, tok: Tokeniz
     mode = cfg.parallel if info.enabled else "none"
     if train.get("parallel", "none") != mode and "fsdp" in (train.get("parallel"), mode):
         raise TrainError(f"{path} was written with parallel={train.get('parallel')}, this run uses {mode}")
-    rescaled = cfg.keep_global_batch and train.get("world_size", 1) != info.world_size  # _batch_for_world
+    rescaled = cfg.keep_global_batch  # the per-rank batch comes from the checkpoint (_batch_for_world)
     for key in ("model", "native_res", "resolution", "batch_size", "batch_patches", "seed", "stage"):
         if rescaled and key in ("batch_size", "batch_patches"):
             continue
