@@ -17,9 +17,12 @@ the rest go on; the JSON is rewritten after every part, so a run cut short keeps
               files; DALI skipped with a line saying so when it is not importable
   trainer     a few steps of the real trainer (`aimv2 train`'s train()) on a small generated manifest,
               when polars (the manifest side) is importable
-  steps       the trainer's step (LossModule forward, backward, clip, DecoupledAdamW) at AIMv2-L (Table 1
+  steps       the trainer's own step function, train.trainer.train_step (LossModule forward, backward, clip,
+              one host sync, DecoupledAdamW) on a trainer Run built without a manifest, at AIMv2-L (Table 1
               encoder + the paper's 12 x 1024 decoder), bf16 autocast, fixed 224 px and native resolution
-              (one grid, C patches per step), prefix attention on FlexAttention vs the SDPA reference,
+              (one grid, C patches per step); fixed-resolution rows step on the real loader's batches when the
+              trainer part built or was given a manifest, else (and native rows) on synthetic uint8 Batches;
+              prefix attention on FlexAttention vs the SDPA reference,
               eager and torch.compile'd: step time, images/s, MFU; the batch halves on out-of-memory;
               compiled rows that would not fit in --budget are skipped
 The model and decode parts import neither polars nor webdataset (the GPU machine has neither).
@@ -60,7 +63,7 @@ import platform
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -143,83 +146,123 @@ def part_peak(device: torch.device, sizes: Sizes, ctx: dict, **_) -> dict:
     return {"dtype": str(dtype).replace("torch.", ""), "n": n, "tflops": peak / 1e12}
 
 
-def _build(sizes: Sizes, device: torch.device, pos_embed: str, img_size: int):
+def bench_run(sizes: Sizes, device: torch.device, native: bool, attention: str, compiled: bool,
+              native_dynamic: str = "auto", pad_id: int = 0):
+    """A trainer `Run` (train.trainer.Run, what build_run returns) for the steps part, built without a manifest
+    or a tokenizer (the GPU machine may lack polars): the model, LossModule, optimiser, schedule and the
+    torch.compile'd step as build_run makes them, so the steps part times train_step itself."""
     from .model.aimv2 import AIMv2
     from .model.config import model_config
+    from .train.config import TrainConfig
+    from .train.distributed import DistInfo
     from .train.optim import build_optimizer
-    from .train.trainer import LossModule
+    from .train.presets import resolve
+    from .train.schedule import WarmupCosine
+    from .train.trainer import LossModule, Run, compile_dynamic, run_precision
 
+    res = None if native else sizes.resolution
+    cfg = TrainConfig(manifest="-", tokenizer="-", out="-", model=sizes.model, steps=1000, native_res=native,
+                      resolution=res, compile=compiled, compile_dynamic=native_dynamic, attention=attention,
+                      device=str(device), batch_size=sizes.batch, batch_patches=sizes.batch_patches, progress=False)
+    hp = resolve(sizes.model, "native" if native else "pretrain", cfg.steps, warmup=0)
     torch.manual_seed(0)
     with device:  # initialised where it runs: an L model's init on the host CPU takes seconds per build
-        model = AIMv2(model_config(sizes.model, vocab_size=sizes.vocab, pos_embed=pos_embed, img_size=img_size))
-    return model, LossModule(model, pad_id=0), build_optimizer(model, 1e-4, 0.05)
+        model = AIMv2(model_config(sizes.model, vocab_size=sizes.vocab, pos_embed="sincos" if native else "learned",
+                                   img_size=224 if native else sizes.resolution))
+    model.set_attention(attention)
+    loss_module = LossModule(model, pad_id=pad_id)
+    step_fn = loss_module
+    if compiled:  # trainer.compile_step's choice of dynamic=; the steps part draws one grid, so one graph
+        step_fn = torch.compile(loss_module, dynamic=compile_dynamic(native_dynamic, device) if native else None)
+    opt = build_optimizer(model, hp.peak_lr, hp.weight_decay, hp.betas, hp.eps)
+    return Run(cfg, DistInfo(), device, "native" if native else "pretrain", run_precision(cfg, device), res, hp,
+               model, loss_module, step_fn, opt, WarmupCosine(hp.peak_lr, hp.min_lr, hp.warmup, hp.steps),
+               torch.Generator().manual_seed(0), None, False, 0, 1.0,
+               params=[p for p in model.parameters() if p.requires_grad], pad_id=pad_id)
 
 
-def _batch(B: int, grid: tuple[int, int], sizes: Sizes, device: torch.device, seed: int = 0):
-    from .model.masks import sample_prefix_lengths
+def synthetic_batches(B: int, grid: tuple[int, int], sizes: Sizes, device: torch.device, n: int = 2) -> list:
+    """n `Batch`es as the loader hands them over (uint8, channels-last, tokens), already on the device."""
+    from aimv2data.batch import Batch
 
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(0)
     h, w = grid
-    # uint8 in channels-last memory, as the loader hands them over: the step normalises them on the device
-    images = torch.randint(0, 256, (B, 14 * h, 14 * w, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2)
-    tokens = torch.randint(1, sizes.vocab, (B, sizes.text_len), generator=g)
-    prefix = sample_prefix_lengths(B, h * w, g)
-    return images.to(device), tokens.to(device), prefix
+    out = []
+    for _ in range(n):
+        images = torch.randint(0, 256, (B, 14 * h, 14 * w, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2)
+        tokens = torch.randint(1, sizes.vocab, (B, sizes.text_len), generator=g)
+        keys = [f"synthetic-{i}" for i in range(B)]
+        out.append(Batch(images, grid, 14, [""] * B, keys, ["synthetic"] * B, tokens).to(device))
+    return out
 
 
-def time_steps(step_fn, opt, params, batch, device, precision: str, steps: int, warmup: int) -> list[float]:
-    """The trainer's step, as _train runs it: autocast forward, backward, clip to 1.0, optimiser step."""
-    from .model.aimv2 import TOTAL_LOSS
-    from .train.trainer import autocast_context
+def loader_batches(data: dict, sizes: Sizes, device: torch.device, n: int) -> list:
+    """n fixed-resolution batches of the real loader (train.trainer.make_loader) on `data`'s manifest, on
+    the device: the steps part times the step on them, not the decode (the trainer part times both)."""
+    from .train.config import TrainConfig
+    from .train.distributed import DistInfo
+    from .train.tokenizer import Tokenizer
+    from .train.trainer import make_loader
 
-    images, tokens, prefix = batch
+    cfg = TrainConfig(manifest=data["manifest"], tokenizer=data["tokenizer"], out="-", model=sizes.model,
+                      resolution=sizes.resolution, batch_size=sizes.batch, workers=0, progress=False)
+    loader = make_loader(cfg, Tokenizer(data["tokenizer"]), DistInfo(), sizes.resolution, 14)
+    out = []
+    while len(out) < n:
+        got = [b.to(device) for b, _ in zip(loader, range(n - len(out)))]
+        if not got:
+            raise ValueError(f"{data['manifest']}: fewer samples than one batch of {sizes.batch}")
+        out += got
+    return out
+
+
+def time_steps(run, batches: list, steps: int, warmup: int) -> list[float]:
+    """Seconds of each timed `train.trainer.train_step` (the trainer's own step: autocast forward, backward,
+    clip, one host sync, DecoupledAdamW) over `batches`, cycled."""
+    from .train import trainer
+    from .train.preempt import StopRequest
+
+    stop = StopRequest()
     times = []
-    for i in range(warmup + steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        with autocast_context(device, precision):
-            loss = step_fn(images, None, tokens, prefix)[TOTAL_LOSS]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"loss {value} at step {i}")
+    try:
+        for i in range(warmup + steps):
+            _sync(run.device)
+            t0 = time.perf_counter()
+            trainer.train_step(run, batches[i % len(batches)], stop)  # raises StepFailed on a non-finite loss
+            _sync(run.device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    finally:
+        stop.restore()
     return times
 
 
 def _step_config(sizes: Sizes, device: torch.device, res: str, attention: str, compiled: bool, peak: float,
-                 native_dynamic: str = "auto") -> dict:
+                 native_dynamic: str = "auto", data: dict | None = None) -> dict:
     from .model.flops import step_flops
     from .train.trainer import compile_dynamic
 
     native = res == "native"
     grid = sizes.native_grid if native else (sizes.resolution // 14,) * 2
     B = max(1, sizes.batch_patches // (grid[0] * grid[1])) if native else sizes.batch
-    precision = "bf16" if device.type == "cuda" else "fp32"
     row = {"resolution": res, "grid": list(grid), "attention": attention, "compile": compiled}
     # as the trainer's --compile-dynamic (train.trainer.compile_step): auto is static on CUDA
-    dynamic = compile_dynamic(native_dynamic, device)
     if compiled and native:
-        row["dynamic"] = dynamic
+        row["dynamic"] = compile_dynamic(native_dynamic, device)
+    use_loader = data is not None and not native
+    row["batches"] = "loader" if use_loader else "synthetic"
     while True:
-        model, loss_module, opt = _build(sizes, device, "sincos" if native else "learned",
-                                         224 if native else sizes.resolution)
-        model.set_attention(attention)
-        step_fn = torch.compile(loss_module, dynamic=dynamic if native else None) if compiled else loss_module
-        params = [p for p in model.parameters() if p.requires_grad]
+        run = bench_run(sizes, device, native, attention, compiled, native_dynamic)
         try:
+            batches = (loader_batches(data, replace(sizes, batch=B), device, 2) if use_loader
+                       else synthetic_batches(B, grid, sizes, device))
             t_first = time.perf_counter()
-            times = time_steps(step_fn, opt, params, _batch(B, grid, sizes, device), device, precision,
-                               sizes.steps, sizes.warmup)
+            times = time_steps(run, batches, sizes.steps, sizes.warmup)
             warm_s = time.perf_counter() - t_first - sum(times)
             break
         except torch.OutOfMemoryError:
-            del model, loss_module, opt, step_fn
+            del run
+            batches = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if B == 1:
@@ -227,13 +270,13 @@ def _step_config(sizes: Sizes, device: torch.device, res: str, attention: str, c
             row.setdefault("oom_at_batch", []).append(B)
             B //= 2
     dt = sorted(times)[len(times) // 2]
-    flops = step_flops(model.cfg, grid, B, sizes.text_len).train
-    row.update(batch=B, precision=precision, step_ms=1e3 * dt, images_per_s=B / dt, mfu=flops / dt / peak,
-               warmup_s=warm_s, steps=len(times))
+    flops = step_flops(run.model.cfg, grid, B, sizes.text_len).train
+    row.update(batch=B, precision=run.precision, step_ms=1e3 * dt, images_per_s=B / dt, mfu=flops / dt / peak,
+               warmup_s=warm_s, steps=len(times), step_function="train.trainer.train_step")
     if device.type == "cuda":
         row["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         torch.cuda.reset_peak_memory_stats(device)
-    del model, loss_module, opt, step_fn
+    del run, batches
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -263,7 +306,8 @@ def part_steps(device: torch.device, sizes: Sizes, ctx: dict, budget: Budget, dr
                     rows.append({**base, "status": "skipped", "reason": f"time budget: {budget.left():.0f} s left"})
                     continue
                 try:
-                    rows.append({**_step_config(sizes, device, res, attention, compiled, peak, native_dynamic),
+                    rows.append({**_step_config(sizes, device, res, attention, compiled, peak, native_dynamic,
+                                                 data=ctx.get("data")),
                                  "status": "ok"})
                 except Exception as e:
                     rows.append({**base, "status": "error", "reason": _reason(e)})
@@ -279,14 +323,18 @@ def part_parity(device: torch.device, sizes: Sizes, **_) -> dict:
     """fp32 on both sides, TF32 off; same initial weights (one state dict), same batch and prefixes."""
     from aimv2data.batch import normalize
 
+    from .model.masks import sample_prefix_lengths
+
     tol = {"encoder_max_abs": 2e-3, "loss_rel": 1e-4, "grad_rel": 1e-4}
     old_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         grid = (sizes.resolution // 14,) * 2
         cpu = torch.device("cpu")
-        model, _, _ = _build(sizes, cpu, "learned", sizes.resolution)
-        images, tokens, prefix = _batch(sizes.parity_batch, grid, sizes, cpu, seed=1)
+        model = bench_run(replace(sizes, batch=sizes.parity_batch), cpu, False, "sdpa", False).model
+        batch = synthetic_batches(sizes.parity_batch, grid, sizes, cpu, n=1)[0]
+        images, tokens = batch.images, batch.tokens
+        prefix = sample_prefix_lengths(images.shape[0], grid[0] * grid[1], torch.Generator().manual_seed(1))
         images = normalize(images)  # the encoder's own input (training_loss normalises a batch's uint8)
         ref = _forward_parts(model, images, tokens, prefix, "sdpa")
         model.to(device)
@@ -412,7 +460,7 @@ def _dali_rate(datas, crops, device, batch: int = 32, reps: int = 3) -> dict:
     return {"images_per_s": reps * len(datas) / dt, "batch": batch, "failed": failed}
 
 
-def part_trainer(device: torch.device, sizes: Sizes, workdir: Path, dry_run: bool, **_) -> dict:
+def part_trainer(device: torch.device, sizes: Sizes, workdir: Path, dry_run: bool, ctx: dict, **_) -> dict:
     """`aimv2 train`'s train() for a few steps on a manifest built here from generated JPEGs."""
     why = importable("polars")
     if why is not None:
@@ -443,6 +491,7 @@ def part_trainer(device: torch.device, sizes: Sizes, workdir: Path, dry_run: boo
         build_manifest([str(shards / "00000.tar")], manifest, progress=False)
     if not tok.exists():
         train_tokenizer(manifest, tok, vocab_size=128, soft_limit=True)
+    ctx["data"] = {"manifest": str(manifest), "tokenizer": str(tok)}  # the steps part's loader batches
     run = root / f"run-{int(time.time())}"
     cfg = TrainConfig(manifest=str(manifest), tokenizer=str(tok), out=str(run), model="tiny",
                       steps=sizes.trainer_steps, resolution=56, batch_size=4, workers=0, device=str(device),

@@ -80,12 +80,34 @@ def test_unknown_part_is_a_usage_error(capsys):
 def test_out_of_memory_halves_the_batch_and_says_so(monkeypatch):
     real, calls = bench_gpu.time_steps, []
 
-    def oom_once(step_fn, opt, params, batch, *args):
-        calls.append(batch[0].shape[0])
+    def oom_once(run, batches, *args):
+        calls.append(batches[0].images.shape[0])
         if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(step_fn, opt, params, batch, *args)
+        return real(run, batches, *args)
 
     monkeypatch.setattr(bench_gpu, "time_steps", oom_once)
     row = bench_gpu._step_config(bench_gpu.DRY_SIZES, torch.device("cpu"), "fixed", "sdpa", False, peak=1e12)
     assert calls == [4, 2] and row["oom_at_batch"] == [4] and row["batch"] == 2 and row["images_per_s"] > 0
+
+
+def test_the_steps_part_times_the_trainers_train_step_on_loader_batches(tmp_path, monkeypatch):
+    """Issue 22 point 6: one step function. Every timed step of the steps part is train.trainer.train_step
+    itself (warm-up included), and the fixed-resolution rows step on the real loader's batches."""
+    from aimv2train.train import trainer
+
+    real, seen = trainer.train_step, []
+
+    def counting(run, batch, stop):
+        seen.append((type(run).__name__, type(batch).__name__, batch.images.dtype))
+        return real(run, batch, stop)
+
+    monkeypatch.setattr(trainer, "train_step", counting)
+    monkeypatch.setitem(bench_gpu.PART_FUNCS, "trainer", bench_gpu.part_trainer)
+    result = bench_gpu.run(tmp_path / "r.json", dry_run=True, parts=("trainer", "steps"), rows=("fixed-sdpa-eager",))
+    rows = result["parts"]["steps"]["rows"]
+    assert [r["status"] for r in rows] == ["ok"], rows
+    sizes = bench_gpu.DRY_SIZES
+    row = rows[0]
+    assert row["step_function"] == "train.trainer.train_step" and row["batches"] == "loader"
+    assert seen.count(("Run", "Batch", torch.uint8)) >= sizes.warmup + sizes.steps
