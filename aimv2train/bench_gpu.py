@@ -8,7 +8,8 @@
 Parts, each on its own and in this order (a part that fails or cannot run is recorded with its reason,
 the rest go on; the JSON is rewritten after every part, so a run cut short keeps what it measured):
   env         torch / CUDA / GPU / CPU, what is importable (DALI, polars, webdataset)
-  peak        the best bf16 FLOP/s of one large matmul (MFU's denominator, train.metrics.matmul_peak)
+  peak        the best bf16 FLOP/s of one large matmul (beside MFU, whose denominator is the trainer's
+              train.metrics.reference_peak)
   parity      the same weights and batch on CUDA and on CPU in fp32 (TF32 off): encoder tokens and both
               losses, and on CUDA the gradients of the flex path against the SDPA path (CPU cannot run
               FlexAttention's backward)
@@ -240,6 +241,7 @@ def time_steps(run, batches: list, steps: int, warmup: int) -> list[float]:
 def _step_config(sizes: Sizes, device: torch.device, res: str, attention: str, compiled: bool, peak: float,
                  native_dynamic: str = "auto", data: dict | None = None) -> dict:
     from .model.flops import step_flops
+    from .train.metrics import mfu
     from .train.trainer import compile_dynamic
 
     native = res == "native"
@@ -271,7 +273,7 @@ def _step_config(sizes: Sizes, device: torch.device, res: str, attention: str, c
             B //= 2
     dt = sorted(times)[len(times) // 2]
     flops = step_flops(run.model.cfg, grid, B, sizes.text_len).train
-    row.update(batch=B, precision=run.precision, step_ms=1e3 * dt, images_per_s=B / dt, mfu=flops / dt / peak,
+    row.update(batch=B, precision=run.precision, step_ms=1e3 * dt, images_per_s=B / dt, mfu=mfu(flops, dt, peak),
                warmup_s=warm_s, steps=len(times), step_function="train.trainer.train_step")
     if device.type == "cuda":
         row["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -284,8 +286,13 @@ def _step_config(sizes: Sizes, device: torch.device, res: str, attention: str, c
 
 def part_steps(device: torch.device, sizes: Sizes, ctx: dict, budget: Budget, dry_run: bool,
                rows_wanted: tuple[str, ...] = (), native_dynamic: str = "auto", **_) -> dict:
-    """Eager rows first (cheap), compiled rows while the budget allows (each compiles the whole step)."""
-    peak = ctx.get("peak") or 1.0
+    """Eager rows first (cheap), compiled rows while the budget allows (each compiles the whole step). MFU is
+    the trainer's (train.metrics.mfu over reference_peak: the datasheet's bf16 peak on known GPUs), so the two
+    compare; the matmul part's measured peak is reported beside it."""
+    from .train.metrics import reference_peak
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak, peak_source = reference_peak(device, dtype)
     rows = []
     for compiled in (False, True):
         for res in ("fixed", "native"):
@@ -312,7 +319,8 @@ def part_steps(device: torch.device, sizes: Sizes, ctx: dict, budget: Budget, dr
                 except Exception as e:
                     rows.append({**base, "status": "error", "reason": _reason(e)})
                 print(f"  steps: {_row_line(rows[-1])}", flush=True)
-    return {"rows": rows, "peak_tflops": peak / 1e12}
+    return {"rows": rows, "peak_tflops": peak / 1e12, "peak_source": peak_source,
+            "measured_peak_tflops": (ctx.get("peak") or 0.0) / 1e12}
 
 
 def _row_key(res: str, attention: str, compiled: bool) -> str:
@@ -582,6 +590,7 @@ def table(result: dict) -> str:
         elif name == "peak":
             lines.append(f"    {rec['dtype']} matmul peak {rec['tflops']:.4g} TFLOP/s (n = {rec['n']})")
         elif name == "steps":
+            lines.append(f"    MFU over {rec['peak_tflops']:.4g} TFLOP/s ({rec['peak_source']}), as the trainer's")
             lines += [f"    {_row_line(r)}" for r in rec["rows"]]
         elif name == "parity":
             lines.append(f"    within tolerance {rec['within_tolerance']} ({rec['tolerance']}): "
