@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from aimv2data.atomic import is_disk_full, read_jsonl, write_json_atomic
+from aimv2data.batch import REPLACED_KINDS, replaced_kind
 
 from . import checkpoint as ck
 from .config import TrainConfig
@@ -462,7 +463,8 @@ class StepFailed(Exception):
 def train_step(run: Run, batch, stop: StopRequest) -> dict:
     """One optimiser step (run.step -> run.step + 1) on a batch already on the device. Returns the named
     loss terms (`loss` and the model's LOSS_TERMS, each the mean over ranks), `lr`, `grad_norm`,
-    `replaced` (the batch's replaced samples summed over ranks) and `stop` (some rank was asked to stop,
+    `replaced` (the batch's replaced samples summed over ranks; `replaced_unreachable` and
+    `replaced_damaged` split it by why) and `stop` (some rank was asked to stop,
     read after the forward: a signal during this step stops after it). Raises StepFailed, with nothing
     applied, on a non-finite loss or gradient norm."""
     images, patches, tokens = batch.images, batch.patches, batch.tokens
@@ -474,10 +476,13 @@ def train_step(run: Run, batch, stop: StopRequest) -> dict:
     # the loss terms, the replaced-sample count and "a rank was asked to stop" travel in one all-reduce, so all
     # ranks decide alike; the count is a mean there, summed back exactly (small integers in float32)
     dev = terms[TOTAL_LOSS].device
-    n_replaced = torch.tensor(float(len(getattr(batch, "replaced", ()))), device=dev)
+    kinds = [replaced_kind(reason) for _, reason in getattr(batch, "replaced", ())]
+    n_replaced = [torch.tensor(float(kinds.count(k)), device=dev) for k in REPLACED_KINDS]
     flag = torch.tensor(float(stop.requested), device=dev)
-    reduced = all_reduce_mean(torch.stack([t.detach() for t in terms.values()] + [n_replaced, flag]).float(),
+    reduced = all_reduce_mean(torch.stack([t.detach() for t in terms.values()] + n_replaced + [flag]).float(),
                               run.info).tolist()
+    counts = {f"replaced_{k}": int(round(v * run.info.world_size))
+              for k, v in zip(REPLACED_KINDS, reduced[len(terms):-1])}
     logged = dict(zip(terms, reduced))
     if not all(math.isfinite(v) for v in logged.values()):
         raise StepFailed(f"step {run.step + 1}: the loss is not finite ("
@@ -492,8 +497,8 @@ def train_step(run: Run, batch, stop: StopRequest) -> dict:
     run.step += 1
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
-    return {"losses": logged, "lr": lr, "grad_norm": grad_norm,
-            "replaced": int(round(reduced[-2] * run.info.world_size)), "stop": reduced[-1] > 0}
+    return {"losses": logged, "lr": lr, "grad_norm": grad_norm, "replaced": sum(counts.values()), **counts,
+            "stop": reduced[-1] > 0}
 
 
 def train_loop(run: Run, log: MetricsLog, bar, line: PeriodicLine, stop: StopRequest) -> str:
@@ -542,7 +547,7 @@ def _record(run: Run, batch, result: dict, dt: float, t_data: float) -> dict:
             "step_time": dt, "data_time": t_data, "batch": B * world, "grid": [h, w],
             "epoch": int(getattr(batch, "epoch", 0)),
             "sources": dict(run.loader.stats["sources"]), "source_epochs": run.loader.source_epochs(),
-            "replaced": result["replaced"]}
+            **{k: result[k] for k in ("replaced", *(f"replaced_{k}" for k in REPLACED_KINDS))}}
 
 
 def _show(bar, rec: dict, replaced: int) -> None:
