@@ -130,7 +130,9 @@ class ShardReader:
             return data
         problem = header_problem(data[:HEADER], req[3], req[2])
         if problem:
-            raise TarChangedError(f"{self.shards[req[0]]}: the tar changed since the manifest was built (at byte "
+            tar = self.shards[req[0]]
+            tar = tar if "://" in tar else os.path.normpath(tar)  # name it as the user sees it
+            raise TarChangedError(f"{tar}: the tar changed since the manifest was built (at byte "
                                   f"{req[1] - HEADER}, where the manifest has the header of {req[3]!r}, {problem}): "
                                   "rebuild the manifest (rerun `aimv2 shard` with the same inputs and --output; it "
                                   "re-indexes the tars that changed)")
