@@ -87,8 +87,8 @@ def train(**settings):
         t.add_row("MFU", f"{100 * s['mfu']:.1f}% of {s['peak_flops'] / 1e9:.0f} GFLOP/s "
                   f"({s.get('peak_source', 'measured matmul peak')})")
     if "replaced" in s:
-        split = (f": {s['replaced_unreachable']} the store did not answer for, {s['replaced_damaged']} damaged or "
-                 "missing" if s.get("replaced_unreachable") else "")
+        split = (f" ({s['replaced_unreachable']} because the store did not answer, {s['replaced_damaged']} missing "
+                 "or damaged)" if s.get("replaced_unreachable") else "")
         t.add_row("replaced", f"{s['replaced']} of {s['draws']} samples drawn ({100 * s['replaced_share']:.1f}%) "
                   f"could not be read or decoded and were replaced{split}")
     t.add_row("checkpoint", str(s.get("checkpoint")))
