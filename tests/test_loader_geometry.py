@@ -110,6 +110,6 @@ def test_pil_decode_batch_reports_a_corrupt_sample_and_keeps_the_others():
     good = encode_jpeg(make_image(80, 60, rng))
     crops = [cover(80, 60, 32, 32)] * 3
     images, failed = PilDecoder().decode_batch([good, b"\xff\xd8garbage", good[: len(good) // 3]], crops)
-    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.float32
+    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8   # the Batch contract
     assert set(failed) == {1, 2}                               # garbage and a truncated file
     assert "Error" in failed[1] or "cannot identify" in failed[1]
