@@ -251,6 +251,9 @@ def endpoint(url: str) -> str:
     return re.sub(r"//[^/@]*@", "//", ep)     # never a user:password an endpoint URL might carry
 
 
+HTTP_403 = re.compile(r"(?<![\w:.])403(?![\w.])")   # the status code, not a port or a number inside a name
+
+
 def friendly(e: BaseException, url: str) -> StorageError:
     """An fsspec/s3fs/botocore exception -> a one-line StorageError that says what to do."""
     if isinstance(e, StorageError):
@@ -264,14 +267,14 @@ def friendly(e: BaseException, url: str) -> StorageError:
     if name in ("NoCredentialsError", "PartialCredentialsError") or "unable to locate credentials" in low:
         return StorageError(f"{url}: no credentials for {proto}://; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                             "(or AWS_PROFILE, ~/.aws/credentials, an instance role)")
-    if (isinstance(e, PermissionError) or "accessdenied" in low or "invalidaccesskeyid" in low
-            or "signaturedoesnotmatch" in low or "forbidden" in low or "403" in low):
-        return StorageError(f"{url}: access denied by the store (credentials wrong or without rights to "
-                            f"{bucket!r}); check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the bucket policy")
-    if unreachable(e):
+    if unreachable(e):     # before the 403 test: an endpoint's text (its port, say) may hold "403"
         first = text.splitlines()[0][:200] if text else ""
         return StorageError(f"{url}: the store is unreachable: the endpoint {endpoint(url)} does not answer "
                             f"({name}: {first}); check AWS_ENDPOINT_URL / FSSPEC_S3_ENDPOINT_URL and the network")
+    if (isinstance(e, PermissionError) or "accessdenied" in low or "invalidaccesskeyid" in low
+            or "signaturedoesnotmatch" in low or "forbidden" in low or HTTP_403.search(low)):
+        return StorageError(f"{url}: access denied by the store (credentials wrong or without rights to "
+                            f"{bucket!r}); check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the bucket policy")
     if isinstance(e, FileNotFoundError):
         return StorageError(f"{url}: no such object or prefix")
     first = text.splitlines()[0] if text else ""

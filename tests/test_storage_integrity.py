@@ -315,7 +315,7 @@ def test_an_outage_is_counted_apart_from_damaged_samples(s3, tmp_path, outage, m
     out = tmp_path / "run"
     res = CliRunner().invoke(main, ["train", "-m", "s3://data/p5/manifest", "-t", str(tok), "-o", str(out),
                                     "--model", "tiny", "--resolution", "56", "--batch-size", "8", "--steps", "2",
-                                    "--workers", "0", "--no-progress"])
+                                    "--workers", "0", "--no-progress"], env={"COLUMNS": "240"})  # no wrapping
     assert res.exit_code == 0, res.output
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["replaced"], r["replaced_unreachable"], r["replaced_damaged"]) for r in recs] == [(8, 8, 0), (0, 0, 0)]
@@ -339,3 +339,13 @@ def test_replaced_summary_splits_and_reads_old_runs():
     assert "check the shards" in w and w.index("k2") > w.index("3 for samples")
     assert replaced_summary(old, [], 0.9)["replaced_damaged"] == 2 and "replaced_warning" not in replaced_summary(
         old, [], 0.9)
+
+
+def test_an_endpoint_port_holding_403_is_not_access_denied():
+    # Seen: a proxy on port 36403 turned an outage into "access denied" (the status-code test matched the port)
+    from aimv2data.storage import friendly
+
+    e = ConnectionRefusedError("Could not connect to the endpoint URL: 'http://127.0.0.1:36403/data'")
+    assert "the store is unreachable" in str(friendly(e, "s3://data/m"))
+    denied = OSError("An error occurred (403) when calling the HeadObject operation: Forbidden")
+    assert "access denied" in str(friendly(denied, "s3://data/m"))

@@ -98,7 +98,11 @@ def test_mfu_counts_every_ranks_batch(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "all_reduce_mean", two_ranks)
     batch = next(iter(run.loader))
-    result = trainer.train_step(run, batch, StopRequest())
+    stop = StopRequest()
+    try:
+        result = trainer.train_step(run, batch, stop)
+    finally:
+        stop.restore()
     rec = trainer._record(run, batch, result, dt=2.0, t_data=0.0)
     B, (h, w) = batch.images.shape[0], batch.grid
     flops = step_flops(run.mcfg, (h, w), B, batch.tokens.shape[1]).train
