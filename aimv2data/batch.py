@@ -21,6 +21,17 @@ import torch
 from .paper import MEAN, STD  # noqa: F401  (CLIP / AIMv2 normalisation, re-exported for the decoders)
 
 
+# Why a sample was replaced, as the reason in Batch.replaced starts: the store did not answer its read
+# (an outage: nothing known wrong with the shards), or anything else (missing or damaged tar, bytes that
+# do not decode: check the shards). metrics.jsonl counts them apart: replaced_unreachable, replaced_damaged.
+UNREACHABLE = "unreachable: "
+REPLACED_KINDS = ("unreachable", "damaged")
+
+
+def replaced_kind(reason: str) -> str:
+    return "unreachable" if reason.startswith(UNREACHABLE) else "damaged"
+
+
 def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
     """(B, 3, h*p, w*p) -> (B, h*w, p*p*3): patches in raster order, each flattened (row, col, ch)."""
     b, c, hh, ww = images.shape
@@ -100,6 +111,11 @@ class Batch:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def replaced_counts(self) -> dict[str, int]:
+        """Replaced samples of this batch by kind (REPLACED_KINDS)."""
+        kinds = [replaced_kind(reason) for _, reason in self.replaced]
+        return {k: kinds.count(k) for k in REPLACED_KINDS}
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         out = Batch(self.images.to(device, non_blocking=non_blocking), self.grid, self.patch_size,

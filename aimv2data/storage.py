@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import re
 from pathlib import Path
 
 # fsspec protocol -> the package that implements it (for the "install X" message)
@@ -85,10 +86,20 @@ def join(base, *parts: str) -> str:
 
 
 def resolve_against(root, ref: str) -> str:
-    """Where a manifest `shard` value points: a URL or absolute path as is, else relative to `root`."""
+    """Where a manifest `shard` value points: a URL or absolute path as is, else relative to `root`. Under a
+    URL root the result is normalised (`s3://b/manifest/../shards/a.tar` -> `s3://b/shards/a.tar`): an
+    object store has no `..`, a key holding one is another key."""
     if is_url(ref) or ref.startswith("file://") or os.path.isabs(ref):
         return local(ref)
-    return join(root, ref)
+    if not is_url(root):
+        return join(root, ref)
+    scheme, rest = join(root, ref).split("://", 1)
+    bucket = rest.split("/", 1)[0]
+    path = posixpath.normpath(rest)
+    if path.split("/", 1)[0] != bucket or path.startswith(("/", "..")):
+        raise StorageError(f"{ref!r} relative to {as_str(root)} climbs out of the bucket {bucket!r}; write that "
+                           "shard as a URL (s3://...) in the manifest")
+    return f"{scheme}://{path}"
 
 
 def as_str(path) -> str:
@@ -178,6 +189,27 @@ def stat(path) -> tuple[int, object]:
     return int(info["size"]), str(version).strip('"')
 
 
+def missing(urls: list[str]) -> list[str]:
+    """The URLs among `urls` that name no object, asked of the store together (a HEAD each); an
+    unreachable store or refused credentials raise StorageError, not "missing"."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def gone(url: str) -> bool:
+        fs, p = filesystem(url)
+        try:
+            fs.info(p)
+        except FileNotFoundError:
+            return True
+        except Exception as e:
+            raise friendly(e, url) from None
+        return False
+
+    if not urls:
+        return []
+    with ThreadPoolExecutor(max_workers=min(8, len(urls))) as pool:
+        return [u for u, g in zip(urls, pool.map(gone, urls)) if g]
+
+
 def check_reachable(url: str, *, for_writing: bool = False) -> None:
     """Fail fast with one line when a URL's bucket does not exist, the credentials are missing or refused,
     or the endpoint does not answer; before any work starts or anything is written."""
@@ -193,6 +225,35 @@ def check_reachable(url: str, *, for_writing: bool = False) -> None:
         raise friendly(e, url) from None
 
 
+UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectorError",
+               "ConnectionError", "ConnectionClosedError", "ServerDisconnectedError", "ClientOSError",
+               "ConnectionRefusedError", "ConnectionResetError", "TimeoutError", "FSTimeoutError")
+
+
+def unreachable(e: BaseException) -> bool:
+    """The store did not answer (refused, reset or timed-out connections), as opposed to an answer."""
+    low = str(e).lower()
+    return (type(e).__name__ in UNREACHABLE or "could not connect" in low or "connect timeout" in low
+            or "cannot connect" in low or "connection was closed" in low or "server disconnected" in low)
+
+
+def endpoint(url: str) -> str:
+    """The endpoint a URL's requests go to (no credential is part of it), for error messages."""
+    try:
+        fs = filesystem(url)[0]
+    except StorageError:
+        return "(unknown)"
+    ep = (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url") or getattr(fs, "endpoint_url", None)
+    if not ep and protocol(url) in ("s3", "s3a"):
+        ep = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+              or os.environ.get("FSSPEC_S3_ENDPOINT_URL") or "AWS S3's default")
+    ep = str(ep or f"{protocol(url)}:// default")
+    return re.sub(r"//[^/@]*@", "//", ep)     # never a user:password an endpoint URL might carry
+
+
+HTTP_403 = re.compile(r"(?<![\w:.])403(?![\w.])")   # the status code, not a port or a number inside a name
+
+
 def friendly(e: BaseException, url: str) -> StorageError:
     """An fsspec/s3fs/botocore exception -> a one-line StorageError that says what to do."""
     if isinstance(e, StorageError):
@@ -206,14 +267,14 @@ def friendly(e: BaseException, url: str) -> StorageError:
     if name in ("NoCredentialsError", "PartialCredentialsError") or "unable to locate credentials" in low:
         return StorageError(f"{url}: no credentials for {proto}://; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                             "(or AWS_PROFILE, ~/.aws/credentials, an instance role)")
+    if unreachable(e):     # before the 403 test: an endpoint's text (its port, say) may hold "403"
+        first = text.splitlines()[0][:200] if text else ""
+        return StorageError(f"{url}: the store is unreachable: the endpoint {endpoint(url)} does not answer "
+                            f"({name}: {first}); check AWS_ENDPOINT_URL / FSSPEC_S3_ENDPOINT_URL and the network")
     if (isinstance(e, PermissionError) or "accessdenied" in low or "invalidaccesskeyid" in low
-            or "signaturedoesnotmatch" in low or "forbidden" in low or "403" in low):
+            or "signaturedoesnotmatch" in low or "forbidden" in low or HTTP_403.search(low)):
         return StorageError(f"{url}: access denied by the store (credentials wrong or without rights to "
                             f"{bucket!r}); check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the bucket policy")
-    if (name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError")
-            or "could not connect" in low or "connect timeout" in low or "cannot connect" in low):
-        return StorageError(f"{url}: the storage endpoint does not answer; check AWS_ENDPOINT_URL / "
-                            "FSSPEC_S3_ENDPOINT_URL and the network")
     if isinstance(e, FileNotFoundError):
         return StorageError(f"{url}: no such object or prefix")
     first = text.splitlines()[0] if text else ""

@@ -112,8 +112,10 @@ def train(**settings):
         t.add_row("MFU", f"{100 * s['mfu']:.1f}%: all ranks' model FLOPs over {s.get('world_size', 1)} x "
                   f"{s['peak_flops'] / 1e9:.0f} GFLOP/s ({s.get('peak_source', 'measured matmul peak')})")
     if "replaced" in s:
+        split = (f" ({s['replaced_unreachable']} because the store did not answer, {s['replaced_damaged']} missing "
+                 "or damaged)" if s.get("replaced_unreachable") else "")
         t.add_row("replaced", f"{s['replaced']} of {s['draws']} samples drawn ({100 * s['replaced_share']:.1f}%) "
-                  "could not be read or decoded and were replaced")
+                  f"could not be read or decoded and were replaced{split}")
     if s.get("caption_shares"):
         t.add_row("captions", "; ".join(f"{src or 'all'} " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in per.items())
                                         for src, per in s["caption_shares"].items()))

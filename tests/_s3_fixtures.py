@@ -57,3 +57,90 @@ def s3_server(buckets=("data",)):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+class PausableProxy:
+    """A TCP proxy on 127.0.0.1 in front of a server (moto): `pause()` drops every open connection and
+    refuses new ones until `resume()`, an outage of the store as its clients see it. Its threads end on
+    `close()` (a context manager)."""
+
+    def __init__(self, target_port: int):
+        import threading
+
+        self.target = ("127.0.0.1", target_port)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.paused, self.closed = threading.Event(), threading.Event()
+        self._lock, self._conns, self._threads = threading.Lock(), set(), []
+        self._start(self._accept)
+
+    def _start(self, fn, *args) -> None:
+        import threading
+
+        t = threading.Thread(target=fn, args=args, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            if self.paused.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=30)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns.update((client, upstream))
+            self._start(self._pump, client, upstream)
+            self._start(self._pump, upstream, client)
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(1 << 16):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            self._drop(s)
+
+    def _drop(self, s: socket.socket) -> None:
+        with self._lock:
+            self._conns.discard(s)
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        s.close()
+
+    def pause(self) -> None:
+        self.paused.set()
+        with self._lock:
+            conns = list(self._conns)
+        for s in conns:
+            self._drop(s)
+
+    def resume(self) -> None:
+        self.paused.clear()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.pause()
+        for t in self._threads:
+            t.join(timeout=10)
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -85,7 +85,7 @@ READS = ("item", "tolist", "__float__", "__int__", "__bool__", "numpy")
 
 
 @pytest.mark.parametrize("accum", [1, 3])
-def test_a_step_reads_the_device_once_after_backward(data, tmp_path, monkeypatch, accum):
+def test_a_step_reads_the_device_once_after_backward(data, tmp_path, monkeypatch, request, accum):
     """At most one host sync per step (issue 22 point 5): every way a tensor's value reaches Python is
     counted during train_step; the one read is the logged vector, taken after backward. The optimiser's
     step counters are CPU tensors by design (as torch's own AdamW keeps them): not device reads."""
@@ -95,6 +95,7 @@ def test_a_step_reads_the_device_once_after_backward(data, tmp_path, monkeypatch
     run = build_run(cfg, DistInfo(), torch.device("cpu"))
     batches = iter(run.loader)
     stop = StopRequest()
+    request.addfinalizer(stop.restore)  # the trainer's handlers given back after the test
     train_step(run, next(batches), stop)  # the optimiser's state exists from here on
     counters = {id(s["step"]) for s in run.optimizer.state.values()}
     reads, backward_done = [], []

@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import _train_fixtures  # noqa: E402
 
+from aimv2data.batch import REPLACED_KINDS  # noqa: E402
 from aimv2train.train import trainer  # noqa: E402
 from aimv2train.train.distributed import DistInfo, decoder_device, pick_device  # noqa: E402
 from aimv2train.train.metrics import mfu  # noqa: E402
@@ -91,12 +92,17 @@ def test_mfu_counts_every_ranks_batch(data, tmp_path, monkeypatch):
 
     def two_ranks(t, info):
         other = t.clone()
-        other[-5:-2] *= 3  # the other rank's images, patches and FLOPs (then replaced, stop)
+        tail = len(REPLACED_KINDS) + 1  # after images, patches and FLOPs: the replaced counts by kind, stop
+        other[-3 - tail:-tail] *= 3     # the other rank's images, patches and FLOPs
         return (t + other) / 2
 
     monkeypatch.setattr(trainer, "all_reduce_mean", two_ranks)
     batch = next(iter(run.loader))
-    result = trainer.train_step(run, batch, StopRequest())
+    stop = StopRequest()
+    try:
+        result = trainer.train_step(run, batch, stop)
+    finally:
+        stop.restore()
     rec = trainer._record(run, batch, result, dt=2.0, t_data=0.0)
     B, (h, w) = batch.images.shape[0], batch.grid
     flops = step_flops(run.mcfg, (h, w), B, batch.tokens.shape[1]).train

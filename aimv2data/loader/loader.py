@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from .. import paper
-from ..batch import Batch, empty_images
+from ..batch import UNREACHABLE, Batch, empty_images, replaced_kind
 from .captions import CONTEXT, CaptionChooser, check_caption_mix, resolve_pad_id, tokenize
 from .geometry import Crop, cover, random_resized_crop
-from .reader import ShardReader
+from .reader import ShardReader, TarChangedError
 from .sampler import ALL, CROP, Sampler, Snapshot, StepSpec, deal, resolve_mix, rng, unit
 from .samples import Manifest, SampleTable
 
@@ -154,12 +154,13 @@ class StepMaker:
         table = self.tables[spec.source]
         datas, crops, failed = [], [], {}
         t = table
-        # one call for the whole batch: reads from object storage are all in flight together
-        got = self.readers[spec.source].read_many([(int(t.shard_idx[r]), int(t.offset[r]), int(t.size[r]))
+        # one call for the whole batch: reads from object storage are all in flight together; the key lets the
+        # reader check each member's tar header (a tar replaced since the build raises TarChangedError)
+        got = self.readers[spec.source].read_many([(int(t.shard_idx[r]), int(t.offset[r]), int(t.size[r]), t.key(r))
                                                    for r in rows])
         for i, r in enumerate(rows):
             if isinstance(got[i], BaseException):
-                failed[i] = f"read: {got[i]}"
+                failed[i] = f"{UNREACHABLE if getattr(got[i], 'unreachable', False) else 'read: '}{got[i]}"
                 datas.append(b"")
             else:
                 datas.append(got[i])
@@ -190,6 +191,10 @@ class StepMaker:
             attempt += 1
             if attempt > self.cfg.max_replacements:
                 keys = [table.key(rows[i]) for i in failed]
+                if all(replaced_kind(why) == "unreachable" for why in failed.values()):
+                    raise RuntimeError(f"step {step}: the store did not answer for {len(failed)} samples after "
+                                       f"{self.cfg.max_replacements} replacements each ({next(iter(failed.values()))}"
+                                       "); check the store's endpoint and the network, then resume")
                 raise RuntimeError(f"step {step}: {len(failed)} samples still fail to decode after "
                                    f"{self.cfg.max_replacements} replacements each (last: {keys[:3]}: "
                                    f"{next(iter(failed.values()))}); the bucket looks corrupt: rebuild the "
@@ -292,8 +297,9 @@ class Loader:
             print("aimv2 loader: " + "; ".join(caption_notes), file=sys.stderr)
         self._warned_small = False
         self._ahead = None                # the live decode-ahead generator (dali)
-        self.stats = {"batches": 0, "images": 0, "patches": 0, "replaced": 0, "replaced_keys": [],
-                      "sources": {}, "rows_read": 0, "reads": [], "captions": {}}
+        self.stats = {"batches": 0, "images": 0, "patches": 0, "replaced": 0, "replaced_unreachable": 0,
+                      "replaced_damaged": 0, "replaced_keys": [], "sources": {}, "rows_read": 0, "reads": [],
+                      "captions": {}}
         self._start(Snapshot(epochs={s: 0 for s in self.weights}), 0)
 
     # ---------------------------------------------------------------------------------- shares, segments
@@ -392,7 +398,10 @@ class Loader:
             _Steps(self.maker, start, stop), batch_size=None, num_workers=cfg.workers,
             prefetch_factor=cfg.prefetch_factor, pin_memory=cfg.pin_memory, worker_init_fn=_worker_init,
             persistent_workers=False)
-        yield from dl
+        try:
+            yield from dl
+        except TarChangedError as e:   # torch re-raises a worker's error with its traceback in the message
+            raise TarChangedError(str(e).strip().splitlines()[-1].split("TarChangedError: ", 1)[-1]) from None
 
     def __iter__(self):
         start, stop = self._offset, len(self.maker.plan)
@@ -414,6 +423,8 @@ class Loader:
         s["images"] += len(batch)
         s["patches"] += len(batch) * batch.grid[0] * batch.grid[1]
         s["replaced"] += len(batch.replaced)
+        for kind, n in batch.replaced_counts().items():
+            s[f"replaced_{kind}"] += n
         s["replaced_keys"] = (s["replaced_keys"] + [list(r) for r in batch.replaced])[-100:]
         for src in batch.sources:
             s["sources"][src] = s["sources"].get(src, 0) + 1

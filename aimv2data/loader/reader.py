@@ -4,26 +4,48 @@ The manifest stores where each image member's data starts inside its tar, so the
 tar headers or streams whole shards: random access over shards is as cheap as sequential access.
 
 Local shards: one pread per sample on a cached descriptor (per process, capped by an LRU).
+A request that names its sample's key, (shard, offset, size, key) as the loader's do, also reads the 512
+bytes before `offset` in the same pread or GET: the member's tar header, whose name, size and checksum
+must be the ones the manifest knows. Any other tar put in this one's place (even of the same size) fails
+that check, and the read raises TarChangedError ("rebuild the manifest") instead of handing another
+sample's bytes on, which could decode and train with the wrong caption.
 Shards at URLs (s3://, gs://, ...): a batch's reads go to fsspec's `cat_ranges` at once, so `inflight`
 ranged GETs are in flight together and the store's latency is paid once per batch, not per sample;
 reads that are neighbours in the same tar (gap <= `coalesce_gap`) become one GET. Errors from the store
 (throttling, timeouts, 5xx, dropped connections) are retried with exponential back-off `retries` times;
-a read that still fails raises ShardReadError, which the loader counts and replaces like a decode
-failure. An optional cache directory keeps fetched samples on local disk up to `cache_bytes`, oldest
-evicted first, so a second epoch reads the local disk.
+a read that still fails comes back as a ShardReadError, which the loader counts and replaces like a
+decode failure; its `unreachable` flag tells a store that did not answer (after the retries) from a
+missing or short object, so the loader counts outages and damaged shards apart. An optional cache
+directory keeps fetched samples on local disk up to `cache_bytes`, oldest evicted first, so a second
+epoch reads the local disk (cached bytes were checked when fetched).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import time
 from collections import OrderedDict
 
 from ..storage import filesystem, is_url, local
 
 
+HEADER = 512                                    # a tar header block: the member's data follows it
+
+
 class ShardReadError(OSError):
-    """The bytes of a sample could not be read (missing shard, short read, store errors after retries)."""
+    """The bytes of a sample could not be read (missing shard, short read, store errors after retries).
+    `unreachable`: the store did not answer or refused to serve (timeouts, dropped connections, 5xx,
+    throttling) for every attempt, so nothing is known to be wrong with the shard itself."""
+
+    def __init__(self, message: str, unreachable: bool = False):
+        super().__init__(message)
+        self.unreachable = unreachable
+
+
+class TarChangedError(ValueError):
+    """A tar's bytes are not the ones its manifest indexed (another tar in its place): no sample of it can be
+    trusted, so the loader stops instead of replacing samples one by one."""
 
 
 class ShardReader:
@@ -71,21 +93,24 @@ class ShardReader:
         return data
 
     # -- the API --------------------------------------------------------------------------------
-    def read(self, shard: int, offset: int, size: int) -> bytes:
-        out = self.read_many([(shard, offset, size)])[0]
+    def read(self, shard: int, offset: int, size: int, key: str | None = None) -> bytes:
+        out = self.read_many([(shard, offset, size) if key is None else (shard, offset, size, key)])[0]
         if isinstance(out, BaseException):
             raise out
         return out
 
-    def read_many(self, requests: list[tuple[int, int, int]]) -> list[bytes | ShardReadError]:
-        """The bytes of each (shard, offset, size), or the ShardReadError of the ones that failed; remote
-        reads all in flight together."""
+    def read_many(self, requests: list[tuple]) -> list[bytes | ShardReadError]:
+        """The bytes of each (shard, offset, size[, key]), or the ShardReadError of the ones that failed;
+        remote reads all in flight together. With a key, the member's tar header is read and checked too:
+        a mismatch raises TarChangedError (the whole tar is not what the manifest says)."""
         out: list = [None] * len(requests)
         remote = []
-        for i, (shard, offset, size) in enumerate(requests):
+        for i, req in enumerate(requests):
+            shard, offset, size = req[:3]
             if not self.remote[shard]:
                 try:
-                    out[i] = self._pread(shard, offset, size)
+                    span = _span(req)
+                    out[i] = self._member(req, self._pread(*span))
                 except OSError as e:
                     out[i] = e if isinstance(e, ShardReadError) else ShardReadError(f"{self.shards[shard]}: {e}")
                 continue
@@ -98,6 +123,20 @@ class ShardReader:
         if remote:
             self._read_remote(requests, remote, out)
         return out
+
+    def _member(self, req: tuple, data: bytes) -> bytes:
+        """The member's bytes out of what _span(req) read, its header checked when there is one."""
+        if _span(req)[1] == req[1]:
+            return data
+        problem = header_problem(data[:HEADER], req[3], req[2])
+        if problem:
+            tar = self.shards[req[0]]
+            tar = tar if "://" in tar else os.path.normpath(tar)  # name it as the user sees it
+            raise TarChangedError(f"{tar}: the tar changed since the manifest was built (at byte "
+                                  f"{req[1] - HEADER}, where the manifest has the header of {req[3]!r}, {problem}): "
+                                  "rebuild the manifest (rerun `aimv2 shard` with the same inputs and --output; it "
+                                  "re-indexes the tars that changed)")
+        return data[HEADER:]
 
     # -- object storage -------------------------------------------------------------------------
     def _filesystem(self):
@@ -113,7 +152,9 @@ class ShardReader:
             if attempt:
                 self.stats["retries"] += len(pending)
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            ranges = coalesce([requests[i] for i in pending], self.coalesce_gap)
+            # coalesce() numbers the requests it is given (the pending ones): map back to `requests`
+            ranges = [(shard, start, end, [pending[j] for j in members]) for shard, start, end, members
+                      in coalesce([_span(requests[i]) for i in pending], self.coalesce_gap)]
             paths = [fs._strip_protocol(self.shards[r[0]]) for r in ranges]
             self.stats["gets"] += len(ranges)
             try:
@@ -126,23 +167,24 @@ class ShardReader:
                 ok = not isinstance(data, BaseException) and len(data) == end - start
                 for i in members:
                     if ok:
-                        _, offset, size = requests[i]
-                        out[i] = bytes(data[offset - start:offset - start + size])
+                        _, offset, size = _span(requests[i])
+                        out[i] = self._member(requests[i], bytes(data[offset - start:offset - start + size]))
                         if self.cache:
-                            self.cache.put(self.shards[shard], offset, size, out[i])
-                    else:
+                            self.cache.put(self.shards[shard], *requests[i][1:3], out[i])
+                    elif isinstance(data, (FileNotFoundError, PermissionError)) or not isinstance(data, BaseException):
+                        # permanent: the object is gone, refused or shorter than the manifest says
                         errors[i] = data if isinstance(data, BaseException) else ValueError(
-                            f"short read: {len(data)} of {end - start} bytes")
-                        if isinstance(data, (FileNotFoundError, PermissionError)):
-                            out[i] = _error(self.shards[shard], requests[i], errors[i], 1)   # permanent
-                        else:
-                            still.append(i)
+                            f"short read: {len(data)} of {end - start} bytes (truncated object?)")
+                        out[i] = _error(self.shards[shard], requests[i], errors[i], attempt + 1)
+                    else:
+                        errors[i] = data
+                        still.append(i)
             pending = still
             if not pending:
                 return
         for i in pending:
             self.stats["failed"] += 1
-            out[i] = _error(self.shards[requests[i][0]], requests[i], errors[i], self.retries + 1)
+            out[i] = _error(self.shards[requests[i][0]], requests[i], errors[i], self.retries + 1, unreachable=True)
 
     def close(self) -> None:
         if self._pid == os.getpid():
@@ -168,10 +210,54 @@ class ShardReader:
             pass
 
 
-def _error(shard: str, req, e: BaseException, attempts: int) -> ShardReadError:
-    _, offset, size = req
+def _error(shard: str, req, e: BaseException, attempts: int, unreachable: bool = False) -> ShardReadError:
+    _, offset, size = req[:3]
     what = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-    return ShardReadError(f"{shard}: {size} bytes at offset {offset} unreadable after {attempts} attempt(s) ({what})")
+    why = "the store did not answer " if unreachable else ""
+    return ShardReadError(f"{shard}: {size} bytes at offset {offset} unreadable, {why}after {attempts} attempt(s) "
+                          f"({what})", unreachable=unreachable)
+
+
+def _span(req: tuple) -> tuple[int, int, int]:
+    """The bytes to read for (shard, offset, size[, key]): with a key, from the member's tar header on."""
+    shard, offset, size = req[:3]
+    if len(req) > 3 and req[3] is not None and offset >= HEADER:
+        return shard, offset - HEADER, size + HEADER
+    return shard, offset, size
+
+
+def header_problem(block: bytes, key: str, size: int) -> str | None:
+    """Why `block` is not the tar header of a `size`-byte member whose webdataset key is `key`, or None.
+    (The manifest's `key` is the member name up to the first dot of its basename, manifests/SPEC.md.)"""
+    if len(block) != HEADER or block == bytes(HEADER):
+        return "no tar header there"
+    stored = _octal(block[148:156])
+    if stored is None or stored not in (256 + sum(block[:148]) + sum(block[156:]),
+                                        256 + sum(struct.unpack_from("148b8x356b", block))):
+        return "no tar header there"
+    field = block[:100].split(b"\0", 1)[0]
+    prefix = block[345:500].split(b"\0", 1)[0] if block[257:263] == b"ustar\0" else b""
+    name = (prefix + b"/" + field if prefix else field).decode("utf-8", "replace")
+    # a long or non-ASCII name lives in a pax/GNU record before this header, which holds it cut or
+    # transliterated: then only the size and the checksum are compared
+    if key.isascii() and len(key) < 90:
+        slash = name.rfind("/") + 1
+        dot = name.find(".", slash)
+        found = name if dot < 0 else name[:dot]
+        if found != key:
+            return f"the header of {name!r}"
+    got = int.from_bytes(block[125:136], "big") if block[124] & 0x80 else _octal(block[124:136])
+    if got != size:
+        return f"a member of {got} bytes, not {size}"
+    return None
+
+
+def _octal(field: bytes) -> int | None:
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        return None
 
 
 def coalesce(reqs: list[tuple[int, int, int]], gap: int) -> list[tuple[int, int, int, list[int]]]:

@@ -30,11 +30,12 @@ from aimv2data import paper
 from aimv2data.manifest import layout
 
 from ..manifest.integrity import ManifestMismatch, check_rows, damaged, read_meta, sample_parts
-from ..storage import is_url, open_file, resolve_against, upath
+from ..storage import StorageError, is_url, missing, open_file, resolve_against, stat, upath
 
 AREAS = paper.AREAS  # 128 .. 4096 patches
 REQUIRED = ("key", "shard", "offset", "size", "width", "height", "bucket")
 OPTIONAL_TEXT = ("source", "caption")
+URL_CHECKS = 8   # tars of a share at URLs whose existence is checked when the share is read (a HEAD each)
 ANY = None   # a chunk whose footer does not name a single source: it may hold any source
 
 
@@ -61,7 +62,7 @@ class Manifest:
     def __init__(self, manifest: str | Path):
         self.root = upath(manifest)            # a local directory or a URL (s3://bucket/manifest)
         meta_path = layout.manifest_json(self.root)
-        if not meta_path.is_file():
+        if not _is_file(meta_path):
             raise ManifestError(f"{meta_path} not found: pass a manifest directory written by `aimv2 shard`")
         try:
             meta = read_meta(meta_path)
@@ -156,6 +157,20 @@ class Manifest:
         """A stable 63-bit id of chunk i (file name, row group): the same whatever else is in the manifest."""
         d = hashlib.blake2b(f"{self.files[self.chunk_file[i]].name}:{self.chunk_group[i]}".encode(), digest_size=8)
         return int.from_bytes(d.digest(), "little") >> 1
+
+
+def _is_file(path) -> bool:
+    """Whether a file exists; at a URL, a store that does not answer is an error saying so (UPath's own
+    is_file() says False, which would read as "no manifest here")."""
+    if not is_url(path):
+        return path.is_file()
+    try:
+        stat(str(path))
+    except StorageError as e:
+        if str(e).endswith("no such object or prefix"):
+            return False
+        raise ManifestError(str(e)) from None
+    return True
 
 
 def _in_order(pool, fn, items, ahead: int = 32):
@@ -285,15 +300,25 @@ class SampleTable:
         self.shard_names = names
         # what uid() hashes of each shard: its tar's folder and file name (computed once, not per sample)
         self._shard_where = ["/".join(nm.replace("\\", "/").rstrip("/").split("/")[-2:]) for nm in names]
-        self.shards = [str(self._resolve(x)) for x in names]
+        try:
+            self.shards = [str(self._resolve(x)) for x in names]
+        except StorageError as e:
+            raise ManifestError(str(e)) from None
         # Tars moved or deleted since the build: all gone is a one-line error here (not 16 failed
         # replacements deep in a step); some gone is what the loader's replacements are for, counted.
-        self.missing_shards = [s for s in self.shards if not is_url(s) and not os.path.exists(s)]
-        if self.shards and len(self.missing_shards) == len(self.shards):
-            raise ManifestError(f"{m.root}: none of the {len(self.shards)} tars of this share exists (e.g. "
-                                f"{self.shards[0]}); were they moved? `shard` paths are relative to the manifest "
-                                "directory: move them back, or rebuild the manifest with `aimv2 shard` over their "
-                                "new place")
+        # At URLs a sample of the tars is asked for (a HEAD each), spread over the share.
+        local_tars = [s for s in self.shards if not is_url(s)]
+        urls = [s for s in self.shards if is_url(s)]
+        urls = urls[::max(1, -(-len(urls) // URL_CHECKS))][:URL_CHECKS]
+        try:
+            self.missing_shards = [s for s in local_tars if not os.path.exists(s)] + missing(urls)
+        except StorageError as e:
+            raise ManifestError(f"{m.root}: {e}") from None
+        if self.shards and len(self.missing_shards) == len(local_tars) + len(urls):
+            raise ManifestError(f"{m.root}: none of the {len(local_tars) + len(urls)} tars of this share "
+                                f"{'checked ' if urls else ''}exists (e.g. {self.missing_shards[0]}); were they moved? "
+                                "`shard` paths are relative to the manifest directory: move them back, or rebuild "
+                                "the manifest with `aimv2 shard` over their new place")
         starts = np.array(starts, dtype=np.int64)
         self.syn_columns = sorted(c for c in text if c.startswith("syn_"))
         self.text = {c: Chunked(parts, starts) for c, parts in text.items()}

@@ -2,7 +2,8 @@
 
 The loader replaces a sample it cannot read or decode (a deleted tar, damaged bytes) with another of
 the same bucket, so a step never fails on one bad image; but a run that trains mostly on replacements
-is not the run that was asked for. Every step logs `replaced` (global count) in metrics.jsonl, the
+is not the run that was asked for. Every step logs `replaced` (global count) in metrics.jsonl, split
+into `replaced_unreachable` (the store did not answer) and `replaced_damaged` (anything else), the
 progress line shows the running total, the summary the share of all draws, and above
 `--warn-replaced` (a share, default 2 %) the run ends with a one-line warning naming examples.
 
@@ -13,21 +14,37 @@ from __future__ import annotations
 
 import numpy as np
 
+from aimv2data.batch import replaced_kind
+
 
 def replaced_summary(records: list[dict], examples: list, warn_share: float) -> dict:
-    """Totals from metrics.jsonl records (so a resumed run counts its earlier part too)."""
+    """Totals from metrics.jsonl records (so a resumed run counts its earlier part too), split by why: the
+    store did not answer (`replaced_unreachable`: an outage, retry later) or the sample is missing or
+    damaged (`replaced_damaged`: check the shards). Records written before the split have only `replaced`:
+    counted as damaged, as their warning said."""
     draws = sum(r.get("batch", 0) for r in records)
     replaced = sum(r.get("replaced", 0) for r in records)
+    unreachable = sum(r.get("replaced_unreachable", 0) for r in records)
     share = replaced / draws if draws else 0.0
-    out = {"replaced": replaced, "draws": draws, "replaced_share": share,
-           "replaced_examples": [list(e) for e in examples[:5]]}
+    out = {"replaced": replaced, "replaced_unreachable": unreachable, "replaced_damaged": replaced - unreachable,
+           "draws": draws, "replaced_share": share, "replaced_examples": [list(e) for e in examples[:5]]}
     if share > warn_share:
-        eg = "; ".join(f"{k}: {why}" for k, why in examples[:2])
-        out["replaced_warning"] = (f"{replaced} of {draws} draws ({100 * share:.1f}%) were replacements for samples "
-                                   f"that could not be read or decoded (above --warn-replaced "
-                                   f"{100 * warn_share:g}%){', e.g. ' + eg if eg else ''}; check the shards "
-                                   f"(`aimv2 stats`, or rebuild with `aimv2 shard`)")
+        out["replaced_warning"] = (f"{replaced} of {draws} draws ({100 * share:.1f}%) were replacements (above "
+                                   f"--warn-replaced {100 * warn_share:g}%): "
+                                   + "; ".join(_why(kind, n, examples) for kind, n in
+                                               (("unreachable", unreachable), ("damaged", replaced - unreachable))
+                                               if n))
     return out
+
+
+def _why(kind: str, n: int, examples: list) -> str:
+    eg = "; ".join(f"{k}: {why}" for k, why in [e for e in examples if replaced_kind(e[1]) == kind][:2])
+    eg = f" (e.g. {eg})" if eg else ""
+    if kind == "unreachable":
+        return (f"{n} because the store did not answer{eg}: an outage, not the shards; check the store's "
+                "endpoint and the network")
+    return (f"{n} for samples that could not be read or decoded{eg}; check the shards (`aimv2 stats`, or "
+            "rebuild with `aimv2 shard`)")
 
 
 def caption_coverage(table) -> tuple[int, int]:

@@ -32,6 +32,7 @@ from torch import nn
 from aimv2data.atomic import is_disk_full, read_jsonl, write_json_atomic
 from aimv2data.manifest.lock import LOCK_NAME, LockHeld, output_lock
 from aimv2data.paper import TEXT_LEN
+from aimv2data.batch import REPLACED_KINDS, replaced_kind
 
 from . import checkpoint as ck
 from .config import TrainConfig
@@ -626,7 +627,8 @@ def train_step(run: Run, batch, stop: StopRequest) -> dict:
     """One optimiser step (run.step -> run.step + 1) on a batch already on the device, as `--grad-accum`
     micro-batches. Returns the named loss terms (`loss` and the model's LOSS_TERMS, each the whole batch's,
     mean over ranks), `lr`, `grad_norm`, `images`, `patches`, `flops` (model FLOPs) and
-    `replaced` (replaced samples), each summed over ranks, and `stop`
+    `replaced` (replaced samples; `replaced_unreachable` and `replaced_damaged` split it by
+    why), each summed over ranks, and `stop`
     (some rank was asked to stop, read after backward: a signal during this step stops after it). Raises
     StepFailed, with nothing applied, on a non-finite loss or gradient norm.
 
@@ -640,17 +642,19 @@ def train_step(run: Run, batch, stop: StopRequest) -> dict:
     params = run.params if run.params is not None else [p for p in run.model.parameters() if p.requires_grad]
     norm = _grad_norm(params, run.hp.clip)
     # the loss terms, this rank's images, patches and model FLOPs (ranks draw different grids at native
-    # resolution: throughput and MFU sum them), the replaced-sample count and "a rank was asked to stop" travel
+    # resolution: throughput and MFU sum them), the replaced-sample counts by kind and "a rank was asked to stop" travel
     # in one all-reduce, so all ranks decide alike; counts are means there, summed back (exact in float64)
     B = batch.images.shape[0]
     flops = step_flops(run.mcfg, (h, w), B, 0 if batch.tokens is None else batch.tokens.shape[1]).train
-    host = torch.tensor([B, B * h * w, flops, len(getattr(batch, "replaced", ())), stop.requested],
+    kinds = [replaced_kind(reason) for _, reason in getattr(batch, "replaced", ())]
+    host = torch.tensor([B, B * h * w, flops, *(kinds.count(k) for k in REPLACED_KINDS), stop.requested],
                         dtype=torch.float64)
     host = host.to(norm.device, non_blocking=True)  # torch.tensor(x, device=cuda) would wait for the device
     reduced = all_reduce_mean(torch.cat([torch.stack(list(logged.values())).double(), host]), run.info)
     values = torch.cat([reduced, norm.detach().reshape(1).double()]).tolist()  # the step's one host sync
     losses, grad_norm = dict(zip(logged, values[:len(logged)])), values[-1]
-    world = run.info.world_size
+    world, n = run.info.world_size, len(logged)
+    counts = {f"replaced_{k}": int(round(v * world)) for k, v in zip(REPLACED_KINDS, values[n + 3:-2])}
     if not all(math.isfinite(v) for v in losses.values()):
         run.optimizer.zero_grad(set_to_none=True)
         raise StepFailed(f"step {run.step + 1}: the loss is not finite ("
@@ -662,9 +666,9 @@ def train_step(run: Run, batch, stop: StopRequest) -> dict:
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     return {"losses": losses, "lr": lr, "grad_norm": grad_norm,
-            "images": int(round(values[-6] * world)), "patches": int(round(values[-5] * world)),
-            "flops": values[-4] * world,
-            "replaced": int(round(values[-3] * world)), "stop": values[-2] > 0}
+            "images": int(round(values[n] * world)), "patches": int(round(values[n + 1] * world)),
+            "flops": values[n + 2] * world,
+            **counts, "replaced": sum(counts.values()), "stop": values[-2] > 0}
 
 
 def _accumulate(run: Run, batch, prefix: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -750,7 +754,7 @@ def _record(run: Run, batch, result: dict, dt: float, t_data: float) -> dict:
             "epoch": int(getattr(batch, "epoch", 0)),
             "sources": dict(run.loader.stats["sources"]), "source_epochs": run.loader.source_epochs(),
             "caption_shares": caption_shares(run.loader.stats.get("captions", {})),
-            "replaced": result["replaced"]}
+            **{k: result[k] for k in ("replaced", *(f"replaced_{k}" for k in REPLACED_KINDS))}}
 
 
 def _show(bar, rec: dict, replaced: int) -> None:
