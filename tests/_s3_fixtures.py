@@ -25,6 +25,14 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "A
           "AWS_EC2_METADATA_DISABLED": "true"}
 
 
+def _reset(endpoint: str) -> None:
+    """moto keeps its buckets in process-wide state, shared by every server started in this process: an
+    earlier test module's buckets and objects would still be there (and `mkdir` of a bucket then fails)."""
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30).close()
+
+
 @contextlib.contextmanager
 def s3_server(buckets=("data",)):
     """Start moto on 127.0.0.1, point the standard AWS_* variables at it, create `buckets`; yields the
@@ -39,6 +47,7 @@ def s3_server(buckets=("data",)):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
+    _reset(endpoint)
     old = {k: os.environ.get(k) for k in (*S3_ENV, "AWS_ENDPOINT_URL")}
     os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
     clear_fs_cache()
@@ -51,6 +60,8 @@ def s3_server(buckets=("data",)):
         yield endpoint
     finally:
         clear_fs_cache()
+        with contextlib.suppress(OSError):
+            _reset(endpoint)   # the next server (or a moto mock) in this process starts empty too
         server.stop()
         for k, v in old.items():
             if v is None:
