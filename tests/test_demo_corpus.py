@@ -15,6 +15,7 @@ import polars as pl
 import pytest
 import torch
 from _fetch_fixtures import decode, snapshot
+from _timeouts import scaled
 from click.testing import CliRunner
 from PIL import Image, ImageOps
 
@@ -164,9 +165,9 @@ def test_url_lists_have_the_published_layouts(tmp_path):
 
 
 # -- the loopback server -----------------------------------------------------------------------
-def _get(url, timeout=5):
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+def _get(url, timeout=None):
+    try:   # the default bounds a hang only: a loaded machine is slow, not broken
+        with urllib.request.urlopen(url, timeout=timeout or scaled(30)) as r:
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()

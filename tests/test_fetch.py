@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 import pytest
 from _fetch_fixtures import decode, read_shards, snapshot, status_table, summary, tar_keys
+from _timeouts import scaled
 from click.testing import CliRunner
 
 from aimv2data import demo_corpus as demo
@@ -493,7 +494,7 @@ def test_killed_and_interrupted_runs_resume_without_duplicates(served, tmp_path)
         proc = _start(lists, out)
         _wait_mid_shard(proc, out, 1)
         os.killpg(proc.pid, signal.SIGINT)
-        text = proc.communicate(timeout=60)[0].decode()
+        text = proc.communicate(timeout=scaled(120))[0].decode()
         assert proc.returncode == 130, text
         assert "interrupted: rerun the same command to resume" in text
         assert summary(out)["complete"] is False
@@ -501,7 +502,7 @@ def test_killed_and_interrupted_runs_resume_without_duplicates(served, tmp_path)
         proc = _start(lists, out)
         _wait_mid_shard(proc, out, len(_shard_files(out)[0]) + 1)
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.wait(timeout=scaled(60))
         _wait_group_gone(proc.pid)
     finally:
         srv.delay = 0.0

@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _train_fixtures  # noqa: E402
+from _timeouts import scaled
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -46,7 +47,7 @@ def launch(data, out, *extra, probe: Path | None = None, env: dict | None = None
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
     try:
-        out, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(timeout=scaled(timeout))
     except subprocess.TimeoutExpired:
         proc.terminate()  # torchrun forwards SIGTERM to its workers (they run in sessions of their own)
         try:
@@ -116,7 +117,7 @@ def test_grad_accum_under_ddp_and_fsdp_gives_the_same_run(data, tmp_path):
 
 
 def _wait_for(what, cond, proc, timeout=240):
-    deadline = time.time() + timeout
+    deadline = time.time() + scaled(timeout)
     while not cond():
         if proc.poll() is not None or time.time() > deadline:
             r = finish(proc, timeout=60)
