@@ -162,23 +162,10 @@ def area_page(s: Shown, loader: Loader, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
-    import torch.nn.functional as F
 
     b = s.batch
     h, w = b.grid
-    area = b.area or h * w
-    c = s.budget
-    per_row = max(1, round(math.sqrt(len(b) * h / w)))  # a near-square mosaic of the step's images
-    n_rows = math.ceil(len(b) / per_row)
-    scale = max(1, min(8, 900 // max(per_row * w, n_rows * h)))  # pixels per patch on the canvas
-    canvas = np.full((n_rows * h * scale, per_row * w * scale, 3), 235, np.uint8)
-    tiles = F.interpolate(b.images.float().cpu(), size=(h * scale, w * scale), mode="bilinear", antialias=True,
-                          align_corners=False).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    for i, tile in enumerate(tiles):
-        r, q = divmod(i, per_row)
-        canvas[r * h * scale:(r + 1) * h * scale, q * w * scale:(q + 1) * w * scale] = tile
-
+    canvas, scale = _mosaic(b)
     fig = plt.figure(figsize=(15, 8.2))
     gs = fig.add_gridspec(2, 2, width_ratios=(1.25, 1), height_ratios=(12, 1), hspace=0.25, wspace=0.18)
     used = len(b) * h * w
@@ -188,8 +175,36 @@ def area_page(s: Shown, loader: Loader, path: Path) -> Path:
                  f"(together {used} patches)", fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
+    _draw_budget(fig.add_subplot(gs[1, 0]), b, s.budget)
+    _draw_bucket_grids(fig.add_subplot(gs[:, 1]), s, loader)
+    fig.suptitle(_headline(s), fontsize=11, x=0.01, ha="left")
+    _save(fig, path)
+    plt.close(fig)
+    return path
 
-    bar = fig.add_subplot(gs[1, 0])
+
+def _mosaic(b) -> tuple[np.ndarray, int]:
+    """The step's images side by side in a near-square mosaic, and the canvas pixels per patch."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = b.grid
+    per_row = max(1, round(math.sqrt(len(b) * h / w)))
+    n_rows = math.ceil(len(b) / per_row)
+    scale = max(1, min(8, 900 // max(per_row * w, n_rows * h)))  # pixels per patch on the canvas
+    canvas = np.full((n_rows * h * scale, per_row * w * scale, 3), 235, np.uint8)
+    tiles = F.interpolate(b.images.float().cpu(), size=(h * scale, w * scale), mode="bilinear", antialias=True,
+                          align_corners=False).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i, tile in enumerate(tiles):
+        r, q = divmod(i, per_row)
+        canvas[r * h * scale:(r + 1) * h * scale, q * w * scale:(q + 1) * w * scale] = tile
+    return canvas, scale
+
+
+def _draw_budget(bar, b, c: int) -> None:
+    """The budget C as a bar: the patches the images use, one segment per image, and what is left."""
+    h, w = b.grid
+    used = len(b) * h * w
     bar.barh(0, used, color="#3b75af", height=0.6)
     for i in range(1, min(len(b), 256)):  # image boundaries (up to 256 of them stay legible)
         bar.axvline(i * h * w, color="white", lw=0.4)
@@ -199,30 +214,31 @@ def area_page(s: Shown, loader: Loader, path: Path) -> Path:
     bar.set_xlabel(f"patch budget C = {c}: {len(b)} images x {h * w} = {used} used ({100 * used / c:.1f}%), "
                    f"{c - used} unused", fontsize=9)
 
-    right = fig.add_subplot(gs[:, 1])
+
+def _draw_bucket_grids(right, s: Shown, loader: Loader) -> None:
+    """Native resolution: how much of the area A each bucket's grid uses; fixed: the one size."""
+    b = s.batch
+    h, w = b.grid
+    area = b.area or h * w
     bk = loader.manifest.buckets
     buckets = sorted({k for g in loader.maker.groups.values() for k, rows in g.items() if len(rows)})
-    if loader.cfg.native_res:
-        aspects = [bk[k].aspect for k in buckets]
-        fills = [bk[k].grids[area][0] * bk[k].grids[area][1] / area for k in buckets]
-        colors = ["#d95f02" if k == s.bucket else "#7f9fbf" for k in buckets]
-        right.bar(range(len(buckets)), fills, color=colors)
-        right.set_xticks(range(len(buckets)))
-        right.set_xticklabels([f"{a:.2f}: {bk[k].grids[area][0]} x {bk[k].grids[area][1]}"
-                               for k, a in zip(buckets, aspects)], fontsize=7, rotation=90)
-        right.set_ylim(0, 1.05)
-        right.set_ylabel("h*w / A: the share of the area the grid uses")
-        right.set_xlabel("bucket w/h and its grid h x w at this area (orange: this step's bucket)")
-        right.set_title(f"A = {area}: the grid of every bucket this rank reads", fontsize=9)
-        right.grid(axis="y", alpha=0.3)
-    else:
+    if not loader.cfg.native_res:
         right.axis("off")
         right.text(0, 0.9, f"fixed resolution: every image {w * b.patch_size} x {h * b.patch_size} px,\n"
                            f"{h} x {w} patches, {len(b)} per step", fontsize=11, va="top")
-    fig.suptitle(_headline(s), fontsize=11, x=0.01, ha="left")
-    _save(fig, path)
-    plt.close(fig)
-    return path
+        return
+    aspects = [bk[k].aspect for k in buckets]
+    fills = [bk[k].grids[area][0] * bk[k].grids[area][1] / area for k in buckets]
+    colors = ["#d95f02" if k == s.bucket else "#7f9fbf" for k in buckets]
+    right.bar(range(len(buckets)), fills, color=colors)
+    right.set_xticks(range(len(buckets)))
+    right.set_xticklabels([f"{a:.2f}: {bk[k].grids[area][0]} x {bk[k].grids[area][1]}"
+                           for k, a in zip(buckets, aspects)], fontsize=7, rotation=90)
+    right.set_ylim(0, 1.05)
+    right.set_ylabel("h*w / A: the share of the area the grid uses")
+    right.set_xlabel("bucket w/h and its grid h x w at this area (orange: this step's bucket)")
+    right.set_title(f"A = {area}: the grid of every bucket this rank reads", fontsize=9)
+    right.grid(axis="y", alpha=0.3)
 
 
 def _save(fig, path: Path) -> None:

@@ -191,6 +191,33 @@ def fixed_only(photos: Path, a) -> None:
 
 
 def main():
+    a = _parse_args()
+    if a.baseline_only:
+        tars, n, bs = json.loads(a.baseline_only)
+        print(json.dumps(baseline(tars, n, bs)))
+        return
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    photos = corpus(work, f"photos-{a.photos}", n=a.photos, seed=1, shards=max(1, a.photos // 500), photo=True,
+                    min_side=800, max_side=2000, aspects=[9 / 16, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 16 / 9],
+                    exif_every=8, quality=88)
+    if a.fixed_only:
+        return fixed_only(photos, a)
+    lite = corpus(work, f"photos-lite-{a.lite}", n=a.lite, seed=3, shards=max(1, a.lite // 500), photo=True,
+                  min_side=800, max_side=2000, aspects=[9 / 16, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 16 / 9],
+                  quality=75, grain=0.0)
+    small = corpus(work, f"small-{a.small}", n=a.small, seed=2, shards=max(1, a.small // 1000), min_side=64,
+                   max_side=320)
+    load0 = os.getloadavg()
+    runs = _measure(photos, lite, small, a)
+    text = "\n".join(_head_lines(a, photos, load0, runs["fixed"]) + _fixed_lines(a, photos, lite, runs)
+                     + _native_lines(runs)) + "\n"
+    print(text)
+    if a.write:
+        _write_latest(text)
+
+
+def _parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "aimv2-bench-loader"),
                     help="Where corpora are generated (and reused).")
@@ -207,26 +234,12 @@ def main():
                     help="Only the fixed-224 comparison on `photos`: baseline vs the `pil` loader vs the `pil` "
                          "loader with simplejpeg hidden (its Pillow draft path), alternating (issue 15).")
     ap.add_argument("--baseline-only", help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.baseline_only:
-        tars, n, bs = json.loads(a.baseline_only)
-        print(json.dumps(baseline(tars, n, bs)))
-        return
+    return ap.parse_args()
 
-    work = Path(a.work)
-    work.mkdir(parents=True, exist_ok=True)
-    photos = corpus(work, f"photos-{a.photos}", n=a.photos, seed=1, shards=max(1, a.photos // 500), photo=True,
-                    min_side=800, max_side=2000, aspects=[9 / 16, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 16 / 9],
-                    exif_every=8, quality=88)
-    if a.fixed_only:
-        return fixed_only(photos, a)
-    lite = corpus(work, f"photos-lite-{a.lite}", n=a.lite, seed=3, shards=max(1, a.lite // 500), photo=True,
-                  min_side=800, max_side=2000, aspects=[9 / 16, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 16 / 9],
-                  quality=75, grain=0.0)
-    small = corpus(work, f"small-{a.small}", n=a.small, seed=2, shards=max(1, a.small // 1000), min_side=64,
-                   max_side=320)
+
+def _measure(photos: Path, lite: Path, small: Path, a) -> dict:
+    """Every run of the report, the comparisons alternating repeat by repeat."""
     bs, steps = a.batch_size, a.steps
-    load0 = os.getloadavg()
     n_img = bs * steps
     fixed = ["--resolution", "224", "--batch-size", str(bs), "--steps", str(steps), "--warmup", "1"]
     res = {"baseline": [], "pil": [], "pil_nodraft": [], "dali": []}
@@ -253,11 +266,13 @@ def main():
             print(f"[budget] C={c} {rule}", file=sys.stderr)
             budget[c, rule] = ours(small, "--native-res", "--batch-patches", str(c), "--batch-rule", rule,
                                    "--steps", str(a.budget_steps), "--warmup", "0", "--decoder", "pil")
+    return {"fixed": res, "lite": lite_res, "native": native, "budget": budget}
 
-    ips = {k: med(v, "images_per_s") for k, v in res.items()}
-    ipc = {k: med(v, "images_per_cpu_s") for k, v in res.items()}
+
+def _head_lines(a, photos: Path, load0, res: dict) -> list[str]:
     cpu = res["pil"][0]["cpu"]
-    lines = [
+    bs, steps = a.batch_size, a.steps
+    return [
         "# Loader benchmarks (issue 4)",
         "",
         f"Date: {datetime.date.today().isoformat()} · machine: `{cpu}`, {os.cpu_count()} cores "
@@ -275,6 +290,14 @@ def main():
         "by `aimv2 shard`. Corpus `small`: "
         f"{a.small} JPEGs of 64-320 px, aspects log-uniform 1:4..4:1.",
         "",
+    ]
+
+
+def _fixed_lines(a, photos: Path, lite: Path, runs: dict) -> list[str]:
+    res, lite_res = runs["fixed"], runs["lite"]
+    ips = {k: med(v, "images_per_s") for k, v in res.items()}
+    ipc = {k: med(v, "images_per_cpu_s") for k, v in res.items()}
+    return [
         "## Fixed resolution 224 (RandomResizedCrop 0.4-1, bicubic, hflip), images/s on one core",
         "",
         "| pipeline | images/s (wall) | vs baseline | images per CPU-s | vs baseline |",
@@ -305,6 +328,12 @@ def main():
             f"{b['images_per_s']:.0f} / {p['images_per_s']:.0f} / {q['images_per_s']:.0f} / {d['images_per_s']:.0f}"
             for b, p, q, d in zip(res["baseline"], res["pil"], res["pil_nodraft"], res["dali"])),
         "",
+    ]
+
+
+def _native_lines(runs: dict) -> list[str]:
+    native, budget = runs["native"], runs["budget"]
+    lines = [
         "## Native resolution (C = 16384 patches/step, p = 14), one core",
         "",
         "| decoder | images/s (wall) | images per CPU-s | patches/s (wall) | budget use | padding |",
@@ -322,14 +351,15 @@ def main():
         lines.append(f"| {c} | {rule} | {r['steps']} | {100 * r['budget_use']:.2f} % | {100 * r['padding']:.2f} % | "
                      + ", ".join(f"{k}: {v}" for k, v in r["areas"].items()) + " |")
     lines += ["", NOTE_BUDGET]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.write:
-        out = ROOT / "benchmarks" / "loader-latest.md"
-        tmp = out.with_suffix(".md.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out)
-        print(f"wrote {out}", file=sys.stderr)
+    return lines
+
+
+def _write_latest(text: str) -> None:
+    out = ROOT / "benchmarks" / "loader-latest.md"
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+    print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -244,123 +244,154 @@ def _hashes(meta: dict, data: bytes) -> dict:
     return {"sha256": downloaded or stored, "stored_sha256": stored, "reencoded": reencoded}
 
 
+class _TarScan:
+    """What one tar yields as it is read: sample rows, reject rows, the kept samples (for the .idx), counters."""
+
+    def __init__(self, shard: str, default_source: str, opts: ShardOptions, table):
+        self.shard, self.default_source, self.opts, self.table = shard, default_source, opts, table
+        self.rows: list[dict] = []
+        self.rejects: list[dict] = []
+        self.kept: list = []
+        self.counts: Counter = Counter()
+
+    def reject(self, reason, detail, key=None, member=None, meta=None, source=None):
+        meta = meta or {}
+        self.rejects.append({
+            "key": key, "source": self.default_source if source is None else source,
+            "url": strip_userinfo(_str(meta.get("url"))), "uid": _uid(meta), "shard": self.shard,
+            "member": member.name if member else None,
+            "offset": member.offset if member else None, "size": member.size if member else None,
+            "reason": reason, "detail": detail})
+
+
 def process_tar(job: TarJob, output: str, opts: ShardOptions) -> dict:
     """Index, inspect and bucket one tar; write its parts; return its summary (also saved as _parts/*.json)."""
     t0 = time.perf_counter()
     output = Path(output)
-    paths = _paths(output, job.part)
     table = make_table(opts.num_buckets, opts.bucket_max_aspect)
     # a tar at a URL is always referred to by its URL (manifests/SPEC.md)
     shard = job.path if opts.absolute_paths or storage.is_url(job.path) else os.path.relpath(job.path, output)
     tar_size, tar_version = storage.stat(job.path)
-    rows, rejects, kept_samples = [], [], []
-    counts: Counter = Counter()
-    default_source = opts.source or job.source
-
-    def reject(reason, detail, key=None, member=None, meta=None, source=default_source):
-        meta = meta or {}
-        rejects.append({"key": key, "source": source, "url": strip_userinfo(_str(meta.get("url"))), "uid": _uid(meta),
-                        "shard": shard, "member": member.name if member else None,
-                        "offset": member.offset if member else None, "size": member.size if member else None,
-                        "reason": reason, "detail": detail})
-
+    scan = _TarScan(shard, opts.source or job.source, opts, table)
     try:
         index = index_tar(job.path)
     except TarUnreadable as e:
         index = None
-        reject("tar_unreadable", str(e))
+        scan.reject("tar_unreadable", str(e))
     if index is not None:
-        truncated_keys = set()
-        for m in index.truncated:
-            key, ext = split_name(m.name)
-            if ext.lower() in IMAGE_EXTS:
-                truncated_keys.add(key)
-                reject("tar_truncated", f"member data ends at byte {m.offset + m.size}, the tar has "
-                       f"{index.file_size} bytes", key=key, member=m)
-            else:
-                counts["members_truncated"] += 1
-        if index.tail_problem:
-            reject("tar_tail", index.tail_problem)
-        for what in index.damaged:
-            reject("tar_damaged", what)
-        counts["members_ignored"] += index.ignored
+        _scan_tar(job, index, scan)
+    _reject_lost(job, index, scan)
+    paths = _paths(output, job.part)
+    write_parquet_atomic(pa.Table.from_pylist(scan.rows, schema=SAMPLE_SCHEMA), paths["samples"])
+    write_parquet_atomic(pa.Table.from_pylist(scan.rejects, schema=REJECT_SCHEMA), paths["rejects"])
+    idx_path = _write_idx(job, output, opts, scan.kept)
+    summary = {"tar": job.path, "shard": shard, "part": job.part, "tar_size": tar_size, "tar_mtime_ns": tar_version,
+               "fingerprint": opts.fingerprint(), "options": dataclasses.asdict(opts), **_tally(scan, idx_path),
+               "seconds": round(time.perf_counter() - t0, 3)}
+    write_json_atomic(summary, paths["done"])   # last: its presence means the tar is done
+    return summary
 
-        with open_tar(job.path) as f:
-            def read(m):
-                f.seek(m.offset)
-                return f.read(m.size)
 
-            for s in index.samples:
-                big = _too_large(s, opts)
-                if big is not None:
-                    reject(*big[:2], s.key, big[2])
-                    continue
-                meta = _read_meta(s, read, counts)
-                source = str(meta.get("source") or default_source)
-                for m in s.extra:
-                    if split_name(m.name)[1].lower() in IMAGE_EXTS:
-                        reject("duplicate_member", f"{s.key} already has an image member", s.key, m, meta, source)
-                    else:
-                        counts["members_ignored"] += 1
-                _, img = s.image()
-                if img is None:
-                    if s.key not in truncated_keys:   # else its image was cut off: already a tar_truncated
-                        first = next(iter(s.members.values()))
-                        reject("missing_image", f"members {sorted(s.members)} but no {'/'.join(IMAGE_EXTS)}",
-                               s.key, first, meta, source)
-                    continue
-                data = read(img)
-                try:
-                    p = _inspect(data, opts)
-                except Rejected as e:
-                    reject(e.reason, e.detail, s.key, img, meta, source)
-                    continue
-                counts["exif_errors"] += p.exif_error
-                caption = None
-                if "txt" in s.members:
-                    caption = _decode_caption(read(s.members["txt"]), counts)
-                elif _str(meta.get("caption")):
-                    raw = meta["caption"].encode("utf-8", "replace")
-                    if len(raw) > opts.max_caption_bytes:
-                        reject("caption_too_large", f"{s.members['json'].name} caption is {len(raw)} bytes, "
-                               f"above --max-caption-bytes {opts.max_caption_bytes}", s.key, img, meta, source)
-                        continue
-                    caption = _decode_caption(raw, counts)
-                rows.append({
-                    "key": s.key, "source": source, "uid": _uid(meta), "url": strip_userinfo(_str(meta.get("url"))),
-                    **_hashes(meta, data),
-                    "shard": shard, "member": img.name, "offset": img.offset, "size": img.size,
-                    "format": p.format, "width": p.width, "height": p.height, "orientation": p.orientation,
-                    "mode": p.mode, "alpha": p.alpha, "bit_depth": p.bit_depth,
-                    "original_width": _as_int(meta.get("original_width")),
-                    "original_height": _as_int(meta.get("original_height")),
-                    "bucket": table.bucket_of(p.width, p.height), "caption": caption,
-                })
-                kept_samples.append(s)
+def _scan_tar(job: TarJob, index, scan: _TarScan) -> None:
+    """The tar's own damage first (truncated members, a bad tail, skipped ranges), then each sample."""
+    truncated_keys = set()
+    for m in index.truncated:
+        key, ext = split_name(m.name)
+        if ext.lower() in IMAGE_EXTS:
+            truncated_keys.add(key)
+            scan.reject("tar_truncated", f"member data ends at byte {m.offset + m.size}, the tar has "
+                        f"{index.file_size} bytes", key=key, member=m)
+        else:
+            scan.counts["members_truncated"] += 1
+    if index.tail_problem:
+        scan.reject("tar_tail", index.tail_problem)
+    for what in index.damaged:
+        scan.reject("tar_damaged", what)
+    scan.counts["members_ignored"] += index.ignored
+    with open_tar(job.path) as f:
+        def read(m):
+            f.seek(m.offset)
+            return f.read(m.size)
 
+        for s in index.samples:
+            _scan_sample(s, read, truncated_keys, scan)
+
+
+def _scan_sample(s, read, truncated_keys: set[str], scan: _TarScan) -> None:
+    """One sample: a row when its image is usable, else a reject row saying why."""
+    opts = scan.opts
+    big = _too_large(s, opts)
+    if big is not None:
+        scan.reject(*big[:2], s.key, big[2])
+        return
+    meta = _read_meta(s, read, scan.counts)
+    source = str(meta.get("source") or scan.default_source)
+    for m in s.extra:
+        if split_name(m.name)[1].lower() in IMAGE_EXTS:
+            scan.reject("duplicate_member", f"{s.key} already has an image member", s.key, m, meta, source)
+        else:
+            scan.counts["members_ignored"] += 1
+    _, img = s.image()
+    if img is None:
+        if s.key not in truncated_keys:   # else its image was cut off: already a tar_truncated
+            first = next(iter(s.members.values()))
+            scan.reject("missing_image", f"members {sorted(s.members)} but no {'/'.join(IMAGE_EXTS)}",
+                        s.key, first, meta, source)
+        return
+    data = read(img)
+    try:
+        p = _inspect(data, opts)
+        scan.counts["exif_errors"] += p.exif_error
+        caption = _caption(s, meta, read, opts, scan.counts)
+    except Rejected as e:
+        scan.reject(e.reason, e.detail, s.key, img, meta, source)
+        return
+    scan.rows.append({
+        "key": s.key, "source": source, "uid": _uid(meta), "url": strip_userinfo(_str(meta.get("url"))),
+        **_hashes(meta, data),
+        "shard": scan.shard, "member": img.name, "offset": img.offset, "size": img.size,
+        "format": p.format, "width": p.width, "height": p.height, "orientation": p.orientation,
+        "mode": p.mode, "alpha": p.alpha, "bit_depth": p.bit_depth,
+        "original_width": _as_int(meta.get("original_width")),
+        "original_height": _as_int(meta.get("original_height")),
+        "bucket": scan.table.bucket_of(p.width, p.height), "caption": caption,
+    })
+    scan.kept.append(s)
+
+
+def _caption(s, meta: dict, read, opts: ShardOptions, counts: Counter) -> str | None:
+    """The sample's .txt, else the json's `caption`; one above --max-caption-bytes rejects the sample."""
+    if "txt" in s.members:
+        return _decode_caption(read(s.members["txt"]), counts)
+    if not _str(meta.get("caption")):
+        return None
+    raw = meta["caption"].encode("utf-8", "replace")
+    if len(raw) > opts.max_caption_bytes:
+        raise Rejected("caption_too_large", f"{s.members['json'].name} caption is {len(raw)} bytes, "
+                       f"above --max-caption-bytes {opts.max_caption_bytes}")
+    return _decode_caption(raw, counts)
+
+
+def _reject_lost(job: TarJob, index, scan: _TarScan) -> None:
     seen = set() if index is None else {s.key for s in index.samples} | {split_name(m.name)[0] for m in index.truncated}
     for key in _lost_keys(job.path, seen):
-        reject("missing_from_tar", f"listed as downloaded in {Path(job.path).with_suffix('.parquet').name}, "
-               "absent from the tar (lost with a damaged or truncated part of it)", key=key)
+        scan.reject("missing_from_tar", f"listed as downloaded in {Path(job.path).with_suffix('.parquet').name}, "
+                    "absent from the tar (lost with a damaged or truncated part of it)", key=key)
 
-    write_parquet_atomic(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), paths["samples"])
-    write_parquet_atomic(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), paths["rejects"])
-    idx_path = _write_idx(job, output, opts, kept_samples)
 
-    summary = {
-        "tar": job.path, "shard": shard, "part": job.part, "tar_size": tar_size, "tar_mtime_ns": tar_version,
-        "fingerprint": opts.fingerprint(), "options": dataclasses.asdict(opts),
+def _tally(scan: _TarScan, idx_path: str | None) -> dict:
+    """The counts a tar's summary carries (the merge sums them into _manifest.json)."""
+    rows, rejects = scan.rows, scan.rejects
+    return {
         "samples": len(rows), "rejects": len(rejects), "idx": idx_path,
         "per_reason": dict(Counter(r["reason"] for r in rejects)),
         "per_bucket": {str(k): v for k, v in sorted(Counter(r["bucket"] for r in rows).items())},
         "per_source": dict(Counter(r["source"] for r in rows)),
         "per_format": dict(Counter(r["format"] for r in rows)),
         "captions": sum(r["caption"] is not None for r in rows),
-        "counters": dict(counts),
-        "bytes_read": sum(r["size"] for r in rows), "seconds": round(time.perf_counter() - t0, 3),
+        "counters": dict(scan.counts),
+        "bytes_read": sum(r["size"] for r in rows),
     }
-    write_json_atomic(summary, paths["done"])   # last: its presence means the tar is done
-    return summary
 
 
 TAR_LEVEL = ("tar_unreadable", "tar_tail", "tar_damaged")   # reject rows about the tar, not one sample
@@ -483,13 +514,14 @@ def build_manifest(inputs: list[str], output: str | Path, *, workers: int = 1, p
         with output_lock(output, part, argv):
             # before writing anything: a refusal must leave the manifest as it was
             _check_no_strangers(output, {j.part for j in jobs})
-            return _build(jobs, mine, output, opts, workers, part, merge, progress, inputs, argv,
-                          distributor, ray_address, on_tar_done)
+            return _build(jobs, mine, output, opts, workers=workers, merge=merge, progress=progress,
+                          inputs=inputs, argv=argv, distributor=distributor, ray_address=ray_address,
+                          on_tar_done=on_tar_done)
     except LockHeld as e:
         raise ManifestBuildError(str(e)) from None
 
 
-def _build(jobs, mine, output, opts, workers, part, merge, progress, inputs, argv, distributor, ray_address,
+def _build(jobs, mine, output, opts, *, workers, merge, progress, inputs, argv, distributor, ray_address,
            on_tar_done) -> dict:
     t0 = time.perf_counter()
     summaries, todo = [], []
@@ -497,9 +529,36 @@ def _build(jobs, mine, output, opts, workers, part, merge, progress, inputs, arg
         s = _done_summary(j, output, opts)
         (summaries.append(s) if s else todo.append(j))
     skipped = len(summaries)
+    done_now, failed = _run_tars(todo, output, opts, workers=workers, progress=progress, distributor=distributor,
+                                 ray_address=ray_address, on_tar_done=on_tar_done)
+    summaries += done_now
+    report = {
+        "tars": len(jobs), "tars_in_part": len(mine), "processed": len(done_now), "skipped": skipped,
+        "failed": failed, "samples": sum(s["samples"] for s in summaries),
+        "rejects": sum(s["rejects"] for s in summaries),
+        "per_reason": dict(sum((Counter(s["per_reason"]) for s in summaries), Counter())),
+        "samples_processed": sum(s["samples"] + s["rejects"] for s in done_now),
+        "tar_problems": sum(s["per_reason"].get(r, 0) for s in summaries for r in TAR_LEVEL),
+        "seconds": round(time.perf_counter() - t0, 3), "merged": False, "missing": None, "output": str(output),
+        "idx": Counter("none" if not s["idx"] else ("manifest" if s["idx"].startswith(str(output.resolve()))
+                                                   else "beside") for s in summaries),
+    }
+    if merge and not failed:
+        # every tar is stat'ed again (one changed during the build blocks the merge); the parts this run
+        # found intact or wrote itself are not read back a second time
+        done = {s["part"] for s in summaries}
+        missing = [j for j in jobs if _done_summary(j, output, opts, verify=j.part not in done) is None]
+        report["missing"] = len(missing)
+        if not missing:
+            merge_manifest(output, list(inputs), opts=opts, argv=argv, _locked=True)
+            report["merged"] = True
+    return report
+
+
+def _run_tars(todo, output, opts, *, workers, progress, distributor, ray_address, on_tar_done):
+    """Process the tars not done yet (Ray tasks, a process pool, or in turn); returns (summaries, failures)."""
     failed: list[tuple[str, str]] = []
     done_now: list[dict] = []
-
     from tqdm import tqdm
     bar = tqdm(total=len(todo), unit="tar", desc="shard", disable=not progress or not todo, dynamic_ncols=True)
     tasks = [(j, str(output), opts) for j in todo]
@@ -516,30 +575,7 @@ def _build(jobs, mine, output, opts, workers, part, merge, progress, inputs, arg
     else:
         _collect(map(_process_star, tasks), bar, done_now, failed, on_tar_done)
     bar.close()
-    summaries += done_now
-    seconds = time.perf_counter() - t0
-
-    report = {
-        "tars": len(jobs), "tars_in_part": len(mine), "processed": len(done_now), "skipped": skipped,
-        "failed": failed, "samples": sum(s["samples"] for s in summaries),
-        "rejects": sum(s["rejects"] for s in summaries),
-        "per_reason": dict(sum((Counter(s["per_reason"]) for s in summaries), Counter())),
-        "samples_processed": sum(s["samples"] + s["rejects"] for s in done_now),
-        "tar_problems": sum(s["per_reason"].get(r, 0) for s in summaries for r in TAR_LEVEL),
-        "seconds": round(seconds, 3), "merged": False, "missing": None, "output": str(output),
-        "idx": Counter("none" if not s["idx"] else ("manifest" if s["idx"].startswith(str(output.resolve()))
-                                                   else "beside") for s in summaries),
-    }
-    if merge and not failed:
-        # every tar is stat'ed again (one changed during the build blocks the merge); the parts this run
-        # found intact or wrote itself are not read back a second time
-        done = {s["part"] for s in summaries}
-        missing = [j for j in jobs if _done_summary(j, output, opts, verify=j.part not in done) is None]
-        report["missing"] = len(missing)
-        if not missing:
-            merge_manifest(output, list(inputs), opts=opts, argv=argv, _locked=True)
-            report["merged"] = True
-    return report
+    return done_now, failed
 
 
 def _collect(results, bar, done_now, failed, on_tar_done=None):
@@ -567,23 +603,7 @@ def merge_manifest(output: str | Path, inputs: list[str] | None = None, *, opts:
         except LockHeld as e:
             raise ManifestBuildError(str(e)) from None
     output = Path(output)
-    if inputs:
-        jobs = resolve_inputs(list(inputs))
-        summaries, missing = [], []
-        for j in jobs:
-            p = _paths(output, j.part)
-            if p["done"].is_file() and p["samples"].is_file() and p["rejects"].is_file():
-                summaries.append(read_json(p["done"]))
-            else:
-                missing.append(j.path)
-        if missing:
-            raise ManifestBuildError(
-                f"{len(missing)} of {len(jobs)} tars are not sharded yet (e.g. {missing[0]}); run "
-                "`aimv2 shard` for the missing parts first (it skips finished tars)")
-    else:
-        summaries = [read_json(p) for p in sorted((output / layout.PARTS).glob("*.json"))]
-        if not summaries:
-            raise ManifestBuildError(f"{output}: nothing to merge (no _parts/*.json); run `aimv2 shard` first")
+    summaries = _summaries_of(output, inputs)
     fps = {s["fingerprint"] for s in summaries}
     if len(fps) > 1:
         raise ManifestBuildError(f"{output}: parts were built with different options ({len(fps)} variants); "
@@ -594,29 +614,12 @@ def merge_manifest(output: str | Path, inputs: list[str] | None = None, *, opts:
     old = read_json(layout.manifest_json(output)) if layout.is_manifest(output) else {}
     caption_sets = old.get("caption_sets", {})
     uncovered = _align_caption_columns(output, summaries, caption_sets)
-
     table = make_table(opts.num_buckets, opts.bucket_max_aspect)
-    per_bucket = Counter({str(b): 0 for b in range(len(table))})
-    tot = {k: Counter() for k in ("per_source", "per_format", "per_reason", "counters")}
-    for s in summaries:
-        per_bucket.update(s["per_bucket"])
-        for k in tot:
-            tot[k].update(s[k])
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    write_parquet_atomic(pa.Table.from_pylist([
-        {"shard": s["shard"], "part": s["part"], "tar_size": s["tar_size"], "samples": s["samples"],
-         "rejects": s["rejects"], "idx": s["idx"], "seconds": s["seconds"]} for s in summaries],
-        schema=pa.schema([("shard", pa.string()), ("part", pa.string()), ("tar_size", pa.int64()),
-                          ("samples", pa.int64()), ("rejects", pa.int64()), ("idx", pa.string()),
-                          ("seconds", pa.float64())])), output / layout.SHARDS)
-    try:
-        from importlib.metadata import version
-        ver = version("aimv2")
-    except Exception:
-        ver = None
+    _write_shards_table(output, summaries)
     manifest = {
         "schema_version": SCHEMA_VERSION,
-        "generator": {"name": "aimv2 shard", "version": ver},
+        "generator": {"name": "aimv2 shard", "version": _version()},
         "created": old.get("created", now),
         "updated": now,
         "patch_size": opts.patch_size,
@@ -626,17 +629,7 @@ def merge_manifest(output: str | Path, inputs: list[str] | None = None, *, opts:
         "files": {"samples": layout.SAMPLES_GLOB, "rejects": layout.REJECTS_GLOB, "shards": layout.SHARDS},
         "paths": "absolute" if opts.absolute_paths else "relative",
         "parts": sorted(f"part-{s['part']}.parquet" for s in summaries),   # readers check samples/ against it
-        "counts": {
-            "shards": len(summaries),
-            "samples": sum(s["samples"] for s in summaries),
-            "rejects": sum(s["rejects"] for s in summaries),
-            "captions": sum(s["captions"] for s in summaries),
-            "per_bucket": dict(sorted(per_bucket.items(), key=lambda kv: int(kv[0]))),
-            "per_source": dict(tot["per_source"].most_common()),
-            "per_format": dict(tot["per_format"].most_common()),
-            "per_reason": dict(tot["per_reason"].most_common()),
-            "counters": dict(tot["counters"]),
-        },
+        "counts": _counts(summaries, len(table)),
         "inputs": ([i if storage.is_url(i) else os.path.abspath(storage.local(i)) for i in inputs] if inputs
                    else old.get("inputs", [])),
         "args": {**dataclasses.asdict(opts), "argv": argv if argv is not None else old.get("args", {}).get("argv")},
@@ -647,6 +640,66 @@ def merge_manifest(output: str | Path, inputs: list[str] | None = None, *, opts:
     write_json_atomic(manifest, layout.manifest_json(output))
     _remove_stale_temps(output)
     return manifest
+
+
+def _summaries_of(output: Path, inputs: list[str] | None) -> list[dict]:
+    """The done tars' summaries: every tar `inputs` resolve to (all must be done), else all under _parts/."""
+    if not inputs:
+        summaries = [read_json(p) for p in sorted((output / layout.PARTS).glob("*.json"))]
+        if not summaries:
+            raise ManifestBuildError(f"{output}: nothing to merge (no _parts/*.json); run `aimv2 shard` first")
+        return summaries
+    jobs = resolve_inputs(list(inputs))
+    summaries, missing = [], []
+    for j in jobs:
+        p = _paths(output, j.part)
+        if p["done"].is_file() and p["samples"].is_file() and p["rejects"].is_file():
+            summaries.append(read_json(p["done"]))
+        else:
+            missing.append(j.path)
+    if missing:
+        raise ManifestBuildError(
+            f"{len(missing)} of {len(jobs)} tars are not sharded yet (e.g. {missing[0]}); run "
+            "`aimv2 shard` for the missing parts first (it skips finished tars)")
+    return summaries
+
+
+def _counts(summaries: list[dict], n_buckets: int) -> dict:
+    """_manifest.json `counts`: the per-tar summaries summed (every bucket listed, empty ones as 0)."""
+    per_bucket = Counter({str(b): 0 for b in range(n_buckets)})
+    tot = {k: Counter() for k in ("per_source", "per_format", "per_reason", "counters")}
+    for s in summaries:
+        per_bucket.update(s["per_bucket"])
+        for k in tot:
+            tot[k].update(s[k])
+    return {
+        "shards": len(summaries),
+        "samples": sum(s["samples"] for s in summaries),
+        "rejects": sum(s["rejects"] for s in summaries),
+        "captions": sum(s["captions"] for s in summaries),
+        "per_bucket": dict(sorted(per_bucket.items(), key=lambda kv: int(kv[0]))),
+        "per_source": dict(tot["per_source"].most_common()),
+        "per_format": dict(tot["per_format"].most_common()),
+        "per_reason": dict(tot["per_reason"].most_common()),
+        "counters": dict(tot["counters"]),
+    }
+
+
+def _write_shards_table(output: Path, summaries: list[dict]) -> None:
+    write_parquet_atomic(pa.Table.from_pylist([
+        {"shard": s["shard"], "part": s["part"], "tar_size": s["tar_size"], "samples": s["samples"],
+         "rejects": s["rejects"], "idx": s["idx"], "seconds": s["seconds"]} for s in summaries],
+        schema=pa.schema([("shard", pa.string()), ("part", pa.string()), ("tar_size", pa.int64()),
+                          ("samples", pa.int64()), ("rejects", pa.int64()), ("idx", pa.string()),
+                          ("seconds", pa.float64())])), output / layout.SHARDS)
+
+
+def _version() -> str | None:
+    try:
+        from importlib.metadata import version
+        return version("aimv2")
+    except Exception:
+        return None
 
 
 MANIFEST_ENTRIES = ("_manifest.json", "_parts", "samples", "rejects", "shards.parquet", "idx", "captions", ".lock")

@@ -77,7 +77,6 @@ def attach(manifest: str | Path, captions: str | Path, on: str, column: str, nam
 
 def _attach(manifest: Path, captions, on, column, name, key_column, memory_limit, max_caption_bytes, put=None,
             shown=None) -> dict:
-    import duckdb
     import tempfile
 
     _manifest(manifest)
@@ -92,8 +91,29 @@ def _attach(manifest: Path, captions, on, column, name, key_column, memory_limit
     set_file = _caption_file(captions)
     parts = _sample_parts(manifest)
     work = manifest / "_captions" / name
-    job = {"file": str(captions), "fingerprint": list(storage.stat(str(captions))), "on": on,
-           "key_column": key_column, "column": column}
+    _start_work(work, {"file": str(captions), "fingerprint": list(storage.stat(str(captions))), "on": on,
+                       "key_column": key_column, "column": column}, put)
+    with tempfile.TemporaryDirectory(prefix="aimv2-attach-") as tmp:
+        found = _match(Path(tmp), set_file, parts, on, key_column, column, memory_limit, max_caption_bytes)
+        total = _write_columns(parts, Path(tmp, "matches"), col, work, put)
+    report = {"name": name, "column": col, "file": str(Path(captions).resolve()), "on": on,
+              "key_column": key_column, "file_column": column, "rows_read": found["rows_read"],
+              "keys": found["keys"], "matched_rows": found["matched"], "unmatched_rows": total - found["matched"],
+              "captions": int(found["captions"] or 0), "unused_keys": found["keys"] - found["used"],
+              "captions_too_large": found["too_large"],
+              "attached": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    meta = _manifest(manifest)   # re-read: keep whatever changed meanwhile
+    meta.setdefault("caption_sets", {})[name] = report
+    meta.get("caption_sets_incomplete", {}).pop(name, None)
+    write_json_atomic(meta, layout.manifest_json(manifest))
+    if put:
+        put(layout.manifest_json(manifest))
+    _end_work(work, put)
+    return report
+
+
+def _start_work(work: Path, job: dict, put) -> None:
+    """MANIFEST/_captions/<name>/: the job and one .done per rewritten part (what a resumed attach skips)."""
     if work.is_dir() and (work / "job.json").is_file() and read_json(work / "job.json") != job:
         for f in work.glob("*.done"):                 # an attach of another set under this name: start over
             f.unlink()
@@ -102,68 +122,8 @@ def _attach(manifest: Path, captions, on, column, name, key_column, memory_limit
     if put:
         put(work / "job.json")
 
-    with tempfile.TemporaryDirectory(prefix="aimv2-attach-") as tmp:
-        con = duckdb.connect()
-        con.execute(f"SET memory_limit='{memory_limit}'")
-        con.execute(f"SET temp_directory='{tmp}/spill'")
-        con.execute("SET preserve_insertion_order=false")
-        src = _caption_relation(con, set_file, key_column, column)
-        con.execute(f"CREATE TEMP VIEW c_all AS {src}")
-        # a caption longer than shard's --max-caption-bytes is dropped here too, counted: 77 tokens are used
-        con.execute(f"CREATE TEMP VIEW c AS SELECT * FROM c_all WHERE strlen(cap) <= {int(max_caption_bytes)}")
-        too_large = con.execute(f"SELECT count(*) FROM c_all WHERE strlen(cap) > {int(max_caption_bytes)}").fetchone()[0]
-        listing = ", ".join(f"('{str(p)}', {i})" for i, p in enumerate(parts))
-        con.execute(f"CREATE TEMP VIEW parts(filename, pid) AS VALUES {listing}")
-        con.execute(f"""COPY (
-            SELECT m.pid, m.file_row_number AS row, list(c.cap ORDER BY c.ord) AS syn, any_value(m.k) AS k
-            FROM (SELECT p.pid, r.file_row_number, CAST(r."{on}" AS VARCHAR) AS k
-                  FROM read_parquet([{", ".join(f"'{p}'" for p in parts)}], filename=true,
-                                    file_row_number=true, union_by_name=true) r JOIN parts p USING (filename)) m
-            JOIN c ON m.k = c.k GROUP BY m.pid, m.file_row_number
-        ) TO '{tmp}/matches' (FORMAT parquet, PARTITION_BY (pid))""")
-        keys = con.execute("SELECT count(DISTINCT k) FROM c").fetchone()[0]
-        rows_read = con.execute(f"SELECT count(*) FROM {_reader(set_file, key_column, column)}").fetchone()[0]
-        used = matched = n_captions = 0
-        if any(Path(tmp, "matches").glob("pid=*")):
-            used, matched, n_captions = con.execute(
-                f"SELECT count(DISTINCT k), count(*), sum(len(syn)) FROM read_parquet('{tmp}/matches/*/*.parquet')"
-            ).fetchone()
-        con.close()
-        total = 0
-        for i, part in enumerate(parts):
-            n = pq.ParquetFile(part).metadata.num_rows
-            total += n
-            done = work / f"{part.name}.done"
-            if done.is_file():
-                continue
-            t = pq.read_table(part)
-            syn = pa.nulls(n, SYN_TYPE)
-            found = sorted(Path(tmp, "matches", f"pid={i}").glob("*.parquet"))
-            if found:
-                m = pq.read_table(found).select(["row", "syn"])
-                where = np.full(n, -1, dtype=np.int64)
-                where[m["row"].to_numpy()] = np.arange(m.num_rows)
-                idx = pa.array(where, mask=where < 0)
-                syn = m["syn"].combine_chunks().cast(SYN_TYPE).take(idx)
-            if col in t.column_names:   # re-attaching a set replaces it
-                t = t.drop_columns([col])
-            t = t.append_column(pa.field(col, SYN_TYPE), syn)
-            write_parquet_atomic(t, part)
-            done.write_text("")
-            if put:
-                put(part)
-                put(done)
-    report = {"name": name, "column": col, "file": str(Path(captions).resolve()), "on": on,
-              "key_column": key_column, "file_column": column, "rows_read": rows_read,
-              "keys": keys, "matched_rows": matched, "unmatched_rows": total - matched,
-              "captions": int(n_captions or 0), "unused_keys": keys - used, "captions_too_large": too_large,
-              "attached": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    meta = _manifest(manifest)   # re-read: keep whatever changed meanwhile
-    meta.setdefault("caption_sets", {})[name] = report
-    meta.get("caption_sets_incomplete", {}).pop(name, None)
-    write_json_atomic(meta, layout.manifest_json(manifest))
-    if put:
-        put(layout.manifest_json(manifest))
+
+def _end_work(work: Path, put) -> None:
     for f in work.glob("*"):
         f.unlink()
         if put:
@@ -173,7 +133,74 @@ def _attach(manifest: Path, captions, on, column, name, key_column, memory_limit
         work.parent.rmdir()
     except OSError:
         pass
-    return report
+
+
+def _match(tmp: Path, set_file: Path, parts: list[Path], on, key_column, column, memory_limit,
+           max_caption_bytes) -> dict:
+    """Join the set to every part's rows in DuckDB (bounded memory, spilling to `tmp`). The captions per
+    matched row go to tmp/matches/pid=<part number>/; returns the counts the report gives."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute(f"SET memory_limit='{memory_limit}'")
+    con.execute(f"SET temp_directory='{tmp}/spill'")
+    con.execute("SET preserve_insertion_order=false")
+    src = _caption_relation(con, set_file, key_column, column)
+    con.execute(f"CREATE TEMP VIEW c_all AS {src}")
+    # a caption longer than shard's --max-caption-bytes is dropped here too, counted: 77 tokens are used
+    con.execute(f"CREATE TEMP VIEW c AS SELECT * FROM c_all WHERE strlen(cap) <= {int(max_caption_bytes)}")
+    too_large = con.execute(f"SELECT count(*) FROM c_all WHERE strlen(cap) > {int(max_caption_bytes)}").fetchone()[0]
+    listing = ", ".join(f"('{str(p)}', {i})" for i, p in enumerate(parts))
+    con.execute(f"CREATE TEMP VIEW parts(filename, pid) AS VALUES {listing}")
+    con.execute(f"""COPY (
+        SELECT m.pid, m.file_row_number AS row, list(c.cap ORDER BY c.ord) AS syn, any_value(m.k) AS k
+        FROM (SELECT p.pid, r.file_row_number, CAST(r."{on}" AS VARCHAR) AS k
+              FROM read_parquet([{", ".join(f"'{p}'" for p in parts)}], filename=true,
+                                file_row_number=true, union_by_name=true) r JOIN parts p USING (filename)) m
+        JOIN c ON m.k = c.k GROUP BY m.pid, m.file_row_number
+    ) TO '{tmp}/matches' (FORMAT parquet, PARTITION_BY (pid))""")
+    keys = con.execute("SELECT count(DISTINCT k) FROM c").fetchone()[0]
+    rows_read = con.execute(f"SELECT count(*) FROM {_reader(set_file, key_column, column)}").fetchone()[0]
+    used = matched = n_captions = 0
+    if any(Path(tmp, "matches").glob("pid=*")):
+        used, matched, n_captions = con.execute(
+            f"SELECT count(DISTINCT k), count(*), sum(len(syn)) FROM read_parquet('{tmp}/matches/*/*.parquet')"
+        ).fetchone()
+    con.close()
+    return {"too_large": too_large, "keys": keys, "rows_read": rows_read, "used": used, "matched": matched,
+            "captions": n_captions}
+
+
+def _write_columns(parts: list[Path], matches: Path, col: str, work: Path, put) -> int:
+    """Rewrite each part not done yet with its `col` (replacing an earlier one); returns the rows of all parts."""
+    total = 0
+    for i, part in enumerate(parts):
+        n = pq.ParquetFile(part).metadata.num_rows
+        total += n
+        done = work / f"{part.name}.done"
+        if done.is_file():
+            continue
+        t = pq.read_table(part)
+        if col in t.column_names:   # re-attaching a set replaces it
+            t = t.drop_columns([col])
+        found = sorted(Path(matches, f"pid={i}").glob("*.parquet"))
+        t = t.append_column(pa.field(col, SYN_TYPE), _syn_column(n, found))
+        write_parquet_atomic(t, part)
+        done.write_text("")
+        if put:
+            put(part)
+            put(done)
+    return total
+
+
+def _syn_column(n: int, found: list[Path]) -> pa.Array:
+    """The part's n rows of captions: each matched row's list, null elsewhere."""
+    if not found:
+        return pa.nulls(n, SYN_TYPE)
+    m = pq.read_table(found).select(["row", "syn"])
+    where = np.full(n, -1, dtype=np.int64)
+    where[m["row"].to_numpy()] = np.arange(m.num_rows)
+    return m["syn"].combine_chunks().cast(SYN_TYPE).take(pa.array(where, mask=where < 0))
 
 
 def _caption_file(captions) -> Path:
@@ -301,7 +328,6 @@ def generate(manifest: str | Path, model: str, *, output: str | Path | None = No
     Work is saved per samples part in OUTPUT.parts/, so an interrupted run resumes; memory holds one part.
     `distributor="ray"`: one Ray task per part (a GPU each where the cluster has them). The manifest and
     OUTPUT may be URLs."""
-    import polars as pl
     from tqdm import tqdm
 
     root = str(manifest).rstrip("/")
@@ -320,6 +346,26 @@ def generate(manifest: str | Path, model: str, *, output: str | Path | None = No
     work = storage.upath(output + ".parts")
     kw = dict(name=name, batch_size=batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams, device=device)
 
+    todo = _parts_to_caption(parts, work, limit)
+    bar = tqdm(total=len(todo), unit="part", desc="caption", disable=not progress, dynamic_ncols=True)
+    failed, failures, used = 0, [], device
+    for p, data, f, notes, dev in _run_parts(root, todo, model, kw, distributor, ray_address):
+        storage.write_bytes(str(work / Path(p).name), data)
+        failed, used = failed + f, dev
+        failures += notes
+        bar.update(1)
+    bar.close()
+    captioned = _write_caption_set(work, output, name)
+    if used == "auto":
+        import torch
+
+        used = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"output": output, "captioned": captioned, "failed": failed, "failures": failures[:20],
+            "model": str(model), "device": used, "column": name}
+
+
+def _parts_to_caption(parts: list[str], work, limit: int | None) -> list[tuple[str, int | None]]:
+    """(part, rows to caption or None for all) for the parts not done in `work`, the first `limit` rows in all."""
     counts = [pq.ParquetFile(storage.open_file(p)).metadata.num_rows if storage.is_url(p)
               else pq.ParquetFile(p).metadata.num_rows for p in parts]
     todo, left = [], limit
@@ -330,21 +376,19 @@ def generate(manifest: str | Path, model: str, *, output: str | Path | None = No
         left = None if left is None else left - take
         if not (work / Path(p).name).is_file():
             todo.append((p, take if limit else None))
-    bar = tqdm(total=len(todo), unit="part", desc="caption", disable=not progress, dynamic_ncols=True)
-    failed, failures, used = 0, [], device
-    for p, data, f, notes, dev in _run_parts(root, todo, model, kw, distributor, ray_address):
-        storage.write_bytes(str(work / Path(p).name), data)
-        failed, used = failed + f, dev
-        failures += notes
-        bar.update(1)
-    bar.close()
+    return todo
+
+
+def _write_caption_set(work, output: str, name: str) -> int:
+    """The per-part results in `work` concatenated into the caption set `output` (work removed); its rows."""
+    import io
+
+    import polars as pl
 
     done = sorted(str(f) for f in work.glob("*.parquet"))
     merged = pl.concat([storage.read_parquet(f) for f in done]) if done else pl.DataFrame(
         schema={"key": pl.String, "uid": pl.String, "url": pl.String, "sha256": pl.String, name: pl.String,
                 "model": pl.String})
-    import io
-
     buf = io.BytesIO()
     merged.write_ndjson(buf) if output.endswith(".jsonl") else merged.write_parquet(buf)
     storage.write_bytes(output, buf.getvalue())
@@ -352,12 +396,7 @@ def generate(manifest: str | Path, model: str, *, output: str | Path | None = No
         storage.upath(f).unlink()
     if not storage.is_url(work):
         work.rmdir()
-    if used == "auto":
-        import torch
-
-        used = "cuda" if torch.cuda.is_available() else "cpu"
-    return {"output": output, "captioned": merged.height, "failed": failed, "failures": failures[:20],
-            "model": str(model), "device": used, "column": name}
+    return merged.height
 
 
 def _run_parts(root, todo, model, kw, distributor, ray_address):

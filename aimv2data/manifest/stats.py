@@ -30,6 +30,13 @@ def _read(path):
     return read_part(path, [c for c in names if c in _COLUMNS or c.startswith(SYN_PREFIX)])
 
 
+def _counts(df, col) -> dict:
+    """{value: rows}, most common first."""
+    if df.height == 0 or col not in df.columns:
+        return {}
+    return {str(k): v for k, v in df.group_by(col).len().sort("len", descending=True).iter_rows()}
+
+
 def compute_stats(manifest: str | Path) -> dict:
     import polars as pl
 
@@ -47,16 +54,11 @@ def compute_stats(manifest: str | Path) -> dict:
     n = s.height
     check_rows(manifest, meta, n)
 
-    def counts(df, col):
-        if df.height == 0 or col not in df.columns:
-            return {}
-        return {str(k): v for k, v in df.group_by(col).len().sort("len", descending=True).iter_rows()}
-
     out = {"manifest": str(manifest), "samples": n, "rejects": r.height,
-           "per_source": counts(s, "source"), "per_format": counts(s, "format"), "per_mode": counts(s, "mode"),
-           "per_reason": counts(r, "reason"), "rejects_per_source": counts(r, "source")}
+           "per_source": _counts(s, "source"), "per_format": _counts(s, "format"), "per_mode": _counts(s, "mode"),
+           "per_reason": _counts(r, "reason"), "rejects_per_source": _counts(r, "source")}
     buckets = {b["id"]: b for b in meta.get("buckets", [])}
-    per_bucket = {int(k): v for k, v in counts(s, "bucket").items()}
+    per_bucket = {int(k): v for k, v in _counts(s, "bucket").items()}
     out["per_bucket"] = [{"bucket": b, "aspect": buckets[b]["aspect"], "samples": per_bucket.get(b, 0),
                           "share": round(per_bucket.get(b, 0) / n, 4) if n else 0.0} for b in sorted(buckets)]
     if n:
@@ -66,7 +68,18 @@ def compute_stats(manifest: str | Path) -> dict:
                        "shorter_side": _pct(np.minimum(w, h)), "longer_side": _pct(np.maximum(w, h))}
         out["aspect_hist"] = {"log2_edges": ASPECT_BINS.round(3).tolist(), "counts": hist.tolist()}
         out["rotated_by_exif"] = int((s["orientation"] >= 5).sum()) if "orientation" in s.columns else 0
-    caps = {}
+    caps = out["captions"] = _caption_stats(s)
+    out["caption_sets"] = meta.get("caption_sets", {})
+    out["_arrays"] = {"width": s["width"].to_numpy() if n else np.array([]),
+                      "height": s["height"].to_numpy() if n else np.array([]),
+                      "caption_words": {c: (s[c].drop_nulls() if c == "caption" else s[c].explode().drop_nulls())
+                                        .str.split(" ").list.len().to_numpy() for c in caps}}
+    return out
+
+
+def _caption_stats(s) -> dict:
+    """Coverage and length of the alt-text `caption` and of each attached syn_* caption set."""
+    n, caps = s.height, {}
     for col in ["caption"] + sorted(c for c in s.columns if c.startswith(SYN_PREFIX)):
         if col not in s.columns:
             continue
@@ -85,13 +98,7 @@ def compute_stats(manifest: str | Path) -> dict:
                      "captions_per_sample": round(per_row, 3), "chars": _pct(chars, (5, 50, 95)),
                      "words": _pct(words, (5, 50, 95)),
                      "mean_words": round(float(words.mean()), 2) if len(words) else None}
-    out["captions"] = caps
-    out["caption_sets"] = meta.get("caption_sets", {})
-    out["_arrays"] = {"width": s["width"].to_numpy() if n else np.array([]),
-                      "height": s["height"].to_numpy() if n else np.array([]),
-                      "caption_words": {c: (s[c].drop_nulls() if c == "caption" else s[c].explode().drop_nulls())
-                                        .str.split(" ").list.len().to_numpy() for c in caps}}
-    return out
+    return caps
 
 
 def plot_stats(stats: dict, out_dir: str | Path) -> list[Path]:

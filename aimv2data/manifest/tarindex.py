@@ -133,102 +133,161 @@ MAX_EXTENDED_HEADER = 1 << 20
 REMOTE_BLOCK = 16 << 20
 
 
+_EXTENDED = (b"x", b"g", b"L", b"K")   # pax / global pax / GNU long name / GNU long link
+
+
+class _IndexEnds(Exception):
+    """The index ends before the archive's end; the message says why (TarIndex.tail_problem)."""
+
+
 def index_tar(path: str) -> TarIndex:
     file_size = storage.stat(path)[0]
-    samples: dict[str, Sample] = {}
-    truncated: list[Member] = []
-    damaged: list[str] = []
-    ignored, tail_problem, end = 0, None, None
     with open_tar(path) as f:
-        pos, long_name, pax = 0, None, {}
-        while True:
-            f.seek(pos)
-            hdr = f.read(BLOCK)
-            if not hdr:                         # end of file without end-of-archive blocks: fine
-                if pos == 0:
-                    raise TarUnreadable(_unreadable_reason(path, file_size, "empty"))
-                break
-            if len(hdr) < BLOCK:
-                if pos == 0:
-                    raise TarUnreadable(_unreadable_reason(path, file_size, "shorter than one tar block"))
-                if pos < file_size:
-                    tail_problem = f"tar header at byte {pos} is cut off: truncated or damaged tar"
-                break
-            if hdr == _ZERO:
-                nxt = _resync(f, pos + BLOCK)
-                if nxt is None:                 # the end-of-archive blocks (what follows is checked below)
-                    end = pos
-                    break
-                damaged.append(f"bytes {pos}..{nxt} are zeros, not tar headers; resumed at the header at {nxt}")
-                pos, pax, long_name = nxt, {}, None
-                continue
-            try:
-                _check_header(hdr)
-                size = _number(hdr[124:136])
-            except _BadHeader as e:
-                if pos == 0:
-                    raise TarUnreadable(_unreadable_reason(path, file_size, str(e))) from None
-                nxt = _resync(f, pos + BLOCK)
-                if nxt is None:
-                    tail_problem = f"tar header at byte {pos} is unreadable ({e}): truncated or damaged tar"
-                    break
-                damaged.append(f"tar header at byte {pos} is unreadable ({e}); bytes {pos}..{nxt} skipped, "
+        walk = _Walk(f, path, file_size)
+        tail_problem = None
+        try:
+            while walk.step():
+                pass
+        except _IndexEnds as e:
+            tail_problem = str(e)
+    if walk.end is not None and walk.end < file_size:
+        tail_problem = _tail_problem(path, walk.end, file_size)
+    return TarIndex(path, file_size, list(walk.samples.values()), walk.truncated, tail_problem, walk.ignored,
+                    walk.damaged)
+
+
+def _padded(size: int) -> int:
+    return (size + BLOCK - 1) // BLOCK * BLOCK
+
+
+class _Walk:
+    """One pass over the headers of an open tar, strictly forwards: `step` reads the header at `pos` and
+    moves past its member; the pending pax records / GNU long name apply to the next member."""
+
+    def __init__(self, f, path: str, file_size: int):
+        self.f, self.path, self.file_size = f, path, file_size
+        self.samples: dict[str, Sample] = {}
+        self.truncated: list[Member] = []
+        self.damaged: list[str] = []
+        self.ignored, self.end = 0, None     # end: offset of the end-of-archive blocks, when met
+        self.pos, self.long_name, self.pax = 0, None, {}
+
+    def step(self) -> bool:
+        """False at the end of the archive; raises _IndexEnds where the rest cannot be indexed."""
+        hdr = self._header()
+        if hdr is None:
+            return False
+        if hdr == _ZERO:
+            return self._zeros()
+        try:
+            _check_header(hdr)
+            size = _number(hdr[124:136])
+        except _BadHeader as e:
+            return self._bad_header(e)
+        kind = hdr[156:157]
+        if kind in _EXTENDED:
+            self._extended(kind, size)
+            return True
+        return self._member(hdr, kind, size)
+
+    def _unreadable(self, why: str) -> TarUnreadable:
+        return TarUnreadable(_unreadable_reason(self.path, self.file_size, why))
+
+    def _header(self) -> bytes | None:
+        """The 512-byte block at `pos`; None at the end of the file (without end-of-archive blocks: fine)."""
+        self.f.seek(self.pos)
+        hdr = self.f.read(BLOCK)
+        if not hdr:
+            if self.pos == 0:
+                raise self._unreadable("empty")
+            return None
+        if len(hdr) < BLOCK:
+            if self.pos == 0:
+                raise self._unreadable("shorter than one tar block")
+            if self.pos < self.file_size:
+                raise _IndexEnds(f"tar header at byte {self.pos} is cut off: truncated or damaged tar")
+            return None
+        return hdr
+
+    def _resume_at(self, nxt: int, what: str) -> bool:
+        self.damaged.append(what)
+        self.pos, self.pax, self.long_name = nxt, {}, None
+        return True
+
+    def _zeros(self) -> bool:
+        """A zero block: the end-of-archive blocks (what follows is checked by index_tar), or a zeroed range."""
+        pos = self.pos
+        nxt = _resync(self.f, pos + BLOCK)
+        if nxt is None:
+            self.end = pos
+            return False
+        return self._resume_at(nxt, f"bytes {pos}..{nxt} are zeros, not tar headers; resumed at the header at {nxt}")
+
+    def _bad_header(self, e: _BadHeader) -> bool:
+        pos = self.pos
+        if pos == 0:
+            raise self._unreadable(str(e)) from None
+        nxt = _resync(self.f, pos + BLOCK)
+        if nxt is None:
+            raise _IndexEnds(f"tar header at byte {pos} is unreadable ({e}): truncated or damaged tar")
+        return self._resume_at(nxt, f"tar header at byte {pos} is unreadable ({e}); bytes {pos}..{nxt} skipped, "
                                f"resumed at the next valid header")
-                pos, pax, long_name = nxt, {}, None
-                continue
-            kind = hdr[156:157]
-            data = pos + BLOCK
-            if kind in (b"x", b"g", b"L", b"K"):  # pax / global pax / GNU long name / GNU long link
-                if data + size > file_size:
-                    tail_problem = f"tar ends inside the extended header at byte {pos}: truncated tar"
-                    break
-                if size > MAX_EXTENDED_HEADER:
-                    tail_problem = (f"extended header at byte {pos} claims {size} bytes (more than "
-                                    f"{MAX_EXTENDED_HEADER}): damaged or hostile tar, index ends there")
-                    break
-                payload = f.read(size)
-                if kind == b"x":
-                    try:
-                        pax = _pax_records(payload)
-                    except _BadHeader as e:
-                        tail_problem = f"pax header at byte {pos}: {e}"
-                        break
-                elif kind == b"L":
-                    long_name = payload.rstrip(b"\0").decode("utf-8", "replace")
-                pos = data + (size + BLOCK - 1) // BLOCK * BLOCK
-                continue
-            name = pax.get("path") or long_name
-            if name is None:
-                name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-                prefix = hdr[345:500].split(b"\0", 1)[0] if hdr[257:263] == b"ustar\0" else b""
-                if prefix:
-                    name = prefix.decode("utf-8", "replace") + "/" + name
-            if "size" in pax:
-                try:
-                    size = _pax_size(pax["size"])
-                except _BadHeader as e:   # the members before it are kept; where the next one is, is unknown
-                    tail_problem = f"pax header before byte {pos}: {e}: damaged or hostile tar, index ends there"
-                    break
-            pax, long_name = {}, None
-            pos = data + (size + BLOCK - 1) // BLOCK * BLOCK
-            key, ext = split_name(name)
-            base = name[name.rfind("/") + 1:]
-            if kind not in _REGULAR or not key or base.startswith("."):
-                ignored += 1
-                continue
-            member = Member(name, data, size)
-            if data + size > file_size:
-                truncated.append(member)
-                break
-            s = samples.setdefault(key, Sample(key))
-            ext = ext.lower()
-            if ext in s.members:
-                s.extra.append(member)
-            else:
-                s.members[ext] = member
-    if end is not None and end < file_size:
-        tail_problem = _tail_problem(path, end, file_size)
-    return TarIndex(path, file_size, list(samples.values()), truncated, tail_problem, ignored, damaged)
+
+    def _extended(self, kind: bytes, size: int) -> None:
+        """Pax records or a GNU long name, read into memory for the next member."""
+        pos, data = self.pos, self.pos + BLOCK
+        if data + size > self.file_size:
+            raise _IndexEnds(f"tar ends inside the extended header at byte {pos}: truncated tar")
+        if size > MAX_EXTENDED_HEADER:
+            raise _IndexEnds(f"extended header at byte {pos} claims {size} bytes (more than "
+                             f"{MAX_EXTENDED_HEADER}): damaged or hostile tar, index ends there")
+        payload = self.f.read(size)
+        if kind == b"x":
+            try:
+                self.pax = _pax_records(payload)
+            except _BadHeader as e:
+                raise _IndexEnds(f"pax header at byte {pos}: {e}") from None
+        elif kind == b"L":
+            self.long_name = payload.rstrip(b"\0").decode("utf-8", "replace")
+        self.pos = data + _padded(size)
+
+    def _name(self, hdr: bytes) -> str:
+        name = self.pax.get("path") or self.long_name
+        if name is None:
+            name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+            prefix = hdr[345:500].split(b"\0", 1)[0] if hdr[257:263] == b"ustar\0" else b""
+            if prefix:
+                name = prefix.decode("utf-8", "replace") + "/" + name
+        return name
+
+    def _member(self, hdr: bytes, kind: bytes, size: int) -> bool:
+        """A member: into its sample, or ignored (not a file, no key, hidden); False when its data is cut off."""
+        pos, data = self.pos, self.pos + BLOCK
+        name = self._name(hdr)
+        if "size" in self.pax:
+            try:
+                size = _pax_size(self.pax["size"])
+            except _BadHeader as e:   # the members before it are kept; where the next one is, is unknown
+                raise _IndexEnds(f"pax header before byte {pos}: {e}: damaged or hostile tar, "
+                                 "index ends there") from None
+        self.pax, self.long_name = {}, None
+        self.pos = data + _padded(size)
+        key, ext = split_name(name)
+        base = name[name.rfind("/") + 1:]
+        if kind not in _REGULAR or not key or base.startswith("."):
+            self.ignored += 1
+            return True
+        member = Member(name, data, size)
+        if data + size > self.file_size:
+            self.truncated.append(member)
+            return False
+        s = self.samples.setdefault(key, Sample(key))
+        ext = ext.lower()
+        if ext in s.members:
+            s.extra.append(member)
+        else:
+            s.members[ext] = member
+        return True
 
 
 def _is_header(block: bytes) -> bool:

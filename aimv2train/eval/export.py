@@ -104,10 +104,17 @@ def _fmt_lr(x) -> str:
 
 def model_card(name: str, encoder, fmt: str, info: dict, probe: dict | None, probe_path: str | None, sha: str,
                files: dict[str, str]) -> str:
+    """The export's README.md: its sections in order, each written by one function below."""
+    lines = (_card_header(name, encoder, fmt, sha) + _training_section(info) + _data_section(info)
+             + _probe_section(probe, probe_path, sha) + preprocessing_section(encoder.cfg, fmt) + _use_section(fmt)
+             + _files_section(files))
+    return "\n".join(lines) + "\n"
+
+
+def _card_header(name: str, encoder, fmt: str, sha: str) -> list[str]:
+    """The hub's YAML front matter, the title and the architecture table."""
     c = encoder.cfg
     n_params = sum(p.numel() for p in encoder.parameters())
-    train = info.get("train") or {}
-    summary = info.get("summary") or {}
     native = c.pos_embed == "sincos"
     res = "native resolution (2D sin-cos positions)" if native else f"{c.img_size} px ({c.grid[0]}x{c.grid[1]} patches)"
     lines = ["---", "library_name: transformers" if fmt == "hf" else "library_name: ml-aim",
@@ -121,38 +128,44 @@ def model_card(name: str, encoder, fmt: str, info: dict, probe: dict | None, pro
               f"| parameters | {n_params:,} ({n_params / 1e6:.2f}M) |",
               f"| format | {FORMAT_NAMES[fmt]} |",
               f"| encoder sha256 | `{sha}` (weights and config; what `aimv2 probe` records) |", ""]
+    return lines
 
-    lines += ["## Training", ""]
-    if info.get("step") is not None or train:
-        steps = train.get("steps")
-        status = summary.get("status")
-        lines.append(f"- checkpoint: `{info['checkpoint']}`, after **{info.get('step')} optimiser steps**"
-                     + (f" of {steps}" if steps else "") + (f" (run status: {status})" if status else ""))
-        if train:
-            stage = info.get("stage") or train.get("stage") or ("native" if train.get("native_res") else "pretrain")
-            geom = (f"native resolution, {train.get('batch_patches')} patches per rank per step"
-                    if train.get("native_res") else f"{train.get('resolution')} px, {train.get('batch_size')} images "
-                    f"per rank per step")
-            lines.append(f"- model preset `{train.get('model')}`, stage `{stage}`, {geom}, "
-                         f"{info.get('world_size') or 1} rank(s), seed {train.get('seed')}")
-            if train.get("init"):
-                lines.append(f"- initialised from `{train['init']}`")
-        hp = info.get("hparams") or {}
-        if hp:
-            lines.append(f"- fully decoupled AdamW, peak lr {_fmt_lr(hp.get('peak_lr'))}, min lr "
-                         f"{_fmt_lr(hp.get('min_lr'))}, warmup {hp.get('warmup')} steps, cosine; weight decay "
-                         f"{_fmt_lr(hp.get('weight_decay'))}, betas {tuple(hp.get('betas') or ())}, clip "
-                         f"{_fmt_lr(hp.get('clip'))} ({hp.get('source')})")
-        if "loss_end" in summary:
-            terms = ", ".join(f"{short} {summary[k + '_end']:.4f}" for k, (short, _) in LOSS_TERMS.items()
-                              if k + "_end" in summary)
-            lines.append(f"- loss {summary['loss_start']:.4f} -> {summary['loss_end']:.4f} ({terms}; "
-                         f"mean of the first / last 10 steps)")
-    else:
-        lines.append(f"Converted from `{info['checkpoint']}`; no training run information was found with it.")
-    lines.append("")
 
-    lines += ["## Data", ""]
+def _training_section(info: dict) -> list[str]:
+    train = info.get("train") or {}
+    summary = info.get("summary") or {}
+    lines = ["## Training", ""]
+    if info.get("step") is None and not train:
+        return lines + [f"Converted from `{info['checkpoint']}`; no training run information was found with it.", ""]
+    steps = train.get("steps")
+    status = summary.get("status")
+    lines.append(f"- checkpoint: `{info['checkpoint']}`, after **{info.get('step')} optimiser steps**"
+                 + (f" of {steps}" if steps else "") + (f" (run status: {status})" if status else ""))
+    if train:
+        stage = info.get("stage") or train.get("stage") or ("native" if train.get("native_res") else "pretrain")
+        geom = (f"native resolution, {train.get('batch_patches')} patches per rank per step"
+                if train.get("native_res") else f"{train.get('resolution')} px, {train.get('batch_size')} images "
+                f"per rank per step")
+        lines.append(f"- model preset `{train.get('model')}`, stage `{stage}`, {geom}, "
+                     f"{info.get('world_size') or 1} rank(s), seed {train.get('seed')}")
+        if train.get("init"):
+            lines.append(f"- initialised from `{train['init']}`")
+    hp = info.get("hparams") or {}
+    if hp:
+        lines.append(f"- fully decoupled AdamW, peak lr {_fmt_lr(hp.get('peak_lr'))}, min lr "
+                     f"{_fmt_lr(hp.get('min_lr'))}, warmup {hp.get('warmup')} steps, cosine; weight decay "
+                     f"{_fmt_lr(hp.get('weight_decay'))}, betas {tuple(hp.get('betas') or ())}, clip "
+                     f"{_fmt_lr(hp.get('clip'))} ({hp.get('source')})")
+    if "loss_end" in summary:
+        terms = ", ".join(f"{short} {summary[k + '_end']:.4f}" for k, (short, _) in LOSS_TERMS.items()
+                          if k + "_end" in summary)
+        lines.append(f"- loss {summary['loss_start']:.4f} -> {summary['loss_end']:.4f} ({terms}; "
+                     f"mean of the first / last 10 steps)")
+    return lines + [""]
+
+
+def _data_section(info: dict) -> list[str]:
+    lines = ["## Data", ""]
     data = info.get("data")
     if data and data.get("samples") is not None:
         src = ", ".join(f"{k}: {v:,}" for k, v in (data.get("per_source") or {}).items())
@@ -170,45 +183,48 @@ def model_card(name: str, encoder, fmt: str, info: dict, probe: dict | None, pro
     else:
         lines.append("- not recorded with these weights")
     if info.get("tokenizer_bytes"):
+        train = info.get("train") or {}
         lines.append(f"- captions tokenized with the run's sentencepiece model `{train.get('tokenizer')}` "
                      f"(stored in the checkpoint)")
-    lines.append("")
+    return lines + [""]
 
-    lines += ["## Evaluation: frozen-trunk probes", ""]
-    if probe:
-        same = probe.get("encoder", {}).get("sha256") == sha
-        pre = probe.get("preprocess", {})
-        lines.append(f"From `{probe_path}`"
-                     + ("" if same else " -- **these results are for different weights** (another checkpoint "
-                                        "or step) than the ones exported here"))
-        lines.append("")
-        lines += ["| probe | train | val | classes | top-1 (best) | best lr / wd | chance |",
-                  "|---|---|---|---|---|---|---|"]
-        for kind in ("attentive", "linear"):
-            r = probe.get(kind)
-            if not r or not r.get("best"):
-                continue
-            b = r["best"]
-            lines.append(f"| {kind} | `{probe['train']['path']}` ({probe['train']['images']}) | "
-                         f"`{probe['val']['path']}` ({probe['val']['images']}) | {len(probe.get('classes', []))} | "
-                         f"**{b['top1']:.2f}%** | {_fmt_lr(b['lr'])} / {_fmt_lr(b['wd'])} | "
-                         f"{probe.get('chance_top1', 0):.2f}% |")
-        cfg = probe.get("config", {})
-        full = (list(cfg.get("lrs", [])) == list(TABLE_A2["lrs"])
-                and list(cfg.get("wds", [])) == list(TABLE_A2["wds"]))
-        mode = (f"{pre.get('resolution')} px" if pre.get("mode") == "fixed"
-                else f"native, <= {pre.get('max_patches')} patches")
-        lines += ["", f"Frozen trunk, features at {mode}, {cfg.get('epochs')} epochs, batch {cfg.get('batch_size')}, "
-                      f"AdamW (0.9, 0.999), cosine, clip {cfg.get('clip')}; lr grid {cfg.get('lrs')} x wd grid "
-                      f"{cfg.get('wds')} ({'Table A2' if full else 'shortened from Table A2'}); no augmentation "
-                      f"(cached features)."]
-    else:
-        lines.append("No probe results were given. Measure with `aimv2 probe --checkpoint RUN --train DATA --val DATA "
-                     "--output RUN/probe.json`, then export again.")
-    lines.append("")
 
-    lines += preprocessing_section(c, fmt)
-    lines += ["## Use", ""]
+def _probe_section(probe: dict | None, probe_path: str | None, sha: str) -> list[str]:
+    lines = ["## Evaluation: frozen-trunk probes", ""]
+    if not probe:
+        return lines + ["No probe results were given. Measure with `aimv2 probe --checkpoint RUN --train DATA --val DATA "
+                        "--output RUN/probe.json`, then export again.", ""]
+    same = probe.get("encoder", {}).get("sha256") == sha
+    pre = probe.get("preprocess", {})
+    lines.append(f"From `{probe_path}`"
+                 + ("" if same else " -- **these results are for different weights** (another checkpoint "
+                                    "or step) than the ones exported here"))
+    lines.append("")
+    lines += ["| probe | train | val | classes | top-1 (best) | best lr / wd | chance |",
+              "|---|---|---|---|---|---|---|"]
+    for kind in ("attentive", "linear"):
+        r = probe.get(kind)
+        if not r or not r.get("best"):
+            continue
+        b = r["best"]
+        lines.append(f"| {kind} | `{probe['train']['path']}` ({probe['train']['images']}) | "
+                     f"`{probe['val']['path']}` ({probe['val']['images']}) | {len(probe.get('classes', []))} | "
+                     f"**{b['top1']:.2f}%** | {_fmt_lr(b['lr'])} / {_fmt_lr(b['wd'])} | "
+                     f"{probe.get('chance_top1', 0):.2f}% |")
+    cfg = probe.get("config", {})
+    full = (list(cfg.get("lrs", [])) == list(TABLE_A2["lrs"])
+            and list(cfg.get("wds", [])) == list(TABLE_A2["wds"]))
+    mode = (f"{pre.get('resolution')} px" if pre.get("mode") == "fixed"
+            else f"native, <= {pre.get('max_patches')} patches")
+    lines += ["", f"Frozen trunk, features at {mode}, {cfg.get('epochs')} epochs, batch {cfg.get('batch_size')}, "
+                  f"AdamW (0.9, 0.999), cosine, clip {cfg.get('clip')}; lr grid {cfg.get('lrs')} x wd grid "
+                  f"{cfg.get('wds')} ({'Table A2' if full else 'shortened from Table A2'}); no augmentation "
+                  f"(cached features)."]
+    return lines + [""]
+
+
+def _use_section(fmt: str) -> list[str]:
+    lines = ["## Use", ""]
     if fmt == "hf":
         lines += ["```python", "from transformers import Aimv2VisionModel", "",
                   'model = Aimv2VisionModel.from_pretrained("PATH/TO/THIS/FOLDER").eval()',
@@ -220,9 +236,11 @@ def model_card(name: str, encoder, fmt: str, info: dict, probe: dict | None, pro
                   "```", ""]
     lines += ["```", "aimv2 embed IMAGES --checkpoint PATH/TO/THIS/FOLDER -o features.npy",
               "aimv2 train -m MANIFEST -t tok.model --init PATH/TO/THIS/FOLDER ...   # continue training", "```", ""]
-    lines += ["## Files", "", "| file | sha256 |", "|---|---|"]
-    lines += [f"| {f} | `{h}` |" for f, h in files.items()]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _files_section(files: dict[str, str]) -> list[str]:
+    return ["## Files", "", "| file | sha256 |", "|---|---|"] + [f"| {f} | `{h}` |" for f, h in files.items()]
 
 
 def preprocessing_section(c, fmt: str) -> list[str]:

@@ -168,19 +168,7 @@ def train_tokenizer(manifest: str | os.PathLike, output: str | os.PathLike, voca
     """
     if vocab_size < 4:  # pad, eos, unk and at least one piece
         raise ValueError(f"--vocab-size must be at least 4 (pad, eos, unk and one piece), got {vocab_size}")
-    from aimv2data.manifest.integrity import read_schema
-
-    all_cols = set()
-    for f in _sample_files(manifest):
-        all_cols.update(caption_columns(read_schema(f)))
-    if columns is not None:
-        missing = [c for c in columns if c not in all_cols]
-        if missing:
-            raise ValueError(f"caption column(s) {missing} not in {manifest}/samples; it has {sorted(all_cols)}")
-    elif not all_cols:
-        raise ValueError(f"{manifest}/samples has no caption column (`caption` or `syn_<name>`); attach "
-                         f"captions with `aimv2 caption attach` first")
-
+    all_cols = _checked_caption_columns(manifest, columns)
     counts: dict[str, int] = {}
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
@@ -207,8 +195,28 @@ def train_tokenizer(manifest: str | os.PathLike, output: str | os.PathLike, voca
         raise
     out = Path(output)
     write_bytes_atomic(out, model.getvalue())
+    return _report(out, manifest, columns, counts)
 
-    # summary over (at most) the first 20k captions: length distribution against the 77-token cut
+
+def _checked_caption_columns(manifest, columns: Sequence[str] | None) -> set[str]:
+    """The manifest's caption columns; refused when `columns` names one it lacks, or when it has none."""
+    from aimv2data.manifest.integrity import read_schema
+
+    all_cols = set()
+    for f in _sample_files(manifest):
+        all_cols.update(caption_columns(read_schema(f)))
+    if columns is not None:
+        missing = [c for c in columns if c not in all_cols]
+        if missing:
+            raise ValueError(f"caption column(s) {missing} not in {manifest}/samples; it has {sorted(all_cols)}")
+    elif not all_cols:
+        raise ValueError(f"{manifest}/samples has no caption column (`caption` or `syn_<name>`); attach "
+                         f"captions with `aimv2 caption attach` first")
+    return all_cols
+
+
+def _report(out: Path, manifest, columns: Sequence[str] | None, counts: dict[str, int]) -> TokenizerReport:
+    """Summary over (at most) the first 20k captions: length distribution against the 77-token cut."""
     tok = Tokenizer(out)
     lengths, example = [], None
     for i, text in enumerate(iter_captions(manifest, columns)):
