@@ -6,6 +6,8 @@ names. Everything outside aimv2data.manifest reads a manifest through these func
     MANIFEST/rejects/part-*.parquet  one row per rejected member, with its reason
     MANIFEST/shards.parquet          one row per tar
     MANIFEST/_parts/<part>.json      per-tar summaries (a part is done when its summary exists)
+    MANIFEST/idx/<part>.idx          DALI index of a tar's kept samples, where not beside the tar (`--idx`)
+    MANIFEST/captions/<model>.parquet  a caption set `aimv2 caption generate` wrote (before it is attached)
 """
 from __future__ import annotations
 
@@ -20,8 +22,12 @@ SAMPLES = "samples"
 REJECTS = "rejects"
 SHARDS = "shards.parquet"
 PARTS = "_parts"
+IDX = "idx"
+CAPTIONS = "captions"
 SAMPLES_GLOB = f"{SAMPLES}/*.parquet"   # how the manifest describes its own files (`files` in _manifest.json)
 REJECTS_GLOB = f"{REJECTS}/*.parquet"
+# what a manifest directory holds (its writers' .lock and temp files aside)
+ENTRIES = (MANIFEST_JSON, PARTS, SAMPLES, REJECTS, SHARDS, IDX, CAPTIONS)
 
 
 def manifest_json(root: str | os.PathLike) -> Path:
@@ -56,3 +62,13 @@ def part_paths(root: str | os.PathLike, part: str) -> dict[str, Path]:
     return {"samples": root / SAMPLES / f"part-{part}.parquet",
             "rejects": root / REJECTS / f"part-{part}.parquet",
             "done": root / PARTS / f"{part}.json"}
+
+
+def idx_path(root: str | os.PathLike, part: str) -> Path:
+    """MANIFEST/idx/<part>.idx: a tar's DALI index when it is not written beside the tar."""
+    return Path(root) / IDX / f"{part}.idx"
+
+
+def caption_set_path(root: str, model: str) -> str:
+    """MANIFEST/captions/<model>.parquet (root a path or URL): where `caption generate` writes by default."""
+    return storage.join(root, CAPTIONS, f"{model}.parquet")
