@@ -3,7 +3,8 @@ import dataclasses
 
 from click.testing import CliRunner
 
-from aimv2train.train.config import IMAGE_DECODERS, PARALLEL_MODES, STAGE_NAMES, TrainConfig
+from aimv2data.loader.decoders import DECODERS
+from aimv2train.train.config import PARALLEL_MODES, STAGE_NAMES, TrainConfig
 from cli.main import main
 
 
@@ -49,7 +50,7 @@ def test_choices_match_what_they_name():
 
     assert tuple(STAGES) == STAGE_NAMES
     assert modes == PARALLEL_MODES
-    assert set(IMAGE_DECODERS) == {PilDecoder.name, DaliDecoder.name}
+    assert set(DECODERS) == {PilDecoder.name, DaliDecoder.name}
 
 
 def test_dist_timeout_reaches_the_process_group(tmp_path, monkeypatch):
