@@ -22,6 +22,7 @@ def test_every_field_is_a_flag_with_the_dataclass_default(tmp_path, monkeypatch)
     monkeypatch.setattr(trainer, "train", fake_train)
     man, tok = tmp_path / "m", tmp_path / "tok.model"
     man.mkdir()
+    (man / "_manifest.json").write_text("{}")   # a manifest to the CLI's look before the (faked) trainer
     tok.write_bytes(b"x")
     r = CliRunner().invoke(main, ["train", "-m", str(man), "-t", str(tok), "-o", str(tmp_path / "run")])
     assert "stop here" in r.output, r.output

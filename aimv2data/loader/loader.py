@@ -72,6 +72,7 @@ class LoaderConfig:
     read_retries: int = 4               # shards at URLs: retries (with back-off) of a failed read
     cache_dir: str | None = None        # shards at URLs: keep fetched samples on local disk here ...
     cache_gb: float = 0.0               # ... up to this many GB (oldest evicted first)
+    notices: bool = True                # rank 0 prints the mix notices (False: a second loader of one run, val)
 
 
 def dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -255,7 +256,7 @@ class Loader:
         self.rank, self.world_size = dist_info(cfg.rank, cfg.world_size)
         self.manifest = m = manifest if isinstance(manifest, Manifest) else Manifest(manifest)
         self.weights, notes = resolve_mix(cfg.mix, m.sources)
-        if notes and self.rank == 0:
+        if notes and self.rank == 0 and cfg.notices:
             print("aimv2 loader: " + "; ".join(notes), file=sys.stderr)
         p = m.patch_size
         if cfg.native_res:
@@ -280,7 +281,7 @@ class Loader:
         self.maker = StepMaker(self.sampler, cfg, p)
         syn_columns = sorted({c for cols in m.columns for c in cols if c.startswith("syn_")})
         caption_notes = check_caption_mix(self.maker.captions, m.sources, syn_columns)
-        if caption_notes and self.rank == 0:
+        if caption_notes and self.rank == 0 and cfg.notices:
             print("aimv2 loader: " + "; ".join(caption_notes), file=sys.stderr)
         self._warned_small = False
         self._ahead = None                # the live decode-ahead generator (dali)

@@ -472,13 +472,13 @@ def build_manifest(inputs: list[str], output: str | Path, *, workers: int = 1, p
     opts.validate()
     part = parse_part(part)
     output = Path(storage.local(str(output)))
+    _check_output_is_ours(output)              # the cheap refusals before Ray's start-up (tens of seconds)
     jobs = resolve_inputs(list(inputs))
     if distributor == "ray":
         from aimv2data.cluster import connect_ray
 
         connect_ray(ray_address)               # an address that does not answer: refused before anything is written
     mine = jobs[part[0]::part[1]] if part else jobs
-    _check_output_is_ours(output)
     try:
         with output_lock(output, part, argv):
             # before writing anything: a refusal must leave the manifest as it was

@@ -39,6 +39,14 @@ def is_manifest(root: str | os.PathLike) -> bool:
     return manifest_json(root).is_file()
 
 
+def missing_manifest(root: str | os.PathLike) -> str | None:
+    """The one-line refusal for a local `root` without _manifest.json; None when it has one, or for a URL
+    (its reader asks the store). Cheap: commands ask it before their heavy imports."""
+    if storage.is_url(str(root)) or is_manifest(root):
+        return None
+    return f"{manifest_json(root)} not found: pass a manifest directory written by `aimv2 shard`"
+
+
 def read_manifest_json(root: str | os.PathLike) -> dict | None:
     """The parsed _manifest.json, or None when it is missing or unreadable."""
     try:
