@@ -35,7 +35,8 @@ from aimv2data.manifest.layout import read_manifest_json
 from ..model.aimv2 import LOSS_TERMS
 from ..model.interop import save_aim, save_hf
 from .probe import TABLE_A2
-from .weights import read_encoder, read_json_or_none, resolve_weights, run_config, say
+from ..train.rundir import read_json_or_none, run_config
+from .weights import read_encoder, resolve_weights, say
 from .probe_data import encoder_hash
 
 class ExportError(ValueError):

@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 from ..model.interop import load_encoder
-from ..train.checkpoint import WeightsError, read_json_or_none, resolve_weights, run_config
+from ..train.checkpoint import WeightsError, resolve_weights
 
-__all__ = ["WeightsError", "load_weights", "read_encoder", "read_json_or_none", "resolve_weights", "run_config",
-           "say"]
+__all__ = ["WeightsError", "load_weights", "read_encoder", "resolve_weights", "say"]
 
 
 def say(message: str) -> None:

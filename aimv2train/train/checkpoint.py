@@ -29,7 +29,7 @@ import torch.distributed as dist
 from aimv2data.atomic import atomic_torch_save
 
 from .distributed import barrier, group_info
-from .rundir import checkpoint_name, checkpoints_dir, list_checkpoints, read_json_or_none, run_config  # noqa: F401
+from .rundir import checkpoint_name, checkpoints_dir, list_checkpoints, run_config  # noqa: F401 (the run's files)
 
 
 def plain(obj):
