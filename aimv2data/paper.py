@@ -24,3 +24,10 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 RRC_SCALE = (0.4, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
 HFLIP = 0.5
+
+# Table 2 "Pre-training data mixture": the sampling probability of each source and caption type, in percent
+# as printed (the rows sum to 97 %). A source's share is its row's sum (DFN 60, COYO 6, HQITP 31: the
+# loader's default source mixture, loader/sampler.py); within a source, alt-text against synthetic captions
+# (loader/captions.py: P(alt | DFN) = 0.5, COYO 1, HQITP 28/31).
+TABLE2 = {"dfn": {"alt": 30, "synthetic": 30}, "coyo": {"alt": 6, "synthetic": 0},
+          "hqitp": {"alt": 28, "synthetic": 3}}

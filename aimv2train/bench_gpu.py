@@ -476,6 +476,7 @@ def part_trainer(device: torch.device, sizes: Sizes, workdir: Path, dry_run: boo
     import tarfile
 
     from aimv2data.manifest.build import build_manifest
+    from aimv2data.manifest.layout import is_manifest
 
     from .train.tokenizer import train_tokenizer
     from .train.trainer import TrainConfig, train
@@ -495,7 +496,7 @@ def part_trainer(device: torch.device, sizes: Sizes, workdir: Path, dry_run: boo
                 ti.size = len(payload)
                 tar.addfile(ti, io.BytesIO(payload))
     manifest, tok = root / "manifest", root / "tok.model"
-    if not (manifest / "_manifest.json").exists():
+    if not is_manifest(manifest):
         build_manifest([str(shards / "00000.tar")], manifest, progress=False)
     if not tok.exists():
         train_tokenizer(manifest, tok, vocab_size=128, soft_limit=True)

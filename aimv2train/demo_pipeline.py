@@ -26,11 +26,13 @@ from aimv2data.manifest.layout import read_manifest_json
 
 from .eval.probe_data import ProbeDataError
 from .model.aimv2 import LOSS_TERMS
-from .eval.weights import ExportError
+from .eval.export import ExportError
+from .eval.weights import WeightsError
 from .train.trainer import TrainError
 
 # what a step raises for bad input or an incomplete outside job: the demo stops, a rerun resumes
-STEP_ERRORS = (FetchError, FetchIncomplete, ManifestBuildError, CaptionError, TrainError, ExportError, ProbeDataError)
+STEP_ERRORS = (FetchError, FetchIncomplete, ManifestBuildError, CaptionError, TrainError, ExportError, WeightsError,
+               ProbeDataError)
 
 
 class DemoContext:

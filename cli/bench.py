@@ -2,6 +2,9 @@ import json
 
 import click
 
+from aimv2data.loader.decoders import workers_help
+from cli.options import decoder_option
+
 
 @click.group()
 def bench():
@@ -26,10 +29,8 @@ def bench():
               help="Fixed-resolution RandomResizedCrop size in pixels (224; 336/448 for high-res).")
 @click.option("--batch-size", "-B", type=int, default=256, show_default=True,
               help="Images per step in fixed-resolution mode.")
-@click.option("--decoder", type=click.Choice(["pil", "dali"]), default="pil", show_default=True,
-              help="pil: Pillow(-SIMD) in worker processes; dali: a DALI pipeline (GPU if present, else CPU).")
-@click.option("--workers", "-j", type=int, default=0, show_default=True,
-              help="pil: worker processes (0 = decode in this process); dali: pipeline threads (0 = 1).")
+@decoder_option("--decoder")
+@click.option("--workers", "-j", type=int, default=0, show_default=True, help=workers_help())
 @click.option("--steps", "-s", type=click.IntRange(min=1), default=50, show_default=True,
               help="Timed steps.")
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True,

@@ -25,16 +25,16 @@ import click
               help="Attention heads, only for bare state dicts whose width is not a multiple of 128.")
 def embed(images, checkpoint, output, tokens, resolution, native_res, max_patches, batch_size, device, heads):
     """Embed IMAGES (files or directories) with an AIMv2 encoder into a .npy/.npz of features."""
+    if resolution is not None and native_res:
+        raise click.UsageError("--resolution and --native-res are exclusive: pick one")
+    if not output.endswith((".npy", ".npz")):  # before the work and the imports (torch), not after them
+        raise click.UsageError(f"--output must end in .npy or .npz, got {output}")
     import torch
     from rich.console import Console
 
     from aimv2train.eval.embed import embed_images, write_embeddings
     from aimv2train.eval.weights import load_weights
 
-    if resolution is not None and native_res:
-        raise click.UsageError("--resolution and --native-res are exclusive: pick one")
-    if not output.endswith((".npy", ".npz")):  # before the work, not after it
-        raise click.UsageError(f"--output must end in .npy or .npz, got {output}")
     console = Console(stderr=True)
     try:
         encoder = load_weights(checkpoint, heads=heads)

@@ -26,10 +26,11 @@ def export(run, fmt, output, step, probe_results, overwrite, heads):
 
     from aimv2train.eval.export import ExportError
     from aimv2train.eval.export import export as run_export
+    from aimv2train.eval.weights import WeightsError
 
     try:
         s = run_export(run, fmt, output, step=step, probe_results=probe_results, overwrite=overwrite, heads=heads)
-    except ExportError as e:
+    except (ExportError, WeightsError) as e:
         raise click.ClickException(str(e)) from None
     c = s["encoder"]
     console = Console(stderr=True)

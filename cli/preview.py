@@ -1,5 +1,7 @@
 import click
 
+from cli.options import decoder_option
+
 
 @click.command()
 @click.argument("manifest", type=click.Path(exists=True, file_okay=False))
@@ -28,8 +30,7 @@ import click
               "are decoded).")
 @click.option("--per-sheet", type=int, default=16, show_default=True, help="Images shown per contact sheet.")
 @click.option("--areas", default="", help="Only steps at these areas, comma-separated (e.g. 256,1024).")
-@click.option("--decoder", type=click.Choice(["pil", "dali"]), default="pil", show_default=True,
-              help="Image decoder (as the loader's).")
+@decoder_option("--decoder", help_prefix="Image decoder (as the loader's): ")
 def preview(manifest, output, native_res, batch_patches, batch_rule, resolution, batch_size, seed, mix, epoch,
             batches, scan, per_sheet, areas, decoder):
     """See the batches the loader makes from MANIFEST: PNG contact sheets of real batches (each image as the

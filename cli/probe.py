@@ -63,20 +63,21 @@ def probe(checkpoint, train_data, val_data, label_col, resolution, native_res, m
     \b
     aimv2 probe -c RUN --train data/train --val data/val --lrs 1e-3,2e-3 --wds 0.05 -o RUN/probe.json
     """
+    if resolution is not None and native_res:   # the cheap checks before the imports (torch)
+        raise click.UsageError("--resolution and --native-res are exclusive: pick one")
+    lrs, wds = _floats(lrs), _floats(wds)
     import json
 
     from rich.console import Console
     from rich.table import Table
 
-    from aimv2train.eval.export import ExportError
     from aimv2train.eval.probe import ProbeConfig, ProbeJob, run_probe, write_results
     from aimv2train.eval.probe_data import ProbeDataError
+    from aimv2train.eval.weights import WeightsError
 
     console = Console(stderr=True)
-    if resolution is not None and native_res:
-        raise click.UsageError("--resolution and --native-res are exclusive: pick one")
     try:
-        cfg = ProbeConfig(lrs=_floats(lrs), wds=_floats(wds), epochs=epochs, batch_size=batch_size,
+        cfg = ProbeConfig(lrs=lrs, wds=wds, epochs=epochs, batch_size=batch_size,
                           warmup_epochs=warmup_epochs, min_lr=min_lr, clip=clip, heads=probe_heads,
                           queries=queries, linear=not no_linear, seed=seed)
         job = ProbeJob(checkpoint=checkpoint, train=train_data, val=val_data, resolution=resolution,
@@ -84,7 +85,7 @@ def probe(checkpoint, train_data, val_data, label_col, resolution, native_res, m
                        cache_dtype=cache_dtype, encode_batch_size=encode_batch_size, workers=workers,
                        device=device, heads_for_bare=heads, progress=not no_progress)
         results = run_probe(job, cfg, log=console.print)
-    except (ProbeDataError, ExportError, ValueError, FileNotFoundError) as e:
+    except (ProbeDataError, WeightsError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     if output:
         write_results(results, output)

@@ -65,16 +65,19 @@ def train(**settings):
     Plan only:    WORLD_SIZE=32 aimv2 train --config configs/L/native.toml --device cuda --dry-run
     Curves:       aimv2 plot RUN
     """
+    from aimv2train.train.rundir import start_problem
+
+    if not settings["dry_run"]:
+        check_required(TrainConfig, settings)
+    cfg = TrainConfig(**settings)
+    if not cfg.dry_run and (problem := start_problem(cfg.manifest, cfg.val_manifest, cfg.out, cfg.resume)):
+        raise click.ClickException(problem)   # before the imports below (torch: up to a minute on a busy machine)
     from rich.console import Console
     from rich.table import Table
 
     from aimv2train.model.aimv2 import LOSS_TERMS
     from aimv2train.train.trainer import NonFiniteLoss, TrainError, WontFit
     from aimv2train.train.trainer import train as run
-
-    if not settings["dry_run"]:
-        check_required(TrainConfig, settings)
-    cfg = TrainConfig(**settings)
     try:
         s = run(cfg)
     except WontFit as e:  # the plan, then the one line

@@ -236,3 +236,61 @@ def test_apple_remote_code_folder_loads_and_exports(tmp_path):
     res = _export(hub, "--format", "hf", "-o", tmp_path / "out")
     assert res.exit_code == 0, res.output
     assert encoder_hash(load_encoder(tmp_path / "out")) == encoder_hash(enc)
+
+
+# ------------------------------------------------- which weights a path names (issue 23 point 7)
+
+@pytest.fixture
+def damaged_run(run, tmp_path):
+    """A copy of the run whose newest checkpoint (step 20) has random bytes inside (its CRC-32s fail)."""
+    import os
+    import shutil
+
+    copy = tmp_path / "damaged_run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns(".lock"))
+    newest = copy / "checkpoints" / "step_00000020.pt"
+    raw = bytearray(newest.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 64] = os.urandom(64)
+    newest.write_bytes(bytes(raw))
+    return copy
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_notice_by_export_and_embed(damaged_run, run, images,
+                                                                                   tmp_path, capsys):
+    """The run names its newest intact checkpoint (step 10) for export and embed, as for --resume, and
+    says which one it skipped; named exactly (the file, --step 20) the damaged checkpoint is refused."""
+    from aimv2train.eval.export import export
+    from aimv2train.eval.weights import WeightsError
+
+    s = export(damaged_run, "hf", tmp_path / "hf")
+    err = capsys.readouterr().err
+    assert s["step"] == 10 and "step_00000020.pt is damaged" in err and "using step_00000010.pt" in err
+    step10 = torch.load(run / "checkpoints" / "step_00000010.pt", weights_only=True)["model"]
+    back = load_encoder(tmp_path / "hf").state_dict()
+    assert all(torch.equal(back[k], step10[f"encoder.{k}"]) for k in back)
+
+    res = CliRunner().invoke(main, ["embed", str(images[0]), "-c", str(damaged_run), "-o", str(tmp_path / "e.npy")])
+    assert res.exit_code == 0 and "using step_00000010.pt" in res.output, res.output
+
+    for path, step in ((damaged_run / "checkpoints" / "step_00000020.pt", None), (damaged_run, 20)):
+        with pytest.raises(WeightsError, match="damaged"):
+            export(path, "hf", tmp_path / "refused", step=step)
+        assert not (tmp_path / "refused").exists()
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_notice_by_train_init(damaged_run, run, tmp_path, capsys):
+    """`aimv2 train --init RUN` reads the same checkpoint export does (no longer skipping silently), and
+    refuses a damaged checkpoint file named exactly (it used to load it through torch.load unchecked)."""
+    from aimv2train.train.tokenizer import Tokenizer
+    from aimv2train.train.trainer import TrainConfig, TrainError, build_model, load_init
+
+    root = run.parent
+    cfg = TrainConfig(manifest=str(root / "manifest"), tokenizer=str(root / "tok.model"), out=str(tmp_path / "r"),
+                      resolution=fx.SIZE, seed=1)
+    model = build_model(cfg, Tokenizer(cfg.tokenizer), fx.SIZE)
+    note = load_init(model, str(damaged_run))
+    err = capsys.readouterr().err
+    assert "step_00000010.pt (full model, step 10)" in note
+    assert "step_00000020.pt is damaged" in err and "using step_00000010.pt" in err
+    with pytest.raises(TrainError, match="--init .*step_00000020.pt is damaged"):
+        load_init(model, str(damaged_run / "checkpoints" / "step_00000020.pt"))

@@ -152,6 +152,7 @@ def test_every_rank_exits_with_the_interrupted_code(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "train", lambda cfg: {"rank": 1, "status": "interrupted", "exit_code": 143})
     tok = tmp_path / "tok.model"
     tok.write_bytes(b"x")
+    (tmp_path / "_manifest.json").write_text("{}")   # a manifest to the CLI's look before the (faked) trainer
     r = CliRunner().invoke(train_cmd, ["-m", str(tmp_path), "-t", str(tok), "-o", str(tmp_path / "run")])
     assert r.exit_code == 143 and r.output == "", r.output
 
@@ -320,11 +321,11 @@ def test_mfu_reference_is_stable_between_runs(tmp_path, monkeypatch):
 
 def test_export_refuses_a_damaged_checkpoint(data, tmp_path):
     from aimv2train.eval.export import export
-    from aimv2train.eval.weights import ExportError
+    from aimv2train.eval.weights import WeightsError
 
     train(cfg(data, tmp_path / "run", steps=2))
     (p,) = [p for _, p in ck.list_checkpoints(tmp_path / "run" / "checkpoints")]
     damage(p)
-    with pytest.raises(ExportError, match="CRC mismatch|damaged"):
+    with pytest.raises(WeightsError, match="CRC mismatch|damaged"):
         export(p, "hf", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()

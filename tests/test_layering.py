@@ -102,3 +102,44 @@ def test_the_checks_can_fail():
     assert "aimv2train.model.aimv2" in graph["aimv2train.train.trainer"]
     assert "aimv2train.demo_pipeline" in graph["cli.demo"]
     assert "aimv2train.demo_pipeline" in _imports(ROOT / "benchmarks" / "bench_demo_probe.py")
+
+
+# modules the CLI reads before its heavy imports (issue 23 point 10): their import-time closure stays light
+LIGHT = ("aimv2data.loader.decoders", "aimv2data.manifest.layout", "aimv2train.train.rundir",
+         "aimv2train.train.config", "cli.options", "cli.main")
+HEAVY = ("torch", "polars", "pyarrow", "numpy", "PIL", "nvidia", "ray")
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """What importing `path` imports at once: its module-level imports (not those inside functions)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            found.add(mod)
+            found.update(f"{mod}.{a.name}" for a in node.names)
+    return found
+
+
+def test_the_cli_reads_light_modules_before_heavy_imports():
+    files = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    heavy = []
+    for start in LIGHT:
+        seen, todo = set(), [start]
+        while todo:
+            mod = todo.pop()
+            if mod in seen or mod not in files:
+                continue
+            seen.add(mod)
+            parts = mod.split(".")
+            todo += [".".join(parts[:i]) for i in range(1, len(parts))]   # a package's __init__ runs first
+            for dep in _top_level_imports(files[mod]):
+                if dep.split(".")[0] in HEAVY:
+                    heavy.append(f"{start}: {mod} imports {dep}")
+                todo.append(dep)
+    assert not heavy, "heavy imports where the CLI needs light modules:\n" + "\n".join(sorted(set(heavy)))

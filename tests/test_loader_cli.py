@@ -1,6 +1,7 @@
 """`aimv2 bench loader`: the JSON summary and the per-step log a user scripts against."""
 import json
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -75,3 +76,70 @@ def test_bench_mix_and_per_source_counts_in_the_steps_log(tmp_path):
     bad = CliRunner().invoke(main, ["bench", "loader", str(m), "--native-res", "--batch-patches", "4096",
                                     "--mix", "dfn=1,laion=2"])
     assert bad.exit_code != 0 and "source 'laion'" in bad.output and "Traceback" not in bad.output
+
+
+# ------------------------------------------------------------------ the decoder registry (issue 23 point 3)
+
+def _choices(command, name):
+    (param,) = [p for p in command.params if p.name == name]
+    return list(param.type.choices)
+
+
+def test_every_decoder_option_offers_the_registry():
+    """`aimv2 train --image-decoder`, `bench loader --decoder` and `preview --decoder` offer the registry's
+    decoders, and say what `--workers` means for each."""
+    from aimv2data.loader.decoders import DECODERS
+    from cli.bench import loader as bench_loader
+    from cli.preview import preview
+    from cli.train import train
+
+    for command, name in ((train, "image_decoder"), (bench_loader, "decoder"), (preview, "decoder")):
+        assert _choices(command, name) == list(DECODERS), command.name
+    res = CliRunner().invoke(main, ["bench", "loader", "--help"])
+    assert "processes (0 = decode in this process)" in " ".join(res.output.split())
+
+
+class _Grey:
+    """A decoder of mid-grey images: what a third decoder needs to give the loader."""
+    name = "grey"
+
+    def decode_batch(self, datas, crops, orientations=None):
+        from aimv2data.batch import empty_images
+
+        w, h = crops[0].out
+        images = empty_images(len(datas), h, w)
+        images.fill_(128)
+        return images, {}
+
+    def close(self):
+        pass
+
+
+def test_a_decoder_added_to_the_registry_is_selectable(manifest, monkeypatch):
+    """One entry in decoders.DECODERS: the loader builds it and the generated options offer it."""
+    from aimv2data.loader import Loader
+    from aimv2data.loader.decoders import DECODERS, PROCESSES, DecoderSpec
+    from aimv2train.train.config import TrainConfig
+    from cli.options import decoder_option
+    from cli.train import config_options
+
+    monkeypatch.setitem(DECODERS, "grey", DecoderSpec("mid-grey, for tests", PROCESSES, 0, False,
+                                                      lambda maker: _Grey()))
+    batch = next(iter(Loader(str(manifest), resolution=32, batch_size=8, decoder="grey", workers=0)))
+    assert batch.images.shape == (8, 3, 32, 32) and bool((batch.images == 128).all())
+
+    @click.command()
+    @decoder_option("--decoder")
+    def bench(decoder):
+        click.echo(decoder)
+
+    @click.command()
+    @config_options(TrainConfig)
+    def train(**settings):
+        click.echo(settings["image_decoder"])
+
+    assert CliRunner().invoke(bench, ["--decoder", "grey"]).output.strip() == "grey"
+    res = CliRunner().invoke(train, ["--image-decoder", "grey"])
+    assert res.exit_code == 0 and res.output.strip() == "grey", res.output
+    with pytest.raises(ValueError, match="unknown decoder 'gray': use pil or dali or grey"):
+        Loader(str(manifest), resolution=32, batch_size=8, decoder="gray")

@@ -3,7 +3,8 @@ import dataclasses
 
 from click.testing import CliRunner
 
-from aimv2train.train.config import IMAGE_DECODERS, PARALLEL_MODES, STAGE_NAMES, TrainConfig
+from aimv2data.loader.decoders import DECODERS
+from aimv2train.train.config import PARALLEL_MODES, STAGE_NAMES, TrainConfig
 from cli.main import main
 
 
@@ -21,6 +22,7 @@ def test_every_field_is_a_flag_with_the_dataclass_default(tmp_path, monkeypatch)
     monkeypatch.setattr(trainer, "train", fake_train)
     man, tok = tmp_path / "m", tmp_path / "tok.model"
     man.mkdir()
+    (man / "_manifest.json").write_text("{}")   # a manifest to the CLI's look before the (faked) trainer
     tok.write_bytes(b"x")
     r = CliRunner().invoke(main, ["train", "-m", str(man), "-t", str(tok), "-o", str(tmp_path / "run")])
     assert "stop here" in r.output, r.output
@@ -49,7 +51,7 @@ def test_choices_match_what_they_name():
 
     assert tuple(STAGES) == STAGE_NAMES
     assert modes == PARALLEL_MODES
-    assert set(IMAGE_DECODERS) == {PilDecoder.name, DaliDecoder.name}
+    assert set(DECODERS) == {PilDecoder.name, DaliDecoder.name}
 
 
 def test_dist_timeout_reaches_the_process_group(tmp_path, monkeypatch):

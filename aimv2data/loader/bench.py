@@ -74,7 +74,7 @@ def run_bench(manifest, *, native_res: bool, batch_patches: int, resolution: int
     n_img, n_patch, n_steps = timed.images, timed.patches, timed.steps
     return {
         "manifest": str(manifest), "mode": "native" if native_res else f"fixed-{resolution}",
-        "decoder": decoder, "device": _device(loader) if decoder == "dali" else "cpu",
+        "decoder": decoder, "device": _device(loader),
         "workers": workers, "draft": draft, "batch_patches": c, "batch_rule": batch_rule if native_res else None,
         "batch_size": None if native_res else batch_size, "steps": n_steps, "warmup": warmup,
         "images": n_img, "patches": n_patch, "elapsed_s": round(elapsed, 4),

@@ -8,9 +8,11 @@ probabilities (the rows of Table 2 are joint source x caption-type sampling prob
     COYO  alt  6 %                  -> P(alt | COYO)  =  6 /  6 = 1.00
     HQITP alt 28 %, synthetic  3 %  -> P(alt | HQITP) = 28 / 31 = 0.903
 
-(The rows as printed sum to 97 %.) How often each *source* is seen is the manifest's composition; the
-loader does not reweight sources. Whatever is missing falls back to what is present: no synthetic
-caption -> alt-text, no alt-text -> a synthetic one, neither -> "" (counted by the loader).
+(The rows as printed sum to 97 %; the table is `aimv2data.paper.TABLE2`.) How often each *source* is
+seen is the sampler's choice, also from Table 2 by default (its row sums, DFN 60 : COYO 6 : HQITP 31;
+`--mix`; loader/sampler.py); this module only picks the caption of a sample already drawn. Whatever is
+missing falls back to what is present: no synthetic caption -> alt-text, no alt-text -> a synthetic one,
+neither -> "" (counted by the loader).
 
 `--caption-mix coyo:alt=0.5,coyo:recap=0.5` replaces the rows of the sources it names (weights per source
 over `alt`, `synthetic` = every attached set pooled, or one set by name); the others keep Table 2.
@@ -23,12 +25,9 @@ from typing import Callable
 
 import torch
 
-from ..paper import TEXT_LEN
+from ..paper import TABLE2, TEXT_LEN
 from .sampler import CAPTION, unit
 
-# Table 2 of the AIMv2 paper: joint sampling probabilities in percent.
-TABLE2 = {"dfn": {"alt": 30, "synthetic": 30}, "coyo": {"alt": 6, "synthetic": 0},
-          "hqitp": {"alt": 28, "synthetic": 3}}
 DEFAULT_ALT = 0.5   # sources not in the mix: alt-text and synthetic equally likely
 CONTEXT = TEXT_LEN  # the paper truncates captions to 77 tokens (aimv2data/paper.py)
 

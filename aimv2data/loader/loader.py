@@ -9,10 +9,11 @@
 Each rank reads only its share of the manifest (sampler.py: chunks dealt to ranks per source and
 epoch); steps come in *segments* (no source changes epoch on this rank within one; one segment per
 `iter()`), and `StepMaker.make(i)` makes step i of the current segment, a pure function of the
-segment's snapshot and the share. `pil`: torch DataLoader worker processes over an IterableDataset of steps; worker k makes
-steps k, k+W, k+2W, ... and the DataLoader's round-robin hands them back in step order (checked).
-`dali`: the pipeline runs in this process with `workers` DALI threads (it owns the GPU when there is one),
-driven by one background thread that decodes `prefetch_factor` steps ahead (`dali_ahead=False`: synchronous).
+segment's snapshot and the share. Each decoder owns its parallelism (decoders.py). `processes` (`pil`): torch
+DataLoader worker processes over an IterableDataset of steps; worker k makes steps k, k+W, k+2W, ... and the
+DataLoader's round-robin hands them back in step order (checked). `threads` (`dali`): the pipeline runs in
+this process with `workers` threads of its own (it owns the GPU when there is one), driven by one background
+thread that decodes `prefetch_factor` steps ahead (`dali_ahead=False`: synchronous).
 Distributed: rank and world size come from the arguments, torch.distributed or RANK/WORLD_SIZE; every
 rank makes the same steps, each with its own slice of the rows.
 """
@@ -30,6 +31,7 @@ import torch
 from .. import paper
 from ..batch import UNREACHABLE, Batch, empty_images, replaced_kind
 from .captions import CONTEXT, CaptionChooser, check_caption_mix, resolve_pad_id, tokenize
+from .decoders import THREADS, decoder_spec
 from .geometry import Crop, cover, random_resized_crop
 from .reader import ShardReader, TarChangedError
 from .sampler import ALL, CROP, Sampler, Snapshot, StepSpec, deal, resolve_mix, rng, unit
@@ -45,8 +47,8 @@ class LoaderConfig:
     batch_rule: str = "area"            # native: B = C / A ("area") or C // (h*w) ("grid")
     resolution: int = 224               # R (fixed resolution)
     batch_size: int = 256               # B per rank (fixed resolution)
-    decoder: str = "pil"                # pil | dali
-    workers: int = 0                    # pil: worker processes (0 = in this process); dali: threads
+    decoder: str = "pil"                # a name in decoders.DECODERS
+    workers: int = 0                    # the decoder's parallelism (decoders.py): pil processes, dali threads
     seed: int = 0
     rank: int | None = None
     world_size: int | None = None
@@ -70,6 +72,7 @@ class LoaderConfig:
     read_retries: int = 4               # shards at URLs: retries (with back-off) of a failed read
     cache_dir: str | None = None        # shards at URLs: keep fetched samples on local disk here ...
     cache_gb: float = 0.0               # ... up to this many GB (oldest evicted first)
+    notices: bool = True                # rank 0 prints the mix notices (False: a second loader of one run, val)
 
 
 def dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -122,21 +125,7 @@ class StepMaker:
     @property
     def decoder(self):
         if self._decoder is None:
-            if self.cfg.decoder == "pil":
-                from .decode_pil import PilDecoder
-
-                self._decoder = PilDecoder(draft=self.cfg.draft, reducing_gap=self.cfg.reducing_gap)
-            elif self.cfg.decoder == "dali":
-                from .decode_dali import DaliDecoder
-
-                tables = [t for t in self.tables.values() if t.n]    # buffers sized for the largest batch
-                biggest = (max(int(t.width.max()) for t in tables), max(int(t.height.max()) for t in tables)) \
-                    if tables else None
-                self._decoder = DaliDecoder(self.sampler.max_batch, num_threads=max(1, self.cfg.workers),
-                                            device_id=self.cfg.dali_device, max_output_pixels=self.sampler.c * self.p ** 2,
-                                            max_source=biggest)
-            else:
-                raise ValueError(f"unknown decoder {self.cfg.decoder!r}: use pil or dali")
+            self._decoder = decoder_spec(self.cfg.decoder).build(self)
         return self._decoder
 
     def crop(self, spec: StepSpec, row: int) -> Crop:
@@ -262,13 +251,12 @@ class Loader:
         if unknown:
             raise TypeError(f"Loader: unknown options {unknown}; see LoaderConfig")
         cfg = dataclasses.replace(cfg, **kwargs)
-        if cfg.decoder not in ("pil", "dali"):
-            raise ValueError(f"unknown decoder {cfg.decoder!r}: use pil or dali")
+        decoder_spec(cfg.decoder)   # an unknown name fails here, not in the first step
         self.cfg = cfg
         self.rank, self.world_size = dist_info(cfg.rank, cfg.world_size)
         self.manifest = m = manifest if isinstance(manifest, Manifest) else Manifest(manifest)
         self.weights, notes = resolve_mix(cfg.mix, m.sources)
-        if notes and self.rank == 0:
+        if notes and self.rank == 0 and cfg.notices:
             print("aimv2 loader: " + "; ".join(notes), file=sys.stderr)
         p = m.patch_size
         if cfg.native_res:
@@ -293,7 +281,7 @@ class Loader:
         self.maker = StepMaker(self.sampler, cfg, p)
         syn_columns = sorted({c for cols in m.columns for c in cols if c.startswith("syn_")})
         caption_notes = check_caption_mix(self.maker.captions, m.sources, syn_columns)
-        if caption_notes and self.rank == 0:
+        if caption_notes and self.rank == 0 and cfg.notices:
             print("aimv2 loader: " + "; ".join(caption_notes), file=sys.stderr)
         self._warned_small = False
         self._ahead = None                # the live decode-ahead generator (dali)
@@ -383,10 +371,10 @@ class Loader:
         return len(self.maker.plan)
 
     def _batches(self, start: int, stop: int):
-        cfg = self.cfg
-        if cfg.decoder == "dali" or cfg.workers == 0:
+        cfg, spec = self.cfg, decoder_spec(self.cfg.decoder)
+        if spec.in_process(cfg.workers):
             steps = (self.maker.make(s) for s in range(start, stop))
-            if cfg.decoder == "dali" and cfg.dali_ahead:   # issue 15: decode overlapped with compute
+            if spec.parallelism == THREADS and cfg.dali_ahead:   # issue 15: decode overlapped with compute
                 from .prefetch import ahead
 
                 if self._ahead is not None:   # one decoding thread per loader: stop an abandoned one

@@ -39,6 +39,7 @@ from statistics import NormalDist
 
 import numpy as np
 
+from ..paper import TABLE2
 from .samples import AREAS, norm_source
 
 # Stream tags: every random decision draws from its own stream so that adding one never shifts another.
@@ -47,8 +48,8 @@ AREA, BUCKET, PERM, CROP, CAPTION, REPLACE, DEAL = 1, 2, 3, 4, 5, 6, 7
 _M64 = (1 << 64) - 1
 _PHI_LO, _PHI_HI = NormalDist().cdf(-1.0), NormalDist().cdf(1.0)
 
-# AIMv2 paper, Table 2: per-source sampling probabilities in percent (alt-text + synthetic as printed).
-TABLE2_SOURCES = {"dfn": 60.0, "coyo": 6.0, "hqitp": 31.0}
+# per-source sampling probabilities in percent: each source's row of Table 2 (alt-text + synthetic)
+TABLE2_SOURCES = {s: float(sum(row.values())) for s, row in TABLE2.items()}
 ALL = "*"     # the stream of every row, whatever its source (`mix="rows"`: sources as the manifest has them)
 
 

@@ -32,7 +32,7 @@ from aimv2data.manifest import layout
 from aimv2data.manifest.schema import (MAX_CAPTION_BYTES, MAX_IMAGE_BYTES, MAX_JSON_BYTES, REJECT_SCHEMA,
                                        SAMPLE_SCHEMA, SCHEMA_VERSION, SYN_PREFIX, SYN_TYPE, read_json,
                                        write_json_atomic, write_parquet_atomic)
-from aimv2data.manifest.lock import LockHeld, output_lock
+from aimv2data.manifest.lock import LOCK_NAME, LockHeld, output_lock
 from aimv2data.manifest.tarindex import (IMAGE_EXTS, TarUnreadable, index_tar, open_tar, split_name,
                                          write_dali_index)
 
@@ -439,7 +439,7 @@ def _write_idx(job: TarJob, output: Path, opts: ShardOptions, kept) -> str | Non
                 return str(beside)
             except OSError:
                 pass
-    target = output / "idx" / f"{job.part}.idx"
+    target = layout.idx_path(output, job.part)
     target.parent.mkdir(parents=True, exist_ok=True)
     write_dali_index(str(target), kept)
     return str(target.resolve())
@@ -503,13 +503,13 @@ def build_manifest(inputs: list[str], output: str | Path, *, workers: int = 1, p
     opts.validate()
     part = parse_part(part)
     output = Path(storage.local(str(output)))
+    _check_output_is_ours(output)              # the cheap refusals before Ray's start-up (tens of seconds)
     jobs = resolve_inputs(list(inputs))
     if distributor == "ray":
         from aimv2data.cluster import connect_ray
 
         connect_ray(ray_address)               # an address that does not answer: refused before anything is written
     mine = jobs[part[0]::part[1]] if part else jobs
-    _check_output_is_ours(output)
     try:
         with output_lock(output, part, argv):
             # before writing anything: a refusal must leave the manifest as it was
@@ -702,9 +702,6 @@ def _version() -> str | None:
         return None
 
 
-MANIFEST_ENTRIES = ("_manifest.json", "_parts", "samples", "rejects", "shards.parquet", "idx", "captions", ".lock")
-
-
 def _check_output_is_ours(output: Path) -> None:
     """-o must be new, empty, or a manifest (being) built: never a folder of other files it would mix into."""
     if not output.is_dir():
@@ -712,7 +709,7 @@ def _check_output_is_ours(output: Path) -> None:
             raise ManifestBuildError(f"-o {output} is a file; pass a directory for the manifest")
         return
     entries = [p.name for p in output.iterdir()]
-    if entries and not any(e in MANIFEST_ENTRIES or e.startswith(".lock") for e in entries):
+    if entries and not any(e in layout.ENTRIES or e.startswith(LOCK_NAME) for e in entries):
         raise ManifestBuildError(f"-o {output} is a non-empty folder that holds no manifest (e.g. {sorted(entries)[0]}); "
                                  "pass a new or empty directory, or an existing manifest to resume")
 
@@ -750,7 +747,7 @@ def _align_caption_columns(output: Path, summaries: list[dict], caption_sets: di
 
 def _remove_stale_temps(output: Path) -> None:
     # Left by killed writers; only removed at merge time, when every tar is done and nobody writes.
-    for d in (layout.SAMPLES, layout.REJECTS, layout.PARTS, "idx", "."):
+    for d in (layout.SAMPLES, layout.REJECTS, layout.PARTS, layout.IDX, "."):
         for f in (output / d).glob(".*.tmp"):
             try:
                 f.unlink()

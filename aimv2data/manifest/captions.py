@@ -337,7 +337,7 @@ def generate(manifest: str | Path, model: str, *, output: str | Path | None = No
     parts = sorted(str(p) for p in layout.sample_files(root))
     if not parts:
         raise CaptionError(f"{root}/samples has no parquet parts; build the manifest with `aimv2 shard` first")
-    output = str(output) if output else storage.join(root, "captions", f"{Path(model).name}.parquet")
+    output = str(output) if output else layout.caption_set_path(root, Path(model).name)
     if not output.endswith((".parquet", ".jsonl")):
         raise CaptionError(f"--output {output}: write a .parquet or .jsonl caption set")
     if not Path(model).is_dir():

@@ -6,6 +6,8 @@ names. Everything outside aimv2data.manifest reads a manifest through these func
     MANIFEST/rejects/part-*.parquet  one row per rejected member, with its reason
     MANIFEST/shards.parquet          one row per tar
     MANIFEST/_parts/<part>.json      per-tar summaries (a part is done when its summary exists)
+    MANIFEST/idx/<part>.idx          DALI index of a tar's kept samples, where not beside the tar (`--idx`)
+    MANIFEST/captions/<model>.parquet  a caption set `aimv2 caption generate` wrote (before it is attached)
 """
 from __future__ import annotations
 
@@ -20,8 +22,12 @@ SAMPLES = "samples"
 REJECTS = "rejects"
 SHARDS = "shards.parquet"
 PARTS = "_parts"
+IDX = "idx"
+CAPTIONS = "captions"
 SAMPLES_GLOB = f"{SAMPLES}/*.parquet"   # how the manifest describes its own files (`files` in _manifest.json)
 REJECTS_GLOB = f"{REJECTS}/*.parquet"
+# what a manifest directory holds (its writers' .lock and temp files aside)
+ENTRIES = (MANIFEST_JSON, PARTS, SAMPLES, REJECTS, SHARDS, IDX, CAPTIONS)
 
 
 def manifest_json(root: str | os.PathLike) -> Path:
@@ -31,6 +37,14 @@ def manifest_json(root: str | os.PathLike) -> Path:
 def is_manifest(root: str | os.PathLike) -> bool:
     """Whether `root` holds a merged manifest (its _manifest.json exists)."""
     return manifest_json(root).is_file()
+
+
+def missing_manifest(root: str | os.PathLike) -> str | None:
+    """The one-line refusal for a local `root` without _manifest.json; None when it has one, or for a URL
+    (its reader asks the store). Cheap: commands ask it before their heavy imports."""
+    if storage.is_url(str(root)) or is_manifest(root):
+        return None
+    return f"{manifest_json(root)} not found: pass a manifest directory written by `aimv2 shard`"
 
 
 def read_manifest_json(root: str | os.PathLike) -> dict | None:
@@ -56,3 +70,13 @@ def part_paths(root: str | os.PathLike, part: str) -> dict[str, Path]:
     return {"samples": root / SAMPLES / f"part-{part}.parquet",
             "rejects": root / REJECTS / f"part-{part}.parquet",
             "done": root / PARTS / f"{part}.json"}
+
+
+def idx_path(root: str | os.PathLike, part: str) -> Path:
+    """MANIFEST/idx/<part>.idx: a tar's DALI index when it is not written beside the tar."""
+    return Path(root) / IDX / f"{part}.idx"
+
+
+def caption_set_path(root: str, model: str) -> str:
+    """MANIFEST/captions/<model>.parquet (root a path or URL): where `caption generate` writes by default."""
+    return storage.join(root, CAPTIONS, f"{model}.parquet")

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from aimv2data import storage
+from aimv2data.manifest import layout
 
 
 def build_at_url(inputs: list[str], url: str, build_manifest, error, **kw) -> dict:
@@ -44,25 +45,25 @@ def build_at_url(inputs: list[str], url: str, build_manifest, error, **kw) -> di
 
         def upload(summary: dict) -> None:
             part = summary["part"]
+            p = layout.part_paths(staging, part)
             if summary.get("idx") and summary["idx"].startswith(str(staging)):
                 summary["idx"] = url + summary["idx"][len(str(staging)):]
                 from aimv2data.manifest.schema import write_json_atomic
 
-                write_json_atomic(summary, staging / "_parts" / f"{part}.json")
-            for rel in (f"samples/part-{part}.parquet", f"rejects/part-{part}.parquet", f"idx/{part}.idx",
-                        f"_parts/{part}.json"):
-                if (staging / rel).is_file():
-                    _put(fs, staging / rel, f"{root}/{rel}", url)
+                write_json_atomic(summary, p["done"])
+            for f in (p["samples"], p["rejects"], layout.idx_path(staging, part), p["done"]):   # done-marker last
+                if f.is_file():
+                    _put(fs, f, f"{root}/{f.relative_to(staging).as_posix()}", url)
 
         report = build_manifest(inputs, staging, on_tar_done=upload, **kw)
         if report["merged"]:
             # the merge rewrote shards.parquet (and parts given new caption columns): those, then the manifest
             for f in sorted(staging.rglob("*")):
                 rel = f.relative_to(staging).as_posix()
-                if f.is_file() and rel != "_manifest.json" and not f.name.endswith(".tmp") \
+                if f.is_file() and rel != layout.MANIFEST_JSON and not f.name.endswith(".tmp") \
                         and f.stat().st_mtime >= t0:
                     _put(fs, f, f"{root}/{rel}", url)
-            _put(fs, staging / "_manifest.json", f"{root}/_manifest.json", url)
+            _put(fs, layout.manifest_json(staging), f"{root}/{layout.MANIFEST_JSON}", url)
         report["output"] = url
         if "idx" in report:
             from collections import Counter
@@ -102,7 +103,7 @@ def staged_manifest(url: str):
 def _idx_paths(staging: Path) -> list:
     from aimv2data.manifest.schema import read_json
 
-    return [read_json(p).get("idx") for p in sorted((staging / "_parts").glob("*.json"))]
+    return [read_json(p).get("idx") for p in sorted((staging / layout.PARTS).glob("*.json"))]
 
 
 def _download(fs, root: str, staging: Path) -> None:
@@ -178,7 +179,7 @@ def ray_results(tasks, ray_address: str | None, process_tar):
         if summary.get("idx") and summary["idx"].startswith(tmp):
             summary["idx"] = str(out.resolve()) + summary["idx"][len(tmp):]
         for rel, data in sorted(files.items()):
-            if not rel.startswith("_parts/"):
+            if not rel.startswith(f"{layout.PARTS}/"):
                 storage.write_bytes(str(out / rel), data)
-        write_json_atomic(summary, out / "_parts" / f"{summary['part']}.json")
+        write_json_atomic(summary, layout.part_paths(out, summary["part"])["done"])
         yield job, summary, None

@@ -2,7 +2,7 @@
 from .embed import embed_images, write_embeddings
 from .export import ExportError, export
 from .probe import ProbeConfig, ProbeJob, run_probe, write_results
-from .weights import load_weights
+from .weights import WeightsError, load_weights
 
-__all__ = ["ExportError", "ProbeConfig", "ProbeJob", "embed_images", "export", "load_weights", "run_probe",
-           "write_embeddings", "write_results"]
+__all__ = ["ExportError", "ProbeConfig", "ProbeJob", "WeightsError", "embed_images", "export", "load_weights",
+           "run_probe", "write_embeddings", "write_results"]

@@ -35,8 +35,14 @@ from aimv2data.manifest.layout import read_manifest_json
 from ..model.aimv2 import LOSS_TERMS
 from ..model.interop import save_aim, save_hf
 from .probe import TABLE_A2
-from .weights import ExportError, _read_json, _run_config, load_weights, resolve_checkpoint  # noqa: F401
+from ..train.rundir import read_json_or_none, run_config
+from .weights import read_encoder, resolve_weights, say
 from .probe_data import encoder_hash
+
+class ExportError(ValueError):
+    """An export that cannot be done (format, output, probe results); the message says what and what to do.
+    Weights that cannot be used raise WeightsError (weights.py)."""
+
 
 FORMATS = ("hf", "aim")
 FORMAT_NAMES = {"hf": "transformers `Aimv2VisionModel` (config.json + model.safetensors)",
@@ -63,11 +69,11 @@ def run_info(ckpt: Path, run: Path | None) -> dict:
             if isinstance(tok, torch.Tensor):
                 info["tokenizer_bytes"] = int(tok.numel())
     if run is not None:
-        cfg = _run_config(run) or {}
+        cfg = run_config(run) or {}
         info["train"] = info.get("train") or cfg.get("train")
         info["hparams"] = info.get("hparams") or cfg.get("hparams")
         info["precision"], info["device"] = cfg.get("precision"), cfg.get("device")
-        info["summary"] = _read_json(run / "summary.json")
+        info["summary"] = read_json_or_none(run / "summary.json")
         info["run"] = str(run)
     manifest = (info.get("train") or {}).get("manifest")
     if manifest:
@@ -85,14 +91,14 @@ def run_info(ckpt: Path, run: Path | None) -> dict:
 
 def find_probe_results(run: Path | None, given: str | os.PathLike | None) -> tuple[dict | None, str | None]:
     if given is not None:
-        doc = _read_json(Path(given))
+        doc = read_json_or_none(Path(given))
         if doc is None:
             raise ExportError(f"--probe-results {given}: not a readable JSON file (write one with `aimv2 probe "
                               f"... --output FILE`)")
         return doc, str(given)
     if run is not None:
         for name in ("probe.json", "probe_results.json"):
-            doc = _read_json(run / name)
+            doc = read_json_or_none(run / name)
             if doc is not None:
                 return doc, str(run / name)
     return None, None
@@ -291,8 +297,8 @@ def export(run: str | os.PathLike, fmt: str, output: str | os.PathLike, *, step:
     out = Path(output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ExportError(f"{out} exists and is not empty; choose another --output or pass --overwrite")
-    ckpt, run_dir = resolve_checkpoint(run, step)
-    encoder = load_weights(ckpt, heads)
+    ckpt, run_dir = resolve_weights(run, step, notify=say)
+    encoder = read_encoder(ckpt, heads)
     info = run_info(ckpt, run_dir)
     probe, probe_path = find_probe_results(run_dir, probe_results)
     sha = encoder_hash(encoder)

@@ -314,14 +314,14 @@ def default_cache_dir() -> Path:
 
 def run_probe(job: ProbeJob, cfg: ProbeConfig, log=print) -> dict:
     """Encode (or find cached) train and val features, run the sweeps, return the results dict."""
-    from .weights import load_weights, resolve_checkpoint
+    from .weights import read_encoder, resolve_weights
     from .probe_data import Features, Preprocess, encode, encoder_hash, open_dataset
 
     t0 = time.perf_counter()
     if job.resolution is not None and job.native_res:
         raise ValueError("--resolution and --native-res are exclusive: pick one")
-    weights, _ = resolve_checkpoint(job.checkpoint)  # a run directory -> its newest checkpoint
-    encoder = load_weights(weights, job.heads_for_bare)
+    weights, _ = resolve_weights(job.checkpoint, notify=log)  # a run directory -> its newest intact checkpoint
+    encoder = read_encoder(weights, job.heads_for_bare)
     ecfg = encoder.cfg
     device = job.device or ("cuda" if torch.cuda.is_available() else "cpu")
     native = job.native_res or (job.resolution is None and ecfg.pos_embed == "sincos")

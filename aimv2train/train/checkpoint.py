@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -30,28 +29,7 @@ import torch.distributed as dist
 from aimv2data.atomic import atomic_torch_save
 
 from .distributed import barrier, group_info
-
-_NAME = re.compile(r"^step_(\d{8})\.pt$")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}.pt"
-
-
-def checkpoints_dir(path: str | os.PathLike) -> Path:
-    """RUN/checkpoints for a run directory; any other directory is taken as a checkpoints directory."""
-    p = Path(path)
-    return p / "checkpoints" if (p / "checkpoints").is_dir() else p
-
-
-def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of the complete checkpoints in `directory`, oldest first: THE way to find a run's
-    checkpoints (the newest is the last; hidden temp files of saves in progress never match)."""
-    d = Path(directory)
-    if not d.is_dir():
-        return []
-    out = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
-    return sorted(out)
+from .rundir import checkpoint_name, checkpoints_dir, list_checkpoints, run_config  # noqa: F401 (the run's files)
 
 
 def plain(obj):
@@ -218,14 +196,19 @@ def read_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
         raise CheckpointDamaged(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
 
 
-class NoIntactCheckpoint(RuntimeError):
+class WeightsError(ValueError):
+    """A path that names no usable weights (missing, damaged, no such step, a run without checkpoints);
+    the message says what to do. Raised alike for `train --init`, export, probe and embed."""
+
+
+class NoIntactCheckpoint(WeightsError):
     """Checkpoints exist but none reads back: resuming would silently restart from step 0."""
 
 
-def latest_checkpoint(directory: str | os.PathLike, notify=None) -> tuple[Path, dict] | None:
+def latest_checkpoint(directory: str | os.PathLike, notify=None, use: str = "resuming from") -> tuple[Path, dict] | None:
     """The newest checkpoint that passes its integrity check (each damaged newer one is reported through
-    `notify`, one line, and skipped). None when there is none at all; NoIntactCheckpoint when every one
-    is damaged, so the caller can refuse before touching the run."""
+    `notify`, one line naming it and the one `use`d, and skipped). None when there is none at all;
+    NoIntactCheckpoint when every one is damaged, so the caller can refuse before touching the run."""
     found = list_checkpoints(directory)
     damaged = []
     for _step, p in reversed(found):
@@ -235,13 +218,62 @@ def latest_checkpoint(directory: str | os.PathLike, notify=None) -> tuple[Path, 
             damaged.append(str(e))
             continue
         if damaged and notify is not None:
-            notify(f"{len(damaged)} newer checkpoint(s) damaged ({damaged[0]}); resuming from {p.name}")
+            notify(f"{len(damaged)} newer checkpoint(s) damaged ({damaged[0]}); {use} {p.name}")
         return p, state
     if found:
-        raise NoIntactCheckpoint(
-            f"none of the {len(found)} checkpoints in {directory} is intact ({damaged[0]}); nothing was "
-            f"changed: restore a good copy into {directory}, or start a new run with another --out")
+        raise NoIntactCheckpoint(f"none of the {len(found)} checkpoints in {directory} is intact ({damaged[0]})")
     return None
+
+
+def resolve_weights(path: str | os.PathLike, step: int | None = None, notify=None) -> tuple[Path, Path | None]:
+    """Which weights `path` names: (checkpoint or weights path, its run directory or None). The one
+    resolver of `train --init`, export, probe and embed, with --resume's policy (latest_checkpoint):
+
+    * a run directory, or its checkpoints/, names its newest *intact* checkpoint; each damaged newer one
+      is skipped with one notice (`notify`) naming it and the one used, so a path means the same weights
+      to a resume and to an export; none intact is refused;
+    * a checkpoint named exactly (a file, or `step`) is refused when damaged: those bytes were asked for;
+    * anything else (a transformers folder, ml-aim weights) is returned as is, for interop.load_encoder.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise WeightsError(f"{p} does not exist")
+    if p.is_file():
+        if step is not None:
+            raise WeightsError(f"--step {step} picks a checkpoint of a run directory; {p} is one file already")
+        _refuse_damaged(p)
+        return p, (p.parent.parent if p.parent.name == "checkpoints" and run_config(p.parent.parent) else None)
+    ckdir = checkpoints_dir(p)
+    run = p if ckdir != p else (p.parent if list_checkpoints(p) and run_config(p.parent) is not None else None)
+    ckpts = list_checkpoints(ckdir)
+    if not ckpts:
+        if run is not None:
+            raise WeightsError(f"{p}: a run directory without checkpoints (nothing in {ckdir}); was the run "
+                               f"stopped before its first save? Resume it with `aimv2 train ... --resume`")
+        if step is not None:
+            raise WeightsError(f"--step {step}: {p} is not a training run (no checkpoints/step_*.pt)")
+        return p, None
+    if step is not None:
+        found = [f for s, f in ckpts if s == step]
+        if not found:
+            raise WeightsError(f"{ckdir} has no checkpoint for step {step}; it has steps {[s for s, _ in ckpts]}")
+        _refuse_damaged(found[0])
+        return found[0], run
+    try:
+        newest, _ = latest_checkpoint(ckdir, notify, use="using")
+    except NoIntactCheckpoint as e:
+        raise NoIntactCheckpoint(f"{e}: restore a good copy into {ckdir}, or train again") from None
+    return newest, run
+
+
+def _refuse_damaged(path: Path) -> None:
+    if is_zip_checkpoint(path):   # one of ours (or another torch.save'd file): its CRC-32s
+        try:
+            verify_checkpoint(path)
+        except CheckpointDamaged as e:
+            raise WeightsError(f"{e}; use an intact one (`--step`, or the previous file in its checkpoints/, "
+                               "or the run directory: its newest intact checkpoint)") from None
+
 
 
 def resume_checkpoint(directory: str | os.PathLike, notify=None) -> tuple[Path, dict] | None:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from aimv2data.loader.decoders import DECODERS, decoders_help, workers_help
+
 from ..model.config import ATTENTION_KINDS
 
 STAGE_NAMES = ("pretrain", "highres", "native")   # presets.STAGES defines each
 PARALLEL_MODES = ("ddp", "fsdp")
-IMAGE_DECODERS = ("pil", "dali")                 # the loader's image decoders (aimv2data/loader/decode_*.py)
 COMPILE_DYNAMIC = ("auto", "true", "false")
 
 
@@ -57,10 +58,10 @@ class TrainConfig:
     device: str | None = flag(None, "cpu | cuda | cuda:N (default: cuda if available). Under torchrun each "
                               "rank takes its LOCAL_RANK's GPU (cuda:N is refused there); the DALI decoder "
                               "runs on the model's GPU.")
-    workers: int = flag(4, "Loader worker processes per rank (0: in-process).")
+    workers: int = flag(4, "The image decoder's parallelism per rank: " + workers_help())
     # the loader's image decoder (not the model's multimodal decoder); --decoder is its older name
-    image_decoder: str = flag("pil", "Image decoder of the loader (--decoder is an alias).", choices=IMAGE_DECODERS,
-                              aliases=("--decoder",))
+    image_decoder: str = flag("pil", "Image decoder of the loader (--decoder is an alias): " + decoders_help(),
+                              choices=DECODERS, aliases=("--decoder",))
     mix: str | None = flag(None, "Source mixture, e.g. dfn=0.60,coyo=0.06,hqitp=0.31: each source its own stream with "
                            "its own epochs. Default: the paper's Table 2 (60/6/31) over the sources the manifest has; "
                            "'rows': as the manifest has them.", metavar="SRC=W,...")

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from aimv2data.loader.decoders import decoder_spec
+
 from .config import PARALLEL_MODES
 
 
@@ -147,7 +149,7 @@ def decoder_device(device: torch.device) -> int | None:
 
 def rank_devices(device: torch.device, decoder: str, info: DistInfo) -> list[dict]:
     """Every rank's model device and image decoder's device (one all-gather at start-up; run.json, the header)."""
-    dali = decoder_device(device) if decoder == "dali" else None
+    dali = decoder_device(device) if decoder_spec(decoder).gpu else None
     mine = {"rank": info.rank, "model": str(device), "decoder": f"{decoder} on " + ("cpu" if dali is None else f"cuda:{dali}")}
     if not info.enabled:
         return [mine]

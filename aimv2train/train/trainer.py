@@ -50,6 +50,7 @@ from .optim import build_optimizer
 from .plan import Plan, model_for_plan, plan_run
 from .preempt import StopRequest, notice
 from .presets import STAGES, HParams, resolve
+from .rundir import existing_run
 from .schedule import WarmupCosine
 from .tokenizer import Tokenizer
 from .tracking import TrackingError, open_sinks, parse_report_to
@@ -152,22 +153,18 @@ def build_model(cfg: TrainConfig, tok: Tokenizer, resolution: int) -> AIMv2:
 def _init_state_dict(path: str) -> tuple[dict[str, torch.Tensor], str]:
     """Weights for --init: the full model from one of our checkpoints (file, checkpoints dir or run dir),
     else the encoder from anything interop.load_encoder reads (transformers folder, ml-aim weights)."""
-    p = Path(path)
-    if not p.exists():
-        raise TrainError(f"--init {path} does not exist")
-    candidates = []
-    if p.is_dir():
-        candidates = [f for _, f in reversed(ck.list_checkpoints(ck.checkpoints_dir(p)))]
-    elif p.suffix in (".pt", ".pth"):
-        candidates = [p]
-    for f in candidates:
+    try:  # a run: its newest intact checkpoint, a damaged newer one named in a notice (resolve_weights)
+        p, _ = ck.resolve_weights(path, notify=notice)
+    except ck.WeightsError as e:
+        raise TrainError(f"--init {e}") from None
+    if p.is_file() and p.suffix in (".pt", ".pth"):
         try:
-            state = ck.read_checkpoint(f)
+            state = ck.read_checkpoint(p, verify=False)   # resolve_weights checked its CRC-32s
         except ValueError:
-            continue
+            state = None   # not one of ours: load_encoder's turn
         sd = state.get("model") if isinstance(state, dict) else None
         if isinstance(sd, dict) and "encoder.patch_embed.proj.weight" in sd:
-            return sd, f"{f} (full model, step {state.get('step', '?')})"
+            return sd, f"{p} (full model, step {state.get('step', '?')})"
     from ..model.interop import load_encoder
 
     try:
@@ -586,16 +583,15 @@ def _batch_for_world(cfg: TrainConfig, resume_from, info: DistInfo) -> TrainConf
 def _resume_point(cfg: TrainConfig, info: DistInfo, tok: Tokenizer) -> tuple[Path, dict] | None:
     """Where the run starts: None (fresh) or the newest complete checkpoint (--resume)."""
     ckpt_dir = Path(cfg.out) / "checkpoints"
-    existing = ck.list_checkpoints(ckpt_dir)
-    if existing and not cfg.resume:
-        raise TrainError(f"{cfg.out} already holds a run (newest checkpoint {existing[-1][1].name}): pass --resume "
-                         f"to continue it or choose another --out")
+    if problem := existing_run(cfg.out, cfg.resume):
+        raise TrainError(problem)
     resume_from = None
     if cfg.resume:
         try:  # a damaged newest checkpoint: the newest intact one, with a notice; none intact: refuse
             resume_from = ck.resume_checkpoint(ckpt_dir, notify=notice)  # rank 0 verifies, broadcasts
         except ck.NoIntactCheckpoint as e:
-            raise TrainError(str(e)) from None
+            raise TrainError(f"{e}; nothing was changed: restore a good copy into {ckpt_dir}, or start a new run "
+                             "with another --out") from None
     if resume_from is not None:
         _check_resumable(cfg, resume_from, info, tok)
     return resume_from

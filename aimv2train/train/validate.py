@@ -51,7 +51,8 @@ class Validator:
         self.max_batches = max_batches
         kwargs = dict(tokenizer=tokenizer, pad_id=tokenizer.pad_id, rank=info.rank, world_size=info.world_size,
                       seed=seed, workers=workers, decoder=decoder, pin_memory=device.type == "cuda",
-                      dali_device=decoder_device(device))  # this rank's GPU, not GPU 0
+                      dali_device=decoder_device(device),  # this rank's GPU, not GPU 0
+                      notices=False)  # the training loader has said what its mix does with the sources
         try:
             if native_res:
                 self.loader = Loader(manifest, native_res=True, batch_patches=batch_patches, native_hflip=0.0,
