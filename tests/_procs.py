@@ -69,7 +69,16 @@ def leftovers(since: int) -> list[int]:
                 return True
         return False
 
-    return sorted(p for p in parent if p != me and mine(p))
+    return sorted(p for p in parent if p != me and mine(p) and not _singleton(p))
+
+
+# Helpers Python starts once per process on first use and keeps for the process's life by design; they
+# end when this process does (they read a pipe from it), so they are not a test's leftovers.
+SINGLETONS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+def _singleton(pid: int) -> bool:
+    return any(s in command(pid) for s in SINGLETONS)
 
 
 def end(pids: list[int], grace: float = 5.0) -> None:
