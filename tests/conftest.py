@@ -1,3 +1,4 @@
+import gc
 import os
 import threading
 import time
@@ -50,6 +51,7 @@ def no_leftover_processes(request):
     after the test fails it, by name, and is ended here so that it cannot hold the run's output open."""
     since = now_ticks()
     yield
+    gc.collect()   # a loader the test dropped (e.g. inside a raised error's traceback) ends its workers now
     left = _wait_gone(since, GRACE_S * scale())
     if left:
         names = "; ".join(f"{p} {command(p)}" for p in left)
