@@ -8,13 +8,13 @@
 # There, one call per part, back to back on the same warm machine (it is given back ~30 s after a call):
 #   scripts/gpu_check.sh receive              # keep the carried parts in /tmp/gpucheck (every call but the last)
 #   scripts/gpu_check.sh run [BUDGET]         # the last call: receive, join + install what arrived whole, run the
-#                                             # check with --data .gpucheck/payload (BUDGET seconds, default 480)
+#                                             # check with --data .gpucheck/payload (BUDGET seconds, default 540)
 # Rehearsal on CPU (CI, tests/test_gpucheck.py): GPUCHECK_DRY=1 scripts/gpu_check.sh run  (adds --dry-run);
 # GPUCHECK_PARTS / GPUCHECK_ROWS: --parts / --rows of the check.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-HERE=${GPUCHECK_HERE:-$ROOT/.gpucheck}              # an ignored folder: it travels only when a call carries it
+HERE=${GPUCHECK_HERE:-$ROOT/.gpucheck}   # ignored (.gitignore): it travels only when a call carries it
 THERE=${GPUCHECK_TMP:-/tmp/gpucheck}
 PY=${PYTHON:-python3}
 CHUNKS="$ROOT/scripts/dali_chunks.sh"
@@ -33,7 +33,6 @@ download() {  # DIR ARGS...: wheels for CPython 3.12 manylinux (what the GPU mac
 prepare() {
   local dali=1
   [ "${1:-}" = "--no-dali" ] && dali=0
-  grep -qx '/.gpucheck/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.gpucheck/' >> "$ROOT/.git/info/exclude"
   rm -rf "$HERE" && mkdir -p "$HERE"
   (cd "$ROOT" && "$PY" -m aimv2train.gpucheck --prepare "$HERE/payload")
   local v_polars v_arrow
@@ -56,19 +55,24 @@ calls() {  # one line per device call: the carry list, then the command
   local parts=() b p
   for b in core dali; do
     [ -d "$HERE/$b" ] || continue
-    for p in $(cd "$HERE/$b" && ls *.part* | sort); do parts+=("$b/$p"); done
+    for p in $(cd "$HERE/$b" && ls *.part[0-9]* | sort); do parts+=("$b/$p"); done
   done
-  local n=${#parts[@]} i=0
+  local n=${#parts[@]} payload last=0 alone=1
+  payload=$(du -sb "$HERE/payload" | cut -f1)
+  [ "$n" -gt 0 ] && last=$(stat -c %s "$HERE/${parts[n - 1]}")
+  # 64 MiB a call, less ~4 MiB for the working tree: the payload rides with the last part only if both fit
+  [ "$n" -gt 0 ] && [ $((last + payload)) -le $((60 * 1024 * 1024)) ] && alone=0
+  local total=$((n + alone)) i=0 run="command: scripts/gpu_check.sh run 540  (timeout_s 595)"
   for p in "${parts[@]}"; do
     i=$((i + 1)); b=${p%%/*}
     local carry="[\".gpucheck/$p\", \".gpucheck/$b/SHA256SUMS\", \".gpucheck/$b/SHA256SUMS.parts\""
-    if [ "$i" -lt "$n" ]; then
-      echo "call $i/$n: carry $carry]  command: scripts/gpu_check.sh receive"
+    if [ "$i" -lt "$n" ] || [ "$alone" = 1 ]; then
+      echo "call $i/$total: carry $carry]  command: scripts/gpu_check.sh receive"
     else
-      echo "call $i/$n: carry $carry, \".gpucheck/payload\"]  command: scripts/gpu_check.sh run 480  (timeout_s 590)"
+      echo "call $i/$total: carry $carry, \".gpucheck/payload\"]  $run"
     fi
   done
-  [ "$n" -gt 0 ] || echo "call 1/1: carry [\".gpucheck/payload\"]  command: scripts/gpu_check.sh run 480  (timeout_s 590)"
+  [ "$alone" = 0 ] || echo "call $total/$total: carry [\".gpucheck/payload\"]  $run"
 }
 
 receive() {  # whatever parts this call carried, into the folder that outlives the call on a warm machine
@@ -76,7 +80,7 @@ receive() {  # whatever parts this call carried, into the folder that outlives t
   for b in core dali; do
     [ -d "$HERE/$b" ] || continue
     mkdir -p "$THERE/$b" && cp "$HERE/$b"/* "$THERE/$b/"
-    echo "received $(cd "$HERE/$b" && ls *.part* 2>/dev/null | tr '\n' ' ')into $THERE/$b"
+    echo "received $(cd "$HERE/$b" && ls *.part[0-9]* 2>/dev/null | tr '\n' ' ')into $THERE/$b"
   done
 }
 
@@ -94,7 +98,7 @@ install_bundles() {  # join + install every bundle whose parts all arrived; the 
 }
 
 run() {
-  local budget=${1:-480}
+  local budget=${1:-540}
   receive
   install_bundles
   export PYTHONPATH="$THERE/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -107,7 +111,7 @@ run() {
   cd "$ROOT"
   set +e
   "$PY" -m aimv2train.gpucheck "${dry[@]}" "${data[@]}" --workdir "$THERE/work" --out "$out/bench_gpu.json" \
-      --budget "$budget" --rows "${GPUCHECK_ROWS:-fixed-flex-compiled}" ${GPUCHECK_PARTS:+--parts "$GPUCHECK_PARTS"} 2>&1 | tee "$out/gpu_check.log"
+      --budget "$budget" --rows "${GPUCHECK_ROWS:-fixed-flex-compiled}" --parts "${GPUCHECK_PARTS:-env,peak,decode,trainer,steps}" 2>&1 | tee "$out/gpu_check.log"
   local rc=${PIPESTATUS[0]}
   set -e
   echo "gpu_check.sh: the check exited $rc; figures in $out/bench_gpu.json"

@@ -67,9 +67,10 @@ def test_native_seed_bounds_the_areas_the_run_draws():
     from aimv2data.loader.sampler import AREA, area_exponent, unit
     from aimv2train.gpucheck.trainer import native_seed
 
-    for steps, areas in ((13, 2), (3, 1)):
-        seed = native_seed(steps, areas)
-        assert len({area_exponent(unit(seed, t, AREA)) for t in range(steps)}) <= areas
+    for steps, areas, largest in ((13, 2, 4096), (3, 1, 128)):
+        seed = native_seed(steps, areas, largest)
+        drawn = {2 ** area_exponent(unit(seed, t, AREA)) for t in range(steps)}
+        assert len(drawn) <= areas and max(drawn) <= largest
     assert len({area_exponent(unit(0, t, AREA)) for t in range(13)}) > 2   # the bound is not vacuous
 
 
@@ -114,12 +115,12 @@ def test_the_device_sequence_rehearsed_on_cpu(tmp_path):
     bundle = tmp_path / "bundle"
     subprocess.run(["bash", str(ROOT / "scripts" / "dali_chunks.sh"), "split", str(wheels), str(bundle / "core"),
                     "16K"], check=True, capture_output=True)
-    parts = sorted((bundle / "core").glob("*.part*"))
+    parts = sorted((bundle / "core").glob("*.tar.part*"))
     assert len(parts) >= 2
     shutil.copytree(bundle, here, dirs_exist_ok=True)
     calls = subprocess.run(["bash", str(SCRIPT), "calls"], env=env, capture_output=True, text=True, check=True)
     lines = calls.stdout.strip().splitlines()
-    assert len(lines) == len(parts) and '".gpucheck/payload"' in lines[-1] and "run 480" in lines[-1]
+    assert len(lines) == len(parts) and '".gpucheck/payload"' in lines[-1] and "run 540" in lines[-1]
     for i, part in enumerate(parts):   # what each call carries: its part and the sums (the payload: the last)
         for p in parts:
             if p != part:

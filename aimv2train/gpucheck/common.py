@@ -28,7 +28,8 @@ class Sizes:
     trainer_resolution: int = 224
     trainer_patches: int = 32768   # native resolution's C in the trainer part
     trainer_warmup: int = 3        # untimed steps first (the compile is in step 1)
-    trainer_native_areas: int = 1  # distinct areas the native run draws (each a static graph on CUDA)
+    trainer_native_areas: int = 2  # distinct areas the native run draws (each a static graph on CUDA)
+    trainer_native_max_area: int = 4096   # the largest it may draw (the dry run: small images, cheap steps)
 
 
 GPU_SIZES = Sizes(model="L", batch=128, resolution=224, native_grid=(23, 37), batch_patches=32768, text_len=77,
@@ -37,7 +38,7 @@ GPU_SIZES = Sizes(model="L", batch=128, resolution=224, native_grid=(23, 37), ba
 DRY_SIZES = Sizes(model="tiny", batch=4, resolution=56, native_grid=(3, 5), batch_patches=60, text_len=8,
                   vocab=64, steps=2, warmup=1, parity_batch=2, jpegs=4, native_decode=(70, 42), trainer_steps=2,
                   trainer_model="tiny", trainer_batch=4, trainer_resolution=56, trainer_patches=4096,
-                  trainer_warmup=1, trainer_native_areas=1)
+                  trainer_warmup=1, trainer_native_areas=1, trainer_native_max_area=128)
 
 
 def importable(name: str) -> str | None:

@@ -24,7 +24,7 @@ from .trainer import part_trainer
 
 PART_FUNCS = {"env": part_env, "peak": part_peak, "steps": part_steps, "parity": part_parity,
               "decode": part_decode, "trainer": part_trainer}
-NEEDS_GPU = ("steps", "parity")   # at real sizes; --dry-run runs them tiny on CPU
+NEEDS_GPU = ("steps", "parity", "trainer")   # AIMv2-L at real sizes; --dry-run runs them tiny on CPU
 
 
 def run(out: str | os.PathLike, *, dry_run: bool = False, device: str | None = None,
@@ -63,8 +63,8 @@ def _part(name: str, parts: tuple[str, ...], dev: torch.device, dry_run: bool, *
     if name not in parts:
         return {"status": "skipped", "reason": "not asked for (--parts)"}
     if name in NEEDS_GPU and dev.type != "cuda" and not dry_run:
-        return {"status": "skipped", "reason": "no CUDA device: AIMv2-L steps and CUDA/CPU parity need a GPU "
-                "(--dry-run runs them at tiny sizes on CPU)"}
+        return {"status": "skipped", "reason": "no CUDA device: AIMv2-L steps, CUDA/CPU parity and the L trainer runs "
+                "need a GPU (--dry-run runs them at tiny sizes on CPU)"}
     print(f"[{name}] ...", flush=True)
     t0 = time.perf_counter()
     try:

@@ -123,6 +123,10 @@ def _step_config(sizes: Sizes, device: torch.device, res: str, attention: str, c
         row["dynamic"] = compile_dynamic(native_dynamic, device)
     use_loader = data is not None and not native
     row["batches"] = "loader" if use_loader else "synthetic"
+    if use_loader:  # the model must embed every id of the loader's tokenizer (the dry run's vocabulary is tiny)
+        from ..train.tokenizer import Tokenizer
+
+        sizes = replace(sizes, vocab=max(sizes.vocab, Tokenizer(data["tokenizer"]).vocab_size))
     while True:
         run = bench_run(sizes, device, native, attention, compiled, native_dynamic)
         try:
