@@ -151,6 +151,7 @@ def _watch(device: torch.device, metrics: Path, warmup: int, last: int, sigterm:
     log = logging.getLogger("torch._dynamo")
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
+    compiled_before = _compile_seconds()
     torch._logging.set_logs(recompiles=True)
     log.addHandler(handler)
     done = threading.Event()
@@ -175,7 +176,7 @@ def _watch(device: torch.device, metrics: Path, warmup: int, last: int, sigterm:
     counters = {k: dict(v) for k, v in dynamo_utils.counters.items()}
     seen["compile"] = {"graphs": counters.get("stats", {}).get("unique_graphs", 0),
                        "frames": counters.get("frames", {}).get("total", 0),
-                       "compile_s": _compile_seconds(), "recompiles": len(recompiles),
+                       "compile_s": round(_compile_seconds() - compiled_before, 1), "recompiles": len(recompiles),
                        "recompile_reasons": [r.splitlines()[-1].strip()[:200] for r in recompiles[:8]],
                        "run_s": round(time.perf_counter() - t0, 1)}
     syncs = [w for w in caught if SYNC_WARNING in str(w.message)]
@@ -222,11 +223,10 @@ def _set_sync_mode(device: torch.device, mode: int) -> None:
 
 
 def _compile_seconds() -> float:
+    """Seconds dynamo has spent compiling in this process (its `dynamo_timed` metrics; _watch takes differences)."""
     import torch._dynamo.utils as dynamo_utils
 
-    times = dynamo_utils.compile_times(repr="dict", aggregate=True)
-    value = times.get("_compile.compile_inner", 0.0) if isinstance(times, dict) else 0.0
-    return round(float(sum(value) if isinstance(value, list) else value), 1)
+    return float(sum(getattr(dynamo_utils, "compilation_time_metrics", {}).get("_compile.compile_inner", [])))
 
 
 def _end_to_end(run: Path, warmup: int, last: int) -> dict:
@@ -248,6 +248,7 @@ def _end_to_end(run: Path, warmup: int, last: int) -> dict:
             "data_wait_ms_mean": 1e3 * statistics.fmean(r["data_time"] for r in timed),
             "data_wait_ms_max": 1e3 * max(r["data_time"] for r in timed),
             "mfu_mean": statistics.fmean(r["mfu"] for r in timed), "timed_steps": len(timed),
+            "first_step_s": records[0]["step_time"],   # the compile of the first grid is in it
             "grids": sorted(list(g) for g in seen), "main_grid": list(main),
             "main_batch": next(r["batch"] for r in timed if tuple(r["grid"]) == main)}
 
