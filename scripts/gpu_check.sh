@@ -22,7 +22,7 @@ PART_SIZE=${GPUCHECK_PART_SIZE:-60M}
 PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64"
 
 die() { echo "gpu_check.sh: $*" >&2; exit 1; }
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-0}"; }
 
 download() {  # DIR ARGS...: wheels for CPython 3.12 manylinux (what the GPU machine runs)
   local dir=$1; shift
