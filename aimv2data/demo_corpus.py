@@ -73,7 +73,7 @@ class DemoImage:
 
 # -- real photos -------------------------------------------------------------------------------
 # (loader name in skimage.data, caption, format, progressive, EXIF orientation)
-_PHOTOS = [
+PHOTOS = [
     ("astronaut", "portrait of astronaut Eileen Collins in an orange flight suit in front of a flag", "jpeg", False, 1),
     ("camera", "black and white photo of a man standing behind a camera on a tripod", "png", False, 1),
     ("chelsea", "a tabby cat named Chelsea looking straight at the camera", "jpeg", True, 1),
@@ -107,7 +107,7 @@ _SHAPES = ["circle", "square", "triangle", "ellipse", "stripe"]
 _FORMATS = [("jpeg", False)] * 6 + [("jpeg", True), ("png", False), ("png", False), ("webp", False)]
 
 
-def _load_photo(name: str) -> np.ndarray:
+def load_photo(name: str) -> np.ndarray:
     import skimage.data
 
     img = getattr(skimage.data, name)()
@@ -228,8 +228,8 @@ def corpus(seed: int = SEED) -> tuple[DemoImage, ...]:
                              width=w, height=h, orientation=orientation, caption=caption, kind=kind,
                              id=1_000_000 + i, uid=uid, in_dfn=i % 3 != 2))
 
-    for name, caption, fmt, progressive, orientation in _PHOTOS:
-        add(f"photo_{name}", _load_photo(name), caption, fmt, progressive, orientation, "photo")
+    for name, caption, fmt, progressive, orientation in PHOTOS:
+        add(f"photo_{name}", load_photo(name), caption, fmt, progressive, orientation, "photo")
 
     exif_cycle = iter([2, 3, 4, 5, 6, 7, 8])
     for i in range(N_GENERATED):

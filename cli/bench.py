@@ -77,13 +77,39 @@ def loader(manifest, inflight, cache_dir, cache_gb, native_res, batch_patches, b
         click.echo(json.dumps(r))
 
 
-@bench.command("gpu", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-               add_help_option=False)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def gpu(args):
-    """The prepared GPU check: model steps (flex vs SDPA, eager vs compiled), CUDA/CPU parity, DALI vs pil
-    decoding, a few trainer steps; one JSON file and a table. `--dry-run`: tiny sizes on CPU. Options:
-    `aimv2 bench gpu --help` (the same as `python -m aimv2train.bench_gpu --help`, which needs no click)."""
-    from aimv2train.bench_gpu import main
+def _gpu_options(command):
+    """aimv2train.gpucheck.OPTIONS as click options (the plain `python -m aimv2train.gpucheck` reads the same)."""
+    from aimv2train.gpucheck import METAVARS, OPTIONS
 
-    raise SystemExit(main(list(args)))
+    for flag, default, kind, text in reversed(OPTIONS):
+        if kind == "flag":
+            command = click.option(flag, is_flag=True, help=text)(command)
+        elif isinstance(kind, tuple):
+            command = click.option(flag, type=click.Choice(kind), default=default, show_default=True, help=text)(command)
+        else:
+            extra = {"callback": _parts} if flag == "--parts" else {}
+            command = click.option(flag, type=kind, default=default, show_default=default not in (None, ""),
+                                   metavar=METAVARS.get(flag), help=text, **extra)(command)
+    return command
+
+
+def _parts(ctx, param, value):
+    from aimv2train.gpucheck import parse_parts
+
+    try:
+        return parse_parts(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e).removeprefix("--parts: ")) from None
+
+
+@bench.command("gpu")
+@_gpu_options
+def gpu(**opts):
+    """The prepared GPU check on one GPU: the real `aimv2 train` on carried photos (L, bf16, compiled, DALI
+    when present), AIMv2-L steps (flex vs SDPA, eager vs compiled, MFU), CUDA/CPU parity, DALI vs pil decoding;
+    one JSON file and a table. --dry-run: tiny sizes on CPU. --prepare DIR: only write the trainer part's
+    payload here, for --data DIR there. The GPU machine runs `python -m aimv2train.gpucheck` (no click);
+    the device calls and their time budget: docs/gpucheck.md."""
+    from aimv2train.gpucheck.runner import execute
+
+    raise SystemExit(execute(**opts))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Bring a file larger than one transfer (the DALI wheel, ~199 MB, over a 64 MiB-per-call link) to a
 # machine that cannot download: split it here, carry one chunk per call, join and verify it there,
-# install the wheel into a target folder. aimv2train/bench_gpu.py's header gives the whole procedure;
+# install the wheel into a target folder. docs/gpucheck.md gives the whole procedure (scripts/gpu_check.sh runs it);
 # tests/test_dali_chunks.py rehearses every mode on small dummy files (the wheel itself: the whole DALI set).
 #
 #   scripts/dali_chunks.sh split   FILE|DIR OUTDIR [SIZE]  # OUTDIR/NAME.part00, .part01, ... (SIZE: 60M) + SHA256SUMS;

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from aimv2train import bench_gpu
+from aimv2train import gpucheck
+from aimv2train.gpucheck import common, runner, steps
+from aimv2train.gpucheck import trainer as trainer_part
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}
@@ -17,7 +19,7 @@ ENV_NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}
 
 def _check_parts(result: dict) -> dict:
     parts = result["parts"]
-    assert list(parts) == list(bench_gpu.PARTS)
+    assert list(parts) == list(gpucheck.PARTS)
     for name, rec in parts.items():
         assert rec["status"] in ("ok", "skipped"), (name, rec)
         if rec["status"] == "skipped":
@@ -39,7 +41,7 @@ def test_dry_run_end_to_end_through_the_cli(tmp_path):
     assert all(row["images_per_s"] > 0 and 0 < row["mfu"] for row in ok_rows)
     assert parts["parity"]["within_tolerance"] and set(parts["parity"]["cpu_vs_device"]) >= {"sdpa", "flex"}
     assert parts["decode"]["pil"]["fixed"]["images_per_s"] > 0 and parts["decode"]["pil"]["fixed"]["failed"] == 0
-    assert parts["trainer"]["steps"] == bench_gpu.DRY_SIZES.trainer_steps
+    assert parts["trainer"]["steps"] == common.DRY_SIZES.trainer_steps
     assert "aimv2 bench gpu (dry run" in r.stdout and "steps: ok" in r.stdout
 
 
@@ -47,7 +49,7 @@ def test_without_polars_webdataset_click_only_the_trainer_part_is_skipped(tmp_pa
     out = tmp_path / "dry.json"
     code = ("import sys\n"
             "for m in ('polars', 'webdataset', 'click', 'rich'): sys.modules[m] = None  # import now fails\n"
-            "from aimv2train.bench_gpu import main\n"
+            "from aimv2train.gpucheck.runner import main\n"
             f"sys.exit(main(['--dry-run', '--out', {str(out)!r}, '--parts', 'env,steps,parity,decode,trainer']))\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -62,8 +64,8 @@ def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path, monkeypat
     def broken(**_):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setitem(bench_gpu.PART_FUNCS, "parity", broken)
-    result = bench_gpu.run(tmp_path / "r.json", dry_run=True, parts=("env", "parity", "decode"))
+    monkeypatch.setitem(runner.PART_FUNCS, "parity", broken)
+    result = runner.run(tmp_path / "r.json", dry_run=True, parts=("env", "parity", "decode"))
     parts = json.loads((tmp_path / "r.json").read_text())["parts"]
     assert {k: v["status"] for k, v in parts.items()} == {k: v["status"] for k, v in result["parts"].items()}
     assert parts["parity"]["status"] == "error" and "illegal memory access" in parts["parity"]["reason"]
@@ -73,12 +75,12 @@ def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path, monkeypat
 
 def test_unknown_part_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
-        bench_gpu.main(["--dry-run", "--parts", "steps,gpu_magic"])
+        runner.main(["--dry-run", "--parts", "steps,gpu_magic"])
     assert "unknown ['gpu_magic']" in capsys.readouterr().err
 
 
 def test_out_of_memory_halves_the_batch_and_says_so(monkeypatch):
-    real, calls = bench_gpu.time_steps, []
+    real, calls = steps.time_steps, []
 
     def oom_once(run, batches, *args):
         calls.append(batches[0].images.shape[0])
@@ -86,8 +88,8 @@ def test_out_of_memory_halves_the_batch_and_says_so(monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real(run, batches, *args)
 
-    monkeypatch.setattr(bench_gpu, "time_steps", oom_once)
-    row = bench_gpu._step_config(bench_gpu.DRY_SIZES, torch.device("cpu"), "fixed", "sdpa", False, peak=1e12)
+    monkeypatch.setattr(steps, "time_steps", oom_once)
+    row = steps._step_config(common.DRY_SIZES, torch.device("cpu"), "fixed", "sdpa", False, peak=1e12)
     assert calls == [4, 2] and row["oom_at_batch"] == [4] and row["batch"] == 2 and row["images_per_s"] > 0
 
 
@@ -103,11 +105,11 @@ def test_the_steps_part_times_the_trainers_train_step_on_loader_batches(tmp_path
         return real(run, batch, stop)
 
     monkeypatch.setattr(trainer, "train_step", counting)
-    monkeypatch.setitem(bench_gpu.PART_FUNCS, "trainer", bench_gpu.part_trainer)
-    result = bench_gpu.run(tmp_path / "r.json", dry_run=True, parts=("trainer", "steps"), rows=("fixed-sdpa-eager",))
+    monkeypatch.setitem(runner.PART_FUNCS, "trainer", trainer_part.part_trainer)
+    result = runner.run(tmp_path / "r.json", dry_run=True, parts=("trainer", "steps"), rows=("fixed-sdpa-eager",))
     rows = result["parts"]["steps"]["rows"]
     assert [r["status"] for r in rows] == ["ok"], rows
-    sizes = bench_gpu.DRY_SIZES
+    sizes = common.DRY_SIZES
     row = rows[0]
     assert row["step_function"] == "train.trainer.train_step" and row["batches"] == "loader"
     assert seen.count(("Run", "Batch", torch.uint8)) >= sizes.warmup + sizes.steps

@@ -1,7 +1,8 @@
 """The house rules of the code base (issue 11): which wing may import which, and no import circles.
 
 model imports neither train nor eval; train does not import eval; aimv2data imports nothing from
-aimv2train; no module-level or function-local import forms a circle between modules.
+aimv2train; the tooling above the wings (the demo pipeline, the GPU check in aimv2train/gpucheck/) is
+imported by none of them; no module-level or function-local import forms a circle between modules.
 """
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("aimv2data", "aimv2train", "cli")
+TOOLING = ("aimv2train.demo_pipeline", "aimv2train.gpucheck")
+# tooling that lives beside the data it serves (docs/layout.md): measurement, the demo's images, a test server
+DATA_TOOLING = ("aimv2data.loader.bench", "aimv2data.demo_corpus", "aimv2data.serve")
+GPUCHECK = ROOT / "aimv2train" / "gpucheck"
 
 
 def _module_name(path: Path) -> str:
@@ -60,9 +65,12 @@ def test_layering_rules():
                 bad.append(f"{mod} -> {dep}")
             if not mod.startswith("cli") and dep.startswith("cli"):
                 bad.append(f"{mod} -> {dep}")
-            # the demo pipeline sits above the three wings: none of them may lean on it
+            # the demo pipeline and the GPU check sit above the three wings: none of them may lean on either
             if mod.startswith(("aimv2train.model", "aimv2train.train", "aimv2train.eval")) and \
-                    dep == "aimv2train.demo_pipeline":
+                    dep.startswith(TOOLING):
+                bad.append(f"{mod} -> {dep}")
+            # the library never leans on tooling (tooling may use tooling)
+            if dep.startswith(DATA_TOOLING) and not mod.startswith(DATA_TOOLING + TOOLING + ("cli",)):
                 bad.append(f"{mod} -> {dep}")
     # benchmarks use the libraries, never the CLI layer
     for path in sorted((ROOT / "benchmarks").glob("*.py")):
@@ -95,6 +103,24 @@ def test_no_import_circles():
     assert not cycles, "import circles:\n" + "\n".join(cycles)
 
 
+def _third_party(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_the_gpu_check_runs_without_click_and_its_face_imports_nothing():
+    """The GPU machine has no click, rich or webdataset: no module of the check imports them; `aimv2 bench gpu
+    --help` reads the face (PARTS, OPTIONS), which must not pull torch in."""
+    bad = {f"{p.name}: {m}" for p in GPUCHECK.glob("*.py") for m in _third_party(p) & {"click", "rich", "webdataset"}}
+    assert not bad, bad
+    assert _third_party(GPUCHECK / "__init__.py") <= {"__future__"}
+
+
 def test_the_checks_can_fail():
     """The rules above are not vacuous: the graph sees the wings and their real imports."""
     graph = _graph()
@@ -102,6 +128,10 @@ def test_the_checks_can_fail():
     assert "aimv2train.model.aimv2" in graph["aimv2train.train.trainer"]
     assert "aimv2train.demo_pipeline" in graph["cli.demo"]
     assert "aimv2train.demo_pipeline" in _imports(ROOT / "benchmarks" / "bench_demo_probe.py")
+    assert "aimv2train.train.trainer" in graph["aimv2train.gpucheck.trainer"]
+    assert "aimv2train.gpucheck.runner" in graph["cli.bench"]
+    assert "aimv2data.demo_corpus" in graph["aimv2train.gpucheck.payload"]
+    assert _third_party(ROOT / "cli" / "bench.py") >= {"click"}
 
 
 # modules the CLI reads before its heavy imports (issue 23 point 10): their import-time closure stays light
