@@ -24,3 +24,7 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 RRC_SCALE = (0.4, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
 HFLIP = 0.5
+
+# The patch budget A a native-resolution image gets by default in evaluation (`aimv2 embed` and `aimv2 probe
+# --max-patches`, one default so both see an image alike): a 224 px image's grid, the pre-training resolution.
+EVAL_MAX_PATCHES = (224 // PATCH_SIZE) ** 2   # 256

@@ -240,7 +240,7 @@ def latest_checkpoint(directory: str | os.PathLike, notify=None) -> tuple[Path, 
     if found:
         raise NoIntactCheckpoint(
             f"none of the {len(found)} checkpoints in {directory} is intact ({damaged[0]}); nothing was "
-            f"changed: restore a good copy into {directory}, or start a new run with another --out")
+            f"changed: restore a good copy into {directory}, or start a new run with another --output")
     return None
 
 
