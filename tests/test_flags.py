@@ -91,8 +91,12 @@ def test_old_spellings_parse_alike_and_say_so(there, capsys, path, base, old, ne
     assert parse(path, [*base, new, "9" if value.isdigit() else "pil"]) == got
 
 
-def test_old_names_still_read_from_config_files():
+def test_old_names_still_read_from_config_files(there):
     train = commands()[("train",)]
+    with open("run.toml", "w") as f:
+        f.write('out = "FROM_FILE"\ndecoder = "dali"\n')
+    assert parse("train", ["--config", "run.toml"])["out"] == "FROM_FILE"
+    assert parse("train", ["--config", "run.toml", "--out", "X"])["out"] == "X"  # the command line wins, old or new
     assert resolve_config(train, {"out": "RUN", "decoder": "dali", "threads": 2}) == \
         {"out": "RUN", "image_decoder": "dali", "threads": 2}
     assert resolve_config(train, {"output": "RUN", "image-decoder": "dali", "torch_threads": 2}) == \
