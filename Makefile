@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml setup.py aimv2data/loader/_jpegcrop.c scripts
 	touch $@
 
 demo: install
-	$(VENV)/bin/aimv2 demo --out $(DEMO_OUT)
+	$(VENV)/bin/aimv2 demo -o $(DEMO_OUT)
 
 lint: install
 	$(PY) -m ruff check .

@@ -31,3 +31,7 @@ HFLIP = 0.5
 # (loader/captions.py: P(alt | DFN) = 0.5, COYO 1, HQITP 28/31).
 TABLE2 = {"dfn": {"alt": 30, "synthetic": 30}, "coyo": {"alt": 6, "synthetic": 0},
           "hqitp": {"alt": 28, "synthetic": 3}}
+
+# The patch budget A a native-resolution image gets by default in evaluation (`aimv2 embed` and `aimv2 probe
+# --max-patches`, one default so both see an image alike): a 224 px image's grid, the pre-training resolution.
+EVAL_MAX_PATCHES = (224 // PATCH_SIZE) ** 2   # 256

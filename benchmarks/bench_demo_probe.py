@@ -20,7 +20,7 @@ from aimv2train.demo_pipeline import TRAIN_FIXED, probe_trunk, random_trunk  # n
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--demo", default="demo_out", help="a finished `aimv2 demo --out` directory")
+    ap.add_argument("--demo", default="demo_out", help="a finished `aimv2 demo -o` directory")
     ap.add_argument("--train-seeds", type=int, nargs="*", default=[1, 2],
                     help="seeds for retraining the demo's train_fixed (seed 0 is the demo's own run)")
     ap.add_argument("--random-seeds", type=int, nargs="*", default=[0, 1, 2], help="seeds of random-init trunks")
@@ -31,7 +31,7 @@ def main() -> None:
     demo = Path(args.demo)
     patterns = demo / "probe" / "patterns"
     if not (demo / "probe" / "summary.json").is_file():
-        sys.exit(f"{demo}: no finished demo there (probe/summary.json missing); run `aimv2 demo --out {demo}` first")
+        sys.exit(f"{demo}: no finished demo there (probe/summary.json missing); run `aimv2 demo -o {demo}` first")
     out = demo / "probe_seeds"
     trunks = {"train_fixed seed 0 (the demo)": demo / "train_fixed"}
     for s in args.train_seeds:

@@ -177,9 +177,9 @@ def fixed_only(photos: Path, a) -> None:
     rs = {"baseline": [], "pil": [], "pil-whole": [], "pil-draft": []}
     for r in range(a.repeats):
         rs["baseline"].append(base(photos, n_img, a.batch_size))
-        rs["pil"].append(ours(photos, *fixed, "--decoder", "pil", "--seed", str(r)))
-        rs["pil-whole"].append(ours(photos, *fixed, "--decoder", "pil", "--seed", str(r), env_extra=whole))
-        rs["pil-draft"].append(ours(photos, *fixed, "--decoder", "pil", "--seed", str(r), env_extra=draft))
+        rs["pil"].append(ours(photos, *fixed, "--image-decoder", "pil", "--seed", str(r)))
+        rs["pil-whole"].append(ours(photos, *fixed, "--image-decoder", "pil", "--seed", str(r), env_extra=whole))
+        rs["pil-draft"].append(ours(photos, *fixed, "--image-decoder", "pil", "--seed", str(r), env_extra=draft))
         print(f"repeat {r + 1}: images per CPU-s " + ", ".join(f"{k} {v[-1]['images_per_cpu_s']:.1f}"
                                                              for k, v in rs.items()), flush=True)
     b = med(rs["baseline"], "images_per_cpu_s")
@@ -246,26 +246,26 @@ def _measure(photos: Path, lite: Path, small: Path, a) -> dict:
     for r in range(a.repeats):
         print(f"[fixed-224] repeat {r + 1}/{a.repeats}", file=sys.stderr)
         res["baseline"].append(base(photos, n_img, bs))
-        res["pil"].append(ours(photos, *fixed, "--decoder", "pil", "--seed", str(r)))
-        res["pil_nodraft"].append(ours(photos, *fixed, "--decoder", "pil", "--no-draft", "--seed", str(r)))
-        res["dali"].append(ours(photos, *fixed, "--decoder", "dali", "--seed", str(r)))
+        res["pil"].append(ours(photos, *fixed, "--image-decoder", "pil", "--seed", str(r)))
+        res["pil_nodraft"].append(ours(photos, *fixed, "--image-decoder", "pil", "--no-draft", "--seed", str(r)))
+        res["dali"].append(ours(photos, *fixed, "--image-decoder", "dali", "--seed", str(r)))
     lite_res = {"baseline": [], "pil": []}
     for r in range(a.repeats):
         print(f"[fixed-224 lite] repeat {r + 1}/{a.repeats}", file=sys.stderr)
         lite_res["baseline"].append(base(lite, n_img, bs))
-        lite_res["pil"].append(ours(lite, *fixed, "--decoder", "pil", "--seed", str(r)))
+        lite_res["pil"].append(ours(lite, *fixed, "--image-decoder", "pil", "--seed", str(r)))
     native = {"pil": [], "dali": []}
     nat = ["--native-res", "--batch-patches", "16384", "--steps", "12", "--warmup", "1"]
     for r in range(a.repeats):
         print(f"[native] repeat {r + 1}/{a.repeats}", file=sys.stderr)
         for d in native:
-            native[d].append(ours(photos, *nat, "--decoder", d, "--seed", str(r)))
+            native[d].append(ours(photos, *nat, "--image-decoder", d, "--seed", str(r)))
     budget = {}
     for c in (8192, 16384):
         for rule in ("area", "grid"):
             print(f"[budget] C={c} {rule}", file=sys.stderr)
             budget[c, rule] = ours(small, "--native-res", "--batch-patches", str(c), "--batch-rule", rule,
-                                   "--steps", str(a.budget_steps), "--warmup", "0", "--decoder", "pil")
+                                   "--steps", str(a.budget_steps), "--warmup", "0", "--image-decoder", "pil")
     return {"fixed": res, "lite": lite_res, "native": native, "budget": budget}
 
 

@@ -79,7 +79,7 @@ def run_case(cores: str, env: dict, policy: str, steps: int, ranks: int, busy: b
 CASES = [  # (label, policy, extra env, ranks)
     ("old: torch default", "old", {}, 1),
     ("new: affinity // local ranks", "new", {}, 1),
-    ("1 thread (--threads 1)", "t1", {}, 1),
+    ("1 thread (--torch-threads 1)", "t1", {}, 1),
     ("new + OMP_WAIT_POLICY=PASSIVE", "new", {"OMP_WAIT_POLICY": "PASSIVE"}, 1),
     ("2 ranks, old (each torch default)", "old", {}, 2),
     ("2 ranks, new (each affinity // 2)", "new", {}, 2),

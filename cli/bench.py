@@ -16,34 +16,40 @@ def bench():
 @click.option("--inflight", type=int, default=32, show_default=True,
               help="Shards at URLs (s3://...): ranged reads in flight per batch.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Shards at URLs: keep fetched samples here (a second epoch reads the local disk).")
+              help="Cache folder. Shards at URLs (s3://...): fetched samples are kept there (a second epoch reads "
+              "the local disk).")
 @click.option("--cache-gb", type=float, default=0.0, show_default=True, help="Size limit of --cache-dir in GB.")
 @click.option("--native-res", is_flag=True,
-              help="Native-resolution batches: area A = 2^n (n from a truncated normal on 7..12), B = C / A.")
+              help="Native resolution. Per step an area A = 2^n patches (n from a truncated normal on 7..12) and "
+              "B = C / A images.")
 @click.option("--batch-patches", "-C", type=int, default=2**16, show_default=True,
-              help="C: patches per step per rank in --native-res mode (a power of two >= 4096).")
+              help="C: patches per step per rank with --native-res (a power of two >= 4096).")
 @click.option("--batch-rule", type=click.Choice(["area", "grid"]), default="area", show_default=True,
-              help="--native-res batch size: area = C / A (exact, the paper's rule); grid = C // (h*w), which "
+              help="--native-res batch size: area = C / A; grid = C // (h*w). area is exact (the paper's rule); grid "
               "fills the budget when a bucket's grid h*w is below A.")
 @click.option("--resolution", "-R", type=int, default=224, show_default=True,
-              help="Fixed-resolution RandomResizedCrop size in pixels (224; 336/448 for high-res).")
+              help="Fixed resolution R in pixels. RandomResizedCrop to R x R (224; 336/448 for high-res).")
 @click.option("--batch-size", "-B", type=int, default=256, show_default=True,
-              help="Images per step in fixed-resolution mode.")
-@decoder_option("--decoder")
-@click.option("--workers", "-j", type=int, default=0, show_default=True, help=workers_help())
+              help="Images per step per rank at fixed resolution (as `aimv2 train -B`).")
+@decoder_option("--image-decoder", "decoder", help_prefix="Image decoder of the loader: ", old=("--decoder",))
+@click.option("--workers", "-j", type=int, default=0, show_default=True,
+              help="Worker processes (0: the work runs in this process). Here: the loader's; default 0 as in every "
+              "command but train (4): a benchmark on one core measures one process. " + workers_help())
 @click.option("--steps", "-s", type=click.IntRange(min=1), default=50, show_default=True,
-              help="Timed steps.")
+              help="Steps to run. Loader steps, timed (after --warmup untimed ones).")
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True,
               help="Untimed steps first (worker start-up).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Random seed. It seeds the sampler, as `aimv2 train --seed` does.")
 @click.option("--no-draft", is_flag=True, help="pil: decode JPEGs at full size (no reduced-scale draft).")
 @click.option("--steps-log", type=click.Path(dir_okay=False),
               help="Write one JSON line per step (step, area, grid_h, grid_w, batch_size, padding, "
                    "sources: {name: images}, ...).")
 @click.option("--mix", default=None, metavar="SRC=W,...",
-              help="Source mixture, e.g. dfn=0.60,coyo=0.06,hqitp=0.31 (each source its own stream with its own "
-              "epochs); default: the paper's Table 2 over the sources present; 'rows': sources as the manifest has them.")
-@click.option("--json", "as_json", is_flag=True, help="End stdout with one JSON object of the figures.")
+              help="Source mixture, e.g. dfn=0.60,coyo=0.06,hqitp=0.31: each source its own stream with its own "
+              "epochs. Default: the paper's Table 2 over the sources present; 'rows': as the manifest has them.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object. The last stdout line "
+              "(the table goes to stderr).")
 def loader(manifest, inflight, cache_dir, cache_gb, native_res, batch_patches, batch_rule, resolution, batch_size,
            decoder, workers, steps, warmup, seed, no_draft, steps_log, mix, as_json):
     """Stream STEPS batches from MANIFEST and report images/s, patches/s, budget use and padding."""

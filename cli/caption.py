@@ -21,7 +21,7 @@ def caption():
 @click.option("--memory-limit", default="1GB", show_default=True,
               help="Memory for the join (DuckDB; spills to disk beyond it), whatever the caption set's size.")
 @click.option("--max-caption-bytes", default=MAX_CAPTION_BYTES, show_default=True,
-              help="Drop (and count) captions longer than this in UTF-8 bytes, as `aimv2 shard` does.")
+              help="Caption limit in UTF-8 bytes. Longer captions are dropped (and counted).")
 def attach(manifest, captions_file, on, column, name, key_column, memory_limit, max_caption_bytes):
     """Join a caption set into MANIFEST as syn_<name> (list[str]); several captions per sample allowed.
 
@@ -51,17 +51,21 @@ def attach(manifest, captions_file, on, column, name, key_column, memory_limit, 
 @click.option("--model", required=True, type=click.Path(exists=True, file_okay=False),
               help="Local HF image-to-text model folder (save_pretrained: config, weights, image processor, "
               "tokenizer), e.g. a BLIP, GIT or VisionEncoderDecoder captioner. Nothing is downloaded.")
-@click.option("--output",
-              help="Caption set to write (.parquet or .jsonl; a path or a URL). Default: MANIFEST/captions/<model>.parquet.")
+@click.option("-o", "--output",
+              help="Output file. The caption set to write (.parquet or .jsonl; a path or a URL). Default: "
+              "MANIFEST/captions/<model>.parquet.")
 @click.option("--distributor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="ray: one Ray task per manifest part (a GPU per task where the cluster has GPUs).")
-@click.option("--ray-address", default=None, help="--distributor ray: the cluster; default: what ray.init finds.")
+@click.option("--ray-address", default=None, help="--distributor ray: the Ray cluster (host:port or "
+              "ray://...). Default: what ray.init finds.")
 @click.option("--name", default="caption", show_default=True, help="Caption column name in the output set.")
 @click.option("--batch-size", default=16, show_default=True, help="Images per generate() call.")
 @click.option("--max-new-tokens", default=30, show_default=True, help="Caption length limit in tokens.")
 @click.option("--num-beams", default=1, show_default=True, help="Beam search width (1 = greedy).")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-@click.option("--limit", type=int, help="Caption only the first N samples (for a quick look).")
+@click.option("--device", default="auto", show_default=True, help="torch device: cpu, cuda or cuda:N. auto: cuda when "
+              "available, else cpu.")
+@click.option("--limit", type=int, help="Only the first N rows (a quick trial). Here: samples "
+              "captioned.")
 def generate(manifest, model, output, distributor, ray_address, name, batch_size, max_new_tokens, num_beams, device, limit):
     """Caption MANIFEST's images with a local model; writes a caption set that `attach` takes.
 

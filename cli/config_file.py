@@ -12,7 +12,8 @@ file and fills `ctx.default_map`, which Click consults for every option the comm
 keys are checked against whatever `ctx.command.params` holds when it runs.
 
 Keys: an option's parameter name (`batch_size`) or its flag without dashes (`batch-size`, `compile`).
-A flag `--no-X` also accepts `X = true/false` (inverted), so run.json's `progress` fits `--no-progress`.
+A renamed flag's old name still reads (`decoder`, cli/flags.py). A flag `--no-X` also accepts
+`X = true/false` (inverted), so run.json's `progress` fits `--no-progress`.
 A JSON file with a `section` entry (run.json: `{"train": {...}, "hparams": ...}`) is read from that
 entry; a TOML file may put its keys at the top or under `[section]`. `null` values are skipped (the
 option's default applies). Unknown keys are a one-line error naming the nearest valid key (difflib); a
@@ -32,6 +33,8 @@ except ImportError:  # Python 3.10: the same parser, as a package
     import tomli as tomllib
 
 import click
+
+from cli.flags import OldSpelling
 
 
 def read_config(path: str | Path, section: str | None = None) -> dict:
@@ -61,6 +64,11 @@ def _spellings(command: click.Command, exclude: set[str]) -> dict[str, tuple[str
     """Every accepted key -> (parameter name, invert?)."""
     keys: dict[str, tuple[str, bool]] = {}
     for p in command.params:
+        if isinstance(p, OldSpelling):  # a renamed flag: its old name still reads (cli/flags.py)
+            if p.new_name not in exclude:
+                for k in (flag := p.opts[0].lstrip("-"), flag.replace("-", "_")):
+                    keys.setdefault(k, (p.new_name, False))
+            continue
         if not isinstance(p, click.Option) or p.name in exclude or p.name is None:
             continue
         keys[p.name] = (p.name, False)

@@ -5,10 +5,12 @@ from pathlib import Path
 
 import click
 
+from cli.flags import option
+
 
 @click.command()
-@click.option("--out", default="demo_out", show_default=True, metavar="DIR",
-              help="Where the demo writes everything. Rerunning with the same DIR skips finished steps.")
+@option("-o", "--output", "out", default="demo_out", show_default=True, metavar="DIR", old=("--out",),
+        help="Output folder. The demo writes everything there; rerunning with the same DIR skips finished steps.")
 def demo(out):
     """Run the pipeline end to end on the embedded demo corpus (real scikit-image photos plus generated
     images), served by a loopback HTTP server: corpus -> fetch (COYO-style list) -> fetch (DFN-style pool +
@@ -31,7 +33,7 @@ def demo(out):
             status = "[dim]already done[/]" if r.skipped else f"[green]done[/] in {r.seconds:.1f} s"
             rows.append((r.name, status, r.output, r.detail))
     except DemoStepFailed as e:
-        raise click.ClickException(f"{e}; rerun `aimv2 demo --out {out}` to resume") from e
+        raise click.ClickException(f"{e}; rerun `aimv2 demo -o {out}` to resume") from e
     t = Table(title=f"aimv2 demo: everything is under {root.resolve()}", title_justify="left")
     for col in ("step", "status", "output", "result"):
         t.add_column(col)

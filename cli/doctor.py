@@ -4,7 +4,7 @@ import click
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 def doctor(as_json):
     """Report versions and capabilities: live PIL (Pillow-SIMD? AVX2?), DALI device, CUDA, threads."""
     from rich.console import Console

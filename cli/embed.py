@@ -1,26 +1,29 @@
 import click
 
+from aimv2data.paper import EVAL_MAX_PATCHES
+
 
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--checkpoint", "-c", required=True, type=click.Path(exists=True),
-              help="Encoder weights: a transformers Aimv2VisionModel folder, an ml-aim state dict "
-                   "(.pth/.safetensors), our checkpoint file, or a training run / checkpoints directory.")
+              help="Encoder weights: a training run directory (newest checkpoint), a checkpoint file, a transformers "
+                   "Aimv2VisionModel folder or ml-aim weights (.pth/.safetensors).")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
-              help="FILE.npy: pooled features (n, D), or (n, h*w, D) with --tokens at a fixed resolution. "
+              help="Output file. FILE.npy: pooled features (n, D), or (n, h*w, D) with --tokens at a fixed resolution. "
                    "FILE.npz: `pooled`, `grids` and per-image `tokens_NNNNN`. FILE.json names each row.")
 @click.option("--tokens", is_flag=True, help="Keep every final-norm token instead of the mean over tokens.")
 @click.option("--resolution", type=int, default=None,
-              help="Fixed resolution R: shorter side to R, centre crop R x R (a multiple of the patch size). "
+              help="Fixed resolution R in pixels. Shorter side to R, centre crop R x R (a multiple of the patch size). "
                    "Default for learned-position models: the resolution they were trained at.")
 @click.option("--native-res", is_flag=True,
-              help="Keep each image's aspect ratio on a patch grid of at most --max-patches patches "
-                   "(the default for sin-cos / native-resolution models).")
-@click.option("--max-patches", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Patch budget A for --native-res (h*w <= A); smaller images keep their own size.")
+              help="Native resolution. Each image keeps its aspect ratio on at most --max-patches patches (the "
+                   "default for sin-cos trunks).")
+@click.option("--max-patches", type=click.IntRange(min=1), default=EVAL_MAX_PATCHES, show_default=True,
+              help="Patch budget A per image with --native-res (h*w <= A); smaller images keep their own size. "
+              "The default, a 224 px image's grid, is the same in `aimv2 embed` and `aimv2 probe`.")
 @click.option("--batch-size", type=int, default=16, show_default=True,
               help="Images per forward pass (native resolution batches runs of equal grids).")
-@click.option("--device", default=None, help="torch device; default cuda when available, else cpu.")
+@click.option("--device", default=None, help="torch device: cpu, cuda or cuda:N. Default: cuda when available, else cpu.")
 @click.option("--heads", type=int, default=None,
               help="Attention heads, only for bare state dicts whose width is not a multiple of 128.")
 def embed(images, checkpoint, output, tokens, resolution, native_res, max_patches, batch_size, device, heads):

@@ -7,7 +7,7 @@ import click
               help="hf: a transformers Aimv2VisionModel folder (config.json, model.safetensors, "
                    "preprocessor_config.json). aim: model.safetensors with ml-aim AIMv2VisionEncoder keys.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
-              help="Folder to write (with a README.md model card). Written whole or not at all.")
+              help="Output folder. Written whole (with a README.md model card) or not at all.")
 @click.option("--step", type=int, default=None, help="Export RUN/checkpoints/step_N.pt (default: the newest).")
 @click.option("--probe-results", type=click.Path(exists=True, dir_okay=False), default=None,
               help="`aimv2 probe --output` JSON to quote in the card (default: RUN/probe.json when present).")

@@ -2,16 +2,19 @@ import os
 
 import click
 
+from cli.flags import option
+
 
 @click.command()
 @click.option("--source", type=click.Choice(["coyo", "dfn", "parquet"]),
               help="coyo: COYO-700M parquet (id, url, text, width, height). dfn: DataComp pool parquet (uid, url, "
                    "text, original_width, original_height, sha256) filtered by --dfn-index. parquet: any parquet, "
-                   "columns named by --url-col/--caption-col.")
+                   "columns named by --url-col/--caption-col. [required, except with --retry-failed]")
 @click.option("--url-list", "url_lists", multiple=True, metavar="PATH",
-              help="A url list parquet, or a directory of them (*.parquet, in name order). Repeatable.")
-@click.option("--output", required=True, metavar="DIR",
-              help="Output directory: new, empty, or an earlier fetch of the same lists with the same flags (resumes). "
+              help="A url list parquet, or a directory of them (*.parquet, in name order). Repeatable. "
+                   "[required, except with --retry-failed]")
+@click.option("-o", "--output", required=True, metavar="DIR",
+              help="Output folder. New, empty, or an earlier fetch of the same lists with the same flags (resumes). "
               "A local path or a URL (s3://bucket/prefix; credentials and endpoint from the standard AWS_* "
               "variables and config files, never printed or stored).")
 @click.option("--retry-failed", is_flag=True,
@@ -19,7 +22,7 @@ import click
               "error, HTTP 429/5xx) into new shards of DIR; 404/403, non-images and bombs are left alone. With the "
               "original flags, or with --output DIR alone (the rest is read from DIR's own record).")
 @click.option("--ray-address", default=None,
-              help="--distributor ray: the Ray cluster (host:port or ray://...); default: what ray.init finds.")
+              help="--distributor ray: the Ray cluster (host:port or ray://...). Default: what ray.init finds.")
 @click.option("--dfn-index", metavar="FILE.npy",
               help="dfn: the DFN uid index, a sorted .npy of dtype u8,u8 (uid high half, low half). Only pool "
                    "rows whose uid is in it are fetched; the rest are never requested.")
@@ -28,15 +31,17 @@ import click
               help="parquet: the column holding captions; '' for none (no KEY.txt).")
 @click.option("--processes", type=click.IntRange(min=1), default=max(1, os.cpu_count() or 1), show_default="CPU count",
               help="img2dataset download processes (each works on one shard at a time).")
-@click.option("--threads", type=click.IntRange(min=1), default=64, show_default=True, help="Download threads per process.")
+@option("--download-threads", "threads", type=click.IntRange(min=1), default=64, show_default=True, old=("--threads",),
+        help="Download threads per process.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=10_000, show_default=True, help="Samples per tar shard.")
-@click.option("--limit", type=click.IntRange(min=1), help="Fetch only the first N rows left after filtering (a quick trial).")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows (a quick trial). "
+              "Here: rows left after filtering.")
 @click.option("--max-side", type=click.IntRange(min=0), default=2048, show_default=True,
               help="Downscale images whose long side is larger to this, aspect kept; smaller images keep their "
                    "native size (never upscaled). 0: never resize.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=178_956_970, show_default=True,
-              help="Refuse images with more pixels than this, from their header, before decoding "
-                   "(decompression-bomb guard; the default is Pillow's own limit).")
+              help="Decompression-bomb guard: images with more pixels than this (by their header) are refused. "
+                   "Before decoding; the default is Pillow's own limit.")
 @click.option("--distributor", type=click.Choice(["multiprocessing", "pyspark", "ray"]), default="multiprocessing",
               show_default=True, help="img2dataset's distributor; ray spreads shards over a Ray cluster (--ray-address); "
               "pyspark over a Spark session you start (untested here, see docs/fetch.md).")

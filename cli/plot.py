@@ -1,10 +1,12 @@
 import click
 
+from cli.flags import option
+
 
 @click.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--out", "-o", type=click.Path(file_okay=False),
-              help="Directory for the PNGs (default: the first RUN).")
+@option("-o", "--output", "out", type=click.Path(file_okay=False), old=("--out",),
+        help="Output folder. The PNGs go there (default: the first RUN).")
 @click.option("--smooth", default=0.0, show_default=True,
               help="Exponential moving average of the curves (0 = raw, 0.9 = smooth); lr is never smoothed.")
 def plot(runs, out, smooth):

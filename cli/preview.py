@@ -6,21 +6,23 @@ from cli.options import decoder_option
 @click.command()
 @click.argument("manifest", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
-              help="Folder for the PNG pages and index.html (open index.html in a browser).")
+              help="Output folder. The PNG pages and index.html go there (open index.html in a browser).")
 @click.option("--native-res", is_flag=True,
-              help="Native-resolution batches: area A = 2^n (n from a truncated normal on 7..12), B = C / A.")
+              help="Native resolution. Per step an area A = 2^n patches (n from a truncated normal on 7..12) and "
+              "B = C / A images.")
 @click.option("--batch-patches", "-C", type=int, default=2**16, show_default=True,
               help="C: patches per step per rank with --native-res (a power of two >= 4096).")
 @click.option("--batch-rule", type=click.Choice(["area", "grid"]), default="area", show_default=True,
               help="--native-res batch size: area = C / A; grid = C // (h*w).")
 @click.option("--resolution", "-R", type=int, default=224, show_default=True,
-              help="Fixed-resolution RandomResizedCrop size in pixels.")
+              help="Fixed resolution R in pixels. RandomResizedCrop to R x R, as `aimv2 train -R`.")
 @click.option("--batch-size", "-B", type=int, default=256, show_default=True,
-              help="Images per step at fixed resolution.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed (as `aimv2 train --seed`).")
+              help="Images per step per rank at fixed resolution (as `aimv2 train -B`).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Random seed. It seeds the sampler, as `aimv2 train --seed` does.")
 @click.option("--mix", default=None, metavar="SRC=W,...",
-              help="Source mixture (as `aimv2 train --mix`), e.g. dfn=0.60,coyo=0.06,hqitp=0.31; default: the "
-              "paper's Table 2 over the sources present; 'rows': sources as the manifest has them.")
+              help="Source mixture, e.g. dfn=0.60,coyo=0.06,hqitp=0.31: each source its own stream with its own "
+              "epochs. Default: the paper's Table 2 over the sources present; 'rows': as the manifest has them.")
 @click.option("--epoch", type=int, default=0, show_default=True,
               help="Start at this loader segment (a stretch of steps in which no source changes epoch; 0 is "
               "the first; one per `iter(loader)`), then go on in the order training reads the steps.")
@@ -30,7 +32,8 @@ from cli.options import decoder_option
               "are decoded).")
 @click.option("--per-sheet", type=int, default=16, show_default=True, help="Images shown per contact sheet.")
 @click.option("--areas", default="", help="Only steps at these areas, comma-separated (e.g. 256,1024).")
-@decoder_option("--decoder", help_prefix="Image decoder (as the loader's): ")
+@decoder_option("--image-decoder", "decoder", help_prefix="Image decoder of the loader. As `aimv2 train --image-decoder`: ",
+                old=("--decoder",))
 def preview(manifest, output, native_res, batch_patches, batch_rule, resolution, batch_size, seed, mix, epoch,
             batches, scan, per_sheet, areas, decoder):
     """See the batches the loader makes from MANIFEST: PNG contact sheets of real batches (each image as the

@@ -1,5 +1,7 @@
 import click
 
+from aimv2data.paper import EVAL_MAX_PATCHES
+
 _A2 = "Table A2"
 
 
@@ -12,8 +14,8 @@ def _floats(text: str) -> tuple[float, ...]:
 
 @click.command()
 @click.option("--checkpoint", "-c", required=True, type=click.Path(exists=True),
-              help="The trunk: a training run directory (newest checkpoint), a checkpoint file, a transformers "
-                   "Aimv2VisionModel folder or ml-aim weights.")
+              help="Encoder weights: a training run directory (newest checkpoint), a checkpoint file, a transformers "
+                   "Aimv2VisionModel folder or ml-aim weights (.pth/.safetensors).")
 @click.option("--train", "train_data", required=True, type=click.Path(exists=True, file_okay=False),
               help="Training images: an image-folder tree DATA/<class>/<image> or a manifest directory with a "
                    "label column.")
@@ -21,11 +23,14 @@ def _floats(text: str) -> tuple[float, ...]:
               help="Validation images, same layout; its classes must all be in --train.")
 @click.option("--label-col", default="label", show_default=True, help="Label column of manifest data sets.")
 @click.option("--resolution", type=int, default=None,
-              help="Fixed resolution R (shorter side to R, centre crop). Default: the trunk's own (learned positions).")
+              help="Fixed resolution R in pixels. Shorter side to R, centre crop R x R; default: the trunk's own "
+              "(learned positions).")
 @click.option("--native-res", is_flag=True,
-              help="Native aspect ratio on at most --max-patches patches (default for sin-cos trunks).")
-@click.option("--max-patches", type=int, default=256, show_default=True,
-              help="Patch budget per image with --native-res (256 = a 224 px image at patch 14).")
+              help="Native resolution. Each image keeps its aspect ratio on at most --max-patches patches (the "
+                   "default for sin-cos trunks).")
+@click.option("--max-patches", type=click.IntRange(min=1), default=EVAL_MAX_PATCHES, show_default=True,
+              help="Patch budget A per image with --native-res (h*w <= A); smaller images keep their own size. "
+              "The default, a 224 px image's grid, is the same in `aimv2 embed` and `aimv2 probe`.")
 @click.option("--lrs", default="5e-5,1e-4,2e-4,3e-4,5e-4,1e-3,2e-3", show_default=True,
               help=f"Peak learning rates of the sweep ({_A2}'s grid; give fewer to shorten it).")
 @click.option("--wds", default="0.05,0.1", show_default=True, help=f"Weight decays of the sweep ({_A2}).")
@@ -33,25 +38,29 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--batch-size", default=1024, show_default=True,
               help=f"Probe batch size ({_A2}: 1024; capped at the training set size).")
 @click.option("--warmup-epochs", default=5, show_default=True, help="Linear warmup before the cosine decay.")
-@click.option("--min-lr", default=1e-5, show_default=True, help=f"End of the cosine decay ({_A2}).")
-@click.option("--clip", default=3.0, show_default=True, help=f"Gradient-norm clipping per probe ({_A2}).")
+@click.option("--min-lr", default=1e-5, show_default=True, help=f"Final learning rate of the cosine. {_A2}'s.")
+@click.option("--clip", default=3.0, show_default=True, help=f"Gradient-norm clipping. Per probe ({_A2}).")
 @click.option("--probe-heads", type=int, default=None,
               help="Attention heads of the attentive probe (default: the trunk's).")
 @click.option("--queries", default=1, show_default=True, help="Learned query tokens (their outputs are averaged).")
 @click.option("--no-linear", is_flag=True, help="Skip the linear probe on mean-pooled features.")
-@click.option("--seed", default=0, show_default=True, help="Seeds the probes' initial weights and data order.")
+@click.option("--seed", default=0, show_default=True, help="Random seed. It seeds the probes' initial weights "
+              "and data order.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False),
-              help="Write the full results JSON here (e.g. RUN/probe.json, which `aimv2 export` picks up).")
+              help="Output file. The full results JSON goes there (e.g. RUN/probe.json, which `aimv2 export` picks up).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Feature cache (default ~/.cache/aimv2/probe); keyed by weights, data and preprocessing.")
+              help="Cache folder. Features are kept there (default ~/.cache/aimv2/probe), keyed by weights, data and "
+              "preprocessing.")
 @click.option("--cache-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage type of cached tokens (pooled features are always float32).")
 @click.option("--encode-batch-size", default=64, show_default=True, help="Images per trunk forward pass.")
-@click.option("--workers", default=0, show_default=True, help="Image decoding processes (0: in-process).")
-@click.option("--device", default=None, help="torch device; default cuda when available, else cpu.")
+@click.option("--workers", "-j", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Worker processes (0: the work runs in this process). Here: image decoding for the feature cache. "
+              "Default 0 as in every command but train (4).")
+@click.option("--device", default=None, help="torch device: cpu, cuda or cuda:N. Default: cuda when available, else cpu.")
 @click.option("--heads", type=int, default=None,
-              help="Trunk attention heads, only for bare state dicts whose width is not a multiple of 128.")
-@click.option("--no-progress", is_flag=True, help="No progress bars (the summary is still printed).")
+              help="Attention heads, only for bare state dicts whose width is not a multiple of 128.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (the summary is still printed).")
 def probe(checkpoint, train_data, val_data, label_col, resolution, native_res, max_patches, lrs, wds, epochs,
           batch_size, warmup_epochs, min_lr, clip, probe_heads, queries, no_linear, seed, output, cache_dir,
           cache_dtype, encode_batch_size, workers, device, heads, no_progress):

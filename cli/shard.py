@@ -10,16 +10,18 @@ from aimv2data.manifest.schema import MAX_CAPTION_BYTES, MAX_IMAGE_BYTES, MAX_JS
 @click.command()
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
 @click.option("-o", "--output", required=True,
-              help="Manifest directory to create or resume (MANIFEST/_manifest.json, samples/, rejects/): a local "
-              "path or a URL (s3://bucket/manifest; credentials and endpoint from the standard AWS_* variables "
-              "and config files).")
+              help="Output folder. The manifest directory to create or resume (MANIFEST/_manifest.json, samples/, "
+              "rejects/): a local path or a URL (s3://bucket/manifest; credentials and endpoint from the standard "
+              "AWS_* variables and config files).")
 @click.option("--patch-size", default=14, show_default=True, help="Patch size in pixels, recorded for readers.")
-@click.option("--workers", default=1, show_default=True, help="Processes; each shards whole tars.")
+@click.option("--workers", "-j", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Worker processes (0: the work runs in this process). Here: each shards whole tars (0 and 1 both run "
+              "in this process). Default 0 as in every command but train (4): each worker is a fresh interpreter.")
 @click.option("--distributor", type=click.Choice(["multiprocessing", "ray"]), default="multiprocessing",
               show_default=True, help="ray: one Ray task per tar on the cluster of --ray-address (same parts, "
               "resume and merge as multiprocessing).")
-@click.option("--ray-address", default=None, help="Ray cluster address for --distributor ray (host:port or "
-              "ray://...); default: what ray.init finds (RAY_ADDRESS, a local `ray start`, else a new local one).")
+@click.option("--ray-address", default=None, help="--distributor ray: the Ray cluster (host:port or ray://...). "
+              "Default: what ray.init finds (RAY_ADDRESS, a local `ray start`, else a new local one).")
 @click.option("--part", metavar="i/N", help="Process only tars i, i+N, i+2N, ... of the sorted inputs "
               "(0 <= i < N), e.g. --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT. The merge runs "
               "by itself once every tar is done.")
@@ -28,14 +30,15 @@ from aimv2data.manifest.schema import MAX_CAPTION_BYTES, MAX_IMAGE_BYTES, MAX_JS
               "truncation). draft: also decode JPEGs at 1/8 scale and PNG/WebP fully. decode: fully decode "
               "everything (slowest, catches damage inside the compressed data).")
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True,
-              help="Reject larger images (by header size) as decompression bombs.")
+              help="Decompression-bomb guard: images with more pixels than this (by their header) are refused. "
+              "Rejected as decompression bombs.")
 @click.option("--max-image-bytes", default=MAX_IMAGE_BYTES, show_default=True,
               help="Reject samples whose image member is larger (by its tar header; never read): image_too_large.")
 @click.option("--max-json-bytes", default=MAX_JSON_BYTES, show_default=True,
               help="Reject samples whose .json member is larger (never read): json_too_large.")
 @click.option("--max-caption-bytes", default=MAX_CAPTION_BYTES, show_default=True,
-              help="Reject samples whose .txt caption (or json `caption`) is longer in UTF-8 bytes: "
-              "caption_too_large. Training uses 77 tokens of it.")
+              help="Caption limit in UTF-8 bytes. Samples whose .txt caption (or json `caption`) is longer are "
+              "rejected: caption_too_large. Training uses 77 tokens of it.")
 @click.option("--min-side", default=1, show_default=True, help="Reject images whose shorter display side is smaller.")
 @click.option("--max-aspect", default=8.0, show_default=True,
               help="Reject images with max(w/h, h/w) above this (they would lose most of themselves to crop).")

@@ -6,7 +6,7 @@ import click
 @click.option("--val-fraction", default=0.01, show_default=True,
               help="Share of samples held out (by a hash of the key: the same split on every rerun).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
-              help="Writes OUTPUT/train and OUTPUT/val, each a manifest (manifests/SPEC.md).")
+              help="Output folder. OUTPUT/train and OUTPUT/val, each a manifest (manifests/SPEC.md).")
 def split(manifest, val_fraction, output):
     """Split MANIFEST into train and held-out manifests for `aimv2 train --val-manifest`.
 

@@ -8,7 +8,7 @@ import click
 @click.argument("manifest")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False),
               help="Also write PNG plots (buckets, sizes, aspects, caption lengths) into this folder.")
-@click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object instead of tables.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object. Instead of tables.")
 def stats(manifest, plot_dir, as_json):
     """Counts per source and bucket, size and aspect histograms, caption coverage and length, rejects.
     With --plot DIR, also the pictures, and a link to DIR/preview/index.html (`aimv2 preview`: the batches)."""

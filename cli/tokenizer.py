@@ -9,7 +9,7 @@ def tokenizer():
 @tokenizer.command("train")
 @click.argument("manifest")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
-              help="Where to write the sentencepiece .model (written atomically).")
+              help="Output file. The sentencepiece .model (written atomically).")
 @click.option("--vocab-size", default=32000, show_default=True,
               help="Vocabulary size including the reserved pad/eos/unk (SigLIP uses 32000; use a few "
                    "hundred for a demo-sized manifest).")
@@ -24,7 +24,7 @@ def tokenizer():
 @click.option("--soft-limit", is_flag=True,
               help="Treat --vocab-size as an upper bound: a corpus too small to fill it gives a smaller "
                    "vocabulary instead of an error (handy for demo-sized manifests).")
-@click.option("--seed", default=0, show_default=True, help="sentencepiece's sampling seed.")
+@click.option("--seed", default=0, show_default=True, help="Random seed. It seeds sentencepiece's sampling.")
 def train(manifest, output, vocab_size, columns, model_type, character_coverage, max_sentences, soft_limit, seed):
     """Train a sentencepiece tokenizer on every caption column of MANIFEST's samples/*.parquet.
 

@@ -5,6 +5,7 @@ import click
 
 from aimv2train.train.config import TrainConfig
 from cli.config_file import config_file_option
+from cli.flags import option
 
 _PATHS = {"dir": dict(file_okay=False), "existing": dict(exists=True),
           "existing_dir": dict(exists=True, file_okay=False), "existing_file": dict(exists=True, dir_okay=False)}
@@ -14,7 +15,7 @@ def config_options(cls):
     """Click options generated from a config dataclass's fields and their metadata (train/config.py):
     the flag is the field name with dashes, the default and type are the field's, required when it
     has no default (checked by the command, `check_required`: `--dry-run` needs none); `choices`, `path`,
-    `short` and `name` (an inverted boolean) refine it."""
+    `short`, `name` (another flag name) and `old` (older spellings, cli/flags.py) refine it."""
     hints = typing.get_type_hints(cls)
 
     def decorate(f):
@@ -24,7 +25,7 @@ def config_options(cls):
                 continue
             kind = next((t for t in typing.get_args(hints[fl.name]) if t is not type(None)), hints[fl.name])
             required = fl.default is dataclasses.MISSING
-            names = [meta.get("name", "--" + fl.name.replace("_", "-")), *meta.get("aliases", ())]
+            names = [meta.get("name", "--" + fl.name.replace("_", "-"))]
             names += [meta["short"]] if "short" in meta else []
             kw = dict(help=meta["help"] + (" [required, except with --dry-run]" if required else ""),
                       **({"metavar": meta["metavar"]} if "metavar" in meta else {}))
@@ -37,7 +38,7 @@ def config_options(cls):
                     kw["type"] = click.Choice(list(meta["choices"]))
                 elif "path" in meta:
                     kw["type"] = click.Path(**_PATHS[meta["path"]])
-            f = click.option(*names, fl.name, **kw)(f)
+            f = option(*names, fl.name, old=meta.get("old", ()), **kw)(f)
         return f
     return decorate
 
@@ -59,7 +60,7 @@ def train(**settings):
     """Pre-train (or adapt) an AIMv2 encoder with its multimodal decoder.
 
     \b
-    One process:  aimv2 train -m MANIFEST -t tok.model --model tiny --steps 300 --resolution 112 --batch-size 16 -o RUN
+    One process:  aimv2 train -m MANIFEST -t tok.model --model tiny --steps 300 -R 112 -B 16 -o RUN
     Several:      torchrun --nproc_per_node 8 -m cli.main train ... [--parallel fsdp]
     From a file:  aimv2 train --config configs/L/pretrain.toml -m MANIFEST -t tok.model -o RUN
     Plan only:    WORLD_SIZE=32 aimv2 train --config configs/L/native.toml --device cuda --dry-run

@@ -235,7 +235,7 @@ def test_stop_returns_promptly_with_a_stalled_request():
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_a_rerun_skips_every_step(tmp_path):
     out = tmp_path / "demo_out"
-    res = CliRunner().invoke(main, ["demo", "--out", str(out)], catch_exceptions=False)
+    res = CliRunner().invoke(main, ["demo", "-o", str(out)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     coyo = json.loads((out / "fetch_coyo" / "fetch_summary.json").read_text())
     dfn = json.loads((out / "fetch_dfn" / "fetch_summary.json").read_text())
@@ -274,7 +274,7 @@ def test_demo_runs_end_to_end_and_a_rerun_skips_every_step(tmp_path):
     assert p["train_native"]["attentive_top1"] > p["random_init_native"]["attentive_top1"]
     assert "## Evaluation: frozen-trunk probes" in (out / "export_hf" / "README.md").read_text()
     before = snapshot(out)
-    res = CliRunner().invoke(main, ["demo", "--out", str(out)], catch_exceptions=False)
+    res = CliRunner().invoke(main, ["demo", "-o", str(out)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert res.output.count("already done") == 10
     assert snapshot(out) == before

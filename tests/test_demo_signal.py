@@ -27,13 +27,13 @@ def test_sigterm_in_a_training_step_stops_the_demo_with_143(tmp_path, monkeypatc
     monkeypatch.setattr(demo_pipeline, "STEPS", steps)
     with monkeypatch.context() as m:
         _train_fixtures.signal_on_forward(m, 2, signal.SIGTERM)
-        res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path)])
+        res = CliRunner().invoke(main, ["demo", "-o", str(tmp_path)])
     assert res.exit_code == 143, res.output
     assert "interrupted (SIGTERM)" in res.output and "rerun the same command" in res.output
     fixed = json.loads((tmp_path / "train_fixed" / "summary.json").read_text())
     assert fixed["status"] == "interrupted" and fixed["step"] == 2
     assert not (tmp_path / "train_native").exists()        # never initialised from the step-2 checkpoint
-    res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path)], catch_exceptions=False)
+    res = CliRunner().invoke(main, ["demo", "-o", str(tmp_path)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "train_fixed" / "summary.json").read_text())["status"] == "done"
     native = json.loads((tmp_path / "train_native" / "summary.json").read_text())

@@ -28,7 +28,7 @@ from aimv2data.serve import HOSTILE, LoopbackServer, bomb_png
 from cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["--processes", "1", "--threads", "8", "--timeout", "2"]
+FAST = ["--processes", "1", "--download-threads", "8", "--timeout", "2"]
 
 
 def run_fetch(*args):
@@ -458,7 +458,7 @@ def _shard_files(out: Path) -> tuple[set[str], set[str]]:
 def _start(lists, out):
     cmd = [sys.executable, "-m", "cli.main", "fetch", "--allow-private-addresses",
            "--source", "coyo", "--url-list", str(lists["coyo"]),
-           "--output", str(out), "--shard-size", "10", "--processes", "1", "--threads", "2", "--timeout", "5"]
+           "--output", str(out), "--shard-size", "10", "--processes", "1", "--download-threads", "2", "--timeout", "5"]
     return subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
 
@@ -512,7 +512,7 @@ def test_killed_and_interrupted_runs_resume_without_duplicates(served, tmp_path)
     kept = {n: snapshot(out)[f"{n}.tar"] for n in done}
     # 3. rerun: completes, finished shards untouched, partial ones redone, no key twice
     res = run_fetch("--source", "coyo", "--url-list", lists["coyo"], "--output", out, "--shard-size", 10,
-                    "--processes", "1", "--threads", "2", "--timeout", "5")
+                    "--processes", "1", "--download-threads", "2", "--timeout", "5")
     assert res.exit_code == 0, res.output
     snap = snapshot(out)
     assert all(snap[f"{n}.tar"] == kept[n] for n in kept)

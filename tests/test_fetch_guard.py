@@ -23,7 +23,7 @@ from aimv2data.fetch_summary import reason_class
 from aimv2data.serve import LoopbackServer, small_jpeg
 from cli.main import main
 
-FAST = ["--processes", "1", "--threads", "4", "--timeout", "10", "--source", "parquet", "--caption-col", ""]
+FAST = ["--processes", "1", "--download-threads", "4", "--timeout", "10", "--source", "parquet", "--caption-col", ""]
 SECRETS = ("s3cret", "hunter2", "alice", "bob")
 
 

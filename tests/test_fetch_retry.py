@@ -13,7 +13,7 @@ from _fetch_fixtures import snapshot, tar_keys
 from aimv2data.serve import LoopbackServer, small_jpeg
 from cli.main import main
 
-FAST = ["--processes", "1", "--threads", "4", "--timeout", "2"]
+FAST = ["--processes", "1", "--download-threads", "4", "--timeout", "2"]
 GOOD, FLAKY_503, FLAKY_STALL, GONE = 10, 3, 2, 3
 
 

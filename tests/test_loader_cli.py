@@ -26,7 +26,7 @@ def _run(args):
 
 def test_native_bench_json_and_steps_log(manifest, tmp_path):
     log = tmp_path / "steps.jsonl"
-    res = _run([str(manifest), "--native-res", "--batch-patches", "4096", "--decoder", "pil", "--workers", "0",
+    res = _run([str(manifest), "--native-res", "--batch-patches", "4096", "--image-decoder", "pil", "--workers", "0",
                 "--steps", "12", "--warmup", "1", "--steps-log", str(log), "--json"])
     r = json.loads(res.stdout.strip().splitlines()[-1])
     assert r["steps"] == 12 and r["batch_patches"] == 4096 and r["mode"] == "native"
@@ -46,7 +46,7 @@ def test_native_bench_json_and_steps_log(manifest, tmp_path):
 
 def test_fixed_bench_runs_past_the_end_of_an_epoch_with_dali(manifest):
     # 300 samples / 64 = 4 steps an epoch: 10 steps need 3 epochs
-    res = _run([str(manifest), "--resolution", "32", "--batch-size", "64", "--decoder", "dali", "--steps", "10",
+    res = _run([str(manifest), "--resolution", "32", "--batch-size", "64", "--image-decoder", "dali", "--steps", "10",
                 "--json"])
     r = json.loads(res.stdout.strip().splitlines()[-1])
     assert r["steps"] == 10 and r["images"] == 640 and r["budget_use"] == 1.0 and r["device"] == "cpu"

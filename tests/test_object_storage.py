@@ -137,7 +137,7 @@ def test_fetch_shard_load_train_from_s3_equal_local(s3, tmp_path):
     with LoopbackServer(directory=tmp_path / "images", slow_s=3) as srv:
         lists = demo.write_url_lists(tmp_path, srv.base_url)
         flags = ["--allow-private-addresses",       # the loopback image server
-                 "--source", "coyo", "--shard-size", 32, "--processes", "1", "--threads", "8", "--timeout", "2"]
+                 "--source", "coyo", "--shard-size", 32, "--processes", "1", "--download-threads", "8", "--timeout", "2"]
         _fs().put_file(str(lists["coyo"]), "data/lists/coyo.parquet")       # the url list in the bucket too
         r = cli("fetch", *flags, "--url-list", "s3://data/lists/", "--output", "s3://data/coyo")
         assert r.exit_code == 0, r.output

@@ -33,6 +33,7 @@ def test_every_field_is_a_flag_with_the_dataclass_default(tmp_path, monkeypatch)
     cfg = seen["cfg"]
     assert (cfg.progress, cfg.compile, cfg.lr, cfg.stage) == (False, True, 3e-4, "highres")
     assert cfg.image_decoder == "dali"  # --decoder, the older name of --image-decoder, still works
+    assert "aimv2 train: --decoder is deprecated, use --image-decoder" in r.stderr
 
     help_text = CliRunner().invoke(main, ["train", "--help"], terminal_width=200).output
     for f in dataclasses.fields(TrainConfig):

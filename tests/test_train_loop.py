@@ -112,7 +112,7 @@ def test_non_finite_loss_stops_and_keeps_last_good(data, tmp_path, monkeypatch):
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5]  # no NaN line
     calls.clear()
     r = CliRunner().invoke(__import__("cli.main", fromlist=["main"]).main, [
-        "train", "-m", str(data[0]), "-t", str(data[1]), "--out", str(tmp_path / "cli"), "--resolution", "56",
+        "train", "-m", str(data[0]), "-t", str(data[1]), "--output", str(tmp_path / "cli"), "--resolution", "56",
         "--batch-size", "8", "--workers", "0", "--steps", "14", "--no-progress", "--save-every", "5"])
     assert r.exit_code == 3 and "step_00000005.pt" in r.output and "lower --lr" in r.output
 

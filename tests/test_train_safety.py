@@ -145,5 +145,5 @@ def test_a_read_only_checkpoints_folder_is_refused_before_the_first_step(data, t
     finally:
         ckpts.chmod(0o755)
     msg = str(e.value)
-    assert msg.startswith(f"{ckpts} is not writable (") and "\n" not in msg and "choose another --out" in msg
+    assert msg.startswith(f"{ckpts} is not writable (") and "\n" not in msg and "choose another --output" in msg
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "run.json").exists()

@@ -32,12 +32,12 @@ def test_affinity_divided_among_local_ranks(eight_cpus):
 
 
 def test_explicit_choices_win(eight_cpus):
-    assert cpu_threads(3) == (3, "--threads") and torch.get_num_threads() == 3
+    assert cpu_threads(3) == (3, "--torch-threads") and torch.get_num_threads() == 3
     torch.set_num_threads(5)
     eight_cpus.setenv("OMP_NUM_THREADS", "5")
     eight_cpus.setenv("LOCAL_WORLD_SIZE", "2")
     assert cpu_threads() == (5, "OMP_NUM_THREADS")
-    with pytest.raises(ValueError, match="--threads must be >= 1"):
+    with pytest.raises(ValueError, match="--torch-threads must be >= 1"):
         cpu_threads(0)
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from aimv2data.manifest.layout import read_manifest_json
+from aimv2data.paper import EVAL_MAX_PATCHES
 
 from ..model.aimv2 import LOSS_TERMS
 from ..model.interop import save_aim, save_hf
@@ -255,8 +256,8 @@ def preprocessing_section(c, fmt: str) -> list[str]:
     lines = ["## Preprocessing", ""]
     if c.pos_embed == "sincos":
         lines += [f"Native resolution: choose a patch grid (h, w) keeping the image's aspect ratio with h*w <= A "
-                  f"(the patch budget; `aimv2 embed --max-patches A`, default 1024), then resize the whole image "
-                  f"**directly, bicubic, to (h*{p}, w*{p}) pixels (width w*{p}, height h*{p}) without cropping**, "
+                  f"(the patch budget; `aimv2 embed --max-patches A`, default {EVAL_MAX_PATCHES}), then resize the "
+                  f"whole image **directly, bicubic, to (h*{p}, w*{p}) pixels (width w*{p}, height h*{p}) without cropping**, "
                   "and normalise with the CLIP mean/std. A resize-then-crop differs by about 1e-2 in the features. "
                   "transformers has no image processor for this, so none is shipped: "
                   "`aimv2train.model.preprocess.native_resolution` does it."]

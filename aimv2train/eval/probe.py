@@ -37,6 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from aimv2data.atomic import atomic_torch_save, write_json_atomic
+from aimv2data.paper import EVAL_MAX_PATCHES
 from ..train.schedule import WarmupCosine
 
 # Table A2 (appendix; "Table B2" in the arXiv v2 appendix): the attentive-probe hyperparameters.
@@ -297,7 +298,7 @@ class ProbeJob:
     val: str
     resolution: int | None = None   # None with native_res False: the encoder's own img_size (or native for sin-cos)
     native_res: bool = False
-    max_patches: int = 256          # native resolution: patch budget per image (256 = 224 px at patch 14)
+    max_patches: int = EVAL_MAX_PATCHES  # native resolution: patch budget per image (as `aimv2 embed`)
     label_col: str = "label"
     cache_dir: str | None = None    # None: $XDG_CACHE_HOME/aimv2/probe (~/.cache/aimv2/probe)
     cache_dtype: str = "float16"

@@ -221,7 +221,9 @@ def latest_checkpoint(directory: str | os.PathLike, notify=None, use: str = "res
             notify(f"{len(damaged)} newer checkpoint(s) damaged ({damaged[0]}); {use} {p.name}")
         return p, state
     if found:
-        raise NoIntactCheckpoint(f"none of the {len(found)} checkpoints in {directory} is intact ({damaged[0]})")
+        raise NoIntactCheckpoint(
+            f"none of the {len(found)} checkpoints in {directory} is intact ({damaged[0]}); nothing was "
+            f"changed: restore a good copy into {directory}, or start a new run with another --output")
     return None
 
 

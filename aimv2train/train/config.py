@@ -21,9 +21,10 @@ REQUIRED = object()  # marker: the field has no default (a required flag)
 
 def flag(default=None, help: str = "", **cli):
     """A field with its CLI description: help, and optionally short ("-m"), choices, path ("dir" |
-    "existing" | "existing_dir" | "existing_file"), aliases (older flag names), name ("--no-progress"
-    for an inverted boolean) or
-    cli=False (not a command-line flag). `default` REQUIRED makes it a required field and flag."""
+    "existing" | "existing_dir" | "existing_file"), name (the flag when it is not the field's name:
+    "--no-progress" for an inverted boolean, "--output" for `out`), old (older spellings of the flag: they
+    still parse, with a notice naming the new one, cli/flags.py) or cli=False (not a command-line flag).
+    `default` REQUIRED makes it a required field and flag."""
     meta = {"help": help, **cli}
     return field(metadata=meta) if default is REQUIRED else field(default=default, metadata=meta)
 
@@ -34,34 +35,39 @@ class TrainConfig:
                          "path or a URL (s3://...).", short="-m")
     tokenizer: str | None = flag(REQUIRED, "sentencepiece .model (`aimv2 tokenizer train`, or any existing one, e.g. "
                           "SigLIP's).", short="-t", path="existing_file")
-    out: str | None = flag(REQUIRED, "Run directory: metrics.jsonl, checkpoints/, run.json, summary.json.",
-                    short="-o", path="dir")
+    # the flag is --output, as in every command; the field keeps its name so earlier run.json files still read
+    out: str | None = flag(REQUIRED, "Output folder. The run directory: metrics.jsonl, checkpoints/, run.json, "
+                           "summary.json.", short="-o", path="dir", name="--output", old=("--out",))
     model: str = flag("tiny", "Size preset: tiny | base | L | H | 1B | 3B (paper Table 1).")
-    steps: int = flag(1000, "Length of the run in optimiser steps (sets the schedule).")
+    steps: int = flag(1000, "Steps to run. Optimiser steps: the length of the run (sets the schedule).")
     stage: str | None = flag(None, "pretrain (224 px); highres (336/448 px, weight decay 0, needs --init); native "
                              "(--native-res, sin-cos positions, needs --init). Default: native with --native-res, "
                              "else pretrain.", choices=STAGE_NAMES)
-    native_res: bool = flag(False, "Native resolution: per step an area A = 2^n patches (n in 7..12) and B = C / A "
-                            "images.")
+    native_res: bool = flag(False, "Native resolution. Per step an area A = 2^n patches (n from a truncated normal on "
+                            "7..12) and B = C / A images.")
     # per rank; 32 ranks x 65536 / 256 = 8192 images at 224 px
-    batch_patches: int = flag(65536, "C, patches per rank per step with --native-res (a power of two >= 4096).")
-    resolution: int | None = flag(None, "Fixed resolution in pixels (RandomResizedCrop); default 224, or 336 for "
-                                  "--stage highres.")
-    batch_size: int = flag(256, "Images per rank per step at fixed resolution (Table A1: 8192 in total).")
+    batch_patches: int = flag(65536, "C: patches per step per rank with --native-res (a power of two >= 4096).",
+                              short="-C")
+    resolution: int | None = flag(None, "Fixed resolution R in pixels. RandomResizedCrop to R x R; default 224, or "
+                                  "336 for --stage highres.", short="-R")
+    batch_size: int = flag(256, "Images per step per rank at fixed resolution. Table A1: 8192 in total.",
+                           short="-B")
     init: str | None = flag(None, "Start from these weights: a run directory or checkpoint .pt (whole model), or "
                             "a transformers / ml-aim encoder. A learned position table is resampled (bicubic) or "
                             "dropped (sin-cos).", path="existing")
-    resume: bool = flag(False, "Continue the run in --out from its newest complete checkpoint (starts fresh if "
+    resume: bool = flag(False, "Continue the run in --output from its newest complete checkpoint (starts fresh if "
                         "it has none).")
     stop_at: int | None = flag(None, "Checkpoint and end at this step, as if interrupted (then --resume).")
-    seed: int = flag(0, "Seeds initial weights, data order and prefix lengths.")
-    device: str | None = flag(None, "cpu | cuda | cuda:N (default: cuda if available). Under torchrun each "
-                              "rank takes its LOCAL_RANK's GPU (cuda:N is refused there); the DALI decoder "
+    seed: int = flag(0, "Random seed. It seeds initial weights, data order and prefix lengths.")
+    device: str | None = flag(None, "torch device: cpu, cuda or cuda:N. Default: cuda when available, else cpu. "
+                              "Under torchrun each rank takes its LOCAL_RANK's GPU (cuda:N is refused there); the DALI decoder "
                               "runs on the model's GPU.")
-    workers: int = flag(4, "The image decoder's parallelism per rank: " + workers_help())
+    workers: int = flag(4, "Worker processes (0: the work runs in this process). Here: the loader's, per rank; "
+                        "default 4, the one command not at 0: the GPU waits on the loader every step. "
+                        + workers_help(), short="-j")
     # the loader's image decoder (not the model's multimodal decoder); --decoder is its older name
-    image_decoder: str = flag("pil", "Image decoder of the loader (--decoder is an alias): " + decoders_help(),
-                              choices=DECODERS, aliases=("--decoder",))
+    image_decoder: str = flag("pil", "Image decoder of the loader: " + decoders_help(), choices=DECODERS,
+                              old=("--decoder",))
     mix: str | None = flag(None, "Source mixture, e.g. dfn=0.60,coyo=0.06,hqitp=0.31: each source its own stream with "
                            "its own epochs. Default: the paper's Table 2 (60/6/31) over the sources the manifest has; "
                            "'rows': as the manifest has them.", metavar="SRC=W,...")
@@ -70,8 +76,8 @@ class TrainConfig:
                                    "coyo:recap=0.5 (default: a source with no row). Sources it does not name keep the "
                                    "paper's Table 2 (DFN alt 1 : synthetic 1, COYO alt-text only, HQITP 28 : 3).",
                                    metavar="SRC:SET=W,...")
-    cache_dir: str | None = flag(None, "Shards at URLs (s3://...): cache fetched samples on local disk here (later "
-                                 "epochs read it).", path="dir")
+    cache_dir: str | None = flag(None, "Cache folder. Shards at URLs (s3://...): fetched samples are kept there (later "
+                                 "epochs read the local disk).", path="dir")
     cache_gb: float = flag(0.0, "Size limit of --cache-dir in GB.")
     compile: bool = flag(False, "torch.compile the model and loss (with --native-res see --compile-dynamic).")
     compile_dynamic: str = flag("auto", "With --compile --native-res: true (one dynamic-shape graph for every grid), "
@@ -86,10 +92,10 @@ class TrainConfig:
                                "fails (the process-group timeout; NCCL's own is 10, less than rank 0 may need to write "
                                "a 1B/3B checkpoint to network storage while the others wait).")
     lr: float | None = flag(None, "Peak learning rate (default: Table A1 for the size).")
-    min_lr: float | None = flag(None, "Final learning rate of the cosine (default 1e-5).")
+    min_lr: float | None = flag(None, "Final learning rate of the cosine. Default 1e-5.")
     warmup: int | None = flag(None, "Warmup steps (default: min(12500, 5% of --steps)).")
     weight_decay: float | None = flag(None, "Fully decoupled weight decay (default 1e-4; 0 for --stage highres).")
-    clip: float | None = flag(None, "Gradient-norm clipping (default 1.0; 0 disables).")
+    clip: float | None = flag(None, "Gradient-norm clipping. Default 1.0; 0 disables.")
     save_every: int = flag(1000, "Checkpoint every K steps (always also at the end and at --stop-at; 0: only "
                            "those).")
     keep: int = flag(2, "Checkpoints kept (0: all).")
@@ -102,7 +108,7 @@ class TrainConfig:
                            "optimiser step: the same images and update as the whole batch, with about 1/N of its "
                            "activation memory (N larger than a batch's images: one image each).")
     dry_run: bool = flag(False, "Print the plan (per-device memory at the worst step, global batch, steps, tokens) "
-                         "and exit 0; builds nothing big, needs no --manifest / --out (--tokenizer: its "
+                         "and exit 0; builds nothing big, needs no --manifest / --output (--tokenizer: its "
                          "vocabulary, else the preset's). WORLD_SIZE=N plans for N ranks.")
     grad_checkpointing: bool = flag(False, "Recompute block activations in backward (less memory).")
     progress: bool = flag(True, "No progress bar (the summary is still printed).", name="--no-progress")
@@ -128,7 +134,7 @@ class TrainConfig:
     attention: str = flag("auto", "Encoder prefix-mask kernel: flex (FlexAttention BlockMask, GPU), sdpa (dense "
                           "mask, the reference), auto (flex on CUDA, sdpa on CPU).", choices=ATTENTION_KINDS)
     threads: int | None = flag(None, "torch CPU threads per rank (default: OMP_NUM_THREADS if set, else the CPUs "
-                               "in this process's affinity / local ranks).")
+                               "in this process's affinity / local ranks).", name="--torch-threads", old=("--threads",))
 
     def resolved_stage(self) -> str:
         return self.stage or ("native" if self.native_res else "pretrain")

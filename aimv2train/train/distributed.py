@@ -85,19 +85,19 @@ def shutdown() -> None:
 
 
 def cpu_threads(requested: int | None = None) -> tuple[int, str]:
-    """Size torch's intra-op pool for this process: `requested` (--threads) if given; else what
+    """Size torch's intra-op pool for this process: `requested` (--torch-threads) if given; else what
     OMP_NUM_THREADS says, if set; else the CPUs this process may run on (its affinity, which taskset,
     cgroups and SLURM narrow) divided among the ranks torchrun started on this machine (LOCAL_WORLD_SIZE).
     torch's own default is every core of the machine for every rank, so N ranks on one machine ask
     for N times the cores and their OpenMP barriers then wait on preempted threads (docs/train.md);
-    torchrun's blanket OMP_NUM_THREADS=1 for multi-rank runs leaves all but N cores idle (--threads 1
+    torchrun's blanket OMP_NUM_THREADS=1 for multi-rank runs leaves all but N cores idle (--torch-threads 1
     still gets one thread).
     Returns (threads, why)."""
     if requested is not None:
         if requested < 1:
-            raise ValueError(f"--threads must be >= 1, got {requested}")
+            raise ValueError(f"--torch-threads must be >= 1, got {requested}")
         torch.set_num_threads(requested)
-        return requested, "--threads"
+        return requested, "--torch-threads"
     omp = os.environ.get("OMP_NUM_THREADS")
     torchrun_default = omp == "1" and launched_by_torchrun() and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1
     if omp and not torchrun_default:  # torchrun sets 1 for every multi-rank run unless told: not a choice

@@ -148,7 +148,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     if p.is_dir():
         p = p / "metrics.jsonl"
     if not p.is_file():
-        raise FileNotFoundError(f"{p} not found: is this a run directory written by `aimv2 train --out`?")
+        raise FileNotFoundError(f"{p} not found: is this a run directory written by `aimv2 train --output`?")
     return read_jsonl(p)
 
 

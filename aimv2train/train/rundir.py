@@ -1,7 +1,7 @@
 """A run directory's files, without torch: RUN/checkpoints/step_NNNNNNNN.pt, RUN/run.json. Free of heavy
-imports so that `aimv2 train` refuses a bad --manifest or --out (`start_problem`) in well under a second,
+imports so that `aimv2 train` refuses a bad --manifest or --output (`start_problem`) in well under a second,
 before the trainer's imports (torch: half a minute on a busy machine). The trainer meets the same problems
-later by itself (the loader reads the manifest, `existing_run` guards --out)."""
+later by itself (the loader reads the manifest, `existing_run` guards --output)."""
 from __future__ import annotations
 
 import json
@@ -48,7 +48,7 @@ def read_json_or_none(path: Path) -> dict | None:
 
 def start_problem(manifest: str | None, val_manifest: str | None, out: str | None, resume: bool) -> str | None:
     """Why a training run with these paths cannot start, found by looking at files only: a local manifest
-    without _manifest.json, or an --out that holds a run while --resume was not given. None: none found."""
+    without _manifest.json, or an --output that holds a run while --resume was not given. None: none found."""
     problem = missing_manifest(manifest) if manifest else None
     if not problem and val_manifest and (problem := missing_manifest(val_manifest)):
         problem = f"--val-manifest {val_manifest}: {problem}"
@@ -56,9 +56,9 @@ def start_problem(manifest: str | None, val_manifest: str | None, out: str | Non
 
 
 def existing_run(out: str | os.PathLike, resume: bool) -> str | None:
-    """The refusal for an --out that already holds a run (a checkpoint) when --resume was not given."""
+    """The refusal for an --output that already holds a run (a checkpoint) when --resume was not given."""
     existing = list_checkpoints(Path(out) / "checkpoints")
     if existing and not resume:
         return (f"{out} already holds a run (newest checkpoint {existing[-1][1].name}): pass --resume to "
-                "continue it or choose another --out")
+                "continue it or choose another --output")
     return None

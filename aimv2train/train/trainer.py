@@ -320,7 +320,7 @@ def run_resolution(cfg: TrainConfig) -> int | None:
 @contextlib.contextmanager
 def _run_folder(cfg: TrainConfig, info: DistInfo):
     """Rank 0, the run folder's one writer, checks that RUN and RUN/checkpoints take files and holds RUN/.lock
-    for the whole run, so a second `train --out RUN` refuses, naming the holder. The other ranks take no lock:
+    for the whole run, so a second `train --output RUN` refuses, naming the holder. The other ranks take no lock:
     a second job's rank 0 is refused, and the kernel frees the lock however the run ends."""
     if not info.is_main:
         yield
@@ -368,7 +368,7 @@ def _check_writable(folder: Path) -> None:
         if is_disk_full(e):
             raise
         raise TrainError(f"{folder} is not writable ({e.strerror or e}): the run could not save its checkpoints "
-                         f"there; fix its permissions or mount, or choose another --out") from None
+                         f"there; fix its permissions or mount, or choose another --output") from None
 
 
 def _disk_full_message(out: str, e: BaseException) -> str:
@@ -802,7 +802,7 @@ def _check_resumable(cfg: TrainConfig, resume_from, info: DistInfo, tok: Tokeniz
             continue
         if key in old and old[key] != getattr(cfg, key):
             raise TrainError(f"--resume: {key} was {old[key]!r} in {path}, now {getattr(cfg, key)!r}; "
-                             f"resume with the same settings (or start a new --out with --init {path})")
+                             f"resume with the same settings (or start a new --output with --init {path})")
     if state.get("config", {}).get("decoder", {}).get("vocab_size") != tok.vocab_size:
         raise TrainError(f"--resume: the tokenizer has {tok.vocab_size} ids, the checkpoint's model "
                          f"{state['config']['decoder']['vocab_size']}")
@@ -827,7 +827,7 @@ def _check_tokenizer(path: Path, state: dict, tok: Tokenizer) -> None:
     elif saved != tok.sha256:
         raise TrainError(f"--resume: {tok.path} is not the tokenizer {path} was trained with (sha256 "
                          f"{tok.sha256[:12]}, the checkpoint's {saved[:12]}): its ids stand for other pieces; pass "
-                         f"the run's own tokenizer or start a new --out with --init {path}")
+                         f"the run's own tokenizer or start a new --output with --init {path}")
 
 
 def _write_json(path: Path, obj: dict) -> None:
