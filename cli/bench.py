@@ -33,7 +33,7 @@ def bench():
               help="Images per step per rank at fixed resolution (as `aimv2 train -B`).")
 @decoder_option("--image-decoder", "decoder", help_prefix="Image decoder of the loader: ", old=("--decoder",))
 @click.option("--workers", "-j", type=int, default=0, show_default=True,
-              help="Worker processes (0: the work runs in this process). Here: the loader's; default 0 as in every "
+              help="Worker processes (0: the work runs in this process). Here: the loader's. Default 0, as in every "
               "command but train (4): a benchmark on one core measures one process. " + workers_help())
 @click.option("--steps", "-s", type=click.IntRange(min=1), default=50, show_default=True,
               help="Steps to run. Loader steps, timed (after --warmup untimed ones).")

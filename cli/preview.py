@@ -32,8 +32,7 @@ from cli.options import decoder_option
               "are decoded).")
 @click.option("--per-sheet", type=int, default=16, show_default=True, help="Images shown per contact sheet.")
 @click.option("--areas", default="", help="Only steps at these areas, comma-separated (e.g. 256,1024).")
-@decoder_option("--image-decoder", "decoder", help_prefix="Image decoder of the loader. As `aimv2 train --image-decoder`: ",
-                old=("--decoder",))
+@decoder_option("--image-decoder", "decoder", help_prefix="Image decoder of the loader: ", old=("--decoder",))
 def preview(manifest, output, native_res, batch_patches, batch_rule, resolution, batch_size, seed, mix, epoch,
             batches, scan, per_sheet, areas, decoder):
     """See the batches the loader makes from MANIFEST: PNG contact sheets of real batches (each image as the

@@ -128,6 +128,7 @@ def lead(p: click.Option) -> str:
 
 # Names that mean different things in different commands, and why that stays.
 ALLOWED = {
+    "--dry-run": "train prints its memory plan and exits; bench gpu rehearses the whole GPU check at tiny sizes on CPU",
     "--output": "a folder where the command writes many files, a file where it writes one (checked below)",
     "--batch-size": "the batch of each command's own step: loader images per step (train, preview, bench loader), "
                     "generate() calls (caption generate), forward passes (embed), the probe's optimiser batch (probe)",

@@ -21,7 +21,7 @@ NATIVE_DYNAMIC = ("auto", "true", "false")
 OPTIONS = (
     ("--out", "bench_gpu.json", str, "The JSON file written (rewritten after every part)."),
     ("--dry-run", False, "flag", "Tiny sizes on CPU, the same code path (CI)."),
-    ("--device", None, str, "cuda | cuda:N | cpu (default: cuda if present; cpu with --dry-run)."),
+    ("--device", None, str, "torch device: cpu, cuda or cuda:N. Default: cuda if present; cpu with --dry-run."),
     ("--parts", ",".join(PARTS), str, f"Comma-separated subset of {','.join(PARTS)}."),
     ("--budget", BUDGET_S, float, "Wall-clock seconds for the whole check; trainer runs and compiled step rows "
      "that would not fit are skipped."),

@@ -62,8 +62,8 @@ class TrainConfig:
     device: str | None = flag(None, "torch device: cpu, cuda or cuda:N. Default: cuda when available, else cpu. "
                               "Under torchrun each rank takes its LOCAL_RANK's GPU (cuda:N is refused there); the DALI decoder "
                               "runs on the model's GPU.")
-    workers: int = flag(4, "Worker processes (0: the work runs in this process). Here: the loader's, per rank; "
-                        "default 4, the one command not at 0: the GPU waits on the loader every step. "
+    workers: int = flag(4, "Worker processes (0: the work runs in this process). Here: the loader's, per rank. "
+                        "Default 4, the one command not at 0: the GPU waits on the loader every step. "
                         + workers_help(), short="-j")
     # the loader's image decoder (not the model's multimodal decoder); --decoder is its older name
     image_decoder: str = flag("pil", "Image decoder of the loader: " + decoders_help(), choices=DECODERS,
