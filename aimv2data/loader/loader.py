@@ -32,8 +32,9 @@ from ..batch import UNREACHABLE, Batch, empty_images, replaced_kind
 from .captions import CONTEXT, CaptionChooser, check_caption_mix, resolve_pad_id, tokenize
 from .geometry import Crop, cover, random_resized_crop
 from .reader import ShardReader, TarChangedError
-from .sampler import ALL, CROP, Sampler, Snapshot, StepSpec, deal, resolve_mix, rng, unit
+from .sampler import ALL, CROP, Sampler, Snapshot, StepSpec, resolve_mix, rng, unit
 from .samples import Manifest, SampleTable
+from .shares import deal_spans
 
 STATE_VERSION = 2   # 2: rank-local shares and source streams (issue 13); 1 (no "version"): whole-manifest loader
 
@@ -111,7 +112,7 @@ class StepMaker:
         order = self.sampler.order(s, epoch, bucket, self.groups[s][bucket])
         # start + b > len(order) only where the whole bucket is smaller than one batch: it cycles (plan())
         rows = order[start:start + b] if start + b <= len(order) else order[(start + np.arange(b)) % len(order)]
-        return StepSpec(epoch, self.snap.t + i, area, area, bucket if self.cfg.native_res else -1,
+        return StepSpec(epoch, self.snap.t + i, area, bucket if self.cfg.native_res else -1,
                         self.sampler.grid_of(area, bucket), rows, s)
 
     def __getstate__(self):
@@ -255,6 +256,16 @@ def ignore_stop_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _share_of(table: SampleTable) -> dict:
+    """What a share holds, for the state and the read log: its chunks, rows, and spans where it has
+    parts of chunks (a source with fewer chunks than ranks)."""
+    out = {"chunks": table.chunks.tolist(), "rows": table.n}
+    sp = table.spans
+    if len(sp) != len(table.chunks) or (sp[:, 1] != 0).any() or (sp[:, 2] != table.manifest.chunk_rows[sp[:, 0]]).any():
+        out["spans"] = table.spans.tolist()
+    return out
+
+
 class Loader:
     def __init__(self, manifest, **kwargs):
         cfg = kwargs.pop("config", None) or LoaderConfig()
@@ -283,12 +294,6 @@ class Loader:
                                    batch_size=cfg.batch_size, seed=cfg.seed, rank=self.rank,
                                    world_size=self.world_size)
         self._chunks = {s: (np.arange(len(m.chunk_rows)) if s == ALL else m.chunks_of(s)) for s in self.weights}
-        for s, ch in self._chunks.items():
-            if len(ch) < self.world_size:
-                raise ValueError(f"{manifest}: source {self._name(s)!r} has {len(ch)} parquet row groups, fewer than "
-                                 f"the {self.world_size} ranks, so some rank would get no share; write the manifest "
-                                 "in more parts (or smaller row groups), use fewer ranks, or leave the source out "
-                                 "of --mix")
         self._keys = np.array([m.chunk_key(i) for i in range(len(m.chunk_rows))], dtype=np.int64)
         self.maker = StepMaker(self.sampler, cfg, p)
         syn_columns = sorted({c for cols in m.columns for c in cols if c.startswith("syn_")})
@@ -307,23 +312,25 @@ class Loader:
         return "all" if stream == ALL else self.manifest.sources.get(stream, stream)
 
     def share(self, stream: str, epoch: int) -> np.ndarray:
-        """Chunk ids of this rank's share of `stream` in `epoch` (the deal every rank computes alike)."""
+        """This rank's share of `stream` in `epoch` as spans (chunk id, start, stop): whole chunks, or row
+        ranges of them where the stream has fewer chunks than ranks (shares.py; every rank deals alike)."""
         ch = self._chunks[stream]
-        ranks = deal(self._keys[ch], self.manifest.chunk_rows[ch], self.cfg.seed, self.sampler.ids[stream], epoch,
-                     self.world_size)
-        return ch[ranks == self.rank]
+        spans = deal_spans(self._keys[ch], self.manifest.chunk_rows[ch], self.cfg.seed, self.sampler.ids[stream],
+                           epoch, self.world_size)[self.rank]
+        spans[:, 0] = ch[spans[:, 0]]
+        return spans
 
     def _read_share(self, stream: str) -> None:
         epoch = self.maker.snap.epochs.get(stream, 0)
-        chunks = self.share(stream, epoch)
+        spans = self.share(stream, epoch)
         old = self.maker.tables.get(stream)
-        if old is not None and np.array_equal(old.chunks, chunks):
+        if old is not None and np.array_equal(old.spans, spans):
             return                                  # the same share (one rank, or a deal that repeats)
-        table = SampleTable(self.manifest, chunks, None if stream == ALL else stream)
+        table = SampleTable(self.manifest, spans, None if stream == ALL else stream)
         self.maker.set_table(stream, table)
         self.stats["rows_read"] += table.n
         self.stats["reads"] = (self.stats["reads"] + [{"source": self._name(stream), "epoch": epoch,
-                                                         "chunks": chunks.tolist(), "rows": table.n}])[-64:]
+                                                         **_share_of(table)}])[-64:]
 
     def _start(self, snap: Snapshot, offset: int, reread=None) -> None:
         """Make `snap` the current segment (reading the shares that changed) and plan it."""
@@ -438,7 +445,7 @@ class Loader:
 
     def share_info(self) -> dict:
         """Per source: this rank's current epoch, chunks (ids into the manifest's row groups) and rows."""
-        return {self._name(s): {"epoch": self.maker.snap.epochs.get(s, 0), "chunks": t.chunks.tolist(), "rows": t.n}
+        return {self._name(s): {"epoch": self.maker.snap.epochs.get(s, 0), **_share_of(t)}
                 for s, t in self.maker.tables.items()}
 
     # ------------------------------------------------------------------------------------------ state
