@@ -54,17 +54,18 @@ class Validator:
                       seed=seed, workers=workers, decoder=decoder, pin_memory=device.type == "cuda",
                       dali_device=decoder_device(device))  # this rank's GPU, not GPU 0
         try:
-            manifest = Manifest(manifest)   # footers only: rows counted without reading the table
             if native_res:
                 self.loader = Loader(manifest, native_res=True, batch_patches=batch_patches, native_hflip=0.0,
                                      **kwargs)
             else:
-                # a small held-out set still gives one batch: at most its share per rank
-                b = max(1, min(batch_size, manifest.n // info.world_size))
-                self.loader = Loader(manifest, resolution=resolution, batch_size=b, scale=(1.0, 1.0),
+                # a small held-out set still gives one batch: at most its share per rank (rows counted
+                # from the parquet footers, not by reading the table)
+                footers = Manifest(manifest)
+                b = max(1, min(batch_size, footers.n // info.world_size))
+                self.loader = Loader(footers, resolution=resolution, batch_size=b, scale=(1.0, 1.0),
                                      ratio=(1.0, 1.0), hflip=0.0, **kwargs)
         except ValueError as e:
-            raise ValueError(f"--val-manifest {getattr(manifest, 'root', manifest)}: {e}") from None
+            raise ValueError(f"--val-manifest {manifest}: {e}") from None
         self.patch_size = self.loader.patch_size
         self._start = self.loader.state_dict()  # rewound to before each evaluation: the same batches every time
         steps = len(self.loader) if max_batches is None else min(len(self.loader), max_batches)
