@@ -70,6 +70,7 @@ class StepPool:
                            pin_memory=pin_memory, worker_init_fn=worker_init_fn, persistent_workers=persistent)
         self.dl = None
         self._at_exit = None
+        self._procs: list = []
         self.sent: dict[str, int] = {}          # stream -> token of the share the workers were last given
         self.packed: dict[int, object] = {}     # token -> its share in shared memory, until sent
 
@@ -103,8 +104,9 @@ class StepPool:
                 # The workers ignore SIGTERM (loader._worker_init), so multiprocessing's exit hook, which
                 # terminates daemonic children and then joins them, would wait forever: close first.
                 # (atexit runs the hooks registered last first; multiprocessing registered its own on import.)
-                ref = weakref.ref(self)
-                self._at_exit = lambda: ref() is not None and ref().close()
+                ref, procs = weakref.ref(self), []
+                self._procs = procs
+                self._at_exit = lambda: (ref() is not None and ref().close(), _reap(procs))
                 atexit.register(self._at_exit)
         else:
             fresh = {s: (t, self.packed[t]) for s, t in self.maker.tokens.items() if self.sent.get(s) != t}
@@ -113,7 +115,10 @@ class StepPool:
                 inbox.put(message)
             self.sent = dict(self.maker.tokens)
             self.packed = {}                    # the messages hold what they carry until the workers read it
-        return iter(self.dl)
+        it = iter(self.dl)
+        if self.persistent and not self._procs:
+            self._procs[:] = it._workers        # reaped at exit even if the pool itself was collected
+        return it
 
     def pids(self) -> list[int]:
         it = getattr(self.dl, "_iterator", None)
@@ -124,6 +129,11 @@ class StepPool:
         it = getattr(self.dl, "_iterator", None)
         if it is not None:
             it._shutdown_workers()
+            for w in it._workers:   # after a worker's error torch may leave them up; SIGTERM they ignore
+                w.join(timeout=5)
+                if w.is_alive():
+                    w.kill()
+                    w.join()
             self.dl._iterator = None
         for inbox in self.inboxes:
             inbox.cancel_join_thread()          # a message no worker will read must not hold up the exit
@@ -133,3 +143,13 @@ class StepPool:
         if self._at_exit is not None:
             atexit.unregister(self._at_exit)
             self._at_exit = None
+        self._procs = []
+
+
+def _reap(procs) -> None:
+    """Workers still up at exit (a pool collected after a worker's error, whose DataLoader only sent them
+    SIGTERM, which they ignore): killed, so that multiprocessing's exit hook does not wait on them."""
+    for w in procs:
+        if w.is_alive():
+            w.kill()
+            w.join()
