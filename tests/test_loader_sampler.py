@@ -3,8 +3,9 @@ functions of the seed, the step and the manifest's chunk table."""
 import numpy as np
 import pytest
 
-from aimv2data.loader.sampler import (Sampler, Snapshot, area_exponent, area_probabilities, choose_stream, deal,
+from aimv2data.loader.sampler import (Sampler, Snapshot, area_exponent, area_probabilities, choose_stream,
                                       parse_mix, resolve_mix, unit)
+from aimv2data.loader.shares import deal
 
 AREAS = [2**n for n in range(7, 13)]
 

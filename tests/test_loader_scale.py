@@ -1,6 +1,7 @@
 """The loader at scale (issue 13): rank-local shares, the source mixture, resume across world sizes, bad input."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,10 +70,10 @@ def test_ranks_read_only_their_share_and_shares_rotate(skewed, native):
     ranks = [Loader(skewed, mix="dfn=0.9,coyo=0.1", seed=3, rank=r, world_size=2, **kw) for r in (0, 1)]
     assert sum(r.stats["rows_read"] for r in ranks) == 1000           # every row read once, by one rank
     for src in ("dfn", "coyo"):
-        e0 = [set(r.share(src, 0).tolist()) for r in ranks]
-        e1 = [set(r.share(src, 1).tolist()) for r in ranks]
+        e0 = [set(map(tuple, r.share(src, 0).tolist())) for r in ranks]
+        e1 = [set(map(tuple, r.share(src, 1).tolist())) for r in ranks]
         assert not e0[0] & e0[1] and e0[0] | e0[1] == e1[0] | e1[1]
-    assert any(set(r.share("coyo", 0).tolist()) != set(r.share("coyo", e).tolist()) for r in ranks for e in (1, 2))
+    assert any(not np.array_equal(r.share("coyo", 0), r.share("coyo", e)) for r in ranks for e in (1, 2))
     # an epoch of each stream serves every sample at most once across the ranks
     seen = {}
     for _, x, y in zip(range(40), ranks[0], ranks[1]):
@@ -143,8 +144,8 @@ def test_bad_input_is_a_one_line_error(skewed, tmp_path):
         with pytest.raises(ValueError, match=msg) as e:
             Loader(skewed, mix=mix, **kw)
         assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match="row groups, fewer than the 16 ranks.*more parts") as e:
-        Loader(skewed, mix="dfn=1", rank=0, world_size=16, **kw)
+    # fewer row groups than ranks: row ranges of them are dealt (tests/test_loader_shares.py), not refused
+    assert Loader(skewed, mix="dfn=1", rank=0, world_size=16, **kw).share_info()["dfn"]["spans"]
     # a share whose buckets are all smaller than one batch: batches cycle through a bucket, with a notice
     tiny = Loader(skewed, mix="dfn=1", native_res=True, batch_patches=2**20, rank=0, world_size=2)
     b = next(iter(tiny))

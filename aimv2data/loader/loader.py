@@ -6,20 +6,22 @@
     ckpt["loader"] = loader.state_dict()      # {epoch, step, ...}: the next batch to produce
     loader.load_state_dict(ckpt["loader"])    # the same batches, pixel for pixel, as without the stop
 
-Each rank reads only its share of the manifest (sampler.py: chunks dealt to ranks per source and
-epoch); steps come in *segments* (no source changes epoch on this rank within one; one segment per
-`iter()`), and `StepMaker.make(i)` makes step i of the current segment, a pure function of the
-segment's snapshot and the share. Each decoder owns its parallelism (decoders.py). `processes` (`pil`): torch
-DataLoader worker processes over an IterableDataset of steps; worker k makes steps k, k+W, k+2W, ... and the
-DataLoader's round-robin hands them back in step order (checked). `threads` (`dali`): the pipeline runs in
-this process with `workers` threads of its own (it owns the GPU when there is one), driven by one background
-thread that decodes `prefetch_factor` steps ahead (`dali_ahead=False`: synchronous).
+Each rank reads only its share of the manifest (shares.py: chunks, or row ranges of them, dealt to ranks
+per source and epoch); steps come in *segments* (no source changes epoch on this rank within one; one
+segment per `iter()`), and `StepMaker.make(i)` makes step i of the current segment, a pure function of the
+segment's snapshot and the share. The share the next segment needs is read in a thread while this one
+trains (`read_ahead`). Each decoder owns its parallelism (decoders.py). `processes` (`pil`): a pool of
+worker processes that lives as long as the loader (pool.py), the DataLoader handing steps back in step
+order (checked); `close()` stops it. `threads` (`dali`): the pipeline runs in this process with `workers`
+threads of its own (it owns the GPU when there is one), driven by one background thread that decodes
+`prefetch_factor` steps ahead (`dali_ahead=False`: synchronous).
 Distributed: rank and world size come from the arguments, torch.distributed or RANK/WORLD_SIZE; every
 rank makes the same steps, each with its own slice of the rows.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import signal
 import sys
@@ -33,11 +35,15 @@ from ..batch import UNREACHABLE, Batch, empty_images, replaced_kind
 from .captions import CONTEXT, CaptionChooser, check_caption_mix, resolve_pad_id, tokenize
 from .decoders import THREADS, decoder_spec
 from .geometry import Crop, cover, random_resized_crop
+from .pool import StepPool
+from .prefetch import Background
 from .reader import ShardReader, TarChangedError
-from .sampler import ALL, CROP, Sampler, Snapshot, StepSpec, deal, resolve_mix, rng, unit
+from .sampler import ALL, CROP, Sampler, Snapshot, StepSpec, resolve_mix, rng, unit
 from .samples import Manifest, SampleTable
+from .shares import deal_spans
 
 STATE_VERSION = 2   # 2: rank-local shares and source streams (issue 13); 1 (no "version"): whole-manifest loader
+_TOKENS = itertools.count(1)   # names each share table a loader reads (its workers are told which they hold)
 
 
 @dataclass
@@ -64,6 +70,8 @@ class LoaderConfig:
     draft: bool = True                  # pil: JPEG reduced-scale decoding
     reducing_gap: float = 1.0           # pil: min source px per output px left after a draft
     prefetch_factor: int = 2            # pil: batches per worker in flight; dali: steps decoded ahead
+    persistent_workers: bool = True     # pil: one worker pool for the loader's life (False: new workers a segment)
+    read_ahead: bool = True             # read the next segment's share in a thread while this segment trains
     pin_memory: bool = False
     max_replacements: int = 16          # per slot, before the step fails
     dali_device: int | None | str = "auto"
@@ -92,18 +100,23 @@ class StepMaker:
         self.tables: dict[str, SampleTable] = {}       # stream -> this rank's share for its current epoch
         self.groups: dict[str, dict[int, np.ndarray]] = {}   # stream -> bucket -> rows (fixed: {0: all})
         self.readers: dict[str, ShardReader] = {}
+        self.tokens: dict[str, int] = {}               # stream -> which table it holds (pool.py)
         self.snap, self.plan = Snapshot(), np.zeros((0, 5), np.int64)
         self.names = sorted(sampler.weights)
         self.captions = CaptionChooser(cfg.caption_mix, cfg.seed)
         self.pad_id = resolve_pad_id(cfg.tokenizer, cfg.pad_id) if cfg.tokenizer is not None else None
         self._decoder = None
 
-    def set_table(self, stream: str, table: SampleTable) -> None:
+    def set_table(self, stream: str, table: SampleTable, token: int | None = None) -> int:
         self.tables[stream] = table
+        self.tokens[stream] = next(_TOKENS) if token is None else token
         self.groups[stream] = table.members if self.cfg.native_res else {0: table.order}
         cfg = self.cfg
+        if stream in self.readers:
+            self.readers[stream].close()
         self.readers[stream] = ShardReader(table.shards, inflight=cfg.read_inflight, retries=cfg.read_retries,
                                            cache_dir=cfg.cache_dir, cache_bytes=int(cfg.cache_gb * 1e9))
+        return self.tokens[stream]
 
     def spec(self, i: int) -> StepSpec:
         if not 0 <= i < len(self.plan):
@@ -114,7 +127,7 @@ class StepMaker:
         order = self.sampler.order(s, epoch, bucket, self.groups[s][bucket])
         # start + b > len(order) only where the whole bucket is smaller than one batch: it cycles (plan())
         rows = order[start:start + b] if start + b <= len(order) else order[(start + np.arange(b)) % len(order)]
-        return StepSpec(epoch, self.snap.t + i, area, area, bucket if self.cfg.native_res else -1,
+        return StepSpec(epoch, self.snap.t + i, area, bucket if self.cfg.native_res else -1,
                         self.sampler.grid_of(area, bucket), rows, s)
 
     def __getstate__(self):
@@ -217,19 +230,6 @@ class StepMaker:
                      replaced=replaced, padding=padding, caption_sets=kinds)
 
 
-class _Steps(torch.utils.data.IterableDataset):
-    """Steps [start, stop) of the current segment; worker k of W makes steps start+k, start+k+W, ..."""
-
-    def __init__(self, maker: StepMaker, start: int, stop: int):
-        self.maker, self.start, self.stop = maker, start, stop
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        k, w = (info.id, info.num_workers) if info is not None else (0, 1)
-        for s in range(self.start + k, self.stop, w):
-            yield self.maker.make(s)
-
-
 def _worker_init(_):
     torch.set_num_threads(1)   # one core per worker: decoding is the work, not torch ops
     ignore_stop_signals()
@@ -242,6 +242,16 @@ def ignore_stop_signals() -> None:
     still end when the main process closes their queues or exits (torch's parent watchdog)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _share_of(table: SampleTable) -> dict:
+    """What a share holds, for the state and the read log: its chunks, rows, and spans where it has
+    parts of chunks (a source with fewer chunks than ranks)."""
+    out = {"chunks": table.chunks.tolist(), "rows": table.n}
+    sp = table.spans
+    if len(sp) != len(table.chunks) or (sp[:, 1] != 0).any() or (sp[:, 2] != table.manifest.chunk_rows[sp[:, 0]]).any():
+        out["spans"] = table.spans.tolist()
+    return out
 
 
 class Loader:
@@ -271,12 +281,6 @@ class Loader:
                                    batch_size=cfg.batch_size, seed=cfg.seed, rank=self.rank,
                                    world_size=self.world_size)
         self._chunks = {s: (np.arange(len(m.chunk_rows)) if s == ALL else m.chunks_of(s)) for s in self.weights}
-        for s, ch in self._chunks.items():
-            if len(ch) < self.world_size:
-                raise ValueError(f"{manifest}: source {self._name(s)!r} has {len(ch)} parquet row groups, fewer than "
-                                 f"the {self.world_size} ranks, so some rank would get no share; write the manifest "
-                                 "in more parts (or smaller row groups), use fewer ranks, or leave the source out "
-                                 "of --mix")
         self._keys = np.array([m.chunk_key(i) for i in range(len(m.chunk_rows))], dtype=np.int64)
         self.maker = StepMaker(self.sampler, cfg, p)
         syn_columns = sorted({c for cols in m.columns for c in cols if c.startswith("syn_")})
@@ -285,6 +289,12 @@ class Loader:
             print("aimv2 loader: " + "; ".join(caption_notes), file=sys.stderr)
         self._warned_small = False
         self._ahead = None                # the live decode-ahead generator (dali)
+        self._next = None                 # the next segment's share, being read in a thread (prefetch.Background)
+        self._pool = StepPool(self.maker, m, workers=cfg.workers, prefetch_factor=cfg.prefetch_factor,
+                              pin_memory=cfg.pin_memory, worker_init_fn=_worker_init,
+                              persistent=cfg.persistent_workers) if not decoder_spec(cfg.decoder).in_process(cfg.workers) \
+            else None   # worker processes (decoders.py): the same test as _batches'
+
         self.stats = {"batches": 0, "images": 0, "patches": 0, "replaced": 0, "replaced_unreachable": 0,
                       "replaced_damaged": 0, "replaced_keys": [], "sources": {}, "rows_read": 0, "reads": [],
                       "captions": {}}
@@ -295,23 +305,54 @@ class Loader:
         return "all" if stream == ALL else self.manifest.sources.get(stream, stream)
 
     def share(self, stream: str, epoch: int) -> np.ndarray:
-        """Chunk ids of this rank's share of `stream` in `epoch` (the deal every rank computes alike)."""
+        """This rank's share of `stream` in `epoch` as spans (chunk id, start, stop): whole chunks, or row
+        ranges of them where the stream has fewer chunks than ranks (shares.py; every rank deals alike)."""
         ch = self._chunks[stream]
-        ranks = deal(self._keys[ch], self.manifest.chunk_rows[ch], self.cfg.seed, self.sampler.ids[stream], epoch,
-                     self.world_size)
-        return ch[ranks == self.rank]
+        spans = deal_spans(self._keys[ch], self.manifest.chunk_rows[ch], self.cfg.seed, self.sampler.ids[stream],
+                           epoch, self.world_size)[self.rank]
+        spans[:, 0] = ch[spans[:, 0]]
+        return spans
+
+    def _load(self, stream: str, epoch: int, have: np.ndarray | None):
+        """(spans, table, packed) of this rank's share of `stream` in `epoch`; no table where the spans are
+        `have`, the share held already (one rank, or a deal that repeats). Also run by the read-ahead thread."""
+        spans = self.share(stream, epoch)
+        if have is not None and np.array_equal(have, spans):
+            return spans, None, None
+        table = SampleTable(self.manifest, spans, None if stream == ALL else stream)
+        return (spans, *self._pool.share(table)) if self._pool is not None else (spans, table, None)
 
     def _read_share(self, stream: str) -> None:
         epoch = self.maker.snap.epochs.get(stream, 0)
-        chunks = self.share(stream, epoch)
         old = self.maker.tables.get(stream)
-        if old is not None and np.array_equal(old.chunks, chunks):
-            return                                  # the same share (one rank, or a deal that repeats)
-        table = SampleTable(self.manifest, chunks, None if stream == ALL else stream)
-        self.maker.set_table(stream, table)
+        have = None if old is None else old.spans
+        ahead = self._next if self._next is not None and self._next.key == (stream, epoch) else None
+        if ahead is not None:
+            self._next = None
+            spans, table, packed = ahead.result()
+            if table is None and not (have is not None and np.array_equal(have, spans)):
+                ahead = None                        # "the same share" as one held before a rewind: read it
+        if ahead is None:
+            spans, table, packed = self._load(stream, epoch, have)
+        if table is None:
+            return
+        if self._pool is not None:
+            self._pool.remember(self.maker.set_table(stream, table), packed)
+        else:
+            self.maker.set_table(stream, table)
         self.stats["rows_read"] += table.n
         self.stats["reads"] = (self.stats["reads"] + [{"source": self._name(stream), "epoch": epoch,
-                                                         "chunks": chunks.tolist(), "rows": table.n}])[-64:]
+                                                         "ahead": ahead is not None, **_share_of(table)}])[-64:]
+
+    def _read_ahead(self) -> None:
+        """Start reading the share the next segment needs (its rolling stream's next epoch) while this one
+        trains. Not before the workers exist: they fork, and a fork should not copy a read in progress."""
+        if not self.cfg.read_ahead or (self._pool is not None and self._pool.persistent and not self._pool.started):
+            return
+        key = (self._roll, self.maker.snap.epochs.get(self._roll, 0) + 1)
+        if self._next is None or self._next.key != key:
+            have = self.maker.tables[self._roll].spans
+            self._next = Background(key, lambda: self._load(*key, have))
 
     def _start(self, snap: Snapshot, offset: int, reread=None) -> None:
         """Make `snap` the current segment (reading the shares that changed) and plan it."""
@@ -339,6 +380,7 @@ class Loader:
                              f"{self.sampler.nominal(area)} images at area {area}; "
                              "lower --batch-patches / --batch-size, use fewer ranks, or leave the source out of --mix")
         self.maker.plan, self._roll, self._offset = plan, roll, offset
+        self._read_ahead()
 
     def _next_segment(self) -> None:
         self._start(self.sampler.advance(self.maker.snap, self.maker.plan, len(self.maker.plan), self._roll), 0)
@@ -382,12 +424,10 @@ class Loader:
                 steps = self._ahead = ahead(steps, max(1, cfg.prefetch_factor))
             yield from steps
             return
-        dl = torch.utils.data.DataLoader(
-            _Steps(self.maker, start, stop), batch_size=None, num_workers=cfg.workers,
-            prefetch_factor=cfg.prefetch_factor, pin_memory=cfg.pin_memory, worker_init_fn=_worker_init,
-            persistent_workers=False)
+        batches = self._pool.batches(start, stop)
+        self._read_ahead()
         try:
-            yield from dl
+            yield from batches
         except TarChangedError as e:   # torch re-raises a worker's error with its traceback in the message
             raise TarChangedError(str(e).strip().splitlines()[-1].split("TarChangedError: ", 1)[-1]) from None
 
@@ -404,6 +444,26 @@ class Loader:
             yield batch
         if self._offset >= stop:
             self._next_segment()
+
+    def worker_pids(self) -> list[int]:
+        """The pid of each decoding worker process (none before the first batch, or without workers)."""
+        return self._pool.pids() if self._pool is not None else []
+
+    def close(self) -> None:
+        """Stop the worker processes and the decode-ahead thread. A loader that is not closed stops them when
+        it is collected or the process exits (torch's workers are daemonic and watch their parent)."""
+        if self._pool is not None:
+            self._pool.close()
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
+        self._next = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _count(self, batch: Batch) -> None:
         s = self.stats
@@ -426,7 +486,7 @@ class Loader:
 
     def share_info(self) -> dict:
         """Per source: this rank's current epoch, chunks (ids into the manifest's row groups) and rows."""
-        return {self._name(s): {"epoch": self.maker.snap.epochs.get(s, 0), "chunks": t.chunks.tolist(), "rows": t.n}
+        return {self._name(s): {"epoch": self.maker.snap.epochs.get(s, 0), **_share_of(t)}
                 for s, t in self.maker.tables.items()}
 
     # ------------------------------------------------------------------------------------------ state

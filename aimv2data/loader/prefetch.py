@@ -9,6 +9,8 @@ Determinism is untouched: the thread consumes the same generator, in the same or
 synchronous path iterates in the caller's thread (every batch is `StepMaker.make(epoch, step)`, a pure
 function), so the batches are identical; only *when* they are made changes. One thread makes all the
 steps, so the DALI pipeline and the shard readers are only ever used by one thread at a time.
+
+`Background`: one call in a thread (the loader reads the next segment's share with it).
 """
 from __future__ import annotations
 
@@ -69,3 +71,31 @@ def ahead(items: Iterable[T], depth: int = 2, name: str = "aimv2-decode-ahead") 
     finally:
         stop.set()
         t.join()
+
+
+class Background:
+    """`fn()` run once in a daemon thread (a daemon: a process that exits, e.g. on preemption, does not
+    wait for a read it no longer needs); `result()` waits for it and re-raises its error here."""
+
+    def __init__(self, key, fn, name: str = "aimv2-read-ahead"):
+        self.key = key
+        self._done = threading.Event()
+        self._result = self._error = None
+        threading.Thread(target=self._run, args=(fn,), name=name, daemon=True).start()
+
+    def _run(self, fn) -> None:
+        try:
+            self._result = fn()
+        except BaseException as e:  # handed to the caller of result()
+            self._error = e
+        finally:
+            self._done.set()
+
+    def ready(self, timeout: float | None = 0) -> bool:
+        return self._done.wait(timeout)
+
+    def result(self):
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._result

@@ -2,11 +2,11 @@
 
 Streams. Each *source* of the mixture is its own stream with its own epochs (`mix`, default the paper's
 Table 2: DFN 60, COYO 6, HQITP 31, normalised over the sources the manifest has). Within a stream's
-epoch e, the manifest's chunks (parquet row groups) holding that source are dealt to the ranks: in an
-order keyed by (seed, stream, e, chunk), each to the rank with the fewest rows so far (balanced to
-within one chunk). A rank reads only its chunks: start-up and memory grow with rows / world, not
-with the total. Every rank computes the same deal, so every sample is in exactly one rank's share per
-epoch, and the shares change from epoch to epoch.
+epoch e, the manifest's chunks (parquet row groups) holding that source are dealt to the ranks
+(shares.py: whole chunks, or row ranges of them when a source has fewer chunks than ranks). A rank
+reads only its share: start-up and memory grow with rows / world, not with the total. Every rank
+computes the same deal, so every sample is in exactly one rank's share per epoch, and the shares change
+from epoch to epoch.
 
 Per global step t (the same on every rank, whatever the world size):
 
@@ -32,7 +32,6 @@ resume needs.
 from __future__ import annotations
 
 import hashlib
-import heapq
 import math
 from dataclasses import dataclass, field
 from statistics import NormalDist
@@ -174,34 +173,6 @@ def choose_stream(weights: dict[str, float], served: dict[str, int]) -> str:
     return max(weights, key=lambda s: (weights[s] * total - served.get(s, 0), weights[s], s))
 
 
-# ------------------------------------------------------------------------------------------- the deal
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.uint64)
-    with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15))
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def deal(keys: np.ndarray, rows: np.ndarray, seed: int, stream: int, epoch: int, world: int) -> np.ndarray:
-    """Rank of each chunk for (stream, epoch): chunks in an order keyed by (seed, stream, epoch, chunk key),
-    each to the rank with the fewest rows so far (ties: lowest rank). O(chunks log world); the same on
-    every rank. Ranks' shares differ by at most one chunk's rows."""
-    salt = int(_mix64(np.array([(seed * 0x100000001B3 + stream * 31 + epoch * 7 + DEAL) & _M64],
-                               dtype=np.uint64))[0])
-    h = _mix64(keys.astype(np.uint64) ^ np.uint64(salt))
-    order = np.lexsort((keys, h))
-    heap = [(0, r) for r in range(world)]
-    out = np.empty(len(keys), dtype=np.int32)
-    for i in order.tolist():
-        load, r = heapq.heappop(heap)
-        out[i] = r
-        heapq.heappush(heap, (load + int(rows[i]), r))
-    return out
-
-
 # -------------------------------------------------------------------------------------- steps and plans
 
 @dataclass(frozen=True)
@@ -209,7 +180,6 @@ class StepSpec:
     epoch: int                 # the epoch of the step's source stream
     step: int                  # global step t
     area: int                  # A (h*w <= A); B = C / A
-    drawn_area: int            # = area (kept for the step log)
     bucket: int                # -1 in fixed-resolution mode
     grid: tuple[int, int]
     rows: np.ndarray           # this rank's rows of the stream's share table, len == batch size

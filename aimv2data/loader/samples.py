@@ -37,6 +37,7 @@ REQUIRED = ("key", "shard", "offset", "size", "width", "height", "bucket")
 OPTIONAL_TEXT = ("source", "caption")
 URL_CHECKS = 8   # tars of a share at URLs whose existence is checked when the share is read (a HEAD each)
 ANY = None   # a chunk whose footer does not name a single source: it may hold any source
+NUMBERS = (("bucket", np.int32), ("width", np.int32), ("height", np.int32), ("offset", np.int64), ("size", np.int32))
 
 
 class ManifestError(ValueError):
@@ -253,7 +254,8 @@ class SampleTable:
     """Read-only view of the rows of some chunks (optionally only one source's). Rows are numbered in read
     order; `order` lists them in (shard, key) order and `members` per bucket in that order, which is all
     the sampler uses, so neither the order of a part's rows nor the split into parts changes a batch.
-    `SampleTable(manifest)` reads every chunk.
+    `SampleTable(manifest)` reads every chunk; `chunks` is chunk ids (whole row groups) or spans, (k, 3)
+    rows (chunk, start, stop): rows [start, stop) of the chunk's rows in (shard, key) order (shares.py).
 
     Memory (what a rank holds per row of its share): numbers ~34 B, key, caption and synthetic captions
     as UTF-8 bytes + int32 offsets (per chunk, never concatenated: no second copy while reading), a source
@@ -264,16 +266,17 @@ class SampleTable:
         self.manifest, self.root, self.meta = m, m.root, m.meta
         self.patch_size = m.patch_size
         chunks = np.arange(len(m.chunk_rows)) if chunks is None else np.asarray(chunks, dtype=np.int64)
-        self.chunks = chunks
+        self.spans = (np.stack([chunks, 0 * chunks, m.chunk_rows[chunks]], axis=1) if chunks.ndim == 1
+                      else chunks).reshape(-1, 3)
+        self.chunks = np.unique(self.spans[:, 0])
         self.buckets = m.buckets
-        # Numbers go straight into arrays sized for every row of the chunks (untouched pages cost nothing):
+        # Numbers go straight into arrays sized for every row of the spans (untouched pages cost nothing):
         # no per-chunk pieces to concatenate, so no freed holes between the text arrays kept.
-        cap = int(m.chunk_rows[chunks].sum())
-        num = {c: np.empty(cap, dt) for c, dt in (("bucket", np.int32), ("width", np.int32), ("height", np.int32),
-                                                  ("offset", np.int64), ("size", np.int32),
-                                                  ("orientation", np.int8), ("is_jpeg", bool), ("shard", np.int32))}
+        cap = int((self.spans[:, 2] - self.spans[:, 1]).sum())
+        num = {c: np.empty(cap, dt) for c, dt in
+               NUMBERS + (("orientation", np.int8), ("is_jpeg", bool), ("shard", np.int32))}
         with _system_pool():
-            starts, text, src_codes, shard_names, have_orient = self._read_chunks(m, chunks, source, num)
+            starts, text, src_codes, shard_names, have_orient = self._read_chunks(m, self.spans, source, num)
         self.n = starts[-1]
         if self.n == 0 and source is None:
             raise ManifestError(f"{self.root}: the manifest has no samples")
@@ -331,71 +334,60 @@ class SampleTable:
         ends = np.append(first[1:], len(ordered))
         self.members = {int(b): ordered[s:e] for b, s, e in zip(ids, first, ends)}
 
-    def _read_chunks(self, m: Manifest, chunks: np.ndarray, source: str | None, num: dict):
+    def _read_chunks(self, m: Manifest, spans: np.ndarray, source: str | None, num: dict):
         """Row group by row group: numbers into `num`, text as per-chunk pieces; sets `source_names`."""
-        import pyarrow.parquet as pq
-
         pos = 0
         text: dict[str, list] = {}
         src_codes, self.source_names = [], []
         shard_names: dict[str, int] = {}
         have_orient = False
         starts = [0]
-        for f in sorted(set(m.chunk_file[chunks].tolist())):
-            cols = m.columns[f]
-            want = [c for c in cols if c in REQUIRED or c in OPTIONAL_TEXT or c in ("format", "orientation")
-                    or c.startswith("syn_")]
-            pf = pq.ParquetFile(_parquet_source(m.files[f]))
-            for g in sorted(int(m.chunk_group[c]) for c in chunks if m.chunk_file[c] == f):
-                t = pf.read_row_group(g, columns=want, use_threads=False)
-                mixed = any(m.chunk_source[c] is ANY for c in chunks if m.chunk_file[c] == f and m.chunk_group[c] == g)
-                if source is not None and "source" in t.column_names and mixed:
-                    t = t.filter(_source_mask(t.column("source"), source))
-                if t.num_rows == 0:
-                    continue
-                t = t.combine_chunks()
-                nulls = {c: t.column(c).null_count for c in REQUIRED if t.column(c).null_count}
-                if nulls:
-                    raise ManifestError(f"{m.files[f]}: null values in required columns {nulls}")
-                for c, _dt in (("bucket", np.int32), ("width", np.int32), ("height", np.int32),
-                              ("offset", np.int64), ("size", np.int32)):
-                    num[c][pos:pos + t.num_rows] = t.column(c).to_numpy()
-                if "orientation" in t.column_names:
-                    have_orient = True
-                    num["orientation"][pos:pos + t.num_rows] = t.column("orientation").fill_null(1).to_numpy()
-                else:
-                    num["orientation"][pos:pos + t.num_rows] = 1
-                if "format" in t.column_names:
-                    fc = t.column("format").dictionary_encode().combine_chunks()
-                    jpeg = np.array([(x or "").lower() in ("jpeg", "jpg") for x in fc.dictionary.to_pylist()] + [False])
-                    num["is_jpeg"][pos:pos + t.num_rows] = jpeg[fc.indices.fill_null(-1).to_numpy()]
-                else:
-                    num["is_jpeg"][pos:pos + t.num_rows] = True
-                sh = t.column("shard").dictionary_encode().combine_chunks()
-                remap = np.array([shard_names.setdefault(x, len(shard_names)) for x in sh.dictionary.to_pylist()],
-                                 dtype=np.int32)
-                num["shard"][pos:pos + t.num_rows] = remap[sh.indices.to_numpy()]
-                if "source" in t.column_names:
-                    sc = t.column("source").dictionary_encode().combine_chunks()
-                    names = sc.dictionary.to_pylist()
-                    for x in names:
-                        if x not in self.source_names:
-                            self.source_names.append(x)
-                    remap = np.array([self.source_names.index(x) for x in names], dtype=np.int16)
-                    idx = sc.indices.fill_null(-1).to_numpy().astype(np.int64)
-                    src_codes.append(np.where(idx >= 0, remap[idx.clip(0)] if len(remap) else -1, -1)
-                                     .astype(np.int16))
-                for c in ("key", "caption"):
-                    if c in t.column_names:
-                        text.setdefault(c, []).append(Strings.from_arrow(t.column(c)))
-                for c in t.column_names:
-                    if c.startswith("syn_"):
-                        text.setdefault(c, []).append(StringLists.from_arrow(t.column(c), c))
-                starts.append(starts[-1] + t.num_rows)
-                pos += t.num_rows
-                del t
+        for chunk, t in _row_groups(m, spans):
+            if source is not None and "source" in t.column_names and m.chunk_source[chunk] is ANY:
+                t = t.filter(_source_mask(t.column("source"), source))
+            if t.num_rows == 0:
+                continue
+            t = t.combine_chunks()
+            nulls = {c: t.column(c).null_count for c in REQUIRED if t.column(c).null_count}
+            if nulls:
+                raise ManifestError(f"{m.files[m.chunk_file[chunk]]}: null values in required columns {nulls}")
+            for c, _ in NUMBERS:
+                num[c][pos:pos + t.num_rows] = t.column(c).to_numpy()
+            if "orientation" in t.column_names:
+                have_orient = True
+                num["orientation"][pos:pos + t.num_rows] = t.column("orientation").fill_null(1).to_numpy()
+            else:
+                num["orientation"][pos:pos + t.num_rows] = 1
+            if "format" in t.column_names:
+                fc = t.column("format").dictionary_encode().combine_chunks()
+                jpeg = np.array([(x or "").lower() in ("jpeg", "jpg") for x in fc.dictionary.to_pylist()] + [False])
+                num["is_jpeg"][pos:pos + t.num_rows] = jpeg[fc.indices.fill_null(-1).to_numpy()]
+            else:
+                num["is_jpeg"][pos:pos + t.num_rows] = True
+            sh = t.column("shard").dictionary_encode().combine_chunks()
+            remap = np.array([shard_names.setdefault(x, len(shard_names)) for x in sh.dictionary.to_pylist()],
+                             dtype=np.int32)
+            num["shard"][pos:pos + t.num_rows] = remap[sh.indices.to_numpy()]
+            if "source" in t.column_names:
+                sc = t.column("source").dictionary_encode().combine_chunks()
+                names = sc.dictionary.to_pylist()
+                for x in names:
+                    if x not in self.source_names:
+                        self.source_names.append(x)
+                remap = np.array([self.source_names.index(x) for x in names], dtype=np.int16)
+                idx = sc.indices.fill_null(-1).to_numpy().astype(np.int64)
+                src_codes.append(np.where(idx >= 0, remap[idx.clip(0)] if len(remap) else -1, -1)
+                                 .astype(np.int16))
+            for c in ("key", "caption"):
+                if c in t.column_names:
+                    text.setdefault(c, []).append(Strings.from_arrow(t.column(c)))
+            for c in t.column_names:
+                if c.startswith("syn_"):
+                    text.setdefault(c, []).append(StringLists.from_arrow(t.column(c), c))
+            starts.append(starts[-1] + t.num_rows)
+            pos += t.num_rows
+            del t
         return starts, text, src_codes, shard_names, have_orient
-
 
     def _sorted_order(self) -> np.ndarray:
         """Row ids in (shard, key) order (keys compared as UTF-8 bytes), in numpy: keys as fixed-width bytes."""
@@ -418,12 +410,6 @@ class SampleTable:
         # manifests/SPEC.md: a URL or an absolute path as is, else relative to the manifest directory
         return resolve_against(self.root, shard)
 
-    def counts(self) -> dict[int, int]:
-        return {b: len(m) for b, m in self.members.items()}
-
-    def grid(self, bucket: int, area: int) -> tuple[int, int]:
-        return self.buckets[bucket].grids[area]
-
     def key(self, row: int) -> str:
         return self.text["key"][row]
 
@@ -441,6 +427,28 @@ class SampleTable:
             code = int(self.source[row])
             out["source"] = self.source_names[code] if code >= 0 else None
         return out
+
+
+def _row_groups(m: Manifest, spans: np.ndarray):
+    """(chunk, Arrow table) per chunk of `spans`, in chunk order: the whole row group, or its spans' rows
+    in (shard, key) order (the order a share's deal counts in, whatever order the rows were written in)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    pf, open_f = None, None
+    for c in np.unique(spans[:, 0]).tolist():
+        f, g, n = int(m.chunk_file[c]), int(m.chunk_group[c]), int(m.chunk_rows[c])
+        if f != open_f:
+            want = [x for x in m.columns[f] if x in REQUIRED or x in OPTIONAL_TEXT or x in ("format", "orientation")
+                    or x.startswith("syn_")]
+            pf, open_f = pq.ParquetFile(_parquet_source(m.files[f])), f
+        t = pf.read_row_group(g, columns=want, use_threads=False)
+        mine = spans[spans[:, 0] == c]
+        if len(mine) != 1 or mine[0, 1] != 0 or mine[0, 2] != n:
+            t = t.take(pc.sort_indices(t, sort_keys=[("shard", "ascending"), ("key", "ascending")]))
+            t = pa.concat_tables([t.slice(int(a), int(b - a)) for _, a, b in sorted(mine.tolist())])
+        yield c, t
 
 
 class Chunked:
@@ -488,13 +496,6 @@ class Strings:
         offsets -= offsets[0]
         null = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else None
         return cls(offsets, data, null)
-
-    def to_polars(self) -> pl.Series:
-        import pyarrow as pa
-
-        off = self.offsets.astype(np.int64)
-        arr = pa.LargeStringArray.from_buffers(len(off) - 1, pa.py_buffer(off), pa.py_buffer(self.data))
-        return pl.from_arrow(arr)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

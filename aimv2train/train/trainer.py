@@ -413,6 +413,9 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
         finally:
             bar.close()
             log.close()
+            for loader in (run.loader, getattr(run.validator, "loader", None)):   # their worker processes
+                if hasattr(loader, "close"):
+                    loader.close()
         return _finish(run, status, failure, stop)
     finally:
         stop.restore()

@@ -44,7 +44,8 @@ class Validator:
     def __init__(self, manifest: str, tokenizer, info: DistInfo, device: torch.device, *, native_res: bool,
                  resolution: int | None, batch_size: int, batch_patches: int, max_batches: int | None = None,
                  workers: int = 0, decoder: str = "pil", autocast=contextlib.nullcontext, seed: int = VAL_SEED):
-        from aimv2data.loader import Loader, SampleTable
+        from aimv2data.loader import Loader
+        from aimv2data.loader.samples import Manifest
 
         self.info, self.device, self.autocast, self.seed = info, device, autocast, seed
         self.pad_id = tokenizer.pad_id
@@ -58,10 +59,11 @@ class Validator:
                 self.loader = Loader(manifest, native_res=True, batch_patches=batch_patches, native_hflip=0.0,
                                      **kwargs)
             else:
-                # a small held-out set still gives one batch: at most its share per rank
-                n = SampleTable(manifest).n
-                b = max(1, min(batch_size, n // info.world_size))
-                self.loader = Loader(manifest, resolution=resolution, batch_size=b, scale=(1.0, 1.0),
+                # a small held-out set still gives one batch: at most its share per rank (rows counted
+                # from the parquet footers, not by reading the table)
+                footers = Manifest(manifest)
+                b = max(1, min(batch_size, footers.n // info.world_size))
+                self.loader = Loader(footers, resolution=resolution, batch_size=b, scale=(1.0, 1.0),
                                      ratio=(1.0, 1.0), hflip=0.0, **kwargs)
         except ValueError as e:
             raise ValueError(f"--val-manifest {manifest}: {e}") from None
