@@ -183,5 +183,8 @@ def test_reading_a_share_leaves_arrows_default_memory_pool_as_it_was(skewed):
     import pyarrow as pa
 
     before = pa.default_memory_pool().backend_name
-    Loader(skewed, native_res=True, batch_patches=4096, rank=0, world_size=2)
+    loader = Loader(skewed, native_res=True, batch_patches=4096, rank=0, world_size=2)
+    if loader._next is not None:   # the next segment's share, read in a thread: its read restores the pool too
+        assert loader._next.ready(timeout=120)
     assert pa.default_memory_pool().backend_name == before
+    loader.close()

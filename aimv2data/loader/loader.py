@@ -428,8 +428,11 @@ class Loader:
         self._read_ahead()
         try:
             yield from batches
-        except TarChangedError as e:   # torch re-raises a worker's error with its traceback in the message
-            raise TarChangedError(str(e).strip().splitlines()[-1].split("TarChangedError: ", 1)[-1]) from None
+        except Exception as e:
+            self._pool.close()   # a worker's error breaks the DataLoader: its workers must not outlive it
+            if isinstance(e, TarChangedError):   # torch re-raises it with the worker's traceback in the message
+                raise TarChangedError(str(e).strip().splitlines()[-1].split("TarChangedError: ", 1)[-1]) from None
+            raise
 
     def __iter__(self):
         start, stop = self._offset, len(self.maker.plan)
