@@ -159,7 +159,8 @@ def bench_run(sizes: Sizes, device: torch.device, native: bool, attention: str, 
     from .train.optim import build_optimizer
     from .train.presets import resolve
     from .train.schedule import WarmupCosine
-    from .train.trainer import LossModule, Run, compile_dynamic, run_precision
+    from .train.compiling import compile_step
+    from .train.trainer import LossModule, Run, run_precision
 
     res = None if native else sizes.resolution
     cfg = TrainConfig(manifest="-", tokenizer="-", out="-", model=sizes.model, steps=1000, native_res=native,
@@ -173,8 +174,8 @@ def bench_run(sizes: Sizes, device: torch.device, native: bool, attention: str, 
     model.set_attention(attention)
     loss_module = LossModule(model, pad_id=pad_id)
     step_fn = loss_module
-    if compiled:  # trainer.compile_step's choice of dynamic=; the steps part draws one grid, so one graph
-        step_fn = torch.compile(loss_module, dynamic=compile_dynamic(native_dynamic, device) if native else None)
+    if compiled:  # as the trainer compiles it (native: per block); the steps part draws one grid
+        step_fn = compile_step(loss_module, model, native, native_dynamic, shapes=[sizes.native_grid])
     opt = build_optimizer(model, hp.peak_lr, hp.weight_decay, hp.betas, hp.eps)
     return Run(cfg, DistInfo(), device, "native" if native else "pretrain", run_precision(cfg, device), res, hp,
                model, loss_module, step_fn, opt, WarmupCosine(hp.peak_lr, hp.min_lr, hp.warmup, hp.steps),
@@ -242,15 +243,15 @@ def _step_config(sizes: Sizes, device: torch.device, res: str, attention: str, c
                  native_dynamic: str = "auto", data: dict | None = None) -> dict:
     from .model.flops import step_flops
     from .train.metrics import mfu
-    from .train.trainer import compile_dynamic
+    from .train.compiling import compile_dynamic
 
     native = res == "native"
     grid = sizes.native_grid if native else (sizes.resolution // 14,) * 2
     B = max(1, sizes.batch_patches // (grid[0] * grid[1])) if native else sizes.batch
     row = {"resolution": res, "grid": list(grid), "attention": attention, "compile": compiled}
-    # as the trainer's --compile-dynamic (train.trainer.compile_step): auto is static on CUDA
+    # as the trainer's --compile-dynamic (train.compiling.compile_step): per-block graphs, auto is dynamic
     if compiled and native:
-        row["dynamic"] = compile_dynamic(native_dynamic, device)
+        row["dynamic"] = compile_dynamic(native_dynamic)
     use_loader = data is not None and not native
     row["batches"] = "loader" if use_loader else "synthetic"
     while True:
@@ -622,8 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default="", help="steps: comma-separated subset of RES-ATTN-MODE rows, e.g. "
                     "native-flex-compiled,native-sdpa-compiled (default: all eight)")
     ap.add_argument("--native-dynamic", choices=("auto", "true", "false"), default="auto",
-                    help="torch.compile's dynamic= for the native-resolution rows, as `aimv2 train --compile-dynamic`: "
-                    "true (one dynamic-shape graph), false (static, one graph per grid), auto (false on CUDA)")
+                    help="the native-resolution rows' per-block compile, as `aimv2 train --compile-dynamic`: "
+                    "true / auto (dynamic block shapes), false (static block graphs, one per grid)")
     a = ap.parse_args(argv)
     parts = tuple(p.strip() for p in a.parts.split(",") if p.strip())
     unknown = [p for p in parts if p not in PARTS]
