@@ -115,6 +115,12 @@ def train(**settings):
                       + f"; step {s['val_step']})")
         t.add_row("MFU", f"{100 * s['mfu']:.1f}%: all ranks' model FLOPs over {s.get('world_size', 1)} x "
                   f"{s['peak_flops'] / 1e9:.0f} GFLOP/s ({s.get('peak_source', 'measured matmul peak')})")
+    if s.get("compile"):
+        c = s["compile"]
+        warm = (f"; warm-up {c['warmup_shapes']} shapes in {c['warmup_seconds']:.0f} s, after it "
+                f"{c['graphs_after_warmup']} graphs / {c['recompiles_after_warmup']} recompiles" if "warmup_shapes" in c else "")
+        t.add_row("compile", f"{c['graphs']} graphs ({c['scope']}{', dynamic' if c['dynamic'] else ''}), "
+                  f"{c['recompiles']} recompiles, {c['seconds']:.0f} s compiling (rank 0){warm}")
     if "replaced" in s:
         split = (f" ({s['replaced_unreachable']} because the store did not answer, {s['replaced_damaged']} missing "
                  "or damaged)" if s.get("replaced_unreachable") else "")

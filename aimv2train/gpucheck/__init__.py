@@ -35,9 +35,9 @@ OPTIONS = (
      "machine). Default: OUT's folder / OUT-stem_work."),
     ("--rows", "", str, "steps: comma-separated subset of RES-ATTN-MODE rows, e.g. native-flex-compiled,"
      "native-sdpa-compiled (default: all eight)."),
-    ("--native-dynamic", "auto", NATIVE_DYNAMIC, "torch.compile's dynamic= for the steps part's native-resolution "
-     "rows, as `aimv2 train --compile-dynamic`: true (one dynamic-shape graph), false (static, one graph per "
-     "grid), auto (false on CUDA)."),
+    ("--native-dynamic", "auto", NATIVE_DYNAMIC, "The steps part's native-resolution rows' per-block compile, as "
+     "`aimv2 train --compile-dynamic`: true / auto (dynamic block shapes), false (static block graphs, one per "
+     "grid)."),
 )
 
 

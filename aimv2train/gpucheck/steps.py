@@ -29,7 +29,8 @@ def bench_run(sizes: Sizes, device: torch.device, native: bool, attention: str, 
     from ..train.optim import build_optimizer
     from ..train.presets import resolve
     from ..train.schedule import WarmupCosine
-    from ..train.trainer import LossModule, Run, compile_dynamic, run_precision
+    from ..train.compiling import compile_step
+    from ..train.trainer import LossModule, Run, run_precision
 
     res = None if native else sizes.resolution
     cfg = TrainConfig(manifest="-", tokenizer="-", out="-", model=sizes.model, steps=1000, native_res=native,
@@ -44,7 +45,7 @@ def bench_run(sizes: Sizes, device: torch.device, native: bool, attention: str, 
     loss_module = LossModule(model, pad_id=pad_id)
     step_fn = loss_module
     if compiled:  # trainer.compile_step's choice of dynamic=; the steps part draws one grid, so one graph
-        step_fn = torch.compile(loss_module, dynamic=compile_dynamic(native_dynamic, device) if native else None)
+        step_fn = compile_step(loss_module, model, native, native_dynamic, shapes=[sizes.native_grid])
     opt = build_optimizer(model, hp.peak_lr, hp.weight_decay, hp.betas, hp.eps)
     return Run(cfg, DistInfo(), device, "native" if native else "pretrain", run_precision(cfg, device), res, hp,
                model, loss_module, step_fn, opt, WarmupCosine(hp.peak_lr, hp.min_lr, hp.warmup, hp.steps),
@@ -112,7 +113,7 @@ def _step_config(sizes: Sizes, device: torch.device, res: str, attention: str, c
                  native_dynamic: str = "auto", data: dict | None = None) -> dict:
     from ..model.flops import step_flops
     from ..train.metrics import mfu
-    from ..train.trainer import compile_dynamic
+    from ..train.compiling import compile_dynamic
 
     native = res == "native"
     grid = sizes.native_grid if native else (sizes.resolution // 14,) * 2
@@ -120,7 +121,7 @@ def _step_config(sizes: Sizes, device: torch.device, res: str, attention: str, c
     row = {"resolution": res, "grid": list(grid), "attention": attention, "compile": compiled}
     # as the trainer's --compile-dynamic (train.trainer.compile_step): auto is static on CUDA
     if compiled and native:
-        row["dynamic"] = compile_dynamic(native_dynamic, device)
+        row["dynamic"] = compile_dynamic(native_dynamic)
     use_loader = data is not None and not native
     row["batches"] = "loader" if use_loader else "synthetic"
     if use_loader:  # the model must embed every id of the loader's tokenizer (the dry run's vocabulary is tiny)

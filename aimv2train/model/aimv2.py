@@ -76,6 +76,14 @@ class AIMv2(nn.Module):
         self.encoder.grad_checkpointing = enabled
         self.decoder.grad_checkpointing = enabled
 
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """torch.compile each transformer block on its own (torchtitan's shape), not the whole model: blocks of
+        one width share their graphs, so a run compiles a handful of graphs whatever its grids, and the patch
+        embedding, norms, heads and losses stay eager. The forward is compiled, not the module: hooks (FSDP2's
+        unshard, activation checkpointing) stay outside the graph and state-dict keys do not change."""
+        for blk in [*self.encoder.blocks, *self.decoder.blocks]:
+            blk.forward = torch.compile(blk.forward, **compile_kwargs)
+
     # -- the model's policies (asked by the optimiser, FSDP and --init; no key-name matching there) --
 
     def no_weight_decay(self) -> set[str]:

@@ -79,11 +79,18 @@ class TrainConfig:
     cache_dir: str | None = flag(None, "Cache folder. Shards at URLs (s3://...): fetched samples are kept there (later "
                                  "epochs read the local disk).", path="dir")
     cache_gb: float = flag(0.0, "Size limit of --cache-dir in GB.")
-    compile: bool = flag(False, "torch.compile the model and loss (with --native-res see --compile-dynamic).")
-    compile_dynamic: str = flag("auto", "With --compile --native-res: true (one dynamic-shape graph for every grid), "
-                                "false (one static graph per grid the sampler can draw, compiled on first use), "
-                                "auto (false on CUDA, where torch 2.11's Inductor fails on the dynamic step; true "
-                                "on CPU).", choices=COMPILE_DYNAMIC)
+    compile: bool = flag(False, "torch.compile the step: at fixed resolution the model and loss as one graph; with "
+                         "--native-res each transformer block on its own, its sequence dimension dynamic (a bounded "
+                         "handful of graphs whatever the grids; see --compile-dynamic, --compile-warmup).")
+    compile_dynamic: str = flag("auto", "With --compile --native-res: true / auto (dynamic block shapes: a few graphs "
+                                "for every grid), false (one static block graph per (grid, B) the sampler can draw: the "
+                                "fallback where Inductor fails on dynamic shapes; run it with --compile-warmup).",
+                                choices=COMPILE_DYNAMIC)
+    compile_warmup: bool = flag(False, "With --compile: before step 0, forward and backward on a synthetic batch of "
+                                "each (grid, B) the sampler can draw, in the same order on every rank, so no rank "
+                                "compiles mid-run (stalling the others at the next collective). Static graphs: every "
+                                "(grid, B); dynamic blocks: one grid per area and batch size, which compiles all their "
+                                "graphs. Gradients dropped, no update. Graphs, seconds, recompiles: run.json, summary.")
     precision: str | None = flag(None, "bf16 autocast or fp32 (default: bf16 on CUDA, fp32 on CPU).",
                                  choices=("bf16", "fp32"))
     parallel: str = flag("ddp", "Under torchrun: DDP (replicated) or FSDP2 (fully_shard, sharded state, DCP "

@@ -32,9 +32,10 @@ from torch import nn
 from aimv2data.atomic import is_disk_full, read_jsonl, write_json_atomic
 from aimv2data.manifest.lock import LOCK_NAME, LockHeld, output_lock
 from aimv2data.paper import TEXT_LEN
-from aimv2data.batch import REPLACED_KINDS, replaced_kind
+from aimv2data.batch import REPLACED_KINDS, Batch, replaced_kind
 
 from . import checkpoint as ck
+from .compiling import compile_counts, compile_dynamic, compile_step, counts_since, warmup_shapes, watch_compiles
 from .config import TrainConfig
 from ..model.config import ModelConfig, model_config, preset_name
 from .distributed import (DistInfo, all_reduce_mean, cpu_threads, decoder_device, init_distributed, launch_info,
@@ -107,6 +108,8 @@ def _check(cfg: TrainConfig) -> None:
         raise TrainError(f"--save-every must be >= 0 (0: only at the end / --stop-at), got {cfg.save_every}")
     if cfg.attention not in ATTENTION_KINDS:
         raise TrainError(f"--attention must be one of {ATTENTION_KINDS}, got {cfg.attention!r}")
+    if cfg.compile_warmup and not cfg.compile:
+        raise TrainError("--compile-warmup compiles the step's graphs before step 0: add --compile")
     if cfg.precision not in (None, "bf16", "fp32"):
         raise TrainError(f"--precision must be bf16 or fp32, got {cfg.precision!r}")
     if cfg.val_every < 0:
@@ -386,9 +389,11 @@ def _disk_full_message(out: str, e: BaseException) -> str:
 def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     run = build_run(cfg, info, device)
     cfg, out = run.cfg, run.out  # the per-rank batch may be rescaled (--keep-global-batch)
+    if cfg.compile_warmup:
+        warm_up(run)
     run_info = {"train": asdict(cfg), "hparams": run.hp.to_dict(), "model": run.mcfg.to_dict(),
                 "world_size": info.world_size, "device": str(device), "devices": run.devices, "precision": run.precision,
-                "peak_flops": run.peak}
+                "peak_flops": run.peak, **({"compile": compile_record(run)} if cfg.compile else {})}
     resume_step = run.start if cfg.resume else None
     try:
         sinks = open_sinks(cfg.report_to, out, config=run_info, resume_step=resume_step,
@@ -450,6 +455,9 @@ class Run:
     pad_id: int = 0              # the tokenizer's padding id (caption tokens not counted by the text loss)
     save_time: float | None = None   # seconds the newest checkpoint write took (size the scheduler's --signal by it)
     devices: list[dict] = field(default_factory=list)   # every rank's model and decoder device (rank_devices)
+    text_len: int = TEXT_LEN     # caption tokens per sample (the tokenizer's), for --compile-warmup's batches
+    compiled_from: dict | None = None   # --compile: this process's compile counts before the run compiled anything
+    warmup: dict | None = None   # --compile-warmup: shapes run, seconds, and the compile counts when it ended
 
     @property
     def out(self) -> Path:
@@ -518,7 +526,12 @@ def build_run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Run:
         if same_world or info.rank < len(state["ranks"]):
             ck.set_rng_state(state["ranks"][info.rank]["rng"], generator)
         start = int(state["step"])
-    step_fn = compile_step(loss_module, cfg, loader, device) if cfg.compile else loss_module
+    step_fn = loss_module
+    if cfg.compile:
+        watch_compiles()
+        compiled_from = compile_counts()  # the figures of this run's compiles are counted from here
+        step_fn = compile_step(loss_module, model, cfg.native_res, cfg.compile_dynamic,
+                               warmup_shapes(loader.sampler))
     if cfg.peak_flops:
         peak, peak_source = cfg.peak_flops, "--peak-flops"
     else:  # a stable reference, so MFU compares between runs (metrics.reference_peak)
@@ -527,31 +540,46 @@ def build_run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Run:
               WarmupCosine(hp.peak_lr, hp.min_lr, hp.warmup, hp.steps), generator, loader, sharded, start, peak,
               step=start, saved=(resume_from[0], start) if resume_from else (None, None),
               validator=_validator(cfg, tok, info, device, precision, resolution),
-              params=[p for p in model.parameters() if p.requires_grad], pad_id=tok.pad_id)
+              params=[p for p in model.parameters() if p.requires_grad], pad_id=tok.pad_id, text_len=tok.max_len,
+              compiled_from=compiled_from if cfg.compile else None)
     run.devices = rank_devices(device, cfg.image_decoder, info)
     run.header = {**_header(run, init_note), "peak_source": peak_source}
     return run
 
 
-def compile_step(loss_module, cfg: TrainConfig, loader, device: torch.device):
-    """torch.compile of the step. Fixed resolution: one shape. Native resolution: one dynamic graph, or one
-    static graph per grid the sampler can draw (`--compile-dynamic`). Static is auto's choice on CUDA: the
-    dynamic-shape step fails in Inductor (tiling_utils assertion, torch 2.11 on an H100) and the static graphs
-    ran faster there (benchmarks/RESULTS.md, "GPU check"); dynamo's recompile limit (8) is raised to the
-    grid count, or it would run later grids eagerly."""
-    if not cfg.native_res:
-        return torch.compile(loss_module)
-    dynamic = compile_dynamic(cfg.compile_dynamic, device)
-    if not dynamic:
-        n_grids = len({g for by_area in loader.sampler.grids.values() for g in by_area.values()})
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, n_grids + 1)
-    return torch.compile(loss_module, dynamic=dynamic)
+def warm_up(run: Run) -> None:
+    """--compile-warmup: forward and backward on a synthetic batch of each (grid, B) the sampler can draw
+    (compiling.warmup_shapes: the same list, in the same order, on every rank), so every graph is compiled
+    before step 0 and no rank compiles mid-run while the others wait at a collective. Batches as the loader's
+    (uint8, channels-last, full-length captions) through `_accumulate`, so --grad-accum's micro-batches and DDP's
+    hooks are the step's own; the gradients are dropped, there is no update and the run's generator is not used,
+    so the training that follows is the one without it."""
+    shapes = warmup_shapes(run.loader.sampler, one_per_area=compile_dynamic(run.cfg.compile_dynamic))
+    g = torch.Generator().manual_seed(0)
+    p, vocab = run.mcfg.encoder.patch_size, run.mcfg.decoder.vocab_size
+    t0 = time.perf_counter()
+    for (h, w), B in shapes:
+        images = torch.randint(0, 256, (B, h * p, w * p, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2)
+        tokens = torch.randint(0, vocab, (B, run.text_len), generator=g)
+        batch = Batch(images, (h, w), p, [""] * B, [""] * B, [""] * B, tokens).to(run.device)
+        _accumulate(run, batch, sample_prefix_lengths(B, h * w, g).to(run.device))
+        run.optimizer.zero_grad(set_to_none=True)
+    run.warmup = {"shapes": len(shapes), "seconds": round(time.perf_counter() - t0, 2), "counts": compile_counts()}
 
 
-def compile_dynamic(choice: str, device: torch.device) -> bool:
-    """torch.compile's dynamic= for native resolution (`--compile-dynamic` true / false / auto): auto is static
-    on CUDA, dynamic elsewhere (compile_step says why)."""
-    return {"true": True, "false": False}.get(choice, device.type != "cuda")
+def compile_record(run: Run) -> dict:
+    """What --compile cost this rank so far: graphs, recompiles and compile seconds (compiling.compile_counts),
+    and with --compile-warmup the warm-up's shapes and wall seconds and what compiled after it (0 and 0: nothing
+    mid-run)."""
+    native = run.cfg.native_res
+    rec = {"scope": "blocks" if native else "model",
+           "dynamic": compile_dynamic(run.cfg.compile_dynamic) if native else False,
+           **counts_since(run.compiled_from)}
+    if run.warmup is not None:
+        after = counts_since(run.warmup["counts"])
+        rec.update(warmup_shapes=run.warmup["shapes"], warmup_seconds=run.warmup["seconds"],
+                   graphs_after_warmup=after["graphs"], recompiles_after_warmup=after["recompiles"])
+    return rec
 
 
 def _batch_for_world(cfg: TrainConfig, resume_from, info: DistInfo) -> TrainConfig:
@@ -774,7 +802,8 @@ def _finish(run: Run, status: str, failure: str | None, stop: StopRequest) -> di
                "save_time": run.save_time,
                "run": str(out), **run.header, **summarize(records),
                **replaced_summary(records, run.loader.stats["replaced_keys"], run.cfg.warn_replaced),
-               "caption_shares": records[-1].get("caption_shares") if records else None}
+               "caption_shares": records[-1].get("caption_shares") if records else None,
+               **({"compile": compile_record(run)} if run.compiled_from is not None else {})}
     if info.is_main and summary.get("replaced_warning"):
         notice("warning: " + summary["replaced_warning"])
     if status == "interrupted":  # 130 / 143: a scheduler requeues, `train && export` stops (preempt.py)
