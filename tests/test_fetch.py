@@ -20,9 +20,10 @@ from _fetch_fixtures import decode, read_shards, snapshot, status_table, summary
 from click.testing import CliRunner
 
 from aimv2data import demo_corpus as demo
-from aimv2data.fetch_input import in_index, load_dfn_index, uid_pairs, FetchError
-from aimv2data.fetch_resize import NativeResizer, inspect_header, jpeg_is_complete, with_orientation
-from aimv2data.fetch_summary import busy_seconds, reason_class
+from aimv2data.fetch import FetchError
+from aimv2data.fetch.input import in_index, load_dfn_index, uid_pairs
+from aimv2data.fetch.resize import NativeResizer, inspect_header, jpeg_is_complete, with_orientation
+from aimv2data.fetch.summary import busy_seconds, reason_class
 from aimv2data.serve import HOSTILE, LoopbackServer, bomb_png
 from cli.main import main
 
@@ -201,7 +202,7 @@ def test_decompression_bomb_is_refused_before_decoding():
         "    line = next(l for l in open('/proc/self/status') if l.startswith(field))\n"
         "    return int(line.split()[1]) // 1024\n"
         "from aimv2data.serve import bomb_png\n"
-        "from aimv2data.fetch_resize import NativeResizer\n"
+        "from aimv2data.fetch.resize import NativeResizer\n"
         "r = NativeResizer(image_size=2048, resize_mode='keep_ratio_largest', resize_only_if_bigger=True,"
         " encode_format='jpg', skip_reencode=True, max_image_area=178956970)\n"
         "data = bomb_png()\n"
