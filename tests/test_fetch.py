@@ -165,6 +165,19 @@ def test_summary_counts_failures_by_reason(coyo_run):
     assert "failures by reason" in printed and "80 / 89" in printed
 
 
+def test_img2dataset_chatter_is_in_the_log_our_progress_on_screen(coyo_run):
+    """Issue 23 point 10: img2dataset's own lines ("check your bandwidth speed (with bwm-ng)", per-worker speed
+    lines, its tqdm) go to DIR/_logs/img2dataset.log, named in the summary; the screen shows our progress line
+    (shards done, samples ok / failed) and the summary."""
+    out, printed = coyo_run
+    log = (out / "_logs" / "img2dataset.log").read_text()
+    assert "bwm-ng" in log and "worker  - success" in log and "Sharding file number" in log
+    assert "bwm-ng" not in printed and "Sharding file number" not in printed and "worker  -" not in printed
+    assert "4/4 shards" in printed and "80 ok, 9 failed" in printed
+    assert summary(out)["log"] == str((out / "_logs" / "img2dataset.log").resolve())
+    assert "img2dataset's own output" in printed
+
+
 def _failed_row(out: Path, route: str) -> dict:
     rows = status_table(out).filter(pl.col("url").str.ends_with(route)).to_dicts()
     assert len(rows) == 1, route
@@ -497,6 +510,7 @@ def test_killed_and_interrupted_runs_resume_without_duplicates(served, tmp_path)
         text = proc.communicate(timeout=60)[0].decode()
         assert proc.returncode == 130, text
         assert "interrupted: rerun the same command to resume" in text
+        assert "bwm-ng" not in text and "bwm-ng" in (out / "_logs" / "img2dataset.log").read_text()
         assert summary(out)["complete"] is False
         # 2. SIGKILL of the whole group (a node or container dying)
         proc = _start(lists, out)

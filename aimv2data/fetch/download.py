@@ -97,24 +97,24 @@ def _fileno(stream) -> int | None:
 
 
 @contextlib.contextmanager
-def chatter_to(log):
+def chatter_to(log, keep=None):
     """Everything written to file descriptors 1 and 2 (and sys.stdout / sys.stderr) goes to `log` (a local
     file, appended) for the block: img2dataset prints from this process and from processes it spawns, which
-    inherit the descriptors. Yields the stream the terminal's stdout was, for our own progress."""
+    inherit the descriptors. Yields a stream that still writes where `keep` did (our progress line)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     for s in (sys.stdout, sys.stderr):
         s.flush()
     with open(log, "a", buffering=1) as f, contextlib.ExitStack() as stack:
         f.write(f"\n== aimv2 fetch: img2dataset run started {time.strftime('%Y-%m-%d %H:%M:%S')} ==\n")
-        terminal = sys.stdout
-        if _fileno(sys.stdout) == 1:      # the real stdout: keep a copy of it before fd 1 is redirected
-            terminal = stack.enter_context(os.fdopen(os.dup(1), "w", buffering=1))
+        kept = keep
+        if keep is not None and _fileno(keep) in (1, 2):    # the terminal: a copy of its descriptor survives
+            kept = stack.enter_context(os.fdopen(os.dup(_fileno(keep)), "w", buffering=1))
         saved = [os.dup(1), os.dup(2)]
         try:
             os.dup2(f.fileno(), 1)
             os.dup2(f.fileno(), 2)
             with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-                yield terminal
+                yield kept
         finally:
             for s in (sys.stdout, sys.stderr, f):
                 s.flush()
@@ -125,19 +125,19 @@ def chatter_to(log):
 
 
 @contextlib.contextmanager
-def _logged(out):
+def _logged(out, keep):
     """chatter_to DIR's log; for a URL output, a local file uploaded (after what the log already held) at the
     end."""
     target = log_path(out)
     if not storage.is_url(target):
-        with chatter_to(target) as terminal:
-            yield terminal
+        with chatter_to(target, keep) as kept:
+            yield kept
         return
     with tempfile.TemporaryDirectory(prefix="aimv2-fetch-log-") as tmp:
         local = log_path(storage.upath(tmp))
         try:
-            with chatter_to(local) as terminal:
-                yield terminal
+            with chatter_to(local, keep) as kept:
+                yield kept
         finally:
             before = target.read_bytes() if target.exists() else b""
             storage.write_bytes(target, before + local.read_bytes())
@@ -192,9 +192,10 @@ class ShardProgress:
         self.bar.stop()
 
 
-def run_img2dataset(opts: FetchOptions, out, job: dict, n_shards: int, rnd: Round) -> Ended:
-    """One img2dataset.download over the round's url list into DIR. Never raises for what happens inside it:
-    an interruption (SIGINT, SIGTERM) or a failure is returned, so the caller still writes the summary."""
+def run_img2dataset(opts: FetchOptions, out, job: dict, n_shards: int, rnd: Round, console=None) -> Ended:
+    """One img2dataset.download over the round's url list into DIR, with our progress line on `console` (a rich
+    Console; None: none). Never raises for what happens inside it: an interruption (SIGINT, SIGTERM) or a
+    failure is returned, so the caller still writes the summary."""
     # with --distributor ray, fetch() (its only way in, retry_failed included) has already joined the cluster:
     # img2dataset's Ray distributor uses the cluster that ray.init joined
     ended = Ended()
@@ -207,7 +208,8 @@ def run_img2dataset(opts: FetchOptions, out, job: dict, n_shards: int, rnd: Roun
     if main_thread:
         signal.signal(signal.SIGTERM, on_term)
     try:
-        with _logged(out) as terminal, ShardProgress(out, rnd.shards, terminal):
+        with _logged(out, console.file if console is not None else None) as shown, \
+                (ShardProgress(out, rnd.shards, shown) if console is not None else contextlib.nullcontext()):
             try:
                 _download(opts, out, job, n_shards, rnd)
             except SystemExit as e:  # img2dataset's SIGINT handler exits with status 0; ours with 128+signum

@@ -113,7 +113,7 @@ def _download_and_summarise(opts: FetchOptions, out, job: dict, names: list[str]
     if rnd.shards:
         summary_path.unlink(missing_ok=True)   # absent while a run is in progress (img2dataset globs *.json)
         _say(console, f"[bold]{command}[/]: {start}")
-        ended = run_img2dataset(opts, out, job, shard_count(job, opts.shard_size), rnd)
+        ended = run_img2dataset(opts, out, job, shard_count(job, opts.shard_size), rnd, console)
     else:
         _say(console, f"[bold]{command}[/]: {idle}")
     run_s = time.perf_counter() - t0

@@ -165,6 +165,7 @@ def render(summary: dict, run_seconds: float | None = None, fetched_now: int = 0
     if run_seconds is not None and fetched_now:
         speed += f"; this run: {fetched_now} samples in {run_seconds:.1f} s ({fetched_now / run_seconds:.1f}/s)"
     head.add_row("speed", speed)
+    head.add_row("log", f"{summary['log']}  (img2dataset's own output)")
     parts = [head]
     if summary["failures_by_reason"]:
         t = Table(title="failures by reason", title_justify="left", show_edge=False)
@@ -179,8 +180,7 @@ def render(summary: dict, run_seconds: float | None = None, fetched_now: int = 0
     if "retries" in summary:
         parts.append(_retries_line(summary["retries"]))
     out = summary["output"]
-    parts.append(f"shards: {out}/NNNNN.tar · per-sample status: {out}/NNNNN.parquet · summary: {out}/{SUMMARY_NAME}"
-                 f" · img2dataset's log: {summary['log']}")
+    parts.append(f"shards: {out}/NNNNN.tar · per-sample status: {out}/NNNNN.parquet · summary: {out}/{SUMMARY_NAME}")
     return Panel(Group(*parts), title="aimv2 fetch", expand=False)
 
 

@@ -1,0 +1,88 @@
+"""`aimv2 fetch` start-up (issue 23 point 10): what needs no download is refused before img2dataset, OpenCV,
+torch or polars are imported (they take seconds), and img2dataset's own output goes to DIR/_logs, not the
+terminal."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+from click.testing import CliRunner
+
+from aimv2data.fetch import LOG_NAME
+from cli.main import main
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("img2dataset", "cv2", "torch", "polars")
+# each case: the fetch flags; the child prints exit code, output and which heavy modules were loaded
+PROBE = """
+import json, sys
+from click.testing import CliRunner
+from cli.main import main
+cases = json.loads(sys.argv[1])
+for args in cases:
+    r = CliRunner().invoke(main, ["fetch", *args])
+    print(json.dumps({"code": r.exit_code, "output": r.output,
+                      "heavy": [m for m in %r if m in sys.modules]}))
+""" % (HEAVY,)
+
+
+def _probe(cases: list[list[str]]) -> list[dict]:
+    res = subprocess.run([sys.executable, "-c", PROBE, json.dumps(cases)], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return [json.loads(line) for line in res.stdout.splitlines()]
+
+
+def test_refusals_that_need_no_download_come_before_the_heavy_imports(tmp_path):
+    from aimv2data.fetch.output import JOB_FORMAT, job_path
+    from aimv2data.manifest.lock import output_lock
+
+    lst = tmp_path / "list.parquet"
+    lst.write_bytes(b"not read")                      # never opened by the cases below
+    held = tmp_path / "held"                          # an earlier fetch's output, written to by another run now
+    job_path(held).parent.mkdir(parents=True)
+    job_path(held).write_text(json.dumps({"format": JOB_FORMAT, "settings": {}}))
+    with output_lock(held, tool="aimv2 fetch", argv=["aimv2", "fetch", "--output", str(held)]):
+        results = _probe([
+            ["--source", "coyo", "--url-list", str(tmp_path / "nope.parquet"), "--output", str(tmp_path / "a")],
+            ["--source", "coyo", "--url-list", str(lst), "--output", str(held)],
+            ["--source", "coyo", "--url-list", str(lst), "--dfn-index", "x.npy", "--output", str(tmp_path / "b")],
+            ["--source", "dfn", "--url-list", str(lst), "--output", str(tmp_path / "c")],
+            ["--source", "coyo", "--url-list", str(lst), "--processes", "0", "--output", str(tmp_path / "d")],
+        ])
+    missing, locked, index_flag, no_index, bad_value = results
+    assert "url list" in missing["output"] and "does not exist" in missing["output"]
+    assert "being written by another `aimv2 fetch` run" in locked["output"]
+    assert "--dfn-index applies to --source dfn only" in index_flag["output"]
+    assert "--source dfn needs --dfn-index" in no_index["output"]
+    assert bad_value["code"] == 2 and "--processes" in bad_value["output"]
+    for r in results:
+        assert r["code"] != 0 and r["heavy"] == [], r
+    assert not any((tmp_path / d).exists() for d in "abcd")
+
+
+def test_img2dataset_output_goes_to_the_log_and_a_failure_names_it(tmp_path, monkeypatch):
+    """img2dataset prints from this process and from the processes it spawns (which write to file descriptor
+    1 directly): both land in DIR/_logs/img2dataset.log; when it raises, the error names the log."""
+    from aimv2data.fetch import download
+
+    def chatty_failure(opts, out, job, n_shards, rnd):
+        print("Downloading starting now, check your bandwidth speed (with bwm-ng)")
+        subprocess.run([sys.executable, "-c", "print('worker  - success: 1.000 - count: 1')"], check=True)
+        raise RuntimeError("the distributor broke")
+
+    monkeypatch.setattr(download, "_download", chatty_failure)
+    lst = tmp_path / "list.parquet"
+    pl.DataFrame({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}).write_parquet(lst)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["fetch", "--source", "parquet", "--url-list", str(lst), "--output", str(out)])
+    log = (out / LOG_NAME).read_text()
+    assert res.exit_code == 1
+    assert "img2dataset failed (RuntimeError: the distributor broke)" in res.output
+    assert str((out / LOG_NAME).resolve()) in res.output.replace("\n", "")
+    assert "bwm-ng" not in res.output and "worker  -" not in res.output
+    assert "bwm-ng" in log and "worker  - success" in log and "Traceback" in log
+    assert json.loads((out / "fetch_summary.json").read_text())["log"] == str((out / LOG_NAME).resolve())
