@@ -4,6 +4,7 @@ terminal."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,48 @@ def test_img2dataset_output_goes_to_the_log_and_a_failure_names_it(tmp_path, mon
     assert "bwm-ng" not in res.output and "worker  -" not in res.output
     assert "bwm-ng" in log and "worker  - success" in log and "Traceback" in log
     assert json.loads((out / "fetch_summary.json").read_text())["log"] == str((out / LOG_NAME).resolve())
+
+
+CHATTY_ON_A_TERMINAL = """
+import subprocess, sys
+from aimv2data.fetch import download
+
+def chatty_failure(opts, out, job, n_shards, rnd):
+    print("Downloading starting now, check your bandwidth speed (with bwm-ng)")
+    subprocess.run([sys.executable, "-c", "print('worker  - success: 1.000 - count: 1')"], check=True)
+    raise RuntimeError("the distributor broke")
+
+download._download = chatty_failure
+from cli.main import main
+main(["fetch", "--source", "parquet", "--url-list", sys.argv[1], "--output", sys.argv[2]])
+"""
+
+
+def test_on_a_terminal_too_img2dataset_output_stays_in_the_log(tmp_path):
+    """On a terminal our progress line is live (rich would catch what others print and show it above the bar):
+    img2dataset's lines still go to the log only."""
+    import os
+    import pty
+
+    lst, out = tmp_path / "list.parquet", tmp_path / "out"
+    pl.DataFrame({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}).write_parquet(lst)
+    main_fd, child_fd = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", CHATTY_ON_A_TERMINAL, str(lst), str(out)], cwd=REPO,
+                            stdin=child_fd, stdout=child_fd, stderr=child_fd, env={**os.environ, "COLUMNS": "200"})
+    os.close(child_fd)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(main_fd, 65536)
+        except OSError:          # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(main_fd)
+    assert proc.wait(timeout=60) == 1
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))    # colours, cursor moves
+    assert "img2dataset failed (RuntimeError: the distributor broke)" in text and "0/1 shards" in text
+    assert "bwm-ng" not in text and "worker  -" not in text
+    log = (out / LOG_NAME).read_text()
+    assert "bwm-ng" in log and "worker  - success" in log

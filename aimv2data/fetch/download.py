@@ -156,7 +156,8 @@ class ShardProgress:
         self.interval_s = interval_s or (10.0 if storage.is_url(out) else 1.0)
         self.bar = Progress(TextColumn("[bold]fetch[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
                             TextColumn("{task.fields[ok]} ok, {task.fields[failed]} failed"), TimeElapsedColumn(),
-                            console=Console(file=stream), transient=False)
+                            console=Console(file=stream), transient=False,
+                            redirect_stdout=False, redirect_stderr=False)   # what others print goes to the log
         self.task = self.bar.add_task("fetch", total=len(shards), ok=0, failed=0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="aimv2-fetch-progress", daemon=True)
