@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 
-from aimv2data.fetch import retry
 from aimv2data.fetch.download import Ended, Round, run_img2dataset
 from aimv2data.fetch.errors import FetchError, FetchIncomplete
 from aimv2data.fetch.options import FetchOptions
 from aimv2data.fetch.output import (INPUT_DIR, check_output, json_bytes, log_path, output_locked, output_path,
                                     read_job, shard_count, shard_names, sweep, write_if_changed)
 from aimv2data.fetch.prepare import prepare
+from aimv2data.fetch.retry import RETRY_COL, check_retry_target, prepare_round, retry_section
 from aimv2data.fetch.summary import SUMMARY_NAME, build, read_stats, render
 
 
@@ -42,9 +42,9 @@ def retry_failed(opts: FetchOptions, console=None) -> dict:
     """`aimv2 fetch --retry-failed`: one retry round over a finished fetch (retry.py)."""
     out = output_path(opts.output)
     with output_locked(out) as lock:
-        retry.check_retry_target(out, read_job(out) if out.is_dir() else None)
+        check_retry_target(out, read_job(out) if out.is_dir() else None)
         lock()                    # a fetch output: lock it, then read its record
-        job = retry.check_retry_target(out, read_job(out))
+        job = check_retry_target(out, read_job(out))
         opts = _recorded(opts, out, job)
         names = shard_names(job, opts.shard_size)
         retry_names = [n for r in job.get("retry_rounds", []) for n in r["shards"]]
@@ -52,11 +52,11 @@ def retry_failed(opts: FetchOptions, console=None) -> dict:
         if unfinished:
             raise FetchError(f"the fetch in {out} is not finished ({len(unfinished)} shard(s) missing): rerun it "
                              "without --retry-failed first (it resumes), then retry", "retry-failed")
-        shards, n = retry.prepare_round(opts, out, job, names)
+        shards, n = prepare_round(opts, out, job, names)
         rnd, start = Round([]), ""
         if shards:
             rnd = Round(shards, url_list=out / INPUT_DIR / job["retry_rounds"][-1]["url_list"], mode="extend",
-                        extra_columns=(retry.RETRY_COL,))
+                        extra_columns=(RETRY_COL,))
             start = (f"{n} sample(s) failed transiently; retrying them into {len(shards)} new shard(s) "
                      f"{shards[0]}..{shards[-1]} of {out}")
         return _download_and_summarise(
@@ -100,7 +100,7 @@ def _check_distributor(opts: FetchOptions) -> None:
 def build_summary(out, job: dict, names: list[str]) -> dict:
     summary = build(out, job, names, log_path(out))
     if job.get("retry_rounds"):
-        summary["retries"] = retry.retry_section(out, job, names)
+        summary["retries"] = retry_section(out, job, names)
     return summary
 
 
