@@ -132,3 +132,20 @@ def test_on_a_terminal_too_img2dataset_output_stays_in_the_log(tmp_path):
     assert "bwm-ng" not in text and "worker  -" not in text
     log = (out / LOG_NAME).read_text()
     assert "bwm-ng" in log and "worker  - success" in log
+
+
+def test_settings_and_from_settings_are_one_mapping():
+    """--retry-failed --output DIR reads the options back from the job's record: `from_settings` inverts
+    `settings()` (issue 23 point 1: no second, hand-written mapping)."""
+    from aimv2data.fetch import FetchOptions
+
+    for source, extra in (("parquet", {"url_col": "image", "caption_col": None}), ("coyo", {})):
+        made = FetchOptions(source=source, url_lists=["l.parquet"], output="o", shard_size=7, limit=3, max_side=0,
+                            max_pixels=1000, verify_hash=False, keep_progressive=True, quality=80, **extra)
+        bare = FetchOptions(source=None, url_lists=[], output="o", retry_failed=True)
+        back = bare.from_settings(made.settings())
+        assert back.settings() == made.settings() and not back.differences(made.settings())
+        assert (back.retry_failed, back.url_lists) == (True, [])       # what is not a setting stays the caller's
+    import dataclasses
+
+    assert dataclasses.replace(made, shard_size=8).differences(made.settings()) == ["shard_size: 7 -> 8"]
