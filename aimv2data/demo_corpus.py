@@ -324,7 +324,7 @@ def write_url_lists(out_dir: str | Path, base_url: str, seed: int = SEED, hostil
     dfn_index.npy (sorted u8,u8 uid halves of the in_dfn images) pointing at `base_url`."""
     import polars as pl
 
-    from aimv2data.fetch_input import uid_pairs
+    from aimv2data.fetch import uid_pairs
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 Route = tuple[int, dict[str, str], bytes]
 
 # Hostile routes, by path. The value is the reason class `aimv2 fetch` reports for it
-# (see aimv2data/fetch_summary.py), so tests and the demo know what to expect.
+# (see aimv2data/fetch/summary.py), so tests and the demo know what to expect.
 HOSTILE: dict[str, str] = {
     "/hostile/404.jpg": "http_404",
     "/hostile/500.jpg": "http_500",

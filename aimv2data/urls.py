@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 # the authority's userinfo: after "scheme://", up to the last "@" before the path, query or fragment.
-# One pattern for polars (Rust regex, fetch_input.normalise) and Python (strip_userinfo).
+# One pattern for polars (Rust regex, aimv2data/fetch/input.py normalise) and Python (strip_userinfo).
 USERINFO = r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/?#]*@"
 _USERINFO = re.compile(USERINFO)
 

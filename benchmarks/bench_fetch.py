@@ -28,7 +28,7 @@ import polars as pl  # noqa: E402
 
 from aimv2data import demo_corpus as demo  # noqa: E402
 from aimv2data.fetch import FetchOptions, fetch  # noqa: E402
-from aimv2data.fetch_summary import busy_seconds, read_stats  # noqa: E402
+from aimv2data.fetch.summary import busy_seconds, read_stats  # noqa: E402
 from aimv2data.serve import LoopbackServer  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def resizer_rates(repeat: int = 3) -> dict:
     """Images/s of each resizer alone, one thread, over the corpus bytes (best of `repeat`)."""
     from img2dataset.resizer import Resizer
 
-    from aimv2data.fetch_resize import NativeResizer
+    from aimv2data.fetch.resize import NativeResizer
 
     kw = dict(image_size=2048, resize_mode="keep_ratio_largest", resize_only_if_bigger=True, encode_format="jpg",
               encode_quality=95, skip_reencode=True)

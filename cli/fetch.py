@@ -64,7 +64,8 @@ def fetch(**kw):
 
     Baseline JPEGs no larger than --max-side are stored byte for byte; everything else is re-encoded to
     baseline JPEG. Failures are counted by reason, never fatal. Rerunning the same command resumes: finished
-    shards are kept as they are, partial ones are redone. Ends with a summary, also in DIR/fetch_summary.json.
+    shards are kept as they are, partial ones are redone. Shows a progress line, then a summary, also in
+    DIR/fetch_summary.json; img2dataset's own output goes to DIR/_logs/img2dataset.log.
     """
     from rich.console import Console
 

@@ -123,7 +123,7 @@ def test_shard_refuses_an_unrelated_non_empty_output(tmp_path):
 
 
 def test_fetch_and_shard_share_one_max_pixels_default():
-    from aimv2data.fetch_resize import DEFAULT_MAX_PIXELS as fetch_default
+    from aimv2data.fetch import DEFAULT_MAX_PIXELS as fetch_default
     from aimv2data.manifest.inspect_image import DEFAULT_MAX_PIXELS as shard_default
     from cli.fetch import fetch
     from cli.shard import shard

@@ -53,7 +53,7 @@ def test_fetch_progress_has_a_total():
     """Item 17: img2dataset's shard bar had no total, so no share done and no ETA."""
     import img2dataset.distributor as dist
 
-    from aimv2data.fetch import _shard_progress
+    from aimv2data.fetch.download import _shard_progress
 
     with _shard_progress(7):
         bar = dist.tqdm(iter(()), disable=True)

@@ -21,9 +21,10 @@ from _timeouts import scaled
 from click.testing import CliRunner
 
 from aimv2data import demo_corpus as demo
-from aimv2data.fetch_input import in_index, load_dfn_index, uid_pairs, FetchError
-from aimv2data.fetch_resize import NativeResizer, inspect_header, jpeg_is_complete, with_orientation
-from aimv2data.fetch_summary import busy_seconds, reason_class
+from aimv2data.fetch import FetchError
+from aimv2data.fetch.input import in_index, load_dfn_index, uid_pairs
+from aimv2data.fetch.resize import NativeResizer, inspect_header, jpeg_is_complete, with_orientation
+from aimv2data.fetch.summary import busy_seconds, reason_class
 from aimv2data.serve import HOSTILE, LoopbackServer, bomb_png
 from cli.main import main
 
@@ -165,6 +166,19 @@ def test_summary_counts_failures_by_reason(coyo_run):
     assert "failures by reason" in printed and "80 / 89" in printed
 
 
+def test_img2dataset_chatter_is_in_the_log_our_progress_on_screen(coyo_run):
+    """Issue 23 point 10: img2dataset's own lines ("check your bandwidth speed (with bwm-ng)", per-worker speed
+    lines, its tqdm) go to DIR/_logs/img2dataset.log, named in the summary; the screen shows our progress line
+    (shards done, samples ok / failed) and the summary."""
+    out, printed = coyo_run
+    log = (out / "_logs" / "img2dataset.log").read_text()
+    assert "bwm-ng" in log and "worker  - success" in log and "Sharding file number" in log
+    assert "bwm-ng" not in printed and "Sharding file number" not in printed and "worker  -" not in printed
+    assert "4/4 shards" in printed and "80 ok, 9 failed" in printed
+    assert summary(out)["log"] == str((out / "_logs" / "img2dataset.log").resolve())
+    assert "img2dataset's own output" in printed
+
+
 def _failed_row(out: Path, route: str) -> dict:
     rows = status_table(out).filter(pl.col("url").str.ends_with(route)).to_dicts()
     assert len(rows) == 1, route
@@ -202,7 +216,7 @@ def test_decompression_bomb_is_refused_before_decoding():
         "    line = next(l for l in open('/proc/self/status') if l.startswith(field))\n"
         "    return int(line.split()[1]) // 1024\n"
         "from aimv2data.serve import bomb_png\n"
-        "from aimv2data.fetch_resize import NativeResizer\n"
+        "from aimv2data.fetch.resize import NativeResizer\n"
         "r = NativeResizer(image_size=2048, resize_mode='keep_ratio_largest', resize_only_if_bigger=True,"
         " encode_format='jpg', skip_reencode=True, max_image_area=178956970)\n"
         "data = bomb_png()\n"
@@ -497,6 +511,7 @@ def test_killed_and_interrupted_runs_resume_without_duplicates(served, tmp_path)
         text = proc.communicate(timeout=scaled(120))[0].decode()
         assert proc.returncode == 130, text
         assert "interrupted: rerun the same command to resume" in text
+        assert "bwm-ng" not in text and "bwm-ng" in (out / "_logs" / "img2dataset.log").read_text()
         assert summary(out)["complete"] is False
         # 2. SIGKILL of the whole group (a node or container dying)
         proc = _start(lists, out)

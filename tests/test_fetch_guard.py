@@ -19,7 +19,7 @@ import pytest
 from _fetch_fixtures import read_shards, snapshot, status_table, summary
 from click.testing import CliRunner
 
-from aimv2data.fetch_summary import reason_class
+from aimv2data.fetch.summary import reason_class
 from aimv2data.serve import LoopbackServer, small_jpeg
 from cli.main import main
 
@@ -147,7 +147,7 @@ def test_private_and_loopback_addresses_are_refused_by_default(server, tmp_path)
 
 
 def test_address_policy():
-    from aimv2data.fetch_guard import address_refusal
+    from aimv2data.fetch.guard import address_refusal
 
     for ip in ("169.254.169.254", "fe80::1", "::ffff:169.254.169.254"):
         assert "link-local" in address_refusal(ip, allow_private=True)

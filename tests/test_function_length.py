@@ -12,7 +12,6 @@ MAX_LINES = 60
 
 _OTHER_BRANCH = "being changed by another branch"
 ALLOWED = {
-    "aimv2data/fetch.py::prepare": f"{_OTHER_BRANCH} (issue 23 point 1: fetch becomes a wing)",
     "aimv2data/loader/samples.py::SampleTable.__init__": f"{_OTHER_BRANCH} (the loader's shares)",
     "aimv2train/eval/probe.py::train_sweep": f"{_OTHER_BRANCH} (issue 23 point 7: probe's errors)",
     "aimv2train/eval/probe.py::run_probe": f"{_OTHER_BRANCH} (issue 23 point 7: probe's errors)",

@@ -2,7 +2,9 @@
 
 model imports neither train nor eval; train does not import eval; aimv2data imports nothing from
 aimv2train; the tooling above the wings (the demo pipeline, the GPU check in aimv2train/gpucheck/) is
-imported by none of them; no module-level or function-local import forms a circle between modules.
+imported by none of them; the fetch wing (aimv2data/fetch/) leans only on the shared helpers and the
+manifest's lock, the manifest and loader wings never import it (they read what it wrote), and the CLI uses
+its face only; no module-level or function-local import forms a circle between modules.
 """
 from __future__ import annotations
 
@@ -15,6 +17,10 @@ TOOLING = ("aimv2train.demo_pipeline", "aimv2train.gpucheck")
 # tooling that lives beside the data it serves (docs/layout.md): measurement, the demo's images, a test server
 DATA_TOOLING = ("aimv2data.loader.bench", "aimv2data.demo_corpus", "aimv2data.serve")
 GPUCHECK = ROOT / "aimv2train" / "gpucheck"
+# what the fetch wing may import besides itself: the shared helpers (atomic writes, urls, paths or URLs, Ray;
+# "aimv2data" is `from aimv2data import storage`), and the one-writer lock it shares with `aimv2 shard`
+FETCH_MAY_IMPORT = ("aimv2data", "aimv2data.atomic", "aimv2data.urls", "aimv2data.storage", "aimv2data.cluster",
+                    "aimv2data.manifest.lock")
 
 
 def _module_name(path: Path) -> str:
@@ -44,6 +50,10 @@ def _imports(path: Path) -> set[str]:
     return {m for m in found if m.split(".")[0] in PACKAGES}
 
 
+def _in(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
 def _graph() -> dict[str, set[str]]:
     files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")]
     modules = {_module_name(p): p for p in files}
@@ -64,6 +74,13 @@ def test_layering_rules():
             if mod.startswith("aimv2data") and dep.startswith(("aimv2train", "cli")):
                 bad.append(f"{mod} -> {dep}")
             if not mod.startswith("cli") and dep.startswith("cli"):
+                bad.append(f"{mod} -> {dep}")
+            if _in(mod, "aimv2data.fetch") and dep.startswith("aimv2data") and not _in(dep, "aimv2data.fetch") \
+                    and dep not in FETCH_MAY_IMPORT:
+                bad.append(f"{mod} -> {dep}")
+            if mod.startswith(("aimv2data.manifest", "aimv2data.loader")) and _in(dep, "aimv2data.fetch"):
+                bad.append(f"{mod} -> {dep}")
+            if mod.startswith("cli") and dep.startswith("aimv2data.fetch."):   # the face, not its modules
                 bad.append(f"{mod} -> {dep}")
             # the demo pipeline and the GPU check sit above the three wings: none of them may lean on either
             if mod.startswith(("aimv2train.model", "aimv2train.train", "aimv2train.eval")) and \
@@ -127,6 +144,8 @@ def test_the_checks_can_fail():
     assert "aimv2train.model.aimv2" in graph and "aimv2train.train.trainer" in graph
     assert "aimv2train.model.aimv2" in graph["aimv2train.train.trainer"]
     assert "aimv2train.demo_pipeline" in graph["cli.demo"]
+    assert "aimv2data.fetch.download" in graph["aimv2data.fetch.run"] and "aimv2data.fetch" in graph["cli.fetch"]
+    assert "aimv2data.manifest.lock" in graph["aimv2data.fetch.output"]
     assert "aimv2train.demo_pipeline" in _imports(ROOT / "benchmarks" / "bench_demo_probe.py")
     assert "aimv2train.train.trainer" in graph["aimv2train.gpucheck.trainer"]
     assert "aimv2train.gpucheck.runner" in graph["cli.bench"]

@@ -145,6 +145,8 @@ def test_fetch_shard_load_train_from_s3_equal_local(s3, tmp_path):
     assert not (tmp_path / "s3:").exists()                      # nothing written to a local "s3:" folder
     remote = json.loads(storage.read_bytes("s3://data/coyo/fetch_summary.json"))
     assert remote["output"] == "s3://data/coyo" and remote["complete"]
+    # img2dataset's own output is uploaded beside the shards (issue 23 point 10), not printed
+    assert b"bwm-ng" in storage.read_bytes("s3://data/coyo/_logs/img2dataset.log") and "bwm-ng" not in r.output
 
     r = cli("shard", "s3://data/coyo", "--output", "s3://data/manifest")
     assert r.exit_code == 0, r.output

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 VERIFY_LEVELS = ("header", "draft", "decode")
-DEFAULT_MAX_PIXELS = 178_956_970         # fetch's default too (fetch_resize.py): 2x PIL's MAX_IMAGE_PIXELS,
+DEFAULT_MAX_PIXELS = 178_956_970         # fetch's default too (aimv2data/fetch/options.py): 2x PIL's MAX_IMAGE_PIXELS,
                                          # where PIL itself refuses; an image fetch keeps, shard keeps
 
 # Content signatures: the member extension is not trusted, the bytes are.

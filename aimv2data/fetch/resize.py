@@ -23,11 +23,11 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from img2dataset.resizer import Resizer, ResizeMode  # noqa: E402
 
-# Pillow's own decompression-bomb threshold (2 * Image.MAX_IMAGE_PIXELS); ~13400 x 13400.
-DEFAULT_MAX_PIXELS = 178_956_970
+from aimv2data.fetch.options import DEFAULT_MAX_PIXELS  # noqa: E402
+
 
 # Error strings: img2dataset counts them per shard (status_dict) and stores them per sample
-# (error_message); fetch_summary.reason_class maps them to short reason names.
+# (error_message); summary.reason_class maps them to short reason names.
 ERR_EMPTY = "empty body"
 ERR_HTML = "HTML/XML page instead of an image"
 ERR_TRUNCATED = "truncated JPEG (no end-of-image marker)"

@@ -20,7 +20,7 @@ RECORD_COLUMNS = ("key", "url", "status", "error_message")   # what the summary 
 def reason_class(message: str) -> str:
     """img2dataset / NativeResizer error message -> a short, stable reason name."""
     m = (message or "").lower()
-    if m.startswith("refused"):  # aimv2data/fetch_guard.py: never connected, never retried
+    if m.startswith("refused"):  # guard.py: never connected, never retried
         return "refused_scheme" if " scheme " in m else "refused_link_local" if "link-local" in m \
             else "refused_private"
     if m.startswith("http error"):
@@ -98,7 +98,8 @@ def failure_examples(out: Path, shard_names: list[str], per_reason: int = 3) -> 
     return dict(sorted(examples.items()))
 
 
-def build(out: Path, job: dict, shard_names: list[str]) -> dict:
+def build(out: Path, job: dict, shard_names: list[str], log) -> dict:
+    """The summary of the job in `out`; `log` is where img2dataset's own output goes (output.log_path)."""
     totals = Counter()
     messages: Counter[str] = Counter()
     spans, done, missing = [], [], []
@@ -119,7 +120,8 @@ def build(out: Path, job: dict, shard_names: list[str]) -> dict:
     return {
         "format": SUMMARY_FORMAT,
         "complete": not missing,
-        "output": str(out) if "://" in str(out) else str(out.resolve()),
+        "output": _shown(out),
+        "log": _shown(log),
         "source": job["settings"]["source"],
         "settings": job["settings"],
         "input": job["input"],
@@ -133,6 +135,10 @@ def build(out: Path, job: dict, shard_names: list[str]) -> dict:
         "busy_seconds": round(busy, 3),
         "samples_per_second": round(totals["count"] / busy, 2) if busy > 0 else None,
     }
+
+
+def _shown(path) -> str:
+    return str(path) if "://" in str(path) else str(Path(path).resolve())
 
 
 def render(summary: dict, run_seconds: float | None = None, fetched_now: int = 0) -> "object":
@@ -159,6 +165,7 @@ def render(summary: dict, run_seconds: float | None = None, fetched_now: int = 0
     if run_seconds is not None and fetched_now:
         speed += f"; this run: {fetched_now} samples in {run_seconds:.1f} s ({fetched_now / run_seconds:.1f}/s)"
     head.add_row("speed", speed)
+    head.add_row("log", f"{summary['log']}  (img2dataset's own output)")
     parts = [head]
     if summary["failures_by_reason"]:
         t = Table(title="failures by reason", title_justify="left", show_edge=False)
@@ -170,6 +177,15 @@ def render(summary: dict, run_seconds: float | None = None, fetched_now: int = 0
             e = ex.get(reason, [{}])[0]
             t.add_row(reason, str(n), f"{e.get('key', '')} {e.get('url', '')} {str(e.get('error', ''))[:60]}".strip())
         parts.append(t)
+    if "retries" in summary:
+        parts.append(_retries_line(summary["retries"]))
     out = summary["output"]
     parts.append(f"shards: {out}/NNNNN.tar · per-sample status: {out}/NNNNN.parquet · summary: {out}/{SUMMARY_NAME}")
     return Panel(Group(*parts), title="aimv2 fetch", expand=False)
+
+
+def _retries_line(r: dict) -> str:
+    last = r["rounds"][-1] if r["rounds"] else {}
+    return (f"retries: round {last.get('round')} recovered {last.get('recovered', 0)} of {last.get('to_retry', 0)}; "
+            f"after all rounds {r['success_after_retries']} succeeded, failures by reason "
+            f"{r['failures_by_reason_after_retries']}")

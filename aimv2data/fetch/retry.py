@@ -9,7 +9,7 @@ form a lineage and a recovered sample is never retried again (exactly once in th
 derived from the finished shards only, so an interrupted round is simply planned again; with nothing
 left to retry, a round changes nothing.
 
-The rounds are recorded in DIR/_input/fetch_job.json (`retry_rounds`); fetch_summary.json gets a
+The rounds are recorded in the job file (output.job_path: `retry_rounds`); fetch_summary.json gets a
 `retries` section: what each round tried and recovered, and the failures by reason after all rounds.
 """
 from __future__ import annotations
@@ -17,8 +17,9 @@ from __future__ import annotations
 import io
 import math
 
-from aimv2data import fetch_summary
-from aimv2data.fetch_input import FetchError
+from aimv2data.fetch.summary import read_stats, reason_class
+from aimv2data.fetch.errors import FetchError
+from aimv2data.fetch.output import INPUT_DIR, JOB_NAME, name_width, shard_count, write_if_changed, write_job
 
 RETRY_COL = "retry_of"
 
@@ -33,11 +34,6 @@ def transient(reason: str) -> bool:
     return False
 
 
-def _width(job: dict, shard_size: int) -> int:
-    n = sum(math.ceil(p["rows"] / shard_size) for p in job["parts"])
-    return max(5, len(str(max(n - 1, 0))))
-
-
 def attempts(out, job: dict, names: list[str]):
     """Every attempt of every sample in the finished shards: key, lineage, round, status, reason, and the
     url-list columns needed to try again."""
@@ -50,7 +46,7 @@ def attempts(out, job: dict, names: list[str]):
         rounds.update({n: r["round"] for n in r["shards"]})
     frames = []
     for name, rnd in rounds.items():
-        if fetch_summary.read_stats(out / f"{name}_stats.json") is None or not (out / f"{name}.parquet").is_file():
+        if read_stats(out / f"{name}_stats.json") is None or not (out / f"{name}.parquet").is_file():
             continue
         df = read_parquet(out / f"{name}.parquet")
         if RETRY_COL not in df.columns:
@@ -61,7 +57,7 @@ def attempts(out, job: dict, names: list[str]):
     df = pl.concat(frames, how="diagonal_relaxed")
     return df.with_columns(
         pl.coalesce(RETRY_COL, "key").alias("_lineage"),
-        pl.col("error_message").map_elements(fetch_summary.reason_class, return_dtype=pl.String).alias("_reason"))
+        pl.col("error_message").map_elements(reason_class, return_dtype=pl.String).alias("_reason"))
 
 
 def last_attempts(df):
@@ -93,7 +89,7 @@ def retry_section(out, job: dict, names: list[str]) -> dict:
     rounds = []
     for r in job.get("retry_rounds", []):
         sub = df.filter(pl.col("_round") == r["round"]) if df is not None else None
-        done = [n for n in r["shards"] if fetch_summary.read_stats(out / f"{n}_stats.json") is not None]
+        done = [n for n in r["shards"] if read_stats(out / f"{n}_stats.json") is not None]
         rounds.append({"round": r["round"], "to_retry": r["to_retry"], "shards": done,
                        "recovered": int((sub["status"] == "success").sum()) if sub is not None else 0,
                        "failed_again": int((sub["status"] != "success").sum()) if sub is not None else 0})
@@ -109,7 +105,7 @@ def retry_section(out, job: dict, names: list[str]) -> dict:
             "still_transient": sum(v for k, v in final.items() if transient(k))}
 
 
-def prepare_round(opts, out, job: dict, names: list[str], atomic_write, json_bytes):
+def prepare_round(opts, out, job: dict, names: list[str]):
     """Plan the next round; write its url list and record it in the job. Returns (shard names, rows) or
     (None, 0) when nothing is left to retry."""
     todo = plan(out, job, names)
@@ -118,26 +114,26 @@ def prepare_round(opts, out, job: dict, names: list[str], atomic_write, json_byt
     rounds = job.setdefault("retry_rounds", [])
     # an interrupted round's unfinished shards were swept: they are planned again in this round
     finished = {n for n in names + [s for r in rounds for s in r["shards"]]
-                if fetch_summary.read_stats(out / f"{n}_stats.json") is not None}   # each stats file read once
+                if read_stats(out / f"{n}_stats.json") is not None}   # each stats file read once
     for r in rounds:
         r["shards"] = [n for n in r["shards"] if n in finished]
     existing = [int(n) for n in names + [s for r in rounds for s in r["shards"]] if n in finished]
     start = max(existing, default=-1) + 1    # what img2dataset's "extend" mode numbers from
-    width = _width(job, opts.shard_size)
+    width = name_width(shard_count(job, opts.shard_size))
     shards = [f"{start + i:0{width}d}" for i in range(math.ceil(todo.height / opts.shard_size))]
     rnd = max((r["round"] for r in rounds), default=0) + 1
-    folder = out / "_input" / f"retry-{rnd:03d}"
+    folder = out / INPUT_DIR / f"retry-{rnd:03d}"
     folder.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     todo.write_parquet(buf)
-    atomic_write(folder / "part-00000.parquet", buf.getvalue())
+    write_if_changed(folder / "part-00000.parquet", buf.getvalue())
     rounds.append({"round": rnd, "to_retry": todo.height, "shards": shards, "url_list": f"retry-{rnd:03d}"})
-    atomic_write(out / "_input" / "fetch_job.json", json_bytes(job))
+    write_job(out, job)
     return shards, todo.height
 
 
 def check_retry_target(out, job: dict | None) -> dict:
     if job is None:
-        raise FetchError(f"{out} is not an aimv2 fetch output (no _input/fetch_job.json): --retry-failed retries "
+        raise FetchError(f"{out} is not an aimv2 fetch output (no {INPUT_DIR}/{JOB_NAME}): --retry-failed retries "
                          "the failed downloads of a finished `aimv2 fetch` into that directory", "output")
     return job

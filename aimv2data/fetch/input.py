@@ -18,17 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from aimv2data.fetch.errors import FetchError
 from aimv2data.urls import USERINFO
 
 INDEX_DTYPE = np.dtype([("f0", "<u8"), ("f1", "<u8")])
-
-
-class FetchError(Exception):
-    """A problem with what the user asked for. `param` names the offending option (for the CLI)."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +120,7 @@ def load_dfn_index(path: str | Path) -> np.ndarray:
         raise FetchError(
             f"DFN index {p} has dtype {idx.dtype} and shape {idx.shape}; expected a 1-d array of dtype "
             "[('f0', '<u8'), ('f1', '<u8')] (np.dtype('u8,u8')): each 32-hex uid split into two 64-bit "
-            "halves, high half first, sorted. Convert uids with aimv2data.fetch_input.uid_pairs().", "dfn-index")
+            "halves, high half first, sorted. Convert uids with aimv2data.fetch.uid_pairs().", "dfn-index")
     n = len(idx)
     spread = np.linspace(0, n - 1, min(n, 1_000_000)).astype(np.int64)
     sample = np.unique(np.concatenate([np.arange(min(n, 65536)), spread])) if n else []

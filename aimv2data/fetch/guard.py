@@ -38,7 +38,7 @@ from img2dataset.downloader import Downloader, compute_key, is_disallowed
 
 from aimv2data.urls import ALLOWED_SCHEMES, strip_userinfo
 
-REFUSED = "refused"        # the first word of every refusal message (fetch_summary.reason_class)
+REFUSED = "refused"        # the first word of every refusal message (summary.reason_class)
 EXTRA_FIELDS = (("final_url", pa.string()), ("stored_sha256", pa.string()), ("reencoded", pa.bool_()))
 # img2dataset's own user agent (download_image), so servers see the same client
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
