@@ -72,9 +72,10 @@ def leftovers(since: int) -> list[int]:
     return sorted(p for p in parent if p != me and mine(p) and not _singleton(p))
 
 
-# Helpers Python starts once per process on first use and keeps for the process's life by design; they
+# Helpers Python (and wandb) start once per process on first use and keeps for the process's life by design; they
 # end when this process does (they read a pipe from it), so they are not a test's leftovers.
-SINGLETONS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+SINGLETONS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver",
+              "wandb-core")   # wandb's service: one per process, it watches its --pid and exits with it
 
 
 def _singleton(pid: int) -> bool:

@@ -47,12 +47,13 @@ def test_grad_accum_gives_the_whole_batch_update(data, tmp_path, kw):
         assert r3["losses"][k] == pytest.approx(v, rel=1e-5), k
     assert r3["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-4)
     # Adam's first step is nearly lr * sign(g): fp32 rounding of near-zero gradients shows at lr scale, so the
-    # parameters are compared against the step's own size (a wrong micro-batch weighting moves them by ~lr)
+    # parameters are compared against the step's own size (a wrong micro-batch weighting moves them by ~lr;
+    # the summation order alone moved one weight of 16384 by 1.2 % of it on an AVX2 CPU: 5 % is the bound)
     start = _initial(data, tmp_path, **kw)
     for name, p in whole.items():
         step = (p - start[name]).abs().max()
         assert step > 0, name
-        torch.testing.assert_close(parts[name], p, rtol=0, atol=1e-2 * float(step), msg=name)
+        torch.testing.assert_close(parts[name], p, rtol=0, atol=5e-2 * float(step), msg=name)
 
 
 def _initial(data, tmp_path, **kw):
