@@ -1,5 +1,7 @@
+import concurrent.futures.thread
 import gc
 import os
+import sys
 import threading
 import time
 
@@ -59,6 +61,14 @@ def no_leftover_processes(request):
         pytest.fail(f"{request.node.nodeid} left processes behind: {names}", pytrace=False)
 
 
+def _idle_pool_worker(t: threading.Thread) -> bool:
+    """A ThreadPoolExecutor worker waiting for work (a pool nobody shut down, e.g. a library's): it does not
+    keep the interpreter alive, since concurrent.futures wakes and joins idle workers at exit. One that is
+    running a task is deeper in its stack than the worker loop."""
+    frame = sys._current_frames().get(t.ident)
+    return frame is not None and frame.f_code is concurrent.futures.thread._worker.__code__
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Last line of defence: nothing the run started outlives it, and no non-daemon thread keeps the
     interpreter (and so `make test`) from exiting after the summary."""
@@ -70,7 +80,7 @@ def pytest_sessionfinish(session, exitstatus):
     stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
     for t in stuck:
         t.join(timeout=GRACE_S)
-    stuck = [t for t in stuck if t.is_alive()]
+    stuck = [t for t in stuck if t.is_alive() and not _idle_pool_worker(t)]
     if stuck:
         print(f"\n[conftest] non-daemon threads still running at exit: {', '.join(t.name for t in stuck)}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
