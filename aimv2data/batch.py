@@ -96,8 +96,8 @@ class Batch:
     keys: list[str]
     sources: list[str]
     tokens: torch.Tensor | None = None        # int64 (B, 77), padded with the tokenizer's pad id
-    epoch: int = 0
-    step: int = 0                             # step within the epoch (what state_dict resumes from)
+    source_epoch: int = 0                     # the epoch its source stream is in (a stream's epoch: each of its rows once)
+    global_step: int = 0                      # the training step it is for (0-based; the loader's segment start + offset)
     area: int = 0                             # sampled area A (patches); h*w <= A
     replaced: list[tuple[str, str]] = field(default_factory=list)  # (key that failed, reason)
     padding: float = 0.0                      # fraction of pixels with no image content (0 by design)
@@ -121,7 +121,7 @@ class Batch:
         out = Batch(self.images.to(device, non_blocking=non_blocking), self.grid, self.patch_size,
                     self.captions, self.keys, self.sources,
                     None if self.tokens is None else self.tokens.to(device, non_blocking=non_blocking),
-                    self.epoch, self.step, self.area, self.replaced, self.padding, self.caption_sets)
+                    self.source_epoch, self.global_step, self.area, self.replaced, self.padding, self.caption_sets)
         return out
 
     def pin_memory(self) -> "Batch":

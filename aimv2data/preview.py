@@ -3,7 +3,7 @@
 Batches are made by the real loader (`Loader.maker.make(i)`, step i of the loader's current segment: the
 same sampler, rank share, source mixture, crops, decoder and caption choice as training; iterating the
 loader yields exactly these batches), then de-normalised for display. Steps are taken in training order
-from the loader's segment `epoch` on (`Loader.epoch`: a stretch of steps in which no source stream
+from the loader's segment `segment` on (`Loader.segment`: a stretch of steps in which no source stream
 changes epoch; 0 is the first). Two kinds of page:
 
 - contact sheets (`batch_e{segment}_s{step}.png`), one per previewed step: each image exactly as the model
@@ -58,7 +58,7 @@ def _annotate(loader: Loader, spec: StepSpec, batch: Batch) -> list[dict]:
         crop = loader.maker.crop(spec, row)
         x0, y0, x1, y1 = crop.box
         texts = t.texts(row)
-        _, kind = loader.maker.captions.choose(spec.epoch, t.uid(row), texts.get("source"), texts.get("caption"),
+        _, kind = loader.maker.captions.choose(spec.source_epoch, t.uid(row), texts.get("source"), texts.get("caption"),
                                                {c: texts[c] for c in t.syn_columns})
         b = int(t.bucket[row])
         notes.append({"key": key, "source": batch.sources[i], "bucket": b, "aspect": t.buckets[b].aspect,
@@ -70,9 +70,9 @@ def _annotate(loader: Loader, spec: StepSpec, batch: Batch) -> list[dict]:
 
 def _goto(loader: Loader, segment: int) -> None:
     """Move a loader forward to the start of `segment` (no decoding: the sampler replays the plans)."""
-    if segment < loader.epoch:
-        raise ValueError(f"--epoch {segment}: the loader is already at segment {loader.epoch}")
-    while loader.epoch < segment:
+    if segment < loader.segment:
+        raise ValueError(f"--segment {segment}: the loader is already at segment {loader.segment}")
+    while loader.segment < segment:
         loader._next_segment()   # what `iter(loader)` does after a segment's last step
 
 
@@ -103,8 +103,8 @@ def _headline(s: Shown) -> str:
     used = len(b) * h * w
     area = b.area or h * w
     exp = f" = 2^{int(math.log2(area))}" if area & (area - 1) == 0 else ""
-    src = f"source {s.stream} (its epoch {b.epoch})" if s.stream else f"epoch {b.epoch}"
-    return (f"step {b.step}, {src}: area A = {area}{exp} patches, grid {h} x {w} = {h * w} per image, "
+    src = f"source {s.stream} (its epoch {b.source_epoch})" if s.stream else f"epoch {b.source_epoch}"
+    return (f"step {b.global_step}, {src}: area A = {area}{exp} patches, grid {h} x {w} = {h * w} per image, "
             f"{len(b)} images x {h * w} = {used} of C = {s.budget} patches ({100 * used / s.budget:.1f}%)")
 
 
@@ -273,9 +273,9 @@ def _areas_made(loader: Loader) -> set[int]:
 
 
 def preview(manifest: str | os.PathLike, out: str | os.PathLike, *, batches: int = 4, per_sheet: int = 16,
-            areas: list[int] | None = None, epoch: int = 0, area_pages: bool = True, scan: int = 1024,
+            areas: list[int] | None = None, segment: int = 0, area_pages: bool = True, scan: int = 1024,
             **loader_kwargs) -> dict:
-    """Write contact sheets of the first `batches` steps from the loader's segment `epoch` on (those at
+    """Write contact sheets of the first `batches` steps from the loader's segment `segment` on (those at
     `areas` when given), a page per area (the first step at it), and index.html into `out`. Steps are
     taken in the order `iter(loader)` yields them, across segments, looking at most `scan` steps ahead
     (the sampler replays them; only the shown steps are decoded). `loader_kwargs` are Loader's
@@ -289,7 +289,7 @@ def preview(manifest: str | os.PathLike, out: str | os.PathLike, *, batches: int
             raise ValueError(f"--areas {bad}: the loader makes no step at that area with these settings (it "
                              f"draws {', '.join(map(str, sorted(made)))})")
     want = set(areas) if areas else made
-    _goto(loader, epoch)
+    _goto(loader, segment)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = loader.maker.snap.t
@@ -301,7 +301,7 @@ def preview(manifest: str | os.PathLike, out: str | os.PathLike, *, batches: int
                 continue
             s = _show(loader, i)
             if len(sheets) < batches:
-                sheets.append((contact_sheet(s, out / f"batch_e{epoch}_s{s.batch.step:05d}.png", per_sheet), s))
+                sheets.append((contact_sheet(s, out / f"batch_e{segment}_s{s.batch.global_step:05d}.png", per_sheet), s))
             if area_pages and a not in first:
                 first[a] = s
         scanned = loader.maker.snap.t + len(loader) - t0
@@ -310,13 +310,13 @@ def preview(manifest: str | os.PathLike, out: str | os.PathLike, *, batches: int
         loader._next_segment()
     if areas and area_pages and set(first) != want:
         raise ValueError(f"--areas {sorted(want - set(first))}: no step at that area in the {scanned} steps from "
-                         f"epoch {epoch} on (they have areas {', '.join(map(str, sorted(counts)))}); raise --scan")
+                         f"segment {segment} on (they have areas {', '.join(map(str, sorted(counts)))}); raise --scan")
     pages = [(area_page(s, loader, out / f"area_{a:04d}.png"), s) for a, s in sorted(first.items())]
     mode = "native resolution" if loader.cfg.native_res else f"fixed resolution {loader.cfg.resolution} px"
     settings = {"manifest": str(manifest), "mode": mode, "patch budget C": loader.budget,
                 "seed": loader.cfg.seed, "rank / world size": f"{loader.rank} / {loader.world_size}",
                 "mix": ", ".join(f"{loader._name(k)} {w:.3f}" for k, w in loader.weights.items()),
-                "from epoch (loader segment)": epoch, "steps scanned": f"{scanned} (global steps {t0}..{t0 + scanned - 1})",
+                "from loader segment": segment, "steps scanned": f"{scanned} (global steps {t0}..{t0 + scanned - 1})",
                 "steps per area": ", ".join(f"A={a}: {n}" for a, n in sorted(counts.items()))}
     index = _index(out, str(manifest), sheets, pages, settings)
     summary = {"index": str(index), "sheets": [str(p) for p, _ in sheets], "areas": [str(p) for p, _ in pages],

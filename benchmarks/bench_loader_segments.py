@@ -75,7 +75,7 @@ def run(manifest, paths: dict, segments: int, train_s: float, **kw):
                 t = time.perf_counter()
                 b = next(it)
                 (first if seg and i == 0 else inner).append(time.perf_counter() - t)
-                batches.append((b.step, b.keys, torch.clone(b.images)))
+                batches.append((b.global_step, b.keys, torch.clone(b.images)))
                 time.sleep(train_s)           # the training step
             assert next(it, None) is None
         total = time.perf_counter() - t_all

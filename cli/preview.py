@@ -1,5 +1,6 @@
 import click
 
+from cli.flags import option
 from cli.options import decoder_option
 
 
@@ -23,7 +24,7 @@ from cli.options import decoder_option
 @click.option("--mix", default=None, metavar="SRC=W,...",
               help="Source mixture, e.g. dfn=0.60,coyo=0.06,hqitp=0.31: each source its own stream with its own "
               "epochs. Default: the paper's Table 2 over the sources present; 'rows': as the manifest has them.")
-@click.option("--epoch", type=int, default=0, show_default=True,
+@option("--segment", type=int, default=0, show_default=True, old=("--epoch",),
               help="Start at this loader segment (a stretch of steps in which no source changes epoch; 0 is "
               "the first; one per `iter(loader)`), then go on in the order training reads the steps.")
 @click.option("--batches", type=int, default=4, show_default=True, help="Contact sheets: the first N steps.")
@@ -33,7 +34,7 @@ from cli.options import decoder_option
 @click.option("--per-sheet", type=int, default=16, show_default=True, help="Images shown per contact sheet.")
 @click.option("--areas", default="", help="Only steps at these areas, comma-separated (e.g. 256,1024).")
 @decoder_option("--image-decoder", "decoder", help_prefix="Image decoder of the loader: ", old=("--decoder",))
-def preview(manifest, output, native_res, batch_patches, batch_rule, resolution, batch_size, seed, mix, epoch,
+def preview(manifest, output, native_res, batch_patches, batch_rule, resolution, batch_size, seed, mix, segment,
             batches, scan, per_sheet, areas, decoder):
     """See the batches the loader makes from MANIFEST: PNG contact sheets of real batches (each image as the
     model gets it: crop, resize, flip; with area, grid, bucket, source and the caption chosen), a page per
@@ -48,7 +49,7 @@ def preview(manifest, output, native_res, batch_patches, batch_rule, resolution,
     kw = (dict(native_res=True, batch_patches=batch_patches, batch_rule=batch_rule) if native_res
           else dict(resolution=resolution, batch_size=batch_size))
     try:
-        r = run(manifest, output, batches=batches, per_sheet=per_sheet, areas=area_list, epoch=epoch, seed=seed,
+        r = run(manifest, output, batches=batches, per_sheet=per_sheet, areas=area_list, segment=segment, seed=seed,
                 scan=scan, mix=mix, decoder=decoder, **kw)
     except (ManifestError, ValueError) as e:
         raise click.ClickException(str(e)) from None

@@ -79,6 +79,7 @@ OLD = [  # (command, arguments before, old spelling, new spelling, value)
     ("fetch", ["-o", "F"], "--threads", "--download-threads", "8"),
     ("preview", ["M", "-o", "P"], "--decoder", "--image-decoder", "dali"),
     ("bench loader", ["M"], "--decoder", "--image-decoder", "dali"),
+    ("preview", ["M", "-o", "P"], "--epoch", "--segment", "2"),   # issue 23 point 4: it always was the segment
 ]
 
 

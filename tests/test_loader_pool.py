@@ -38,7 +38,7 @@ def _alive(pid: int) -> bool:
 def _segments(loader, n):
     out, pids = [], []
     for _ in range(n):
-        out.append([(b.step, b.keys, b.images.clone()) for b in loader])
+        out.append([(b.global_step, b.keys, b.images.clone()) for b in loader])
         pids.append(loader.worker_pids())
     return out, pids
 

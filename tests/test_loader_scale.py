@@ -80,15 +80,15 @@ def test_ranks_read_only_their_share_and_shares_rotate(skewed, native):
         assert x.area == y.area and x.sources[0] == y.sources[0]
         for b in (x, y):
             for k in b.keys:
-                seen.setdefault((b.sources[0], b.epoch, k), 0)
-                seen[(b.sources[0], b.epoch, k)] += 1
+                seen.setdefault((b.sources[0], b.source_epoch, k), 0)
+                seen[(b.sources[0], b.source_epoch, k)] += 1
     assert max(seen.values()) == 1
 
 
 def _keys_after(loader, steps):
     out = []
     for _, b in zip(range(steps), _chain(loader)):
-        out.append((b.step, b.sources[0], b.epoch, b.area, tuple(b.keys)))
+        out.append((b.global_step, b.sources[0], b.source_epoch, b.area, tuple(b.keys)))
     return out
 
 
@@ -128,7 +128,7 @@ def test_same_world_size_resume_is_exact_across_segments(skewed):
     again.load_state_dict(state)
     got += [b for _, b in zip(range(17), _chain(again))]
     for x, y in zip(got, ref):
-        assert x.keys == y.keys and x.step == y.step and torch.equal(x.images, y.images)
+        assert x.keys == y.keys and x.global_step == y.global_step and torch.equal(x.images, y.images)
     assert len(got) == 30
 
 

@@ -30,7 +30,7 @@ def _rows(manifest):
 
 
 def _same(a, b):
-    assert a.keys == b.keys and a.grid == b.grid and a.step == b.step and a.epoch == b.epoch
+    assert a.keys == b.keys and a.grid == b.grid and a.global_step == b.global_step and a.source_epoch == b.source_epoch
     assert a.captions == b.captions and a.replaced == b.replaced
     assert torch.equal(a.images, b.images)
 
@@ -56,7 +56,7 @@ def test_native_epoch_dense_constant_budget_no_duplicates(manifest):
         keys += batch.keys
         used += b * h * w
         replaced += batch.replaced
-    assert loader.epoch == 1 and loader.step == 0
+    assert loader.segment == 1 and loader.offset == 0
     # every sample at most once an epoch; a replacement (a random row of the same bucket) may repeat one
     assert len(keys) - len(set(keys)) <= len(replaced) and replaced
     assert not corrupt_keys & set(keys)                            # bad samples never reach a batch
@@ -146,7 +146,7 @@ def test_resume_mid_epoch_is_exact(manifest, native, workers):
         if i == stop - 1:
             break
     state = json.loads(json.dumps(first.state_dict()))        # a checkpoint survives JSON
-    assert (state["epoch"], state["step"]) == (0, stop)
+    assert (state["segment"], state["offset"]) == (0, stop)
 
     resumed = Loader(manifest, mix="rows", seed=9, workers=workers, **kw)
     resumed.load_state_dict(state)
@@ -156,6 +156,26 @@ def test_resume_mid_epoch_is_exact(manifest, native, workers):
     for x, y in zip(rest, expected):
         _same(x, y)
     assert resumed.stats["batches"] == len(epoch0) + len(epoch1)
+
+
+def test_a_state_saved_before_the_renames_resumes_alike(manifest):
+    """Issue 23 point 4: the state's "epoch"/"step" (segment, offset in it) are "segment"/"offset" now;
+    checkpoints written before keep resuming at the same batch."""
+    kw = dict(mix="rows", native_res=True, batch_patches=4096, seed=5)
+    first = Loader(manifest, **kw)
+    for i, _batch in enumerate(first):
+        if i == 2:
+            break
+    state = first.state_dict()
+    assert "epoch" not in state and "step" not in state
+    old = {("epoch" if k == "segment" else "step" if k == "offset" else k): v for k, v in state.items()}
+    now, before = Loader(manifest, **kw), Loader(manifest, **kw)
+    now.load_state_dict(state)
+    before.load_state_dict(old)
+    assert before.offset == now.offset == 3
+    x, y = next(iter(now)), next(iter(before))
+    _same(x, y)
+    assert x.global_step == 3
 
 
 def test_resume_refuses_a_different_configuration(manifest):
@@ -170,7 +190,7 @@ def test_resume_refuses_a_different_configuration(manifest):
     fresh = Loader(manifest, mix="rows", native_res=True, batch_patches=4096, seed=1)
     with pytest.raises(ValueError, match="saved by an older loader.*--init"):
         fresh.load_state_dict(old)
-    assert (fresh.epoch, fresh.step) == (0, 0)                   # nothing changed
+    assert (fresh.segment, fresh.offset) == (0, 0)                   # nothing changed
 
 
 def test_ranks_share_the_area_and_read_disjoint_shares(tmp_path):
@@ -185,7 +205,7 @@ def test_ranks_share_the_area_and_read_disjoint_shares(tmp_path):
     assert ranks[0].stats["rows_read"] + ranks[1].stats["rows_read"] == 480
     keys = []
     for _, x, y in zip(range(12), ranks[0], ranks[1]):
-        assert x.area == y.area and x.step == y.step              # one area per step for all ranks
+        assert x.area == y.area and x.global_step == y.global_step              # one area per step for all ranks
         assert len(x) * x.area == len(y) * y.area == 4096        # constant patches per batch
         assert len({s for s in x.sources}) == 1 and set(x.sources) == set(y.sources)   # one source a step
         keys += x.keys + y.keys

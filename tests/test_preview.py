@@ -26,16 +26,17 @@ def manifest(tmp_path_factory):
 def test_shown_batch_is_the_training_batch_with_true_annotations(manifest):
     loader = Loader(str(manifest), native_res=True, batch_patches=4096, seed=5, workers=0)
     while 512 not in pv._steps_by_area(loader):  # the first step at area 512 (a later segment with seed 5)
-        pv._goto(loader, loader.epoch + 1)
-    assert loader.epoch > 0
+        pv._goto(loader, loader.segment + 1)
+    assert loader.segment > 0
     i = pv._steps_by_area(loader)[512][0]
     shown = pv._show(loader, i)
     spec = loader.maker.spec(i)
     trainer = Loader(str(manifest), native_res=True, batch_patches=4096, seed=5, workers=0)
     # the trainer's path: one `for batch in loader` per segment, until that step
-    batch = next(b for _ in range(100) for b in trainer if b.step == spec.step)
+    batch = next(b for _ in range(100) for b in trainer if b.global_step == spec.global_step)
     assert torch.equal(shown.batch.images, batch.images) and shown.batch.captions == batch.captions
-    assert shown.batch.step == batch.step == spec.step and shown.batch.epoch == batch.epoch
+    assert shown.batch.global_step == batch.global_step == spec.global_step
+    assert shown.batch.source_epoch == batch.source_epoch == spec.source_epoch
     assert shown.batch.area == 512 and len(shown.batch) == 4096 // 512
     t = loader.maker.tables[spec.source]
     for note, key in zip(shown.notes, batch.keys):

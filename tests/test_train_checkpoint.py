@@ -34,7 +34,7 @@ def train_step(model, opt, seed):
 
 def save(d, step, model, opt, cfg, keep=2, **kw):
     return ck.save_checkpoint(d, step, model, opt, model_config=cfg.to_dict(), train={"steps": 10},
-                              rank_state={"loader": {"epoch": 0, "step": np.int64(step), "perm": np.arange(3)},
+                              rank_state={"loader": {"segment": 0, "offset": np.int64(step), "perm": np.arange(3)},
                                           "rng": ck.rng_state()}, tokenizer_bytes=b"tok", keep=keep, **kw)
 
 

@@ -42,7 +42,7 @@ def test_run_writes_metrics_checkpoint_and_summary(straight):
     recs = metrics(out)
     assert [r["step"] for r in recs] == list(range(1, 15))
     assert all(math.isfinite(r[k]) for r in recs for k in KEYS)
-    assert {r["epoch"] for r in recs} == {0, 1} and recs[0]["batch"] == 8 and recs[0]["grid"] == [4, 4]
+    assert {r["source_epoch"] for r in recs} == {0, 1} and recs[0]["batch"] == 8 and recs[0]["grid"] == [4, 4]
     assert recs[0]["lr"] == pytest.approx(1e-3 / 1)  # warmup = round(5% of 14) = 1 step, then cosine
     assert recs[-1]["lr"] < recs[5]["lr"] < recs[1]["lr"]
     assert all(0 < r["mfu"] < 1 and r["images_per_s"] > 0 for r in recs)

@@ -30,6 +30,20 @@ def test_resume_drops_steps_after_the_checkpoint(tmp_path):
     assert read_metrics(tmp_path) == []
 
 
+def test_a_run_logged_before_the_renames_reads_under_the_new_names(tmp_path):
+    """Issue 23 point 4: metrics.jsonl's "epoch" (the batch's source epoch) is "source_epoch"; an older run's
+    lines read under the new name, and resuming it rewrites its kept lines so that the file reads alike."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({**rec(s, 5.0), "epoch": s // 2}) + "\n" for s in (1, 2, 3)))
+    assert [r["source_epoch"] for r in read_metrics(tmp_path)] == [0, 1, 1]
+    assert not any("epoch" in r for r in read_metrics(tmp_path))
+    log = MetricsLog(path, resume_step=2)
+    log.write({**rec(3, 4.0), "source_epoch": 1})
+    log.close()
+    raw = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [sorted(k for k in r if "epoch" in k) for r in raw] == [["source_epoch"]] * 3
+
+
 def test_summary_numbers():
     recs = [rec(s, float(s)) for s in range(1, 31)]
     # one slow step of 4.5 s at 1 image/s: 29 steps, 28 x 0.5 s + 4.5 s = 18.5 s, 28 x 5 + 4.5 images

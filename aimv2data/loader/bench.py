@@ -122,7 +122,7 @@ def _stream(loader, manifest, warmup: int, steps: int, timed: _Timed, log, bar) 
 
 def _step_record(batch, done: int, seconds: float, timed: bool, c: int) -> dict:
     """One line of --steps-log."""
-    return {"step": done, "epoch": batch.epoch, "epoch_step": batch.step,
+    return {"step": done, "global_step": batch.global_step, "source_epoch": batch.source_epoch,
             "area": batch.area, "grid_h": batch.grid[0], "grid_w": batch.grid[1],
             "batch_size": len(batch), "patches": len(batch) * batch.grid[0] * batch.grid[1],
             "budget_use": len(batch) * batch.grid[0] * batch.grid[1] / c,

@@ -1,20 +1,20 @@
-"""The loader: an iterable of `Batch`es over a manifest, one epoch per `iter()`, resumable mid-epoch.
+"""The loader: an iterable of `Batch`es over a manifest, one segment per `iter()`, resumable mid-segment.
 
     loader = Loader("MANIFEST", native_res=True, batch_patches=2**16, decoder="pil", workers=8)
     for batch in loader:                      # batch.images uint8 (B, 3, h*p, w*p), batch.patches, ...
         ...
-    ckpt["loader"] = loader.state_dict()      # {epoch, step, ...}: the next batch to produce
+    ckpt["loader"] = loader.state_dict()      # {segment, offset, t, ...}: the next batch to produce
     loader.load_state_dict(ckpt["loader"])    # the same batches, pixel for pixel, as without the stop
 
-Each rank reads only its share of the manifest (shares.py: chunks, or row ranges of them, dealt to ranks
-per source and epoch); steps come in *segments* (no source changes epoch on this rank within one; one
-segment per `iter()`), and `StepMaker.make(i)` makes step i of the current segment, a pure function of the
-segment's snapshot and the share. The share the next segment needs is read in a thread while this one
-trains (`read_ahead`). Each decoder owns its parallelism (decoders.py). `processes` (`pil`): a pool of
-worker processes that lives as long as the loader (pool.py), the DataLoader handing steps back in step
-order (checked); `close()` stops it. `threads` (`dali`): the pipeline runs in this process with `workers`
-threads of its own (it owns the GPU when there is one), driven by one background thread that decodes
-`prefetch_factor` steps ahead (`dali_ahead=False`: synchronous).
+Each rank reads only its share of the manifest (shares.py: chunks, or row ranges of them, dealt to ranks per
+source and epoch); steps come in *segments* (no source changes epoch on this rank within one; one segment per
+`iter()`: `Loader.segment`, with `Loader.offset` the next step in it), and `StepMaker.make(i)` makes step i of
+the current segment, a pure function of the segment's snapshot and the share. The share the next segment needs
+is read in a thread while this one trains (`read_ahead`). Each decoder owns its parallelism (decoders.py).
+`processes` (`pil`): a pool of worker processes that lives as long as the loader (pool.py), the DataLoader
+handing steps back in step order (checked); `close()` stops it. `threads` (`dali`): the pipeline runs in this
+process with `workers` threads of its own (it owns the GPU when there is one), driven by one background thread
+that decodes `prefetch_factor` steps ahead (`dali_ahead=False`: synchronous).
 Distributed: rank and world size come from the arguments, torch.distributed or RANK/WORLD_SIZE; every
 rank makes the same steps, each with its own slice of the rows.
 """
@@ -147,9 +147,9 @@ class StepMaker:
         uid = t.uid(row)
         if cfg.native_res:
             gh, gw = spec.grid
-            flip = cfg.native_hflip > 0 and unit(cfg.seed, spec.epoch, uid, CROP) < cfg.native_hflip
+            flip = cfg.native_hflip > 0 and unit(cfg.seed, spec.source_epoch, uid, CROP) < cfg.native_hflip
             return cover(w, h, gw * self.p, gh * self.p, flip)
-        return random_resized_crop(w, h, cfg.resolution, rng(cfg.seed, spec.epoch, uid, CROP),
+        return random_resized_crop(w, h, cfg.resolution, rng(cfg.seed, spec.source_epoch, uid, CROP),
                                    cfg.scale, cfg.ratio, cfg.hflip)
 
     def _decode(self, spec: StepSpec, rows: list[int]) -> tuple[torch.Tensor, dict[int, str], list[Crop]]:
@@ -184,7 +184,7 @@ class StepMaker:
     def make(self, i: int) -> Batch:
         spec = self.spec(i)
         table = self.tables[spec.source]
-        epoch, step = spec.epoch, spec.step
+        epoch, step = spec.source_epoch, spec.global_step
         rows = [int(r) for r in spec.rows]
         images, failed, crops = self._decode(spec, rows)
         replaced = []
@@ -226,7 +226,7 @@ class StepMaker:
             tokens = tokenize(texts, self.cfg.tokenizer, self.pad_id, self.cfg.context)
         padding = float(np.mean([c.padding() for c in crops]))
         return Batch(images=images, grid=tuple(spec.grid), patch_size=self.p, captions=texts, keys=keys,
-                     sources=sources, tokens=tokens, epoch=epoch, step=step, area=spec.area,
+                     sources=sources, tokens=tokens, source_epoch=epoch, global_step=step, area=spec.area,
                      replaced=replaced, padding=padding, caption_sets=kinds)
 
 
@@ -242,6 +242,11 @@ def ignore_stop_signals() -> None:
     still end when the main process closes their queues or exits (torch's parent watchdog)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _offset_of(state: dict) -> int:
+    """The saved step within the segment: "offset" since the renames of issue 23, "step" before."""
+    return int(state["offset"] if "offset" in state else state["step"])
 
 
 def _share_of(table: SampleTable) -> dict:
@@ -386,13 +391,13 @@ class Loader:
         self._start(self.sampler.advance(self.maker.snap, self.maker.plan, len(self.maker.plan), self._roll), 0)
 
     @property
-    def epoch(self) -> int:
-        """The current segment (one per `iter()`)."""
+    def segment(self) -> int:
+        """The current segment (one per `iter()`; no source stream changes epoch within one)."""
         return self.maker.snap.segment
 
     @property
-    def step(self) -> int:
-        """The next step within the current segment."""
+    def offset(self) -> int:
+        """The next step within the current segment (its global step: the segment's first step + offset)."""
         return self._offset
 
     @property
@@ -439,10 +444,10 @@ class Loader:
         t0 = self.maker.snap.t
         expect = t0 + start
         for batch in self._batches(start, stop):
-            if batch.step != expect:   # the order contract with the DataLoader's round-robin
-                raise RuntimeError(f"loader produced step {batch.step}, expected {expect}")
+            if batch.global_step != expect:   # the order contract with the DataLoader's round-robin
+                raise RuntimeError(f"loader produced step {batch.global_step}, expected {expect}")
             expect += 1
-            self._offset = batch.step - t0 + 1
+            self._offset = batch.global_step - t0 + 1
             self._count(batch)
             yield batch
         if self._offset >= stop:
@@ -498,7 +503,7 @@ class Loader:
 
     def state_dict(self) -> dict:
         cfg = self.cfg
-        return {"version": STATE_VERSION, "epoch": self.epoch, "step": self._offset,
+        return {"version": STATE_VERSION, "segment": self.segment, "offset": self._offset,
                 "t": self.maker.snap.t + self._offset, "served": self._served_now(),
                 "snapshot": self.maker.snap.to_dict(), "mix": dict(self.weights),
                 "seed": cfg.seed, "native_res": cfg.native_res,
@@ -537,7 +542,7 @@ class Loader:
             if int(state["rank"]) != self.rank:
                 raise ValueError(f"loader state of rank {state['rank']} given to rank {self.rank}: each rank "
                                  "resumes its own state at the same world size")
-            self._start(snap, int(state["step"]), reread=set(self.weights))
+            self._start(snap, _offset_of(state), reread=set(self.weights))
         else:
             nxt = Snapshot(snap.segment + 1, int(state["t"]), {k: int(v) for k, v in state["served"].items()},
                            {s: e + 1 for s, e in snap.epochs.items()}, {})

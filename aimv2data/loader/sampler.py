@@ -177,8 +177,8 @@ def choose_stream(weights: dict[str, float], served: dict[str, int]) -> str:
 
 @dataclass(frozen=True)
 class StepSpec:
-    epoch: int                 # the epoch of the step's source stream
-    step: int                  # global step t
+    source_epoch: int          # the epoch of the step's source stream
+    global_step: int           # global step t
     area: int                  # A (h*w <= A); B = C / A
     bucket: int                # -1 in fixed-resolution mode
     grid: tuple[int, int]
@@ -317,5 +317,5 @@ class Sampler:
 
     def replacement(self, spec: StepSpec, members: np.ndarray, slot: int, attempt: int) -> int:
         """Another row of the same bucket of the rank's share for a sample that failed to decode."""
-        u = unit(self.seed, spec.step, self.rank, slot, attempt, REPLACE)
+        u = unit(self.seed, spec.global_step, self.rank, slot, attempt, REPLACE)
         return int(members[int(u * len(members))])

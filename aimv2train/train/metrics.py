@@ -102,6 +102,15 @@ def _device_model(device: torch.device) -> str:
         return "cpu"
 
 
+# metrics.jsonl keys renamed since (issue 23 point 4: "epoch" was the batch's source epoch); records of
+# older runs are read, and a resumed old run's file rewritten, under the new names.
+RENAMED = {"epoch": "source_epoch"}
+
+
+def upgrade(record: dict) -> dict:
+    return {RENAMED.get(k, k): v for k, v in record.items()}
+
+
 class MetricsLog:
     """RUN/metrics.jsonl: one JSON object per optimiser step, flushed as written.
 
@@ -123,7 +132,7 @@ class MetricsLog:
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+            keep = [upgrade(r) for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
             write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         self._f = open(self.path, "a")
 
@@ -149,7 +158,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         p = p / "metrics.jsonl"
     if not p.is_file():
         raise FileNotFoundError(f"{p} not found: is this a run directory written by `aimv2 train --output`?")
-    return read_jsonl(p)
+    return [upgrade(r) for r in read_jsonl(p)]
 
 
 def is_finite(*values: float) -> bool:

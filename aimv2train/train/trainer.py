@@ -778,7 +778,7 @@ def _record(run: Run, batch, result: dict, dt: float, t_data: float) -> dict:
             "images_per_s": images / dt, "patches_per_s": result["patches"] / dt,
             "mfu": mfu(result["flops"], dt, run.peak, run.info.world_size),
             "step_time": dt, "data_time": t_data, "batch": images, "patches": result["patches"], "grid": [h, w],
-            "epoch": int(getattr(batch, "epoch", 0)),
+            "source_epoch": int(batch.source_epoch),
             "sources": dict(run.loader.stats["sources"]), "source_epochs": run.loader.source_epochs(),
             "caption_shares": caption_shares(run.loader.stats.get("captions", {})),
             **{k: result[k] for k in ("replaced", *(f"replaced_{k}" for k in REPLACED_KINDS))}}
