@@ -90,7 +90,7 @@ def run_bench(manifest, *, native_res: bool, batch_patches: int, resolution: int
 
 
 def _stream(loader, manifest, warmup: int, steps: int, timed: _Timed, log, bar) -> tuple[float, float]:
-    """Draw warmup + steps batches (epoch after epoch), timing the last `steps` into `timed`; one line per
+    """Draw warmup + steps batches (segment after segment), timing the last `steps` into `timed`; one line per
     step into `log`. Returns the wall and CPU clocks at the first timed step."""
     t_first, c_first = time.perf_counter(), _cpu()
     t0 = c0 = None
@@ -114,7 +114,7 @@ def _stream(loader, manifest, warmup: int, steps: int, timed: _Timed, log, bar) 
             if done >= warmup + steps:
                 break
         if not produced:
-            raise RuntimeError(f"{manifest}: an epoch produced no batch (manifest too small for the batch?)")
+            raise RuntimeError(f"{manifest}: a loader segment produced no batch (manifest too small for the batch?)")
     if t0 is None:   # warmup >= all steps produced
         t0, c0 = t_first, c_first
     return t0, c0

@@ -206,7 +206,7 @@ def load_init(model: AIMv2, path: str) -> str:
 
 def make_loader(cfg: TrainConfig, tok: Tokenizer, info: DistInfo, resolution: int | None, patch_size: int,
                 device: torch.device | None = None):
-    """This rank's loader (its slice of every global batch, captions tokenized by `tok`); one epoch per
+    """This rank's loader (its slice of every global batch, captions tokenized by `tok`); one segment per
     iter(), resumable through state_dict(). A DALI decoder runs on `device`'s GPU (this rank's)."""
     from aimv2data.loader import Loader
 
@@ -765,7 +765,7 @@ def train_loop(run: Run, log: MetricsLog, bar, line: PeriodicLine, stop: StopReq
 
 
 def _endless(loader):
-    """The loader's batches, pass after pass (each iter() is one epoch)."""
+    """The loader's batches, pass after pass (each iter() is one loader segment)."""
     while True:
         yield from loader
 
