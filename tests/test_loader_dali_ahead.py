@@ -132,7 +132,7 @@ def test_dali_ahead_resumes_after_a_break_like_the_synchronous_path(manifest):
         if len(head) == 3:
             break
     state = loader.state_dict()
-    assert state["step"] == 3
+    assert state["offset"] == 3
     resumed = Loader(manifest, **kw)
     resumed.load_state_dict(state)
     _same(head + list(resumed), full)

@@ -46,7 +46,7 @@ def test_round_trip_and_interop(tmp_path):
     path = save(tmp_path / "checkpoints", 1, model, opt, cfg)
     assert path.name == "step_00000001.pt"
     ckpt = torch.load(path, weights_only=True)  # plain data only: numpy became tensors / ints
-    assert ckpt["step"] == 1 and ckpt["ranks"][0]["loader"]["step"] == 1
+    assert ckpt["step"] == 1 and ckpt["ranks"][0]["loader"]["offset"] == 1
     assert bytes(ckpt["tokenizer"].numpy()) == b"tok"
     enc = load_weights(tmp_path)  # the run directory, as `aimv2 export` would be given it
     for k, v in model.encoder.state_dict().items():
