@@ -20,6 +20,7 @@ from aimv2data.fetch.input import additional_columns, source_spec
 from aimv2data.fetch.options import FetchOptions
 from aimv2data.fetch.output import INPUT_DIR, log_path, name_width
 from aimv2data.fetch.summary import read_stats
+from aimv2data.fetch.watch import WorkerDied, watched_pool
 
 # img2dataset imports albumentations, which otherwise checks PyPI for a newer version on import.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -217,6 +218,10 @@ def run_img2dataset(opts: FetchOptions, out, job: dict, n_shards: int, rnd: Roun
                 ended.interrupted = e.code - 128 if isinstance(e.code, int) and e.code > 128 else signal.SIGINT
                 for child in multiprocessing.active_children():
                     child.terminate()
+            except WorkerDied as e:   # the pool is gone; img2dataset's logger process is not
+                ended.failed = str(e)
+                for child in multiprocessing.active_children():
+                    child.terminate()
             except Exception as e:  # noqa: BLE001  (whatever img2dataset raises: kept in the log, named in one line)
                 traceback.print_exc()           # into the log
                 ended.failed = f"{type(e).__name__}: {e}"
@@ -233,7 +238,7 @@ def _download(opts: FetchOptions, out, job: dict, n_shards: int, rnd: Round) -> 
     spec = source_spec(opts.source, opts.url_col, opts.caption_col)
     # OpenCV's decoder reads this cap (in every spawned worker) and refuses larger images up
     # front: the second line of defence behind NativeResizer's header check.
-    with _img2dataset_hooks(opts), _shard_progress(len(rnd.shards)), _env(
+    with _img2dataset_hooks(opts), _shard_progress(len(rnd.shards)), watched_pool(), _env(
             OPENCV_IO_MAX_IMAGE_PIXELS=opts.max_pixels, NO_ALBUMENTATIONS_UPDATE=1):
         download(
             url_list=str(rnd.url_list or out / INPUT_DIR), input_format="parquet", output_folder=str(out),

@@ -1,0 +1,116 @@
+"""img2dataset's download workers dying. multiprocessing.Pool replaces a worker that dies (killed for memory,
+crashed, failing at start-up) but loses the shard it had, and img2dataset waits for that shard forever: a
+fetch that never ends, at any scale where the kernel's OOM killer picks a worker. `aimv2 fetch` ends with one
+line naming the worker instead, and a rerun resumes (aimv2data/fetch/watch.py)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from _fetch_fixtures import summary, tar_keys
+from _timeouts import scaled
+
+from aimv2data import demo_corpus as demo
+from aimv2data.serve import LoopbackServer
+
+REPO = Path(__file__).resolve().parents[1]
+ARGS = ["--shard-size", "10", "--processes", "1", "--download-threads", "2", "--timeout", "5"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    demo.write_corpus(root)
+    with LoopbackServer(directory=root / "images", hostile=False) as srv:
+        yield srv, demo.write_url_lists(root, srv.base_url, hostile=False)["coyo"]
+
+
+def _fetch(url_list, out, env=None):
+    cmd = [sys.executable, "-m", "cli.main", "fetch", "--allow-private-addresses", "--source", "coyo",
+           "--url-list", str(url_list), "--output", str(out), *ARGS]
+    return subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", **(env or {})})
+
+
+def _ends(proc, what: str) -> str:
+    try:
+        return proc.communicate(timeout=scaled(90))[0].decode()
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"the fetch still ran 90 s after {what}: it waits for the lost shard forever")
+
+
+def _spawned(pid: int) -> list[int]:
+    """The multiprocessing (spawn) children of `pid`, oldest first: img2dataset's logger, then the pool's
+    workers (the logger starts before the pool)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        try:
+            stat = (p / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (p / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if int(stat[1]) == pid and b"spawn_main" in cmd and stat[0] not in "ZX":
+            found.append((int(stat[19]), int(p.name)))
+    return [pid for _, pid in sorted(found)]
+
+
+def _wait_mid_shard(proc, out: Path, deadline_s: float = 120) -> None:
+    """Until one shard is finished and the next one is being written, by a worker that is up."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < scaled(deadline_s):
+        done = {p.name[:-len("_stats.json")] for p in out.glob("*_stats.json")} if out.exists() else set()
+        writing = {p.stem for p in out.glob("*.tar")} - done if out.exists() else set()
+        if done and writing and len(_spawned(proc.pid)) >= 2:
+            return
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.05)
+    raise AssertionError("the fetch never got mid-shard")
+
+
+def _completes(url_list, out: Path) -> None:
+    proc = _fetch(url_list, out)
+    text = _ends(proc, "it started")
+    assert proc.returncode == 0, text
+    keys = tar_keys(out)
+    assert len(keys) == len(set(keys)) == 80 and summary(out)["complete"]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_shard_ends_the_fetch_and_a_rerun_completes(served, tmp_path):
+    srv, url_list = served
+    out = tmp_path / "killed"
+    srv.delay = 0.1   # ~0.5 s per 10-image shard with 2 threads
+    try:
+        proc = _fetch(url_list, out)
+        _wait_mid_shard(proc, out)
+        worker = _spawned(proc.pid)[-1]
+        os.kill(worker, signal.SIGKILL)   # what the kernel's OOM killer does
+        text = _ends(proc, f"its download worker {worker} was killed")
+    finally:
+        srv.delay = 0.0
+    assert proc.returncode == 1, text
+    assert f"download worker (pid {worker}) was killed by SIGKILL" in text, text
+    assert "rerun the same command to resume" in text, text
+    assert summary(out)["complete"] is False
+    _completes(url_list, out)
+
+
+@pytest.mark.slow
+def test_workers_that_fail_at_start_up_end_the_fetch(served, tmp_path):
+    _, url_list = served
+    site = tmp_path / "site"   # a sitecustomize that makes every multiprocessing child exit at once
+    site.mkdir()
+    (site / "sitecustomize.py").write_text('import os, sys\nif "--multiprocessing-fork" in sys.argv:\n    os._exit(3)\n')
+    out = tmp_path / "broken"
+    proc = _fetch(url_list, out, env={"PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    text = _ends(proc, "it started")
+    assert proc.returncode == 1, text
+    assert "download worker (pid" in text and "exited with status 3" in text, text
+    _completes(url_list, out)
