@@ -38,6 +38,17 @@ def command(pid: int) -> str:
     return "?"
 
 
+def children(pid: int) -> list[int]:
+    """The live children of `pid`, oldest first."""
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            st = _stat(int(d.name))
+            if st is not None and st[0] == pid:
+                kids.append((st[2], int(d.name)))
+    return [p for _, p in sorted(kids)]
+
+
 def become_subreaper() -> bool:
     """Orphaned descendants come to this process rather than to init (Linux >= 3.4)."""
     import ctypes

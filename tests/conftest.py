@@ -77,7 +77,8 @@ def pytest_sessionfinish(session, exitstatus):
         print(f"\n[conftest] ending processes left behind: {'; '.join(f'{p} {command(p)}' for p in left)}")
         end(left)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    stuck = [t for t in threading.enumerate()
+             if t is not threading.main_thread() and not t.daemon and not _idle_pool_worker(t)]
     for t in stuck:
         t.join(timeout=GRACE_S)
     stuck = [t for t in stuck if t.is_alive() and not _idle_pool_worker(t)]

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from _fetch_fixtures import decode, read_shards, snapshot, status_table, summary, tar_keys
+from _fetch_fixtures import (decode, read_shards, shard_files, snapshot, start_fetch, status_table, summary,
+                             tar_keys, wait_mid_shard)
 from _timeouts import scaled
 from click.testing import CliRunner
 
@@ -463,32 +464,6 @@ def test_busy_seconds_is_the_union_of_shard_spans():
 
 
 # -- a run killed mid-shard completes on rerun, nothing duplicated --------------------------------
-def _shard_files(out: Path) -> tuple[set[str], set[str]]:
-    done = {p.name[:-len("_stats.json")] for p in out.glob("*_stats.json")}
-    tars = {p.stem for p in out.glob("*.tar") if p.stat().st_size > 0}
-    return done, tars
-
-
-def _start(lists, out):
-    cmd = [sys.executable, "-m", "cli.main", "fetch", "--allow-private-addresses",
-           "--source", "coyo", "--url-list", str(lists["coyo"]),
-           "--output", str(out), "--shard-size", "10", "--processes", "1", "--download-threads", "2", "--timeout", "5"]
-    return subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
-
-
-def _wait_mid_shard(proc, out, min_done, deadline_s=120):
-    """Until at least `min_done` shards are finished and another one is half written."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < deadline_s:
-        done, tars = _shard_files(out) if out.exists() else (set(), set())
-        if len(done) >= min_done and tars - done:
-            return done
-        assert proc.poll() is None, proc.stdout.read().decode()
-        time.sleep(0.05)
-    raise AssertionError("the fetch never got mid-shard")
-
-
 def _wait_group_gone(pgid):
     for _ in range(200):
         try:
@@ -505,8 +480,8 @@ def test_killed_and_interrupted_runs_resume_without_duplicates(served, tmp_path)
     srv.delay = 0.1  # ~0.5 s per 10-image shard with 2 threads
     try:
         # 1. Ctrl-C (SIGINT to the process group, as a terminal sends it)
-        proc = _start(lists, out)
-        _wait_mid_shard(proc, out, 1)
+        proc = start_fetch(lists["coyo"], out)
+        wait_mid_shard(proc, out, 1)
         os.killpg(proc.pid, signal.SIGINT)
         text = proc.communicate(timeout=scaled(120))[0].decode()
         assert proc.returncode == 130, text
@@ -514,14 +489,14 @@ def test_killed_and_interrupted_runs_resume_without_duplicates(served, tmp_path)
         assert "bwm-ng" not in text and "bwm-ng" in (out / "_logs" / "img2dataset.log").read_text()
         assert summary(out)["complete"] is False
         # 2. SIGKILL of the whole group (a node or container dying)
-        proc = _start(lists, out)
-        _wait_mid_shard(proc, out, len(_shard_files(out)[0]) + 1)
+        proc = start_fetch(lists["coyo"], out)
+        wait_mid_shard(proc, out, len(shard_files(out)[0]) + 1)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=scaled(60))
         _wait_group_gone(proc.pid)
     finally:
         srv.delay = 0.0
-    done, tars = _shard_files(out)
+    done, tars = shard_files(out)
     assert tars - done, "expected a partial tar without its _stats.json"
     assert not (out / "fetch_summary.json").exists()  # a run in progress never leaves a summary
     kept = {n: snapshot(out)[f"{n}.tar"] for n in done}

@@ -7,19 +7,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from _fetch_fixtures import summary, tar_keys
+from _fetch_fixtures import start_fetch, summary, tar_keys, wait_mid_shard
+from _procs import children, command
 from _timeouts import scaled
 
 from aimv2data import demo_corpus as demo
 from aimv2data.serve import LoopbackServer
-
-REPO = Path(__file__).resolve().parents[1]
-ARGS = ["--shard-size", "10", "--processes", "1", "--download-threads", "2", "--timeout", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +24,6 @@ def served(tmp_path_factory):
     demo.write_corpus(root)
     with LoopbackServer(directory=root / "images", hostile=False) as srv:
         yield srv, demo.write_url_lists(root, srv.base_url, hostile=False)["coyo"]
-
-
-def _fetch(url_list, out, env=None):
-    cmd = [sys.executable, "-m", "cli.main", "fetch", "--allow-private-addresses", "--source", "coyo",
-           "--url-list", str(url_list), "--output", str(out), *ARGS]
-    return subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", **(env or {})})
 
 
 def _ends(proc, what: str) -> str:
@@ -49,33 +38,11 @@ def _ends(proc, what: str) -> str:
 def _spawned(pid: int) -> list[int]:
     """The multiprocessing (spawn) children of `pid`, oldest first: img2dataset's logger, then the pool's
     workers (the logger starts before the pool)."""
-    found = []
-    for p in Path("/proc").iterdir():
-        try:
-            stat = (p / "stat").read_text().rsplit(")", 1)[1].split()
-            cmd = (p / "cmdline").read_bytes()
-        except (OSError, IndexError):
-            continue
-        if int(stat[1]) == pid and b"spawn_main" in cmd and stat[0] not in "ZX":
-            found.append((int(stat[19]), int(p.name)))
-    return [pid for _, pid in sorted(found)]
-
-
-def _wait_mid_shard(proc, out: Path, deadline_s: float = 120) -> None:
-    """Until one shard is finished and the next one is being written, by a worker that is up."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < scaled(deadline_s):
-        done = {p.name[:-len("_stats.json")] for p in out.glob("*_stats.json")} if out.exists() else set()
-        writing = {p.stem for p in out.glob("*.tar")} - done if out.exists() else set()
-        if done and writing and len(_spawned(proc.pid)) >= 2:
-            return
-        assert proc.poll() is None, proc.stdout.read().decode()
-        time.sleep(0.05)
-    raise AssertionError("the fetch never got mid-shard")
+    return [c for c in children(pid) if "spawn_main" in command(c)]
 
 
 def _completes(url_list, out: Path) -> None:
-    proc = _fetch(url_list, out)
+    proc = start_fetch(url_list, out)
     text = _ends(proc, "it started")
     assert proc.returncode == 0, text
     keys = tar_keys(out)
@@ -88,8 +55,8 @@ def test_a_worker_killed_mid_shard_ends_the_fetch_and_a_rerun_completes(served, 
     out = tmp_path / "killed"
     srv.delay = 0.1   # ~0.5 s per 10-image shard with 2 threads
     try:
-        proc = _fetch(url_list, out)
-        _wait_mid_shard(proc, out)
+        proc = start_fetch(url_list, out)
+        wait_mid_shard(proc, out, 1)
         worker = _spawned(proc.pid)[-1]
         os.kill(worker, signal.SIGKILL)   # what the kernel's OOM killer does
         text = _ends(proc, f"its download worker {worker} was killed")
@@ -109,7 +76,7 @@ def test_workers_that_fail_at_start_up_end_the_fetch(served, tmp_path):
     site.mkdir()
     (site / "sitecustomize.py").write_text('import os, sys\nif "--multiprocessing-fork" in sys.argv:\n    os._exit(3)\n')
     out = tmp_path / "broken"
-    proc = _fetch(url_list, out, env={"PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    proc = start_fetch(url_list, out, env={"PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
     text = _ends(proc, "it started")
     assert proc.returncode == 1, text
     assert "download worker (pid" in text and "exited with status 3" in text, text

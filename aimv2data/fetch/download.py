@@ -216,12 +216,10 @@ def run_img2dataset(opts: FetchOptions, out, job: dict, n_shards: int, rnd: Roun
                 _download(opts, out, job, n_shards, rnd)
             except SystemExit as e:  # img2dataset's SIGINT handler exits with status 0; ours with 128+signum
                 ended.interrupted = e.code - 128 if isinstance(e.code, int) and e.code > 128 else signal.SIGINT
-                for child in multiprocessing.active_children():
-                    child.terminate()
+                _end_children()
             except WorkerDied as e:   # the pool is gone; img2dataset's logger process is not
                 ended.failed = str(e)
-                for child in multiprocessing.active_children():
-                    child.terminate()
+                _end_children()
             except Exception as e:  # noqa: BLE001  (whatever img2dataset raises: kept in the log, named in one line)
                 traceback.print_exc()           # into the log
                 ended.failed = f"{type(e).__name__}: {e}"
@@ -230,6 +228,12 @@ def run_img2dataset(opts: FetchOptions, out, job: dict, n_shards: int, rnd: Roun
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
     return ended
+
+
+def _end_children() -> None:
+    """img2dataset's processes (download workers, its logger), when its call did not end them itself."""
+    for child in multiprocessing.active_children():
+        child.terminate()
 
 
 def _download(opts: FetchOptions, out, job: dict, n_shards: int, rnd: Round) -> None:
