@@ -280,8 +280,18 @@ class SampleTable:
         self.n = starts[-1]
         if self.n == 0 and source is None:
             raise ManifestError(f"{self.root}: the manifest has no samples")
-        # one column at a time, dropping its pieces: no moment holds two copies of every column
+        # views of the first n rows, no copies
         cat = {c: a[:self.n] for c, a in num.items()}
+        self._set_numbers(cat, src_codes, have_orient)
+        self._set_shards(cat["shard"], shard_names)
+        self._check_tars(m)
+        starts = np.array(starts, dtype=np.int64)
+        self.syn_columns = sorted(c for c in text if c.startswith("syn_"))
+        self.text = {c: Chunked(parts, starts) for c, parts in text.items()}
+        self._set_order()
+
+    def _set_numbers(self, cat: dict, src_codes: list, have_orient: bool):
+        """The number columns as attributes, checked: positive sizes, buckets that _manifest.json defines."""
         self.bucket, self.width, self.height = cat["bucket"], cat["width"], cat["height"]
         self.offset, self.size, self.is_jpeg = cat["offset"], cat["size"], cat["is_jpeg"]
         self.orientation = cat["orientation"] if have_orient else None
@@ -292,14 +302,17 @@ class SampleTable:
         unknown = sorted(set(np.unique(self.bucket).tolist()) - set(self.buckets))
         if unknown:
             raise ManifestError(f"{self.root}: samples use buckets {unknown[:5]} that _manifest.json does not define")
-        # Shards in name order, so that shard index order is name order.
+
+    def _set_shards(self, shard_idx: np.ndarray, shard_names: dict[str, int]):
+        """Shards in name order, so that shard index order is name order: renumbers `shard_idx` (read order
+        codes) in place and resolves each shard's tar path."""
         names = sorted(shard_names)
         rank = np.empty(len(names), np.int32)
         for i, nm in enumerate(names):
             rank[shard_names[nm]] = i
         if self.n:
-            cat["shard"][:] = rank[cat["shard"]]
-        self.shard_idx = cat["shard"]
+            shard_idx[:] = rank[shard_idx]
+        self.shard_idx = shard_idx
         self.shard_names = names
         # what uid() hashes of each shard: its tar's folder and file name (computed once, not per sample)
         self._shard_where = ["/".join(nm.replace("\\", "/").rstrip("/").split("/")[-2:]) for nm in names]
@@ -307,9 +320,11 @@ class SampleTable:
             self.shards = [str(self._resolve(x)) for x in names]
         except StorageError as e:
             raise ManifestError(str(e)) from None
-        # Tars moved or deleted since the build: all gone is a one-line error here (not 16 failed
-        # replacements deep in a step); some gone is what the loader's replacements are for, counted.
-        # At URLs a sample of the tars is asked for (a HEAD each), spread over the share.
+
+    def _check_tars(self, m: Manifest):
+        """Tars moved or deleted since the build: all gone is a one-line error here (not 16 failed
+        replacements deep in a step); some gone is what the loader's replacements are for, counted.
+        At URLs a sample of the tars is asked for (a HEAD each), spread over the share."""
         local_tars = [s for s in self.shards if not is_url(s)]
         urls = [s for s in self.shards if is_url(s)]
         urls = urls[::max(1, -(-len(urls) // URL_CHECKS))][:URL_CHECKS]
@@ -322,11 +337,11 @@ class SampleTable:
                                 f"{'checked ' if urls else ''}exists (e.g. {self.missing_shards[0]}); were they moved? "
                                 "`shard` paths are relative to the manifest directory: move them back, or rebuild "
                                 "the manifest with `aimv2 shard` over their new place")
-        starts = np.array(starts, dtype=np.int64)
-        self.syn_columns = sorted(c for c in text if c.startswith("syn_"))
-        self.text = {c: Chunked(parts, starts) for c, parts in text.items()}
-        # Rows in (shard, key) order, not read order: img2dataset's download threads write a shard's samples
-        # in the order they finish, so two fetches of the same list give the same rows in another order.
+
+    def _set_order(self):
+        """Rows in (shard, key) order, not read order: img2dataset's download threads write a shard's samples
+        in the order they finish, so two fetches of the same list give the same rows in another order.
+        `members`: each bucket's rows, in that order."""
         self.order = self._sorted_order()
         by = np.argsort(self.bucket[self.order], kind="stable")
         ordered = self.order[by]

@@ -192,32 +192,16 @@ def train_sweep(kind: str, make_head, norm: nn.Module, data: SweepData, cfg: Pro
     same sweep. The file is removed when the sweep ends."""
     t0 = time.perf_counter()
     settings = cfg.settings()
-    heads = nn.ModuleList()
-    for _ in settings:
-        torch.manual_seed(cfg.seed)  # every setting starts from the same weights
-        heads.append(make_head())
-    heads.to(device)
+    heads = _same_start_heads(make_head, len(settings), cfg.seed).to(device)
     norm = norm.to(device)
-    groups = []
-    for head, (lr, wd) in zip(heads, settings):
-        decay = [p for p in head.parameters() if p.ndim >= 2]
-        rest = [p for p in head.parameters() if p.ndim < 2]
-        groups += [{"params": decay, "lr": lr, "weight_decay": wd}, {"params": rest, "lr": lr, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, betas=cfg.betas)
+    opt = _sweep_optimizer(heads, settings, cfg.betas)
     n = len(data.train_labels)
     bs = min(cfg.batch_size, n)
     per_epoch = math.ceil(n / bs)
     total = cfg.epochs * per_epoch
     warmup = min(cfg.warmup_epochs * per_epoch, total)
     scheds = [WarmupCosine(lr, min(cfg.min_lr, lr), warmup, total) for lr, _ in settings]
-    diverged = [False] * len(settings)
-    last_loss = [math.nan] * len(settings)
-    start = 0
-    if state_path is not None and state_path.is_file():
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
-        heads.load_state_dict(st["heads"])
-        opt.load_state_dict(st["opt"])
-        start, diverged, last_loss = int(st["epoch"]), list(st["diverged"]), list(st["last_loss"])
+    start, diverged, last_loss = _resume_sweep(state_path, heads, opt, len(settings))
     labels = torch.from_numpy(data.train_labels)
     bar = tqdm(total=total, initial=start * per_epoch, desc=f"{kind} probe x{len(settings)}", unit="step",
                disable=not progress, dynamic_ncols=True)
@@ -235,21 +219,7 @@ def train_sweep(kind: str, make_head, norm: nn.Module, data: SweepData, cfg: Pro
             step = epoch * per_epoch + b
             for i, sched in enumerate(scheds):
                 opt.param_groups[2 * i]["lr"] = opt.param_groups[2 * i + 1]["lr"] = sched.lr(step)
-            active = [i for i in range(len(heads)) if not diverged[i]]
-            if active:
-                losses = torch.stack([F.cross_entropy(heads[i](x, mask), y) for i in active])
-                losses.sum().backward()  # the heads share no parameters: each gets its own gradient
-                norms = torch.stack([torch.nn.utils.clip_grad_norm_(heads[i].parameters(), cfg.clip) for i in active])
-                finite = (torch.isfinite(losses) & torch.isfinite(norms)).tolist()  # one device sync per step
-                for i, ok, loss in zip(active, finite, losses.detach().cpu().tolist()):
-                    if ok:
-                        sums[i] += loss * len(idx)
-                    else:  # this setting diverged: stop training it, the others go on
-                        diverged[i] = True
-                        for p in heads[i].parameters():
-                            p.grad = None
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            _sweep_step(heads, opt, x, mask, y, diverged, sums, cfg.clip)
             bar.update(1)
         last_loss = [s / n if not d else math.nan for s, d in zip(sums, diverged)]
         if state_path is not None and epoch + 1 < cfg.epochs and time.perf_counter() - last_save >= save_every_s:
@@ -258,15 +228,71 @@ def train_sweep(kind: str, make_head, norm: nn.Module, data: SweepData, cfg: Pro
             last_save = time.perf_counter()
     bar.close()
     top1 = evaluate(heads, norm, data.val_batch, data.val_labels, cfg.batch_size, device)
+    out = _sweep_result(kind, settings, top1, last_loss, diverged, start)
+    out.seconds = time.perf_counter() - t0
+    if state_path is not None and state_path.is_file():
+        state_path.unlink()
+    return out
+
+
+def _same_start_heads(make_head, count: int, seed: int) -> nn.ModuleList:
+    """`count` heads from `make_head`, all with the same initial weights: settings differ only in lr, wd."""
+    heads = nn.ModuleList()
+    for _ in range(count):
+        torch.manual_seed(seed)
+        heads.append(make_head())
+    return heads
+
+
+def _sweep_optimizer(heads: nn.ModuleList, settings, betas) -> torch.optim.AdamW:
+    """One AdamW over every head, two groups per head (2i: its matrices and query, decayed; 2i + 1: its
+    biases and the rest, not decayed), so the loop sets head i's lr on groups 2i and 2i + 1."""
+    groups = []
+    for head, (lr, wd) in zip(heads, settings):
+        decay = [p for p in head.parameters() if p.ndim >= 2]
+        rest = [p for p in head.parameters() if p.ndim < 2]
+        groups += [{"params": decay, "lr": lr, "weight_decay": wd}, {"params": rest, "lr": lr, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, betas=betas)
+
+
+def _resume_sweep(state_path: Path | None, heads: nn.ModuleList, opt, count: int):
+    """(first epoch, diverged, last_loss): from the sweep's checkpoint when there is one (loading the heads'
+    and optimiser's state into `heads` and `opt`), else a fresh start."""
+    if state_path is None or not state_path.is_file():
+        return 0, [False] * count, [math.nan] * count
+    st = torch.load(state_path, map_location="cpu", weights_only=True)
+    heads.load_state_dict(st["heads"])
+    opt.load_state_dict(st["opt"])
+    return int(st["epoch"]), list(st["diverged"]), list(st["last_loss"])
+
+
+def _sweep_step(heads: nn.ModuleList, opt, x, mask, y, diverged: list, sums: list, clip: float) -> None:
+    """One optimiser step of every head not diverged, adding each one's batch loss (x batch size) to `sums`.
+    A head whose loss or gradient norm is not finite is marked in `diverged` and trains no more."""
+    active = [i for i in range(len(heads)) if not diverged[i]]
+    if active:
+        losses = torch.stack([F.cross_entropy(heads[i](x, mask), y) for i in active])
+        losses.sum().backward()  # the heads share no parameters: each gets its own gradient
+        norms = torch.stack([torch.nn.utils.clip_grad_norm_(heads[i].parameters(), clip) for i in active])
+        finite = (torch.isfinite(losses) & torch.isfinite(norms)).tolist()  # one device sync per step
+        for i, ok, loss in zip(active, finite, losses.detach().cpu().tolist()):
+            if ok:
+                sums[i] += loss * len(y)
+            else:  # this setting diverged: stop training it, the others go on
+                diverged[i] = True
+                for p in heads[i].parameters():
+                    p.grad = None
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _sweep_result(kind: str, settings, top1, last_loss, diverged, start: int) -> SweepResult:
     out = SweepResult(kind, resumed_from_epoch=start)
     for (lr, wd), acc, loss, div in zip(settings, top1, last_loss, diverged):
         out.results.append({"lr": lr, "wd": wd, "top1": None if div else acc,
                             "train_loss": None if div else loss, "diverged": div})
     ok = [r for r in out.results if not r["diverged"]]
     out.best = max(ok, key=lambda r: r["top1"]) if ok else None  # ties: the first (smaller lr, wd)
-    out.seconds = time.perf_counter() - t0
-    if state_path is not None and state_path.is_file():
-        state_path.unlink()
     return out
 
 
@@ -316,7 +342,7 @@ def default_cache_dir() -> Path:
 def run_probe(job: ProbeJob, cfg: ProbeConfig, log=print) -> dict:
     """Encode (or find cached) train and val features, run the sweeps, return the results dict."""
     from .weights import read_encoder, resolve_weights
-    from .probe_data import Features, Preprocess, encode, encoder_hash, open_dataset
+    from .probe_data import Features, Preprocess, encoder_hash, open_dataset
 
     t0 = time.perf_counter()
     if job.resolution is not None and job.native_res:
@@ -336,35 +362,13 @@ def run_probe(job: ProbeJob, cfg: ProbeConfig, log=print) -> dict:
     cache_root = Path(job.cache_dir) if job.cache_dir else default_cache_dir()
     log(f"encoder {ecfg.dim}x{ecfg.depth} ({ecfg.pos_embed} positions) from {weights}, sha256 "
         f"{enc_hash[:12]}; {prep.describe()}; {device}; cache {cache_root}")
-    reports = {}
-    for split, ds in (("train", train_set), ("val", val_set)):
-        rep = encode(encoder, ds, cache_root, prep, enc_hash=enc_hash, batch_size=job.encode_batch_size,
-                     device=device, workers=job.workers, dtype=job.cache_dtype, progress=job.progress,
-                     describe={"checkpoint": str(weights), "split": split})
-        reports[split] = rep
-        log(f"{split}: {rep.images} images, {len(ds.classes)} classes, "
-            + (f"encoded {rep.encoded_now} in {rep.seconds:.1f}s" if rep.encoded_now else "features from the cache")
-            + (f", {len(rep.skipped)} unreadable skipped" if rep.skipped else ""))
-    del encoder
+    reports = _encode_splits(encoder, {"train": train_set, "val": val_set}, cache_root, prep, enc_hash, device,
+                             job, weights, log)
+    del encoder  # the sweeps need only the cached features: free the trunk's memory first
     ftr, fva = Features(reports["train"].cache), Features(reports["val"].cache)
     C = len(train_set.classes)
-
-    sweeps = {}
-    key = hashlib.sha256(json.dumps([asdict(cfg), str(fva.cache)], default=str).encode()).hexdigest()[:16]
-    (ftr.cache / "sweeps").mkdir(exist_ok=True)
-    mean, var = ftr.token_stats()
     heads = cfg.heads or ecfg.heads
-    sweeps["attentive"] = train_sweep(
-        "attentive", lambda: AttentionPoolingHead(ftr.dim, C, heads, cfg.queries), Standardize(mean, var),
-        SweepData(ftr.batch, ftr.labels, fva.batch, fva.labels), cfg, device=device,
-        state_path=ftr.cache / "sweeps" / f"attentive_{key}.pt", progress=job.progress)
-    if cfg.linear:
-        pooled_tr, pooled_va = torch.from_numpy(ftr.pooled), torch.from_numpy(fva.pooled)
-        sweeps["linear"] = train_sweep(
-            "linear", lambda: LinearHead(ftr.dim, C),
-            Standardize(ftr.pooled.astype(np.float64).mean(0), ftr.pooled.astype(np.float64).var(0)),
-            SweepData(lambda i: (pooled_tr[i], None), ftr.labels, lambda i: (pooled_va[i], None), fva.labels),
-            cfg, device=device, state_path=ftr.cache / "sweeps" / f"linear_{key}.pt", progress=job.progress)
+    sweeps = _run_sweeps(ftr, fva, C, heads, cfg, device, job.progress)
 
     val_counts = np.bincount(fva.labels, minlength=C)
     return {
@@ -383,6 +387,44 @@ def run_probe(job: ProbeJob, cfg: ProbeConfig, log=print) -> dict:
         "cache": {"train": str(ftr.cache), "val": str(fva.cache)},
         "seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+def _encode_splits(encoder, splits: dict, cache_root: Path, prep, enc_hash: str, device: str, job: ProbeJob,
+                   weights, log) -> dict:
+    """Per split, its features encoded into (or found in) the cache under `cache_root`: split -> encode report."""
+    from .probe_data import encode
+
+    reports = {}
+    for split, ds in splits.items():
+        rep = encode(encoder, ds, cache_root, prep, enc_hash=enc_hash, batch_size=job.encode_batch_size,
+                     device=device, workers=job.workers, dtype=job.cache_dtype, progress=job.progress,
+                     describe={"checkpoint": str(weights), "split": split})
+        reports[split] = rep
+        log(f"{split}: {rep.images} images, {len(ds.classes)} classes, "
+            + (f"encoded {rep.encoded_now} in {rep.seconds:.1f}s" if rep.encoded_now else "features from the cache")
+            + (f", {len(rep.skipped)} unreadable skipped" if rep.skipped else ""))
+    return reports
+
+
+def _run_sweeps(ftr, fva, C: int, heads: int, cfg: ProbeConfig, device: str, progress: bool) -> dict:
+    """The attentive sweep on the tokens and, with `cfg.linear`, the linear one on their mean: kind -> result.
+    Each sweep's checkpoint is named by the config and the val cache, so another sweep never resumes it."""
+    sweeps = {}
+    key = hashlib.sha256(json.dumps([asdict(cfg), str(fva.cache)], default=str).encode()).hexdigest()[:16]
+    (ftr.cache / "sweeps").mkdir(exist_ok=True)
+    mean, var = ftr.token_stats()
+    sweeps["attentive"] = train_sweep(
+        "attentive", lambda: AttentionPoolingHead(ftr.dim, C, heads, cfg.queries), Standardize(mean, var),
+        SweepData(ftr.batch, ftr.labels, fva.batch, fva.labels), cfg, device=device,
+        state_path=ftr.cache / "sweeps" / f"attentive_{key}.pt", progress=progress)
+    if cfg.linear:
+        pooled_tr, pooled_va = torch.from_numpy(ftr.pooled), torch.from_numpy(fva.pooled)
+        sweeps["linear"] = train_sweep(
+            "linear", lambda: LinearHead(ftr.dim, C),
+            Standardize(ftr.pooled.astype(np.float64).mean(0), ftr.pooled.astype(np.float64).var(0)),
+            SweepData(lambda i: (pooled_tr[i], None), ftr.labels, lambda i: (pooled_va[i], None), fva.labels),
+            cfg, device=device, state_path=ftr.cache / "sweeps" / f"linear_{key}.pt", progress=progress)
+    return sweeps
 
 
 def _split_doc(path, ds, feats) -> dict:
