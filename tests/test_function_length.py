@@ -15,9 +15,6 @@ ALLOWED = {
     "aimv2data/loader/samples.py::SampleTable.__init__": f"{_OTHER_BRANCH} (the loader's shares)",
     "aimv2train/eval/probe.py::train_sweep": f"{_OTHER_BRANCH} (issue 23 point 7: probe's errors)",
     "aimv2train/eval/probe.py::run_probe": f"{_OTHER_BRANCH} (issue 23 point 7: probe's errors)",
-    "cli/probe.py::probe": f"{_OTHER_BRANCH} (issue 23 point 9: flags that read alike)",
-    "cli/shard.py::shard": f"{_OTHER_BRANCH} (issue 23 point 9: flags that read alike)",
-    "cli/train.py::train": f"{_OTHER_BRANCH} (issue 23 point 9: flags that read alike)",
 }
 
 
