@@ -78,7 +78,6 @@ def probe(checkpoint, train_data, val_data, label_col, resolution, native_res, m
     import json
 
     from rich.console import Console
-    from rich.table import Table
 
     from aimv2train.eval.probe import ProbeConfig, ProbeJob, run_probe, write_results
     from aimv2train.eval.probe_data import ProbeDataError
@@ -98,6 +97,26 @@ def probe(checkpoint, train_data, val_data, label_col, resolution, native_res, m
         raise click.ClickException(str(e)) from None
     if output:
         write_results(results, output)
+    _print_summary(console, results, output)
+    click.echo(json.dumps(results))
+
+
+def _print_summary(console, results: dict, output) -> None:
+    """The human summary on stderr (stdout keeps only the JSON): the sweep, images left out, where things are."""
+    console.print(_results_table(results))
+    for split in ("train", "val"):
+        sk = results[split]["skipped"] + results[split]["dropped"]
+        if sk:
+            console.print(f"[yellow]{split}: {len(sk)} images left out[/] (all named in the results JSON), e.g.:")
+            for s in sk[:5]:
+                console.print(f"  {s['name']}: {s['reason']}")
+    console.print(f"features cached in {results['cache']['train']} and {results['cache']['val']}; "
+                  f"{results['seconds']:.1f}s" + (f"; results in {output}" if output else ""))
+
+
+def _results_table(results: dict):
+    """One row per (probe, lr, wd) setting; each probe's best is starred and bold."""
+    from rich.table import Table
 
     t = Table(title=f"aimv2 probe: {len(results['classes'])} classes, train {results['train']['images']} / "
                     f"val {results['val']['images']} images (chance {results['chance_top1']:.1f}%, "
@@ -114,13 +133,4 @@ def probe(checkpoint, train_data, val_data, label_col, resolution, native_res, m
             t.add_row(kind + (" *" if star else ""), f"{r['lr']:g}", f"{r['wd']:g}",
                       f"[bold]{top1}[/]" if star else top1,
                       "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}")
-    console.print(t)
-    for split in ("train", "val"):
-        sk = results[split]["skipped"] + results[split]["dropped"]
-        if sk:
-            console.print(f"[yellow]{split}: {len(sk)} images left out[/] (all named in the results JSON), e.g.:")
-            for s in sk[:5]:
-                console.print(f"  {s['name']}: {s['reason']}")
-    console.print(f"features cached in {results['cache']['train']} and {results['cache']['val']}; "
-                  f"{results['seconds']:.1f}s" + (f"; results in {output}" if output else ""))
-    click.echo(json.dumps(results))
+    return t

@@ -63,22 +63,15 @@ def shard(inputs, output, patch_size, workers, distributor, ray_address, part, v
     alt-text; bad samples go to MANIFEST/rejects with a reason. Reruns skip finished tars.
     """
     from rich.console import Console
-    from rich.table import Table
 
     from aimv2data.cluster import ClusterError
-    from aimv2data.manifest.build import ManifestBuildError, build_manifest, merge_manifest
+    from aimv2data.manifest.build import ManifestBuildError, build_manifest
     from aimv2data.storage import StorageError
 
     console = Console(stderr=True)
     try:
         if merge_only:
-            if "://" in output and not output.startswith("file://"):
-                raise ManifestBuildError(f"--merge-only takes a local MANIFEST; for {output} rerun the same "
-                                         "`aimv2 shard` command: it skips finished tars and merges")
-            m = merge_manifest(output, list(inputs) or None, argv=sys.argv[1:])
-            c = m["counts"]
-            console.print(f"merged {c['shards']} tars: {c['samples']} samples, {c['rejects']} rejects "
-                          f"-> {output}/_manifest.json")
+            _merge_only(console, inputs, output)
             return
         r = build_manifest(inputs, output, workers=workers, part=part, argv=sys.argv[1:], patch_size=patch_size,
                            distributor=distributor, ray_address=ray_address,
@@ -89,6 +82,27 @@ def shard(inputs, output, patch_size, workers, distributor, ray_address, part, v
                            absolute_paths=absolute_paths, source=source, idx=idx)
     except (ManifestBuildError, ValueError, StorageError, ClusterError) as e:
         raise click.ClickException(str(e)) from None
+    console.print(_summary_table(r, output, part, workers))
+    if r["failed"]:
+        raise SystemExit(1)
+
+
+def _merge_only(console, inputs, output) -> None:
+    """--merge-only: _manifest.json from the finished parts, nothing sharded."""
+    from aimv2data.manifest.build import ManifestBuildError, merge_manifest
+
+    if "://" in output and not output.startswith("file://"):
+        raise ManifestBuildError(f"--merge-only takes a local MANIFEST; for {output} rerun the same "
+                                 "`aimv2 shard` command: it skips finished tars and merges")
+    m = merge_manifest(output, list(inputs) or None, argv=sys.argv[1:])
+    c = m["counts"]
+    console.print(f"merged {c['shards']} tars: {c['samples']} samples, {c['rejects']} rejects "
+                  f"-> {output}/_manifest.json")
+
+
+def _summary_table(r: dict, output, part, workers):
+    """What this run did: tars, throughput, kept and rejected samples, .idx files, whether it merged."""
+    from rich.table import Table
 
     t = Table(title=f"aimv2 shard -> {output}", show_header=False)
     scope = f" (part {part}: {r['tars_in_part']} of {r['tars']})" if part else ""
@@ -112,6 +126,4 @@ def shard(inputs, output, patch_size, workers, distributor, ray_address, part, v
                   "or run `aimv2 shard ... --merge-only`")
     for path, err in r["failed"][:10]:
         t.add_row("[red]failed[/]", f"{path}: {err}")
-    console.print(t)
-    if r["failed"]:
-        raise SystemExit(1)
+    return t

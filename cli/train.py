@@ -73,48 +73,49 @@ def train(**settings):
     cfg = TrainConfig(**settings)
     if not cfg.dry_run and (problem := start_problem(cfg.manifest, cfg.val_manifest, cfg.out, cfg.resume)):
         raise click.ClickException(problem)   # before the imports below (torch: up to a minute on a busy machine)
+    s = _run(cfg)
+    if s["rank"] != 0:  # under torchrun, one summary; but every rank's exit code (a requeue reads any of them)
+        if s["status"] == "interrupted":
+            raise SystemExit(s["exit_code"])
+        return
+    if s["status"] == "dry_run":
+        _print_plan(s["plan"])
+        click.echo(s["plan"].verdict())
+        return
     from rich.console import Console
-    from rich.table import Table
 
-    from aimv2train.model.aimv2 import LOSS_TERMS
+    Console().print(_summary_table(s))
+    if s["status"] == "interrupted":  # 130 (SIGINT) / 143 (SIGTERM): resumable, not finished (docs/contracts.md)
+        raise SystemExit(s["exit_code"])
+
+
+def _run(cfg: TrainConfig) -> dict:
+    """The training run, its errors mapped to the command's exit codes (docs/contracts.md)."""
     from aimv2train.train.trainer import NonFiniteLoss, TrainError, WontFit
     from aimv2train.train.trainer import train as run
     try:
-        s = run(cfg)
+        return run(cfg)
     except WontFit as e:  # the plan, then the one line
-        _print_plan(e.plan, Console)
+        _print_plan(e.plan)
         raise click.ClickException(str(e)) from None
     except NonFiniteLoss as e:
         click.secho(f"aimv2 train: {e}", fg="red", err=True)  # unwrapped: the path must stay copyable
         raise SystemExit(3) from None
     except (TrainError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
-    if s["rank"] != 0:  # under torchrun, one summary; but every rank's exit code (a requeue reads any of them)
-        if s["status"] == "interrupted":
-            raise SystemExit(s["exit_code"])
-        return
-    if s["status"] == "dry_run":
-        _print_plan(s["plan"], Console)
-        click.echo(s["plan"].verdict())
-        return
+
+
+def _summary_table(s: dict):
+    """Rank 0's end-of-run summary: what ran, how it went, where it is."""
+    from rich.table import Table
+
     t = Table(title=f"aimv2 train: {s['status']} at step {s['step']}/{s['steps']}", show_header=False)
     for key in ("model", "stage", "data", "world", "devices", "precision", "lr", "weight_decay", "init",
                 "resumed_from"):
         if s.get(key) is not None:
             t.add_row(key, str(s[key]))
     if "loss_end" in s:
-        t.add_row("loss", f"{s['loss_start']:.4f} -> {s['loss_end']:.4f} (mean of the first / last "
-                  f"{s['loss_window']} steps logged)")
-        ends = [(short, s[f"{k}_end"]) for k, (short, _) in LOSS_TERMS.items() if f"{k}_end" in s]
-        t.add_row("  " + " / ".join(n for n, _ in ends), " / ".join(f"{v:.4f}" for _, v in ends))
-        t.add_row("throughput", f"{s['steps_per_s']:.2f} steps/s, {s['images_per_s']:.1f} images/s, "
-                  f"{s['patches_per_s']:.0f} patches/s")
-        if "val_loss_end" in s:
-            vals = [(short, s[f"val_{k}_end"]) for k, (short, _) in LOSS_TERMS.items() if f"val_{k}_end" in s]
-            t.add_row("val loss", f"{s['val_loss_end']:.4f} (" + ", ".join(f"{n} {v:.4f}" for n, v in vals)
-                      + f"; step {s['val_step']})")
-        t.add_row("MFU", f"{100 * s['mfu']:.1f}%: all ranks' model FLOPs over {s.get('world_size', 1)} x "
-                  f"{s['peak_flops'] / 1e9:.0f} GFLOP/s ({s.get('peak_source', 'measured matmul peak')})")
+        _add_loss_rows(t, s)
     if s.get("compile"):
         c = s["compile"]
         warm = (f"; warm-up {c['warmup_shapes']} shapes in {c['warmup_seconds']:.0f} s, after it "
@@ -134,15 +135,33 @@ def train(**settings):
         saved += f" (written in {s['save_time']:.1f} s)"
     t.add_row("checkpoint", saved)
     t.add_row("run", f"{s['run']} (metrics.jsonl; curves: aimv2 plot {s['run']})")
-    Console().print(t)
-    if s["status"] == "interrupted":  # 130 (SIGINT) / 143 (SIGTERM): resumable, not finished (docs/contracts.md)
-        raise SystemExit(s["exit_code"])
+    return t
 
 
-def _print_plan(plan, console) -> None:
+def _add_loss_rows(t, s: dict) -> None:
+    """Loss (total, per term, validation), throughput and MFU: present once any step was logged."""
+    from aimv2train.model.aimv2 import LOSS_TERMS
+
+    t.add_row("loss", f"{s['loss_start']:.4f} -> {s['loss_end']:.4f} (mean of the first / last "
+              f"{s['loss_window']} steps logged)")
+    ends = [(short, s[f"{k}_end"]) for k, (short, _) in LOSS_TERMS.items() if f"{k}_end" in s]
+    t.add_row("  " + " / ".join(n for n, _ in ends), " / ".join(f"{v:.4f}" for _, v in ends))
+    t.add_row("throughput", f"{s['steps_per_s']:.2f} steps/s, {s['images_per_s']:.1f} images/s, "
+              f"{s['patches_per_s']:.0f} patches/s")
+    if "val_loss_end" in s:
+        vals = [(short, s[f"val_{k}_end"]) for k, (short, _) in LOSS_TERMS.items() if f"val_{k}_end" in s]
+        t.add_row("val loss", f"{s['val_loss_end']:.4f} (" + ", ".join(f"{n} {v:.4f}" for n, v in vals)
+                  + f"; step {s['val_step']})")
+    t.add_row("MFU", f"{100 * s['mfu']:.1f}%: all ranks' model FLOPs over {s.get('world_size', 1)} x "
+              f"{s['peak_flops'] / 1e9:.0f} GFLOP/s ({s.get('peak_source', 'measured matmul peak')})")
+
+
+def _print_plan(plan) -> None:
+    """The run's plan (memory, batch, parallelism): what --dry-run prints, and what a run that won't fit shows."""
+    from rich.console import Console
     from rich.table import Table
 
     t = Table(title="aimv2 train: plan", show_header=False)
     for key, value in plan.rows:
         t.add_row(key, value)
-    console(width=120).print(t)
+    Console(width=120).print(t)
