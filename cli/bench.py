@@ -3,6 +3,7 @@ import json
 import click
 
 from aimv2data.loader.decoders import workers_help
+from cli.flags import option
 from cli.options import decoder_option
 
 
@@ -85,10 +86,13 @@ def loader(manifest, inflight, cache_dir, cache_gb, native_res, batch_patches, b
 
 def _gpu_options(command):
     """aimv2train.gpucheck.OPTIONS as click options (the plain `python -m aimv2train.gpucheck` reads the same)."""
-    from aimv2train.gpucheck import METAVARS, OPTIONS
+    from aimv2train.gpucheck import METAVARS, OLD, OPTIONS, SHORT
 
     for flag, default, kind, text in reversed(OPTIONS):
-        if kind == "flag":
+        if flag in SHORT:
+            command = option(SHORT[flag], flag, old=OLD.get(flag, ()), type=kind, default=default, show_default=True,
+                             metavar=METAVARS.get(flag), help=text)(command)
+        elif kind == "flag":
             command = click.option(flag, is_flag=True, help=text)(command)
         elif isinstance(kind, tuple):
             command = click.option(flag, type=click.Choice(kind), default=default, show_default=True, help=text)(command)
