@@ -4,7 +4,7 @@ import click
 
 from aimv2data.loader.decoders import workers_help
 from cli.flags import option
-from cli.options import decoder_option
+from cli.options import decoder_option, require_manifest
 
 
 @click.group()
@@ -54,6 +54,7 @@ def bench():
 def loader(manifest, inflight, cache_dir, cache_gb, native_res, batch_patches, batch_rule, resolution, batch_size,
            decoder, workers, steps, warmup, seed, no_draft, steps_log, mix, as_json):
     """Stream STEPS batches from MANIFEST and report images/s, patches/s, budget use and padding."""
+    require_manifest(manifest)
     from rich.console import Console
     from rich.table import Table
 
