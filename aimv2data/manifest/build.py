@@ -467,7 +467,7 @@ def _done_summary(job: TarJob, output: Path, opts: ShardOptions, verify: bool = 
     same = (s.get("fingerprint") == opts.fingerprint() and s.get("tar_size") == size
             and s.get("tar_mtime_ns") == version)
     if same and verify and not (_part_intact(p["samples"], s.get("samples")) and _part_intact(p["rejects"], s.get("rejects"))):
-        print(f"aimv2 shard: {p['samples'].parent.name}/part-{job.part}.parquet or its rejects part is damaged; "
+        print(f"aimv2 shard: {p['samples'].parent.name}/{p['samples'].name} or its rejects part is damaged; "
               f"redoing {job.path}", file=sys.stderr, flush=True)
         return None
     return s if same else None
@@ -628,7 +628,7 @@ def merge_manifest(output: str | Path, inputs: list[str] | None = None, *, opts:
         "buckets": table.to_json(AREAS),
         "files": {"samples": layout.SAMPLES_GLOB, "rejects": layout.REJECTS_GLOB, "shards": layout.SHARDS},
         "paths": "absolute" if opts.absolute_paths else "relative",
-        "parts": sorted(f"part-{s['part']}.parquet" for s in summaries),   # readers check samples/ against it
+        "parts": sorted(layout.part_file(s["part"]) for s in summaries),   # readers check samples/ against it
         "counts": _counts(summaries, len(table)),
         "inputs": ([i if storage.is_url(i) else os.path.abspath(storage.local(i)) for i in inputs] if inputs
                    else old.get("inputs", [])),
@@ -717,8 +717,8 @@ def _check_output_is_ours(output: Path) -> None:
 def _check_no_strangers(output: Path, parts: set[str]) -> None:
     """A part file of a tar that is no longer among the inputs would still be read by every
     `samples/*.parquet` glob: refuse to write a manifest that disagrees with its own files."""
-    strangers = [f for d in (layout.SAMPLES, layout.REJECTS) for f in sorted((output / d).glob("part-*.parquet"))
-                 if f.name[len("part-"):-len(".parquet")] not in parts]
+    strangers = [f for d in (layout.SAMPLES, layout.REJECTS) for f in sorted((output / d).glob(layout.PART_GLOB))
+                 if layout.part_of(f.name) not in parts]
     if strangers:
         raise ManifestBuildError(
             f"{output}: {len(strangers)} part files belong to tars that are not among the inputs (e.g. "

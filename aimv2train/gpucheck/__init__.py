@@ -8,7 +8,8 @@ prints a table. Procedure, parts, payload and the exact device calls: docs/gpuch
 
 One small module per part: `env` (env and peak), `parity`, `decode` (with its JPEG generator), `trainer`
 (the real `aimv2 train` on the carried payload, `payload` builds it), `steps`; `report` renders the table,
-`runner` runs the parts in order and holds the command line. This face imports nothing heavy: `aimv2 bench
+`runner` runs the parts in order and holds the command line; `common` is what the parts share (sizes,
+budget, failure reasons). This face imports nothing heavy: `aimv2 bench
 gpu --help` reads PARTS and the defaults below without torch.
 """
 # cheap parts first; the trainer part builds (or is given) the manifest that the steps part's loader rows use
