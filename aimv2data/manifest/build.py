@@ -32,6 +32,7 @@ from aimv2data.manifest import layout
 from aimv2data.manifest.schema import (MAX_CAPTION_BYTES, MAX_IMAGE_BYTES, MAX_JSON_BYTES, REJECT_SCHEMA,
                                        SAMPLE_SCHEMA, SCHEMA_VERSION, SYN_PREFIX, SYN_TYPE, read_json,
                                        write_json_atomic, write_parquet_atomic)
+from aimv2data.manifest.integrity import ManifestMismatch, read_meta
 from aimv2data.manifest.lock import LOCK_NAME, LockHeld, output_lock
 from aimv2data.manifest.tarindex import (IMAGE_EXTS, TarUnreadable, index_tar, open_tar, split_name,
                                          write_dali_index)
@@ -611,7 +612,7 @@ def merge_manifest(output: str | Path, inputs: list[str] | None = None, *, opts:
     opts = opts or ShardOptions(**summaries[0]["options"])
     _check_no_strangers(output, {s["part"] for s in summaries})
 
-    old = read_json(layout.manifest_json(output)) if layout.is_manifest(output) else {}
+    old = _replaced_summary(output)
     caption_sets = old.get("caption_sets", {})
     uncovered = _align_caption_columns(output, summaries, caption_sets)
     table = make_table(opts.num_buckets, opts.bucket_max_aspect)
@@ -712,6 +713,17 @@ def _check_output_is_ours(output: Path) -> None:
     if entries and not any(e in layout.ENTRIES or e.startswith(LOCK_NAME) for e in entries):
         raise ManifestBuildError(f"-o {output} is a non-empty folder that holds no manifest (e.g. {sorted(entries)[0]}); "
                                  "pass a new or empty directory, or an existing manifest to resume")
+
+
+def _replaced_summary(output: Path) -> dict:
+    """The _manifest.json this merge replaces (its caption sets carry over). One that is damaged or of an
+    unknown schema is named and left in place: replacing it would drop what it records."""
+    if not layout.is_manifest(output):
+        return {}
+    try:
+        return read_meta(layout.manifest_json(output))
+    except ManifestMismatch as e:
+        raise ManifestBuildError(f"refusing to replace it: {e}") from None
 
 
 def _check_no_strangers(output: Path, parts: set[str]) -> None:
