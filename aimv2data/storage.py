@@ -174,6 +174,20 @@ def parquet_columns(path) -> list[str]:
         return pq.read_schema(f).names
 
 
+def is_file(path) -> bool:
+    """Whether a file exists; at a URL, a store that does not answer raises StorageError saying so (UPath's own
+    is_file() says False, which would read as "no such file")."""
+    if not is_url(path):
+        return Path(local(str(path))).is_file()
+    try:
+        stat(str(path))
+    except StorageError as e:
+        if str(e).endswith("no such object or prefix"):
+            return False
+        raise
+    return True
+
+
 def stat(path) -> tuple[int, object]:
     """(size, version) of a file: version is the mtime in ns locally, the ETag (else last-modified) of an
     object; a changed file has a changed version."""

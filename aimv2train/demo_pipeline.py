@@ -79,7 +79,7 @@ class DemoContext:
 @dataclasses.dataclass
 class Step:
     name: str
-    output: str                                  # under --out
+    output: str                                  # under -o/--output
     done: Callable[[DemoContext], bool]
     run: Callable[[DemoContext], str]            # returns a one-line result
 

@@ -3,7 +3,8 @@ import json
 import click
 
 from aimv2data.loader.decoders import workers_help
-from cli.options import decoder_option
+from cli.flags import option
+from cli.options import decoder_option, require_manifest
 
 
 @click.group()
@@ -53,6 +54,7 @@ def bench():
 def loader(manifest, inflight, cache_dir, cache_gb, native_res, batch_patches, batch_rule, resolution, batch_size,
            decoder, workers, steps, warmup, seed, no_draft, steps_log, mix, as_json):
     """Stream STEPS batches from MANIFEST and report images/s, patches/s, budget use and padding."""
+    require_manifest(manifest)
     from rich.console import Console
     from rich.table import Table
 
@@ -85,10 +87,13 @@ def loader(manifest, inflight, cache_dir, cache_gb, native_res, batch_patches, b
 
 def _gpu_options(command):
     """aimv2train.gpucheck.OPTIONS as click options (the plain `python -m aimv2train.gpucheck` reads the same)."""
-    from aimv2train.gpucheck import METAVARS, OPTIONS
+    from aimv2train.gpucheck import METAVARS, OLD, OPTIONS, SHORT
 
     for flag, default, kind, text in reversed(OPTIONS):
-        if kind == "flag":
+        if flag in SHORT:
+            command = option(SHORT[flag], flag, old=OLD.get(flag, ()), type=kind, default=default, show_default=True,
+                             metavar=METAVARS.get(flag), help=text)(command)
+        elif kind == "flag":
             command = click.option(flag, is_flag=True, help=text)(command)
         elif isinstance(kind, tuple):
             command = click.option(flag, type=click.Choice(kind), default=default, show_default=True, help=text)(command)

@@ -1,7 +1,7 @@
 import click
 
 from cli.flags import option
-from cli.options import decoder_option
+from cli.options import decoder_option, require_manifest
 
 
 @click.command()
@@ -39,6 +39,7 @@ def preview(manifest, output, native_res, batch_patches, batch_rule, resolution,
     """See the batches the loader makes from MANIFEST: PNG contact sheets of real batches (each image as the
     model gets it: crop, resize, flip; with area, grid, bucket, source and the caption chosen), a page per
     area showing how a step fills the patch budget, and OUTPUT/index.html linking them."""
+    require_manifest(manifest)
     from aimv2data.loader.samples import ManifestError
     from aimv2data.preview import preview as run
 

@@ -1,5 +1,7 @@
 import click
 
+from cli.options import require_manifest
+
 
 @click.command()
 @click.argument("manifest", type=click.Path(exists=True, file_okay=False))
@@ -17,6 +19,7 @@ def split(manifest, val_fraction, output):
     aimv2 split MANIFEST --val-fraction 0.01 -o SPLIT
     aimv2 train -m SPLIT/train --val-manifest SPLIT/val --val-every 500 ...
     """
+    require_manifest(manifest)
     from aimv2data.manifest.split import split_manifest
 
     try:

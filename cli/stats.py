@@ -3,6 +3,8 @@ from pathlib import Path
 
 import click
 
+from cli.options import require_manifest
+
 
 @click.command()
 @click.argument("manifest")
@@ -12,6 +14,7 @@ import click
 def stats(manifest, plot_dir, as_json):
     """Counts per source and bucket, size and aspect histograms, caption coverage and length, rejects.
     With --plot DIR, also the pictures, and a link to DIR/preview/index.html (`aimv2 preview`: the batches)."""
+    require_manifest(manifest)
     from rich.console import Console
     from rich.table import Table
 

@@ -110,7 +110,7 @@ run() {
   [ -d "$HERE/payload" ] && data=(--data "$HERE/payload")
   cd "$ROOT"
   set +e
-  "$PY" -m aimv2train.gpucheck "${dry[@]}" "${data[@]}" --workdir "$THERE/work" --out "$out/bench_gpu.json" \
+  "$PY" -m aimv2train.gpucheck "${dry[@]}" "${data[@]}" --workdir "$THERE/work" -o "$out/bench_gpu.json" \
       --budget "$budget" --rows "${GPUCHECK_ROWS:-fixed-flex-compiled}" --parts "${GPUCHECK_PARTS:-env,peak,decode,trainer,steps}" 2>&1 | tee "$out/gpu_check.log"
   local rc=${PIPESTATUS[0]}
   set -e

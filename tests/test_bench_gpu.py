@@ -39,6 +39,10 @@ def test_dry_run_end_to_end_through_the_cli(tmp_path):
     ok_rows = [row for row in parts["steps"]["rows"] if row["status"] == "ok"]
     assert {(row["resolution"], row["attention"]) for row in ok_rows} == {("fixed", "sdpa"), ("native", "sdpa")}
     assert all(row["images_per_s"] > 0 and 0 < row["mfu"] for row in ok_rows)
+    # issue 21 point 7: MFU over the trainer's reference peak (train.metrics.reference_peak), named, with the
+    # matmul part's measurement beside it rather than under it
+    assert parts["steps"]["peak_source"].startswith("best cpu matmul ever measured on this machine")
+    assert parts["steps"]["peak_tflops"] > 0 and "measured_peak_tflops" in parts["steps"]
     assert parts["parity"]["within_tolerance"] and set(parts["parity"]["cpu_vs_device"]) >= {"sdpa", "flex"}
     assert parts["decode"]["pil"]["fixed"]["images_per_s"] > 0 and parts["decode"]["pil"]["fixed"]["failed"] == 0
     assert parts["trainer"]["steps"] == common.DRY_SIZES.trainer_steps

@@ -61,6 +61,7 @@ NEW = [  # (command, arguments, parameter values they give)
     ("caption generate", ["M", "--model", "M", "-o", "set.parquet"], {"output": "set.parquet"}),
     ("probe", ["-c", "M", "--train", "M", "--val", "M", "-j", "2", "-o", "p.json"], {"workers": 2, "output": "p.json"}),
     ("shard", ["x.tar", "-o", "m", "-j", "2"], {"output": "m", "workers": 2}),
+    ("bench gpu", ["-o", "g.json"], {"output": "g.json"}),
 ]
 
 
@@ -79,7 +80,8 @@ OLD = [  # (command, arguments before, old spelling, new spelling, value)
     ("fetch", ["-o", "F"], "--threads", "--download-threads", "8"),
     ("preview", ["M", "-o", "P"], "--decoder", "--image-decoder", "dali"),
     ("bench loader", ["M"], "--decoder", "--image-decoder", "dali"),
-    ("preview", ["M", "-o", "P"], "--epoch", "--segment", "2"),   # issue 23 point 4: it always was the segment
+    ("preview", ["M", "-o", "P"], "--epoch", "--segment", "2"),
+    ("bench gpu", [], "--out", "--output", "g.json"),   # issue 23 point 4: it always was the segment
 ]
 
 

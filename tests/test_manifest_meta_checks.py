@@ -1,5 +1,6 @@
 """Issue 20 point 15: a _manifest.json of an unknown major version, or damaged, and a deleted or
-truncated part, are one line naming the file for every reader (loader, stats, caption attach)."""
+truncated part, are one line naming the file for every reader (loader, stats, caption attach, tokenizer train,
+split) and for a shard run that would replace it."""
 import json
 import os
 import sys
@@ -78,3 +79,31 @@ def test_stats_on_a_deleted_or_truncated_part_is_one_line(manifest, damage):
         part.write_bytes(part.read_bytes()[:100])
     line = _stats_line(manifest)
     assert part.name in line
+
+
+def _refused(args, *needles):
+    r = CliRunner().invoke(main, args)
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and "Traceback" not in r.output and len(lines) == 1, r.output
+    assert all(n in lines[0] for n in needles), r.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("damage", ["banana", "json"])
+def test_tokenizer_split_and_a_shard_rerun_refuse_a_bad_manifest_json(manifest, tmp_path, damage):
+    if damage == "json":
+        (manifest / "_manifest.json").write_text('{"schema_version": "1.0", ')
+        needle = "is not valid JSON"
+    else:
+        _edit(manifest, schema_version="banana")
+        needle = "schema_version 'banana' is not one this aimv2 reads"
+    where = str(manifest / "_manifest.json")
+    _refused(["tokenizer", "train", str(manifest), "-o", str(tmp_path / "tok.model"), "--vocab-size", "40"],
+             needle, where)
+    assert not (tmp_path / "tok.model").exists()
+    _refused(["split", str(manifest), "-o", str(tmp_path / "split")], needle, where)
+    assert not (tmp_path / "split").exists()
+    before = (manifest / "_manifest.json").read_bytes()
+    _refused(["shard", "--merge-only", "-o", str(manifest)], "refusing to replace it", needle, where)
+    _refused(["shard", str(tmp_path / "00000.tar"), "-o", str(manifest)], "refusing to replace it", needle)
+    assert (manifest / "_manifest.json").read_bytes() == before   # left for the user to move away

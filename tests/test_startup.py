@@ -46,6 +46,14 @@ def test_train_refuses_a_missing_manifest_before_importing_torch(tmp_path, tok):
     assert r["code"] == 1 and "--val-manifest" in r["output"] and r["heavy"] == [], r
 
 
+@pytest.mark.parametrize("command", [["preview", "{m}", "-o", "{o}"], ["bench", "loader", "{m}"], ["stats", "{m}"],
+                                     ["split", "{m}", "-o", "{o}"]], ids=lambda c: " ".join(c[:2]))
+def test_manifest_commands_refuse_a_folder_without_a_manifest_before_heavy_imports(tmp_path, command):
+    (tmp_path / "m").mkdir()   # exists (click's own check passes), holds no _manifest.json
+    r = _cli(*[a.format(m=tmp_path / "m", o=tmp_path / "out") for a in command])
+    assert r["code"] == 1 and "_manifest.json not found" in r["output"] and r["heavy"] == [], r
+
+
 def test_train_refuses_an_existing_run_before_importing_torch(tmp_path, tok):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "_manifest.json").write_text("{}")

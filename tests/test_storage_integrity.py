@@ -270,6 +270,7 @@ def test_manifest_copied_to_a_bucket_reads_its_relative_tars(s3, tmp_path):
 
 def test_an_unreachable_store_is_not_a_missing_manifest(s3, tmp_path, outage):
     from aimv2data.loader.samples import Manifest, ManifestError
+    from cli.main import main
 
     (tmp_path / "s").mkdir()
     good_tar(tmp_path / "s" / "00000.tar", 4)
@@ -287,6 +288,10 @@ def test_an_unreachable_store_is_not_a_missing_manifest(s3, tmp_path, outage):
     assert f"the store is unreachable: the endpoint {outage.url} does not answer (" in msg   # endpoint, error
     assert "Error: " in msg                             # botocore's error named (which one depends on the pool)
     assert "not found" not in msg and "testing" not in msg                  # and no credential
+    for args in (["stats", "s3://data/p4/m"], ["tokenizer", "train", "s3://data/p4/m", "-o", str(tmp_path / "t.model")]):
+        r = CliRunner().invoke(main, args)    # the other readers of a manifest say the same
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        assert "the store is unreachable" in r.output and "not found" not in r.output, r.output
 
 
 def test_an_outage_is_counted_apart_from_damaged_samples(s3, tmp_path, outage, monkeypatch):

@@ -48,6 +48,7 @@ def test_run_writes_metrics_checkpoint_and_summary(straight):
     assert all(0 < r["mfu"] < 1 and r["images_per_s"] > 0 for r in recs)
     assert s["status"] == "done" and s["checkpoint"].endswith("step_00000014.pt")
     assert json.loads((out / "summary.json").read_text())["status"] == "done"
+    assert (s["peak_flops"], s["peak_source"]) == (1e11, "--peak-flops")   # which peak MFU is over (cfg sets it)
     assert [st for st, _ in ck.list_checkpoints(out / "checkpoints")] == [14]
 
 

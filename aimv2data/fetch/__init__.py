@@ -24,8 +24,9 @@ writes nothing.
 Modules, in the order a run meets them: options (FetchOptions and the checks that need only them), output
 (the directory: lock, job file, shard names, resume sweep), input (url lists, sources, the DFN index),
 prepare (url lists -> DIR/_input), download (one img2dataset call: guard.py's downloader, resize.py's
-resizer, its output to the log, our progress line), retry (--retry-failed rounds), summary, run (fetch and
-retry_failed). Importing this face is cheap: img2dataset, OpenCV and polars load when a download runs.
+resizer, its output to the log, our progress line), watch (its download workers watched: a dead one ends the
+call), retry (--retry-failed rounds), summary, run (fetch and retry_failed), errors (FetchError,
+FetchIncomplete). Importing this face is cheap: img2dataset, OpenCV and polars load when a download runs.
 """
 from aimv2data.fetch.errors import FetchError, FetchIncomplete
 from aimv2data.fetch.input import uid_pairs

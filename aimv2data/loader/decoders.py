@@ -1,6 +1,6 @@
 """The loader's image decoders: one entry each in `DECODERS`, the one place their names are spelled. The
-loader builds a decoder from its entry; `aimv2 train --image-decoder`, `aimv2 bench loader --decoder`
-and `aimv2 preview --decoder` take their choices and help from here. Adding a decoder is one entry (and
+loader builds a decoder from its entry; `aimv2 train --image-decoder`, `aimv2 bench loader --image-decoder`
+and `aimv2 preview --image-decoder` take their choices and help from here. Adding a decoder is one entry (and
 its module, `decode_<name>.py`: a class with `name`, `decode_batch` and `close`, as `decode_pil.py`).
 
 Each decoder owns its parallelism, so `workers` means what its decoder says: `pil` decodes in torch
@@ -65,7 +65,7 @@ def decoder_spec(name: str) -> DecoderSpec:
 
 
 def decoders_help() -> str:
-    """'pil: ...; dali: ...' for a --decoder option."""
+    """'pil: ...; dali: ...' for an --image-decoder option."""
     return "; ".join(f"{name}: {spec.help}" for name, spec in DECODERS.items()) + "."
 
 

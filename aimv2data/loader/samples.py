@@ -29,8 +29,8 @@ import polars as pl
 from aimv2data import paper
 from aimv2data.manifest import layout
 
-from ..manifest.integrity import ManifestMismatch, check_rows, damaged, read_meta, sample_parts
-from ..storage import StorageError, is_url, missing, open_file, resolve_against, stat, upath
+from ..manifest.integrity import ManifestMismatch, check_rows, damaged, open_meta, sample_parts
+from ..storage import StorageError, is_url, missing, open_file, resolve_against, upath
 
 AREAS = paper.AREAS  # 128 .. 4096 patches
 REQUIRED = ("key", "shard", "offset", "size", "width", "height", "bucket")
@@ -63,10 +63,8 @@ class Manifest:
     def __init__(self, manifest: str | Path):
         self.root = upath(manifest)            # a local directory or a URL (s3://bucket/manifest)
         meta_path = layout.manifest_json(self.root)
-        if not _is_file(meta_path):
-            raise ManifestError(f"{meta_path} not found: pass a manifest directory written by `aimv2 shard`")
         try:
-            meta = read_meta(meta_path)
+            meta = open_meta(self.root)
         except ManifestMismatch as e:
             raise ManifestError(str(e)) from None
         self.meta = meta
@@ -158,20 +156,6 @@ class Manifest:
         """A stable 63-bit id of chunk i (file name, row group): the same whatever else is in the manifest."""
         d = hashlib.blake2b(f"{self.files[self.chunk_file[i]].name}:{self.chunk_group[i]}".encode(), digest_size=8)
         return int.from_bytes(d.digest(), "little") >> 1
-
-
-def _is_file(path) -> bool:
-    """Whether a file exists; at a URL, a store that does not answer is an error saying so (UPath's own
-    is_file() says False, which would read as "no manifest here")."""
-    if not is_url(path):
-        return path.is_file()
-    try:
-        stat(str(path))
-    except StorageError as e:
-        if str(e).endswith("no such object or prefix"):
-            return False
-        raise ManifestError(str(e)) from None
-    return True
 
 
 def _in_order(pool, fn, items, ahead: int = 32):

@@ -32,6 +32,7 @@ from aimv2data.manifest import layout
 from aimv2data.manifest.schema import (MAX_CAPTION_BYTES, MAX_IMAGE_BYTES, MAX_JSON_BYTES, REJECT_SCHEMA,
                                        SAMPLE_SCHEMA, SCHEMA_VERSION, SYN_PREFIX, SYN_TYPE, read_json,
                                        write_json_atomic, write_parquet_atomic)
+from aimv2data.manifest.integrity import ManifestMismatch, read_meta
 from aimv2data.manifest.lock import LOCK_NAME, LockHeld, output_lock
 from aimv2data.manifest.tarindex import (IMAGE_EXTS, TarUnreadable, index_tar, open_tar, split_name,
                                          write_dali_index)
@@ -467,7 +468,7 @@ def _done_summary(job: TarJob, output: Path, opts: ShardOptions, verify: bool = 
     same = (s.get("fingerprint") == opts.fingerprint() and s.get("tar_size") == size
             and s.get("tar_mtime_ns") == version)
     if same and verify and not (_part_intact(p["samples"], s.get("samples")) and _part_intact(p["rejects"], s.get("rejects"))):
-        print(f"aimv2 shard: {p['samples'].parent.name}/part-{job.part}.parquet or its rejects part is damaged; "
+        print(f"aimv2 shard: {p['samples'].parent.name}/{p['samples'].name} or its rejects part is damaged; "
               f"redoing {job.path}", file=sys.stderr, flush=True)
         return None
     return s if same else None
@@ -611,7 +612,7 @@ def merge_manifest(output: str | Path, inputs: list[str] | None = None, *, opts:
     opts = opts or ShardOptions(**summaries[0]["options"])
     _check_no_strangers(output, {s["part"] for s in summaries})
 
-    old = read_json(layout.manifest_json(output)) if layout.is_manifest(output) else {}
+    old = _replaced_summary(output)
     caption_sets = old.get("caption_sets", {})
     uncovered = _align_caption_columns(output, summaries, caption_sets)
     table = make_table(opts.num_buckets, opts.bucket_max_aspect)
@@ -628,7 +629,7 @@ def merge_manifest(output: str | Path, inputs: list[str] | None = None, *, opts:
         "buckets": table.to_json(AREAS),
         "files": {"samples": layout.SAMPLES_GLOB, "rejects": layout.REJECTS_GLOB, "shards": layout.SHARDS},
         "paths": "absolute" if opts.absolute_paths else "relative",
-        "parts": sorted(f"part-{s['part']}.parquet" for s in summaries),   # readers check samples/ against it
+        "parts": sorted(layout.part_file(s["part"]) for s in summaries),   # readers check samples/ against it
         "counts": _counts(summaries, len(table)),
         "inputs": ([i if storage.is_url(i) else os.path.abspath(storage.local(i)) for i in inputs] if inputs
                    else old.get("inputs", [])),
@@ -714,11 +715,22 @@ def _check_output_is_ours(output: Path) -> None:
                                  "pass a new or empty directory, or an existing manifest to resume")
 
 
+def _replaced_summary(output: Path) -> dict:
+    """The _manifest.json this merge replaces (its caption sets carry over). One that is damaged or of an
+    unknown schema is named and left in place: replacing it would drop what it records."""
+    if not layout.is_manifest(output):
+        return {}
+    try:
+        return read_meta(layout.manifest_json(output))
+    except ManifestMismatch as e:
+        raise ManifestBuildError(f"refusing to replace it: {e}") from None
+
+
 def _check_no_strangers(output: Path, parts: set[str]) -> None:
     """A part file of a tar that is no longer among the inputs would still be read by every
     `samples/*.parquet` glob: refuse to write a manifest that disagrees with its own files."""
-    strangers = [f for d in (layout.SAMPLES, layout.REJECTS) for f in sorted((output / d).glob("part-*.parquet"))
-                 if f.name[len("part-"):-len(".parquet")] not in parts]
+    strangers = [f for d in (layout.SAMPLES, layout.REJECTS) for f in sorted((output / d).glob(layout.PART_GLOB))
+                 if layout.part_of(f.name) not in parts]
     if strangers:
         raise ManifestBuildError(
             f"{output}: {len(strangers)} part files belong to tars that are not among the inputs (e.g. "

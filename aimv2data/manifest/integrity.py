@@ -1,5 +1,5 @@
 """Reader-side checks of a manifest: the sample parts on disk are the ones `_manifest.json` lists, and
-every part read names itself when it is damaged. Used by the loader, `stats` and the tokenizer, so no
+every part read names itself when it is damaged. Used by the loader, `stats`, `split` and the tokenizer, so no
 reader trains on a manifest whose parts disagree with its own summary (e.g. a refused re-shard that left
 a second copy of every sample) or dies in a 40-line polars traceback that names no file.
 
@@ -20,6 +20,22 @@ SCHEMA_MAJOR = SCHEMA_VERSION.split(".")[0]
 
 class ManifestMismatch(ValueError):
     """The samples/ parts disagree with _manifest.json, or a part or _manifest.json cannot be read."""
+
+
+def open_meta(root, required: bool = True) -> dict | None:
+    """A reader's MANIFEST/_manifest.json, parsed and checked: missing (unless not `required`: None), damaged
+    or foreign is a one-line ManifestMismatch naming it, and at a URL a store that does not answer says so
+    (not "not found")."""
+    meta_path = layout.manifest_json(root)
+    try:
+        found = storage.is_file(meta_path)
+    except storage.StorageError as e:
+        raise ManifestMismatch(str(e)) from None
+    if not found and not required:
+        return None
+    if not found:
+        raise ManifestMismatch(f"{meta_path} not found: pass a manifest directory written by `aimv2 shard`")
+    return read_meta(meta_path)
 
 
 def read_meta(meta_path) -> dict:

@@ -64,11 +64,23 @@ def reject_files(root: str | os.PathLike) -> list[Path]:
     return sorted((storage.upath(root) / REJECTS).glob("*.parquet"))
 
 
+PART_GLOB = "part-*.parquet"   # one tar's samples (or rejects) file, in samples/ and rejects/
+
+
+def part_file(part: str) -> str:
+    return f"part-{part}.parquet"
+
+
+def part_of(file_name: str) -> str:
+    """The part a samples or rejects file name belongs to: part_file's inverse."""
+    return file_name[len("part-"):-len(".parquet")]
+
+
 def part_paths(root: str | os.PathLike, part: str) -> dict[str, Path]:
     """The three files one tar's part writes: its samples, its rejects and its done-marker summary."""
     root = Path(root)
-    return {"samples": root / SAMPLES / f"part-{part}.parquet",
-            "rejects": root / REJECTS / f"part-{part}.parquet",
+    return {"samples": root / SAMPLES / part_file(part),
+            "rejects": root / REJECTS / part_file(part),
             "done": root / PARTS / f"{part}.json"}
 
 

@@ -21,6 +21,7 @@ import polars as pl
 
 from ..atomic import atomic_write
 from . import layout
+from .integrity import open_meta
 
 
 def key_fraction(key: str) -> float:
@@ -38,15 +39,12 @@ def _rebase(shards: pl.Series, src: Path, dst: Path, relative: bool) -> pl.Serie
 def split_manifest(manifest: str | os.PathLike, out: str | os.PathLike, val_fraction: float) -> dict:
     """Write OUT/train and OUT/val from MANIFEST; returns {"train": n, "val": n, "train_dir", "val_dir"}."""
     src, out = Path(manifest), Path(out)
-    meta_path = layout.manifest_json(src)
-    if not meta_path.is_file():
-        raise ValueError(f"{meta_path} not found: pass a manifest directory written by `aimv2 shard`")
+    meta = open_meta(src)   # missing, damaged or of an unknown schema: one line naming it (a ValueError)
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     sides = {"train": out / "train", "val": out / "val"}
     if src.resolve() in {out.resolve(), *(d.resolve() for d in sides.values())}:
         raise ValueError(f"-o {out} would overwrite the source manifest: choose another directory")
-    meta = json.loads(meta_path.read_text())
     relative = meta.get("paths", "relative") == "relative"
     parts = layout.sample_files(src)
     if not parts:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from aimv2data.manifest import layout
-from aimv2data.manifest.integrity import check_rows, read_meta, read_part, read_schema, sample_parts
+from aimv2data.manifest.integrity import check_rows, open_meta, read_part, read_schema, sample_parts
 from aimv2data.manifest.schema import SYN_PREFIX
 
 ASPECT_BINS = np.linspace(-3, 3, 25)   # log2(w/h) in quarter-octave bins: 1:8 .. 8:1
@@ -43,10 +43,7 @@ def compute_stats(manifest: str | Path) -> dict:
     from aimv2data.storage import upath
 
     manifest = upath(manifest)                 # a local directory or a URL
-    meta_path = layout.manifest_json(manifest)
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: pass a manifest directory written by `aimv2 shard`")
-    meta = read_meta(meta_path)
+    meta = open_meta(manifest)   # a store that does not answer is said so, not "not found"
     samples = sample_parts(manifest, meta)
     rejects = layout.reject_files(manifest)
     s = pl.concat([_read(p) for p in samples], how="diagonal_relaxed") if samples else pl.DataFrame()

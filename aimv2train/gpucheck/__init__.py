@@ -1,14 +1,15 @@
 """`aimv2 bench gpu`: the one prepared GPU check, a single command for one GPU that writes one JSON file and
 prints a table. Procedure, parts, payload and the exact device calls: docs/gpucheck.md.
 
-    python -m aimv2train.gpucheck --data PAYLOAD --out bench_gpu.json  # on the GPU machine (no click needed)
+    python -m aimv2train.gpucheck --data PAYLOAD -o bench_gpu.json     # on the GPU machine (no click needed)
     python -m aimv2train.gpucheck --prepare PAYLOAD                    # here, on CPU: the trainer part's data
-    python -m aimv2train.gpucheck --dry-run --out dry.json             # tiny sizes on CPU, the same code path
+    python -m aimv2train.gpucheck --dry-run -o dry.json                # tiny sizes on CPU, the same code path
     aimv2 bench gpu [--dry-run | --prepare DIR | --data DIR] ...       # the same through the CLI
 
 One small module per part: `env` (env and peak), `parity`, `decode` (with its JPEG generator), `trainer`
 (the real `aimv2 train` on the carried payload, `payload` builds it), `steps`; `report` renders the table,
-`runner` runs the parts in order and holds the command line. This face imports nothing heavy: `aimv2 bench
+`runner` runs the parts in order and holds the command line; `common` is what the parts share (sizes,
+budget, failure reasons). This face imports nothing heavy: `aimv2 bench
 gpu --help` reads PARTS and the defaults below without torch.
 """
 # cheap parts first; the trainer part builds (or is given) the manifest that the steps part's loader rows use
@@ -19,7 +20,7 @@ NATIVE_DYNAMIC = ("auto", "true", "false")
 # The command line, once for both parsers (runner.main's argparse on the GPU machine, cli/bench.py's click):
 # (flag, default, kind, help); kind is "flag", a type, or a tuple of choices.
 OPTIONS = (
-    ("--out", "bench_gpu.json", str, "The JSON file written (rewritten after every part)."),
+    ("--output", "bench_gpu.json", str, "Output file. The JSON written (rewritten after every part)."),
     ("--dry-run", False, "flag", "Tiny sizes on CPU, the same code path (CI)."),
     ("--device", None, str, "torch device: cpu, cuda or cuda:N. Default: cuda if present; cpu with --dry-run."),
     ("--parts", ",".join(PARTS), str, f"Comma-separated subset of {','.join(PARTS)}."),
@@ -41,7 +42,10 @@ OPTIONS = (
 )
 
 
-METAVARS = {"--out": "FILE", "--device": "DEVICE", "--parts": "PART,...", "--budget": "SECONDS", "--data": "DIR",
+# -o/--output as in every other command; --out, its spelling before, still parses (issue 23 point 9)
+SHORT = {"--output": "-o"}
+OLD = {"--output": ("--out",)}
+METAVARS = {"--output": "FILE", "--device": "DEVICE", "--parts": "PART,...", "--budget": "SECONDS", "--data": "DIR",
             "--prepare": "DIR", "--max-mb": "MB", "--workdir": "DIR", "--rows": "ROW,..."}
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import BUDGET_S, METAVARS, OPTIONS, PARTS, parse_parts
+from . import BUDGET_S, METAVARS, OLD, OPTIONS, PARTS, SHORT, parse_parts
 from .common import DRY_SIZES, GPU_SIZES, Budget, reason
 from .decode import part_decode
 from .env import part_env, part_peak
@@ -87,16 +87,16 @@ def prepare_payload(folder: str, max_mb: float) -> dict:
     return info
 
 
-def execute(*, out: str, dry_run: bool, device: str | None, parts: tuple[str, ...], budget: float, data: str | None,
+def execute(*, output: str, dry_run: bool, device: str | None, parts: tuple[str, ...], budget: float, data: str | None,
             prepare: str | None, max_mb: float, workdir: str | None, rows: str, native_dynamic: str) -> int:
     """What both command lines do with their parsed options; the exit status."""
     if prepare:
         prepare_payload(prepare, max_mb)
         return 0
-    result = run(out, dry_run=dry_run, device=device, parts=parts, budget_s=budget, workdir=workdir,
+    result = run(output, dry_run=dry_run, device=device, parts=parts, budget_s=budget, workdir=workdir,
                  rows=tuple(r.strip() for r in rows.split(",") if r.strip()), native_dynamic=native_dynamic,
                  data=data)
-    print(f"wrote {out}")
+    print(f"wrote {output}")
     return 1 if any(r.get("status") == "error" for r in result["parts"].values()) else 0
 
 
@@ -105,12 +105,13 @@ def main(argv: list[str] | None = None) -> int:
                                  description="The one prepared GPU check (docs/gpucheck.md); the same as "
                                  "`aimv2 bench gpu`, without click.")
     for flag, default, kind, text in OPTIONS:
+        names = [*filter(None, [SHORT.get(flag)]), flag, *OLD.get(flag, ())]
         if kind == "flag":
-            ap.add_argument(flag, action="store_true", help=text)
+            ap.add_argument(*names, action="store_true", help=text)
         elif isinstance(kind, tuple):
-            ap.add_argument(flag, choices=kind, default=default, help=text)
+            ap.add_argument(*names, choices=kind, default=default, help=text)
         else:
-            ap.add_argument(flag, type=kind, default=default, metavar=METAVARS.get(flag), help=text)
+            ap.add_argument(*names, type=kind, default=default, metavar=METAVARS.get(flag), help=text)
     a = ap.parse_args(argv)
     try:
         parts = parse_parts(a.parts)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from aimv2data.loader.decoders import DECODERS, decoders_help, workers_help
+from aimv2data.paper import TABLE2
 
 from ..model.config import ATTENTION_KINDS
 
@@ -69,12 +70,14 @@ class TrainConfig:
     image_decoder: str = flag("pil", "Image decoder of the loader: " + decoders_help(), choices=DECODERS,
                               old=("--decoder",))
     mix: str | None = flag(None, "Source mixture, e.g. dfn=0.60,coyo=0.06,hqitp=0.31: each source its own stream with "
-                           "its own epochs. Default: the paper's Table 2 (60/6/31) over the sources the manifest has; "
+                           "its own epochs. Default: the paper's Table 2 ("
+                           + "/".join(str(sum(r.values())) for r in TABLE2.values()) + ") over the sources the manifest has; "
                            "'rows': as the manifest has them.", metavar="SRC=W,...")
     caption_mix: str | None = flag(None, "Which caption a sample trains with, per source: weights over alt (alt-text), "
                                    "synthetic (every attached set, pooled) or a set by name, e.g. coyo:alt=0.5,"
                                    "coyo:recap=0.5 (default: a source with no row). Sources it does not name keep the "
-                                   "paper's Table 2 (DFN alt 1 : synthetic 1, COYO alt-text only, HQITP 28 : 3).",
+                                   "paper's Table 2 (" + ", ".join(f"{s.upper()} alt {r['alt']} : synthetic {r['synthetic']}"
+                                                                     for s, r in TABLE2.items()) + ").",
                                    metavar="SRC:SET=W,...")
     cache_dir: str | None = flag(None, "Cache folder. Shards at URLs (s3://...): fetched samples are kept there (later "
                                  "epochs read the local disk).", path="dir")

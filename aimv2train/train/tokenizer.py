@@ -21,7 +21,7 @@ import sentencepiece as spm
 import torch
 
 from aimv2data.atomic import write_bytes_atomic
-from aimv2data.manifest.layout import read_manifest_json, sample_files
+from aimv2data.manifest.layout import sample_files
 from aimv2data.paper import TEXT_LEN
 
 MAX_TEXT_LEN = TEXT_LEN  # 77 (aimv2data/paper.py)
@@ -107,12 +107,12 @@ def caption_columns(schema: dict) -> list[str]:
 
 
 def _sample_files(manifest: str | os.PathLike) -> list[Path]:
-    from aimv2data.manifest.integrity import sample_parts
+    from aimv2data.manifest.integrity import open_meta, sample_parts
     from aimv2data.storage import upath
 
     root = upath(manifest)                     # a local directory or a URL (s3://bucket/manifest)
-    meta = read_manifest_json(root)
-    files = sample_parts(root, meta) if meta is not None else sample_files(root)
+    meta = open_meta(root, required=False)     # damaged, foreign or unreachable: one line naming it
+    files = sample_parts(root, meta) if meta is not None else sample_files(root)   # a bare samples/ folder too
     if not files:
         raise FileNotFoundError(f"no samples/*.parquet under {root}: pass a manifest directory made by "
                                 f"`aimv2 shard`")

@@ -622,7 +622,7 @@ def _resume_point(cfg: TrainConfig, info: DistInfo, tok: Tokenizer) -> tuple[Pat
             resume_from = ck.resume_checkpoint(ckpt_dir, notify=notice)  # rank 0 verifies, broadcasts
         except ck.NoIntactCheckpoint as e:
             raise TrainError(f"{e}; nothing was changed: restore a good copy into {ckpt_dir}, or start a new run "
-                             "with another --out") from None
+                             "with another -o/--output") from None
     if resume_from is not None:
         _check_resumable(cfg, resume_from, info, tok)
     return resume_from
