@@ -32,6 +32,21 @@ def _edit(m, **kv):
     p.write_text(json.dumps(meta))
 
 
+# damage -> (the keys written over _manifest.json, or None: cut mid-object), the phrase its refusal holds
+DAMAGES = {"json": (None, "is not valid JSON"),
+           "patch_size": ({"patch_size": "fourteen"}, "patch_size must be a positive integer, got 'fourteen'"),
+           "banana": ({"schema_version": "banana"}, "schema_version 'banana' is not one this aimv2 reads")}
+
+
+def _damage(m, kind: str) -> str:
+    keys, needle = DAMAGES[kind]
+    if keys is None:
+        (m / "_manifest.json").write_text('{"schema_version": "1.0", ')
+    else:
+        _edit(m, **keys)
+    return needle
+
+
 def _stats_line(m):
     r = CliRunner().invoke(main, ["stats", str(m)])
     assert r.exit_code == 1 and r.exception is None or isinstance(r.exception, SystemExit), r.output
@@ -57,12 +72,7 @@ def test_a_known_major_with_a_newer_minor_is_read(manifest):
 
 @pytest.mark.parametrize("damage", ["json", "patch_size"])
 def test_a_bad_manifest_json_is_one_line_naming_it(manifest, damage):
-    if damage == "json":
-        (manifest / "_manifest.json").write_text('{"schema_version": "1.0", ')
-        needle = "is not valid JSON"
-    else:
-        _edit(manifest, patch_size="fourteen")
-        needle = "patch_size must be a positive integer, got 'fourteen'"
+    needle = _damage(manifest, damage)
     with pytest.raises(ManifestError, match="_manifest.json") as e:
         Manifest(manifest)
     assert needle in str(e.value)
@@ -91,12 +101,7 @@ def _refused(args, *needles):
 
 @pytest.mark.parametrize("damage", ["banana", "json"])
 def test_tokenizer_split_and_a_shard_rerun_refuse_a_bad_manifest_json(manifest, tmp_path, damage):
-    if damage == "json":
-        (manifest / "_manifest.json").write_text('{"schema_version": "1.0", ')
-        needle = "is not valid JSON"
-    else:
-        _edit(manifest, schema_version="banana")
-        needle = "schema_version 'banana' is not one this aimv2 reads"
+    needle = _damage(manifest, damage)
     where = str(manifest / "_manifest.json")
     _refused(["tokenizer", "train", str(manifest), "-o", str(tmp_path / "tok.model"), "--vocab-size", "40"],
              needle, where)
