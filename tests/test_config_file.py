@@ -115,6 +115,6 @@ def test_train_config_wrong_types_and_non_utf8_are_one_line(tmp_path):
         cfg.write_bytes(text)
         r = CliRunner().invoke(main, ["train", "--config", str(cfg), "-m", "m", "-t", str(cfg), "-o",
                                       str(tmp_path / "run")])
-        assert r.exit_code == 2 and r.exception is None or isinstance(r.exception, SystemExit), r.output
+        assert r.exit_code == 2 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
         line = [ln for ln in r.output.splitlines() if ln.startswith("Error")]
         assert len(line) == 1 and needle in line[0], r.output

@@ -49,7 +49,7 @@ def _damage(m, kind: str) -> str:
 
 def _stats_line(m):
     r = CliRunner().invoke(main, ["stats", str(m)])
-    assert r.exit_code == 1 and r.exception is None or isinstance(r.exception, SystemExit), r.output
+    assert r.exit_code == 1 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in r.output, r.output
     return lines[0]
